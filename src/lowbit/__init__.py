@@ -7,6 +7,20 @@
 """
 
 from .formats import PRESETS, Format, NonFiniteError, QTensor, dequantize, quantize_tensor
+from .quantize import QuantReport, quantize
+from .recipe import Recipe, RecipeError
 
 __version__ = "0.1.0"
-__all__ = ["Format", "QTensor", "PRESETS", "quantize_tensor", "dequantize", "NonFiniteError", "__version__"]
+
+
+def __getattr__(name: str):
+    # the package layer pulls in safetensors I/O; load it on first use
+    if name in ("save", "load"):
+        from . import package
+
+        return getattr(package, name)
+    raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
+
+
+__all__ = ["Format", "QTensor", "PRESETS", "quantize_tensor", "dequantize", "NonFiniteError",
+           "quantize", "QuantReport", "Recipe", "RecipeError", "save", "load", "__version__"]

@@ -1,0 +1,86 @@
+"""Modules holding `QTensor` weights. Forward goes through the kernel table (kernels/registry.py).
+
+The planes are registered as buffers named `weight_<plane>` (so `.to(device)`, `state_dict` and
+memory-mapped loading work as for any module); the `Format` and logical shape are plain attributes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..formats import Format, QTensor
+from ..kernels import dispatch
+from ..kernels import reference as _reference  # noqa: F401  (registers the reference backend)
+
+
+class _QuantWeight(nn.Module):
+    """Shared plumbing: planes as buffers, `qweight` rebuilt on access (cheap: no copies)."""
+
+    def _set_qweight(self, qweight: QTensor) -> None:
+        self.fmt: Format = qweight.fmt
+        self.weight_shape: tuple[int, ...] = qweight.shape
+        self.plane_names: tuple[str, ...] = tuple(qweight.planes)
+        for name, tensor in qweight.planes.items():
+            self.register_buffer(f"weight_{name}", tensor)
+
+    @property
+    def qweight(self) -> QTensor:
+        return QTensor({n: getattr(self, f"weight_{n}") for n in self.plane_names}, self.fmt, self.weight_shape)
+
+    @property
+    def layer_name(self) -> str:
+        return getattr(self, "_lowbit_name", type(self).__name__)
+
+
+class QuantLinear(_QuantWeight):
+    """`nn.Linear` with a quantized weight: y = x @ W^T + b, W = qweight.dequantize() (fused where a
+    kernel exists).
+
+    Example:
+        >>> import torch, lowbit
+        >>> from lowbit.nn import QuantLinear
+        >>> lin = torch.nn.Linear(64, 32)
+        >>> q = QuantLinear.from_float(lin, "int8")
+        >>> q(torch.randn(2, 64)).shape
+        torch.Size([2, 32])
+    """
+
+    def __init__(self, qweight: QTensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        if len(qweight.shape) != 2:
+            raise ValueError(f"QuantLinear needs a 2-D weight, got shape {qweight.shape}")
+        self.out_features, self.in_features = qweight.shape
+        self._set_qweight(qweight)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, fmt: str | Format, **kwargs) -> "QuantLinear":
+        from ..formats import quantize_tensor
+
+        return cls(quantize_tensor(linear.weight, fmt, **kwargs), linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dispatch("linear", x, self.qweight, self.bias, owner=self.layer_name)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.name}, bias={self.bias is not None}"
+
+
+class QuantEmbedding(_QuantWeight):
+    """`nn.Embedding` with a quantized table; a lookup dequantizes only the rows it returns."""
+
+    def __init__(self, qweight: QTensor, padding_idx: int | None = None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if len(qweight.shape) != 2:
+            raise ValueError(f"QuantEmbedding needs a 2-D table, got shape {qweight.shape}")
+        self.num_embeddings, self.embedding_dim = qweight.shape
+        self.padding_idx = padding_idx
+        self.out_dtype = dtype
+        self._set_qweight(qweight)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return dispatch("embedding", ids, self.qweight, self.out_dtype, owner=self.layer_name)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, format={self.fmt.name}"

@@ -1,0 +1,205 @@
+"""`lowbit.quantize(model, recipe)`: swap a model's layers for quantized ones, in place.
+
+All checks run before any work: recipe keys, name patterns against the model's layers, and
+divisibility under the recipe's policy (every offending layer is listed at once). Then each
+layer is quantized (progress bar), measured (weight SQNR, max-abs, bytes) and swapped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .formats import NonFiniteError, QTensor, quantize_tensor
+from .nn import QuantEmbedding, QuantLinear
+from .recipe import Recipe, RecipeError
+
+
+@dataclass
+class QuantReport:
+    """What `quantize` did, per layer. `layers` rows: name, type, shape, format, bits_per_weight,
+    bytes_before, bytes_after, sqnr_db, max_abs, tied_to. `skipped` rows: name, type, shape, reason."""
+
+    recipe: str
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(r["bytes_before"] for r in self.layers if not r["tied_to"])
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(r["bytes_after"] for r in self.layers if not r["tied_to"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"recipe": self.recipe, "layers": self.layers, "skipped": self.skipped,
+                "bytes_before": self.bytes_before, "bytes_after": self.bytes_after}
+
+    def print(self, console=None, max_rows: int = 40) -> None:
+        """A rich table per layer (the worst SQNR first when long), then the skipped layers."""
+        from .report.terminal import print_quant_report
+
+        print_quant_report(self, console=console, max_rows=max_rows)
+
+
+def module_type(module: nn.Module) -> str | None:
+    """The recipe type name of a module lowbit can quantize, else None."""
+    if isinstance(module, nn.Linear):
+        return "Linear"
+    if isinstance(module, nn.Embedding):
+        return "Embedding"
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers' GPT-2 style Conv1D
+        return "Conv1D"
+    return None
+
+
+def _edge_prefixes(model: nn.Module, n_edge: int) -> list[str]:
+    """Name prefixes of the first and last `n_edge` blocks of every numbered ModuleList."""
+    if n_edge <= 0:
+        return []
+    prefixes = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            idx = list(range(len(mod)))
+            for i in sorted(set(idx[:n_edge] + idx[-n_edge:])):
+                prefixes.append(f"{name}.{i}." if name else f"{i}.")
+    return prefixes
+
+
+def sqnr_db(w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    """10 log10(signal power / noise power); inf when exact."""
+    noise = (w - w_hat).double().pow(2).sum().item()
+    signal = w.double().pow(2).sum().item()
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+def quantize(model: nn.Module, recipe: "str | dict | Recipe" = "int8", *, progress: bool = True) -> QuantReport:
+    """Quantize `model` in place with `recipe`; returns the per-layer `QuantReport`.
+
+    Args:
+        model: any `nn.Module` (Hugging Face models included). `nn.Linear`, `nn.Embedding` and
+            transformers' `Conv1D` are swapped for `QuantLinear` / `QuantEmbedding`.
+        recipe: a built-in name (`lowbit recipes`), a TOML path, a dict or a `Recipe`.
+        progress: show a progress bar.
+
+    Example:
+        >>> import torch, lowbit
+        >>> model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 8))
+        >>> report = lowbit.quantize(model, {"global": "int4", "weight_threshold": 4096}, progress=False)
+        >>> [r["name"] for r in report.layers], report.skipped[0]["reason"]
+        (['0'], '2048 weights < weight_threshold 4096')
+    """
+    recipe = Recipe.load(recipe)
+    candidates = [(n, m, t) for n, m in model.named_modules() if (t := module_type(m))]
+    recipe.check_names(n for n, _, _ in candidates)
+    edges = _edge_prefixes(model, recipe.edge_blocks)
+    report = QuantReport(recipe=recipe.name)
+
+    # 1. plan every layer before touching any
+    plan, problems, owner_of = [], [], {}
+    for name, mod, mtype in candidates:
+        w = mod.weight
+        shape = tuple(w.shape) if mtype != "Conv1D" else tuple(w.shape[::-1])
+        row = {"name": name, "type": mtype, "shape": list(shape)}
+        if id(w) in owner_of:  # tied: quantized once with the first owner's planes
+            plan.append((name, mod, mtype, None, False, owner_of[id(w)]))
+            continue
+        owner_of[id(w)] = name
+        fmt = recipe.config_for(name, mtype, edge=any(name.startswith(p) for p in edges))
+        if fmt is None:
+            report.skipped.append(row | {"reason": "kept in float by the recipe"})
+            continue
+        if w.numel() < recipe.weight_threshold:
+            report.skipped.append(row | {"reason": f"{w.numel()} weights < weight_threshold {recipe.weight_threshold}"})
+            continue
+        if mtype in ("Conv1d", "Conv2d"):
+            report.skipped.append(row | {"reason": f"{mtype} is not quantized yet"})
+            continue
+        block = None if fmt.family == "lut" else fmt.block_size
+        cols = math.prod(shape[1:])
+        pad = False
+        if block and cols % block:
+            if recipe.divisibility == "error":
+                problems.append(f"{name} {shape} ({fmt.name}, block {block})")
+                continue
+            if recipe.divisibility == "skip":
+                report.skipped.append(row | {"reason": f"input dim {cols} not divisible by block {block} (divisibility='skip')"})
+                continue
+            pad = True
+        if fmt.family == "lut" and fmt.group_size and shape[0] % fmt.group_size:
+            problems.append(f"{name} {shape}: {shape[0]} rows not divisible by group_size {fmt.group_size}")
+            continue
+        plan.append((name, mod, mtype, fmt, pad, None))
+    if problems:
+        raise RecipeError(
+            f"recipe {recipe.name!r}: {len(problems)} layer(s) have an input dim not divisible by the block: "
+            + "; ".join(problems[:12]) + (" ..." if len(problems) > 12 else "")
+            + ". Fix: set divisibility = 'pad' (zero-pad the last block) or 'skip' (keep them float) in the "
+            "recipe, or choose a block size that divides them"
+        )
+
+    # 2. quantize and swap
+    done: dict[str, tuple[QTensor, nn.Module]] = {}
+    iterator = plan
+    if progress:
+        from rich.progress import track
+
+        iterator = track(plan, description=f"quantizing ({recipe.name})", transient=True)
+    for name, mod, mtype, fmt, pad, tied_to in iterator:
+        if tied_to is not None:
+            if tied_to not in done:  # the owner was skipped: this one stays float too
+                report.skipped.append({"name": name, "type": mtype, "shape": list(mod.weight.shape),
+                                       "reason": f"tied to {tied_to}, which stays float"})
+                continue
+            qt = done[tied_to][0]
+            _swap(model, name, _build(mod, mtype, qt, name))
+            owner = next(r for r in report.layers if r["name"] == tied_to)
+            report.layers.append(owner | {"name": name, "type": mtype, "tied_to": tied_to})
+            continue
+        w = mod.weight.detach()
+        w2 = w.t() if mtype == "Conv1D" else w
+        try:
+            qt = quantize_tensor(w2, fmt, pad=pad, name=name)
+        except NonFiniteError:
+            if recipe.nan_policy == "keep":
+                report.skipped.append({"name": name, "type": mtype, "shape": list(w2.shape),
+                                       "reason": "NaN/Inf in the weight (nan_policy='keep')"})
+                continue
+            raise
+        w_hat = qt.dequantize()
+        report.layers.append({
+            "name": name, "type": mtype, "shape": list(w2.shape), "format": fmt.name,
+            "bits_per_weight": round(qt.bits_per_weight, 4),
+            "bytes_before": w.numel() * w.element_size(), "bytes_after": qt.nbytes,
+            "sqnr_db": round(sqnr_db(w2.float(), w_hat), 2), "max_abs": float(w2.abs().max()) if w2.numel() else 0.0,
+            "tied_to": None,
+        })
+        new = _build(mod, mtype, qt, name)
+        _swap(model, name, new)
+        done[name] = (qt, new)
+    info = getattr(model, "_lowbit_info", {}) or {}
+    info.update({"recipe": recipe.to_dict(), "report": report.to_dict()})
+    model._lowbit_info = info
+    return report
+
+
+def _build(mod: nn.Module, mtype: str, qt: QTensor, name: str) -> nn.Module:
+    if mtype == "Embedding":
+        new = QuantEmbedding(qt, padding_idx=mod.padding_idx, dtype=mod.weight.dtype)
+    else:
+        new = QuantLinear(qt, mod.bias)
+    new._lowbit_name = name
+    return new
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

@@ -1,0 +1,54 @@
+"""Built-in recipes, shown by `lowbit recipes`. Each is an ordinary recipe dict (see recipe.py)."""
+
+from __future__ import annotations
+
+BUILTIN: dict[str, dict] = {
+    "int8": {
+        "name": "int8",
+        "description": "int8 per output channel everywhere (embeddings included); the safe default",
+        "global": "int8",
+        "weight_threshold": 1024,
+    },
+    "int4": {
+        "name": "int4",
+        "description": "int4 blocks of 32, fp16 scales; embeddings int8",
+        "global": "int4",
+        "types": {"Embedding": "int8"},
+        "weight_threshold": 1024,
+        "divisibility": "pad",
+    },
+    "w4-mx": {
+        "name": "w4-mx",
+        "description": "int4 with an E8M0 power-of-two scale per 32 (int4-e8m0); embeddings int8",
+        "global": "int4-e8m0",
+        "types": {"Embedding": "int8"},
+        "weight_threshold": 1024,
+        "divisibility": "pad",
+    },
+    "mxfp4": {
+        "name": "mxfp4",
+        "description": "OCP MXFP4 (E2M1 + E8M0 per 32); embeddings int8",
+        "global": "mxfp4",
+        "types": {"Embedding": "int8"},
+        "weight_threshold": 1024,
+        "divisibility": "pad",
+    },
+    "lut4": {
+        "name": "lut4",
+        "description": "4-bit k-means palettes, one LUT per 16 output channels; embeddings int8",
+        "global": {"format": "lut4", "group_size": 16},
+        "types": {"Embedding": "int8"},
+        "weight_threshold": 1024,
+    },
+    "mixed": {
+        "name": "mixed",
+        "description": "int4 blocks of 32, but embeddings, lm_head and the first and last blocks at int8",
+        "global": "int4",
+        "types": {"Embedding": "int8"},
+        "names": {"?lm_head": "int8"},
+        "edge_blocks": 1,
+        "edge_format": "int8",
+        "weight_threshold": 1024,
+        "divisibility": "pad",
+    },
+}

@@ -1,0 +1,1 @@
+"""Reports: terminal summaries (rich); HTML / JSON reports arrive with validate and profile."""
