@@ -1,0 +1,189 @@
+"""Recipes and model surgery: precedence, validation, every preset on small HF models, ties, compile."""
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit import Recipe, RecipeError
+from lowbit.kernels import PLACEMENT
+from lowbit.nn import QuantEmbedding, QuantLinear
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_llama(tie=True, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=256, tie_word_embeddings=tie)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def tiny_bert(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  vocab_size=300, max_position_embeddings=64)
+    return transformers.BertModel(cfg).eval()
+
+
+# --- recipes ---------------------------------------------------------------------------------
+def test_precedence_name_over_edge_over_type_over_global():
+    r = Recipe.load({
+        "global": "int4", "types": {"Embedding": "int8", "Linear": "mxfp4"},
+        "names": {"model.layers.1.mlp.*": "q4_0", "model.layers.1.mlp.up_proj": "none"},
+        "edge_blocks": 1, "edge_format": "int8",
+    })
+    assert r.config_for("model.layers.1.self_attn.q_proj", "Linear").name == "mxfp4"
+    assert r.config_for("model.layers.1.mlp.down_proj", "Linear").name == "q4_0"
+    assert r.config_for("model.layers.1.mlp.up_proj", "Linear") is None
+    assert r.config_for("model.layers.0.mlp.down_proj", "Linear", edge=True).name == "int8"
+    assert r.config_for("model.embed_tokens", "Embedding").name == "int8"
+    assert r.config_for("x", "Conv1D").name == "int4"
+
+
+def test_recipe_overrides_format_fields():
+    r = Recipe.load({"global": {"format": "int4", "block_size": 128, "scale_dtype": "bf16"}})
+    f = r.config_for("a", "Linear")
+    assert (f.block_size, f.scale_dtype) == (128, "bf16")
+
+
+@pytest.mark.parametrize("bad, msg", [
+    ({"globl": "int4"}, "unknown key.*globl"),
+    ({"global": "int44"}, "did you mean int4"),
+    ({"global": {"format": "int4", "blocksize": 64}}, "blocksize"),
+    ({"types": {"Linearr": "int4"}}, "did you mean Linear"),
+    ({"divisibility": "maybe"}, "divisibility"),
+    ({"nan_policy": "ignore"}, "nan_policy"),
+    ({"weight_threshold": -1}, "weight_threshold"),
+    ({"algorithm": {"name": "magic"}}, "algorithm"),
+    ({"validate": {"max_ppl": 1}}, "max_ppl"),
+    ({"global": {"format": "int4", "block_size": 12}}, "multiple of 8"),
+])
+def test_recipe_validation_names_the_key(bad, msg):
+    with pytest.raises(RecipeError, match=msg):
+        Recipe.load(bad)
+
+
+def test_recipe_from_toml_and_unknown_name(tmp_path):
+    p = tmp_path / "r.toml"
+    p.write_text('divisibility = "pad"\n[global]\nformat = "int4"\nblock_size = 64\n[names."lm_head"]\nformat = "none"\n')
+    r = Recipe.load(p)
+    assert r.name == "r" and r.config_for("q", "Linear").block_size == 64 and r.config_for("lm_head", "Linear") is None
+    (tmp_path / "bad.toml").write_text("global = [")
+    with pytest.raises(RecipeError, match="not valid TOML"):
+        Recipe.load(tmp_path / "bad.toml")
+    with pytest.raises(RecipeError, match="did you mean int4"):
+        Recipe.load("int44")
+
+
+def test_pattern_matching_no_layer_lists_closest_names():
+    model = tiny_llama()
+    with pytest.raises(RecipeError, match=r"model\.layers\.0\.mlp\.up_projj.*closest layer names: model\.layers\.0\.mlp\.up_proj"):
+        lowbit.quantize(model, {"global": "int4", "names": {"model.layers.0.mlp.up_projj": "int8"}}, progress=False)
+    # nothing was swapped: errors come before work
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def test_divisibility_policy_error_lists_layers_pad_and_skip():
+    model = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 8))
+    with pytest.raises(RecipeError, match=r"1 layer.*\b0 \(64, 40\).*divisibility = 'pad'"):
+        lowbit.quantize(model, {"global": "int4"}, progress=False)
+    x = torch.randn(3, 40)
+    ref = model(x)
+    r = lowbit.quantize(model, {"global": "int4", "divisibility": "pad"}, progress=False)
+    assert [l["name"] for l in r.layers] == ["0", "2"]
+    assert (model(x) - ref).abs().max() < 0.1
+    model = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 8))
+    r = lowbit.quantize(model, {"global": "int4", "divisibility": "skip"}, progress=False)
+    assert r.skipped[0]["name"] == "0" and "divisible" in r.skipped[0]["reason"]
+
+
+def test_weight_threshold_and_nan_policy():
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 4))
+    with torch.no_grad():
+        model[0].weight[3, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"^0: 1 NaN/Inf"):
+        lowbit.quantize(model, {"global": "int8"}, progress=False)
+    r = lowbit.quantize(model, {"global": "int8", "nan_policy": "keep", "weight_threshold": 1000}, progress=False)
+    reasons = {s["name"]: s["reason"] for s in r.skipped}
+    assert "NaN" in reasons["0"] and "weight_threshold" in reasons["1"]
+    assert isinstance(model[0], nn.Linear)
+
+
+# --- models ----------------------------------------------------------------------------------
+PRESETS = list(lowbit.PRESETS)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_on_small_llama_and_bert(preset):
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    extra = {"group_size": 16} if preset.startswith("lut") else {}
+    for model in (tiny_llama(), tiny_bert()):
+        with torch.no_grad():
+            ref = model(ids)[0]
+        report = lowbit.quantize(model, {"global": {"format": preset, **extra}}, progress=False)
+        assert report.layers and not report.skipped
+        with torch.no_grad():
+            out = model(ids)[0]
+        assert torch.isfinite(out).all()
+        rel = ((out - ref).norm() / ref.norm()).item()
+        bound = {"int2": 1.0, "int2-e8m0": 1.5, "lut1": 1.5, "lut2": 1.0}.get(preset, 0.5)
+        assert rel < bound, (preset, type(model).__name__, rel)
+        for row in report.layers:
+            assert row["format"] == preset and row["bytes_after"] < row["bytes_before"]
+
+
+def test_report_rows_and_placement():
+    model = tiny_llama(tie=False)
+    PLACEMENT.clear()
+    report = lowbit.quantize(model, "int4", progress=False)
+    names = {r["name"] for r in report.layers}
+    assert "lm_head" in names and "model.embed_tokens" in names
+    row = next(r for r in report.layers if r["name"] == "model.layers.0.mlp.up_proj")
+    assert row["shape"] == [128, 64] and row["bits_per_weight"] == 4.5 and row["bytes_before"] == 128 * 64 * 4
+    assert 15 < row["sqnr_db"] < 30 and row["max_abs"] > 0
+    model(torch.randint(0, 256, (1, 5)))
+    assert PLACEMENT["model.layers.0.mlp.up_proj"]["reference"] == 1
+    assert PLACEMENT["model.embed_tokens"]["reference"] == 1
+
+
+def test_tied_weights_stay_tied_and_are_quantized_once():
+    model = tiny_llama(tie=True)
+    report = lowbit.quantize(model, "int8", progress=False)
+    emb, head = model.model.embed_tokens, model.lm_head
+    assert isinstance(emb, QuantEmbedding) and isinstance(head, QuantLinear)
+    assert head.weight_data is emb.weight_data and head.weight_scale is emb.weight_scale
+    row = next(r for r in report.layers if r["name"] == "lm_head")
+    assert row["tied_to"] == "model.embed_tokens"
+    assert report.bytes_before == sum(r["bytes_before"] for r in report.layers if not r["tied_to"])
+
+
+def test_mixed_recipe_keeps_edges_and_embeddings_at_8_bits():
+    model = tiny_llama()
+    report = lowbit.quantize(model, "mixed", progress=False)
+    fmt = {r["name"]: r["format"] for r in report.layers}
+    assert fmt["model.embed_tokens"] == "int8" and fmt["lm_head"] == "int8"
+    assert fmt["model.layers.0.mlp.up_proj"] == "int8" and fmt["model.layers.2.self_attn.o_proj"] == "int8"
+    assert fmt["model.layers.1.mlp.up_proj"] == "int4"
+
+
+def test_hf_conv1d_is_swapped():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(48, 64))  # nf=48 outputs, nx=64 inputs; weight (64, 48)
+    x = torch.randn(2, 64)
+    ref = model(x)
+    report = lowbit.quantize(model, {"global": "int8"}, progress=False)
+    assert isinstance(model[0], QuantLinear) and report.layers[0]["shape"] == [48, 64]
+    assert (model(x) - ref).abs().max() < 0.02
+
+
+def test_torch_compile_matches_eager():
+    model = tiny_llama()
+    lowbit.quantize(model, "int4", progress=False)
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        eager = model(ids).logits
+        compiled = torch.compile(model)(ids).logits
+    assert torch.allclose(eager, compiled, atol=1e-4, rtol=1e-4)
