@@ -9,6 +9,7 @@
 from .formats import PRESETS, Format, NonFiniteError, QTensor, dequantize, quantize_tensor
 from .quantize import QuantReport, quantize
 from .recipe import Recipe, RecipeError
+from .validate import ValidationResult, validate
 
 __version__ = "0.1.0"
 
@@ -23,4 +24,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["Format", "QTensor", "PRESETS", "quantize_tensor", "dequantize", "NonFiniteError",
-           "quantize", "QuantReport", "Recipe", "RecipeError", "save", "load", "__version__"]
+           "quantize", "QuantReport", "Recipe", "RecipeError", "validate", "ValidationResult", "save", "load", "__version__"]

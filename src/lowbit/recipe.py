@@ -28,7 +28,7 @@ TOML example (`lowbit quantize smollm2 -r my.toml -o out/`):
     name = "rtn"
 
     [validate]
-    max_delta_ppl = 0.5
+    max_delta_ppl = 1.0              # percent of the float model's perplexity
 """
 
 from __future__ import annotations
