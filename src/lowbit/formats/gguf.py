@@ -5,7 +5,7 @@ Each encoder repeats, operation for operation in fp32, what ggml's reference qua
 `gguf.quants.dequantize(gguf.quants.quantize(x, T), T)`. The planes reuse the layouts of the
 linear and MX families, so their decoders are shared:
 
-    q8_0   data = int8 value + 128,  scale fp16 d          w = (code - 128) * d
+    q8_0   data = int8 value (two's-complement byte), scale fp16 d   w = int8(code) * d
     q4_0   data = nibble q in 0..15, scale fp16 d          w = (q - 8) * d
     q4_1   data = nibble q,          scale fp16 d, zero fp16 m   w = q * d + m
     mxfp4  data = E2M1 code,         scale E8M0            w = e2m1(code) * 2^(e - 127)
@@ -47,7 +47,7 @@ def encode(w: torch.Tensor, fmt: Format, **_: object) -> dict[str, torch.Tensor]
     if fmt.element == "q8_0":
         d = blocks.abs().amax(-1, keepdim=True) / 127
         q = _roundf(blocks * _inverse(d))
-        codes, planes = q + 128, {"scale": _to_fp16(d.squeeze(-1))}
+        codes, planes = linear.signed_to_codes(q, 8), {"scale": _to_fp16(d.squeeze(-1))}
     elif fmt.element == "q4_0":
         imax = blocks.abs().argmax(-1, keepdim=True)  # first index of the largest magnitude
         d = torch.gather(blocks, -1, imax) / -8

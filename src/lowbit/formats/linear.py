@@ -5,8 +5,10 @@ Planes for a (rows, cols) weight with block size B (B = cols for per-channel for
     scale  (rows, cols_padded / B)                       fp32/fp16/bf16, or uint8 E8M0
     zero   (rows, cols_padded / B), scale's float dtype  affine formats only
 
-Symmetric: code = q + 2^(bits-1) with q in [-qmax, qmax], qmax = 2^(bits-1) - 1, and
-    w = q * scale.   (An int2 symmetric grid is ternary {-1, 0, 1}; `int2` is affine for that reason.)
+Symmetric: q in [-qmax, qmax], qmax = 2^(bits-1) - 1, and w = q * scale. Sub-byte codes are
+    offset binary, code = q + 2^(bits-1) (llama.cpp's nibble convention); 8-bit codes are q's
+    two's-complement byte, so the data plane *is* an int8 matrix (`data.view(torch.int8)`), as
+    llama.cpp's q8_0 and PyTorch's int8 matmul kernels expect.   (An int2 symmetric grid is ternary {-1, 0, 1}; `int2` is affine for that reason.)
 Affine (zero="float"): code in [0, 2^bits - 1] and w = code * scale + zero, zero = block min
     (the MLX convention, so the planes export to MLX without re-rounding).
 """
@@ -52,7 +54,7 @@ def encode(w: torch.Tensor, fmt: Format, **_: object) -> dict[str, torch.Tensor]
         s = scales.decode_scale(scale, fmt.scale_dtype).unsqueeze(-1)
         q = _divide(blocks, s)
         mag = elements.round_magnitude(q.abs(), fmt.element_rounding).clamp(max=qmax)
-        codes = torch.where(q < 0, -mag, mag) + (1 << (bits - 1))
+        codes = signed_to_codes(torch.where(q < 0, -mag, mag), bits)
         planes = {"scale": scale}
     planes["data"] = pack(codes.reshape(rows, cols).to(torch.uint8), bits)
     return planes
@@ -62,13 +64,27 @@ def decode(planes: dict[str, torch.Tensor], fmt: Format, rows: int, cols: int) -
     """fp32 (rows, cols) values of the planes; `cols` is the padded column count."""
     bits = fmt.bits
     b = fmt.block_size or cols
-    codes = unpack(planes["data"], bits, cols).reshape(rows, cols // b, b).to(torch.float32)
+    codes = unpack(planes["data"], bits, cols).reshape(rows, cols // b, b)
     s = scales.decode_scale(planes["scale"], fmt.scale_dtype).unsqueeze(-1)
     if fmt.zero == "float":
-        w = codes * s + scales.decode_float(planes["zero"]).unsqueeze(-1)
+        w = codes.to(torch.float32) * s + scales.decode_float(planes["zero"]).unsqueeze(-1)
     else:
-        w = (codes - float(1 << (bits - 1))) * s
+        w = codes_to_signed(codes, bits).to(torch.float32) * s
     return w.reshape(rows, cols)
+
+
+def signed_to_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric ints -> stored codes: two's-complement byte for 8 bits, offset binary below."""
+    if bits == 8:
+        return q.to(torch.int16).to(torch.uint8)
+    return (q + (1 << (bits - 1))).to(torch.uint8)
+
+
+def codes_to_signed(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Stored codes (uint8) -> symmetric ints."""
+    if bits == 8:
+        return codes.view(torch.int8)
+    return codes.to(torch.int16) - (1 << (bits - 1))
 
 
 def _divide(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

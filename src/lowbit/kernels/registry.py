@@ -22,54 +22,68 @@ from ..formats import QTensor
 
 PREFERENCE = ("triton", "cpu_fast", "reference")
 KERNELS: dict[tuple[str, str, str, str], Callable] = {}
+SUPPORTS: dict[tuple[str, str, str, str], Callable] = {}  # key -> predicate(fmt, shape) -> bool
 PLACEMENT: defaultdict[str, Counter] = defaultdict(Counter)
 _forced: dict[str, str] = {}  # op -> backend, for tests and benchmarks
 
 
-def register(family: str, op: str, device: str, backend: str) -> Callable[[Callable], Callable]:
-    """Decorator: register `fn` for (family, op, device type, backend)."""
+def register(family: str, op: str, device: str, backend: str,
+             supports: Callable | None = None) -> Callable[[Callable], Callable]:
+    """Decorator: register `fn` for (family, op, device type, backend); `supports(fmt, shape)`
+    narrows it to the formats whose numbers it reproduces and the weight shapes it handles."""
     if backend not in PREFERENCE:
         raise ValueError(f"unknown backend {backend!r}; known: {PREFERENCE}")
 
     def wrap(fn: Callable) -> Callable:
         KERNELS[(family, op, device, backend)] = fn
+        if supports is not None:
+            SUPPORTS[(family, op, device, backend)] = supports
         return fn
 
     return wrap
 
 
-def select(family: str, op: str, device: str, backend: str | None = None) -> tuple[str, Callable]:
-    """(backend name, function) that would run; `backend` forces one (error if missing)."""
-    backend = backend or _forced.get(op)
+def select(fmt, op: str, device: str, backend: str | None = None, owner: str = "?",
+           shape: tuple[int, ...] | None = None) -> tuple[str, Callable]:
+    """(backend name, function) that would run for Format `fmt` (and weight `shape`, when known)."""
+    backend = backend or _forced.get((op, owner)) or _forced.get(op)
     order = (backend,) if backend else PREFERENCE
     for b in order:
-        for fam in (family, "*"):
+        for fam in (fmt.family, "*"):
             for dev in (device, "*"):
-                fn = KERNELS.get((fam, op, dev, b))
-                if fn is not None:
+                key = (fam, op, dev, b)
+                fn = KERNELS.get(key)
+                if fn is not None and (key not in SUPPORTS or SUPPORTS[key](fmt, shape)):
                     return b, fn
-    raise LookupError(f"no kernel for op {op!r}, family {family!r}, device {device!r}, backend {backend!r}")
+    raise LookupError(f"{owner}: no {backend or 'any'} kernel for op {op!r}, format {fmt.name!r}, device {device!r}; "
+                      f"the reference backend covers every format")
 
 
 def dispatch(op: str, x: torch.Tensor, qweight: QTensor, *args, owner: str = "?", **kwargs) -> torch.Tensor:
-    backend, fn = select(qweight.fmt.family, op, x.device.type)
+    backend, fn = select(qweight.fmt, op, x.device.type, owner=owner, shape=qweight.shape)
     if not torch.compiler.is_compiling():
         PLACEMENT[owner][backend] += 1
     return fn(x, qweight, *args, **kwargs)
 
 
 class force_backend:
-    """Context manager: run `op` through `backend` only (e.g. force_backend("linear", "reference"))."""
+    """Context manager: run `op` through `backend` only, for every layer or for one `layer` name.
 
-    def __init__(self, op: str, backend: str):
-        self.op, self.backend = op, backend
+    Example:
+        >>> with force_backend("linear", "reference"):  # doctest: +SKIP
+        ...     model(x)
+    """
+
+    def __init__(self, op: str, backend: str, layer: str | None = None):
+        self.key = (op, layer) if layer else op
+        self.backend = backend
 
     def __enter__(self):
-        self.prev = _forced.get(self.op)
-        _forced[self.op] = self.backend
+        self.prev = _forced.get(self.key)
+        _forced[self.key] = self.backend
 
     def __exit__(self, *exc):
         if self.prev is None:
-            _forced.pop(self.op, None)
+            _forced.pop(self.key, None)
         else:
-            _forced[self.op] = self.prev
+            _forced[self.key] = self.prev

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..formats import Format, QTensor
 from ..kernels import dispatch
+from ..kernels import cpu as _cpu  # noqa: F401  (registers the CPU fast paths)
 from ..kernels import reference as _reference  # noqa: F401  (registers the reference backend)
 
 
