@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 a clear error (one line on stderr), 2 bad usage.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -43,7 +44,8 @@ def cmd_quantize(args) -> int:
         console.print(f"[yellow]note:[/] {note}")
     report = quantize(src.model, args.recipe, progress=True)
     report.print(console)
-    path = package.save(src.model, out, force=args.force, tokenizer=src.tokenizer, config_files=src.config_files)
+    path = package.save(src.model, out, force=args.force, tokenizer=src.tokenizer, config_files=src.config_files,
+                        source_root=src.source_path if src.config_files else None)
     size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     console.print(f"saved {path} ({size / 1e6:.1f} MB on disk)")
     return 0
@@ -67,12 +69,16 @@ def cmd_inspect(args) -> int:
         t.add_column(col, no_wrap=(col == "layer"))
     for name, layer in info["layers"].items():
         planes = ", ".join(f"{p}:{d['dtype']}{tuple(d['shape'])}" for p, d in layer["planes"].items())
+        plane_bytes = sum(d["bytes"] for d in layer["planes"].values())
+        bpw = 8 * plane_bytes / max(1, math.prod(layer["shape"]))
         r = sqnr.get(name, {})
-        t.add_row(name + (f" = {layer['tied_to']}" if layer.get("tied_to") else ""), layer["format"]["name"], planes,
-                  f"{layer['bits_per_weight']:.3f}", human_bytes(layer["bytes"]),
-                  f"{r['sqnr_db']:.1f}" if "sqnr_db" in r else "")
+        t.add_row(name + (f" = {layer['tied_to']}" if layer.get("tied_to") else ""), layer["format"], planes,
+                  f"{bpw:.3f}", human_bytes(layer["bytes"]), f"{r['sqnr_db']:.1f}" if "sqnr_db" in r else "")
     console.print(t)
-    console.print(f"files: " + ", ".join(f"{k} {human_bytes(v)}" for k, v in info["files"].items()))
+    floats = sum(v["bytes"] for v in info["float_tensors"].values())
+    quant = sum(layer["bytes"] for layer in info["layers"].values())
+    console.print(f"{len(info['layers'])} quantized layers {human_bytes(quant)}, {len(info['float_tensors'])} float "
+                  f"tensors {human_bytes(floats)}; files: " + ", ".join(f"{k} {human_bytes(v)}" for k, v in info["files"].items()))
     return 0
 
 
@@ -132,7 +138,8 @@ def cmd_run(args) -> int:
     report.print(console, max_rows=args.rows)
 
     t0 = time.perf_counter()
-    path = package.save(src.model, out, force=True, tokenizer=src.tokenizer, config_files=src.config_files)
+    path = package.save(src.model, out, force=True, tokenizer=src.tokenizer, config_files=src.config_files,
+                        source_root=src.source_path if src.config_files else None)
     size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     console.print(f"[bold]3. save[/] {path} ({size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s")
 

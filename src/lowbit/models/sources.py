@@ -80,6 +80,18 @@ def load_source(spec: Any, *, dtype: torch.dtype = torch.float32) -> LoadedSourc
         >>> src.kind, src.tokenizer is not None, src.notes[0][:7]   # doctest: +SKIP
         ('causal_lm', True, 'smollm2')
     """
+    return _tag(_load(spec, dtype))
+
+
+def _tag(src: LoadedSource) -> LoadedSource:
+    """Record where the model came from on the model itself, for package manifests."""
+    info = getattr(src.model, "_lowbit_info", None) or {}
+    info["source"] = {"name": src.name, "sha256": src.source_sha256, "kind": src.kind, "path": src.source_path}
+    src.model._lowbit_info = info
+    return src
+
+
+def _load(spec: Any, dtype: torch.dtype) -> LoadedSource:
     if isinstance(spec, nn.Module):
         return _from_module(spec)
     if isinstance(spec, str) and spec in BUNDLED:

@@ -14,11 +14,11 @@ def _console(console):
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
-    return f"{n:.1f} GB"
+    return f"{n:.1f} GiB"
 
 
 def print_quant_report(report, console=None, max_rows: int = 40) -> None:
@@ -32,13 +32,19 @@ def print_quant_report(report, console=None, max_rows: int = 40) -> None:
         rows = sorted(rows, key=lambda r: r["sqnr_db"])[:max_rows]
         title += f" · showing the {max_rows} lowest SQNR"
     t = Table(title=title, title_justify="left")
-    for col, justify in [("layer", "left"), ("shape", "right"), ("format", "left"), ("bits/w", "right"),
-                         ("before", "right"), ("after", "right"), ("SQNR dB", "right"), ("max |w|", "right")]:
-        t.add_column(col, justify=justify, no_wrap=(col == "layer"))
+    wide = console.width >= 120  # narrow terminals get the essential columns only
+    cols = [("layer", "left"), ("shape", "right"), ("format", "left"), ("bits/w", "right"), ("before", "right"),
+            ("after", "right"), ("SQNR dB", "right"), ("max |w|", "right")]
+    if not wide:
+        cols = [c for c in cols if c[0] not in ("shape", "before", "max |w|")]
+    for col, justify in cols:
+        t.add_column(col, justify=justify, no_wrap=True)
     for r in rows:
-        t.add_row(r["name"] + (f" (tied to {r['tied_to']})" if r.get("tied_to") else ""), "x".join(map(str, r["shape"])),
-                  r["format"], f"{r['bits_per_weight']:.3f}", human_bytes(r["bytes_before"]),
-                  human_bytes(r["bytes_after"]), f"{r['sqnr_db']:.1f}", f"{r['max_abs']:.3g}")
+        cells = {"layer": r["name"] + (f" = {r['tied_to']}" if r.get("tied_to") else ""),
+                 "shape": "x".join(map(str, r["shape"])), "format": r["format"], "bits/w": f"{r['bits_per_weight']:.3f}",
+                 "before": human_bytes(r["bytes_before"]), "after": human_bytes(r["bytes_after"]),
+                 "SQNR dB": f"{r['sqnr_db']:.1f}", "max |w|": f"{r['max_abs']:.3g}"}
+        t.add_row(*(cells[c] for c, _ in cols))
     console.print(t)
     if report.skipped:
         s = Table(title="kept in float", title_justify="left")

@@ -1,0 +1,213 @@
+"""`lowbit.profile(model_or_package)`: latency, throughput, memory, energy and kernel placement.
+
+Latency is measured per batch size (p50 / p95 / p99 over repeats after a warm-up); language
+models also get tokens/s for prefill and for decode (one token at a time against the KV cache).
+Placement comes from the dispatcher's counters (`lowbit.kernels.PLACEMENT`): what really ran.
+
+Example:
+    >>> import torch, lowbit
+    >>> m = torch.nn.Sequential(torch.nn.Linear(256, 256)); _ = lowbit.quantize(m, "int8", progress=False)
+    >>> p = lowbit.profile(m, example=torch.randn(1, 256), batch_sizes=(1, 4), repeats=3)
+    >>> sorted(p.placement["0"])
+    ['cpu_fast']
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .kernels import PLACEMENT
+
+
+@dataclass
+class ProfileResult:
+    device: str
+    load_seconds: float | None = None
+    package_bytes: int | None = None
+    latency: list[dict[str, Any]] = field(default_factory=list)   # per batch size
+    prefill_tokens_per_s: float | None = None
+    decode_tokens_per_s: float | None = None
+    decode_ms_per_token: list[float] = field(default_factory=list)
+    peak_memory_bytes: int | None = None
+    energy_joules_per_inference: float | None = None
+    best_batch_size: int | None = None
+    placement: dict[str, dict[str, int]] = field(default_factory=dict)
+    fallbacks: list[str] = field(default_factory=list)
+    regressions: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _rss() -> int:
+    try:
+        import psutil
+
+        return psutil.Process(os.getpid()).memory_info().rss
+    except ImportError:  # pragma: no cover
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _Energy:
+    """NVML total-energy counter (millijoules since driver load), when on an NVIDIA GPU."""
+
+    def __init__(self, device: str):
+        self.handle = None
+        if device.startswith("cuda"):
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                self.nvml = pynvml
+                self.handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+            except Exception:  # no pynvml / no permission: energy is simply not reported
+                self.handle = None
+
+    def read(self) -> float | None:
+        return None if self.handle is None else self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle) / 1000.0
+
+
+def _timed(fn, repeats: int, device: str) -> list[float]:
+    fn()
+    _sync(device)
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+@torch.no_grad()
+def profile(model_or_pkg: nn.Module | str | Path, *, example: torch.Tensor | None = None, task: str = "auto",
+            batch_sizes: tuple[int, ...] = (1, 2, 4, 8), seq_len: int = 64, decode_tokens: int = 32,
+            repeats: int = 10, device: str | None = None, compare: str | Path | None = None) -> ProfileResult:
+    """Measure a model or a saved package.
+
+    Args:
+        model_or_pkg: a module, or a package folder (then load time and size on disk are measured).
+        example: one input sample with a leading batch dim of 1 (non-LM models); LMs use random ids.
+        task: "causal_lm", or anything else for a plain forward; "auto" looks at the class name.
+        batch_sizes: the sweep for latency / throughput.
+        seq_len: prompt length for LMs. decode_tokens: tokens generated one at a time for decode speed.
+        repeats: timed runs per point (after one warm-up).
+        compare: a previous `profile.json`; latencies slower beyond the repeat-run spread are listed.
+    """
+    res = ProfileResult(device=device or "cpu")
+    if isinstance(model_or_pkg, (str, Path)):
+        from . import package
+
+        rss0 = _rss()
+        t0 = time.perf_counter()
+        model = package.load(model_or_pkg)
+        res.load_seconds = time.perf_counter() - t0
+        res.package_bytes = sum(f.stat().st_size for f in Path(model_or_pkg).rglob("*") if f.is_file())
+        res.peak_memory_bytes = _rss() - rss0
+    else:
+        model = model_or_pkg
+    device = device or next((p.device.type for p in model.parameters()), "cpu")
+    res.device = device
+    model = model.to(device).eval()
+    is_lm = task == "causal_lm" or (task == "auto" and type(model).__name__.endswith("ForCausalLM"))
+    vocab = getattr(getattr(model, "config", None), "vocab_size", 1000)
+    energy = _Energy(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    rss_before = _rss()
+    PLACEMENT.clear()
+
+    def make_input(b: int):
+        if is_lm:
+            return torch.randint(0, vocab, (b, seq_len), generator=torch.Generator().manual_seed(b)).to(device)
+        if example is None:
+            raise ValueError("profile: pass example= (one input with batch dim 1) for non-LM models")
+        return example.expand(b, *example.shape[1:]).contiguous().to(device)
+
+    best = (0.0, None)
+    for b in batch_sizes:
+        x = make_input(b)
+        e0 = energy.read()
+        times = _timed(lambda: model(x), repeats, device)
+        e1 = energy.read()
+        p50 = statistics.median(times)
+        items = b * seq_len if is_lm else b
+        row = {"batch_size": b, "p50_ms": 1e3 * p50, "p95_ms": 1e3 * _pct(times, 0.95), "p99_ms": 1e3 * _pct(times, 0.99),
+               "spread": (max(times) - min(times)) / p50, "items_per_s": items / p50}
+        if e0 is not None and e1 is not None:
+            row["joules_per_inference"] = (e1 - e0) / (repeats + 0) / b
+        res.latency.append(row)
+        if row["items_per_s"] > best[0]:
+            best = (row["items_per_s"], b)
+    res.best_batch_size = best[1]
+    if is_lm:
+        res.prefill_tokens_per_s = res.latency[0]["items_per_s"]
+        res.decode_ms_per_token, res.decode_tokens_per_s = _decode_speed(model, make_input(1), decode_tokens, device)
+    if res.latency and "joules_per_inference" in res.latency[0]:
+        res.energy_joules_per_inference = res.latency[0]["joules_per_inference"]
+    if device.startswith("cuda"):
+        res.peak_memory_bytes = torch.cuda.max_memory_allocated()
+    elif res.peak_memory_bytes is None:
+        res.peak_memory_bytes = max(_rss() - rss_before, 0)
+    res.placement = {k: dict(v) for k, v in PLACEMENT.items()}
+    res.fallbacks = sorted(k for k, v in res.placement.items() if "reference" in v)
+    if compare:
+        res.regressions = compare_profiles(json.loads(Path(compare).read_text()), res.to_dict())
+    return res
+
+
+def _decode_speed(model: nn.Module, prompt: torch.Tensor, n: int, device: str) -> tuple[list[float], float]:
+    """Per-token decode times with the model's KV cache (greedy), and tokens/s over them."""
+    out = model(input_ids=prompt, use_cache=True)
+    past = out.past_key_values
+    tok = out.logits[:, -1:].argmax(-1)
+    times = []
+    for _ in range(n):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model(input_ids=tok, past_key_values=past, use_cache=True)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    steady = times[1:] if len(times) > 2 else times
+    return [1e3 * t for t in times], len(steady) / sum(steady)
+
+
+def compare_profiles(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Latency points slower than before by more than the larger of the two runs' spreads (min 5%)."""
+    old = {r["batch_size"]: r for r in previous.get("latency", [])}
+    out = []
+    for r in current.get("latency", []):
+        o = old.get(r["batch_size"])
+        if not o:
+            continue
+        noise = max(0.05, o.get("spread", 0), r.get("spread", 0))
+        if r["p50_ms"] > o["p50_ms"] * (1 + noise):
+            out.append(f"batch {r['batch_size']}: p50 {r['p50_ms']:.2f} ms vs {o['p50_ms']:.2f} ms before "
+                       f"(+{100 * (r['p50_ms'] / o['p50_ms'] - 1):.0f}%, noise {100 * noise:.0f}%)")
+    for key in ("decode_tokens_per_s",):
+        a, b = previous.get(key), current.get(key)
+        if a and b and b < a * 0.95:
+            out.append(f"{key}: {b:.1f} vs {a:.1f} before")
+    return out
