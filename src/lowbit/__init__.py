@@ -6,17 +6,20 @@
     4.25
 """
 
+__version__ = "0.1.0"  # before the imports: pipeline reads it
+
 from .formats import PRESETS, Format, NonFiniteError, QTensor, dequantize, quantize_tensor
 from .quantize import QuantReport, quantize
 from .recipe import Recipe, RecipeError
 from .validate import ValidationResult, validate
+from .profile import ProfileResult, profile  # noqa: E402  (function shadows the submodule on purpose)
+from .pipeline import ThresholdError, run
 
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str):
     # the package layer pulls in safetensors I/O; load it on first use
-    if name in ("save", "load"):
+    if name in ("save", "load", "inspect", "PackageError"):
         from . import package
 
         return getattr(package, name)
@@ -24,4 +27,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["Format", "QTensor", "PRESETS", "quantize_tensor", "dequantize", "NonFiniteError",
-           "quantize", "QuantReport", "Recipe", "RecipeError", "validate", "ValidationResult", "save", "load", "__version__"]
+           "quantize", "QuantReport", "Recipe", "RecipeError", "validate", "ValidationResult", "profile", "ProfileResult", "run", "ThresholdError", "inspect", "PackageError", "save", "load", "__version__"]

@@ -17,7 +17,9 @@ EXAMPLES = {
     "inspect": "lowbit inspect out/smollm2-int4",
     "models": "lowbit models",
     "recipes": "lowbit recipes",
-    "run": "lowbit run                      # smollm2, recipe int8, into out/run-smollm2-int8",
+    "run": "lowbit run                      # smollm2, recipe int8, report in out/run-smollm2\n  lowbit run minilm -r int8 -r int4 -r lut4",
+    "validate": "lowbit validate out/smollm2-int4 --threshold max_delta_ppl=1.0",
+    "profile": "lowbit profile out/smollm2-int4 --json prof.json   # later: --compare prof.json",
 }
 
 
@@ -115,59 +117,142 @@ def cmd_recipes(args) -> int:
 
 
 def cmd_run(args) -> int:
-    """Load the default model, quantize, save, reload, summarize, and generate before / after."""
-    import dataclasses
-
-    from . import package
-    from .models import load_source
-    from .quantize import quantize
+    """load -> quantize -> save/reload -> validate -> profile -> report, for one or more recipes."""
+    from .pipeline import ThresholdError, run
 
     console = _console()
-    out = Path(args.output or f"out/run-{args.model}-{args.recipe}")
-    t0 = time.perf_counter()
-    with console.status(f"loading {args.model}"):
-        src = load_source(args.model)
-    console.print(f"[bold]1. load[/] {src.name} ({src.kind}) in {time.perf_counter() - t0:.1f}s")
-    for note in src.notes:
-        console.print(f"   [yellow]note:[/] {note}")
-    before = _sample(src, args.prompt)
-
-    t0 = time.perf_counter()
-    report = quantize(src.model, args.recipe, progress=True)
-    console.print(f"[bold]2. quantize[/] recipe {args.recipe} in {time.perf_counter() - t0:.1f}s")
-    report.print(console, max_rows=args.rows)
-
-    t0 = time.perf_counter()
-    path = package.save(src.model, out, force=True, tokenizer=src.tokenizer, config_files=src.config_files,
-                        source_root=src.source_path if src.config_files else None)
-    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-    console.print(f"[bold]3. save[/] {path} ({size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s")
-
-    t0 = time.perf_counter()
-    reloaded = package.load(path)
-    console.print(f"[bold]4. reload[/] memory-mapped in {time.perf_counter() - t0:.2f}s")
-    after = _sample(dataclasses.replace(src, model=reloaded), args.prompt)
-    console.print(f"[bold]5. compare[/] on {args.prompt!r}")
-    console.print(f"   float    : {before}")
-    console.print(f"   quantized: {after}")
+    try:
+        report = run(args.source, recipes=args.recipe or ["int8"], output=args.output, n_seqs=args.seqs,
+                     profile_model=not args.no_profile, log=console.print)
+    except ThresholdError as e:
+        print(f"lowbit run: validation failed: {e}", file=sys.stderr)
+        return 3
+    _print_run_summary(console, report)
     return 0
 
 
-def _sample(src, prompt: str) -> str:
-    """Greedy continuation (causal LMs) or an embedding summary (encoders)."""
-    import torch
+def _print_run_summary(console, report) -> None:
+    from rich.table import Table
 
-    tok = src.tokenizer
-    with torch.no_grad():
-        if src.kind == "causal_lm" and tok is not None:
-            ids = tok(prompt, return_tensors="pt")
-            out = src.model.generate(**ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.eos_token_id)
-            return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip().replace("\n", " ")
-        if tok is not None:
-            ids = tok(prompt, return_tensors="pt")
-            h = src.model(**ids).last_hidden_state.mean(1)[0]
-            return f"embedding dim {h.numel()}, first values {[round(v, 4) for v in h[:4].tolist()]}"
-    return "(no tokenizer: nothing to show)"
+    runs = report["runs"]
+    m0 = runs[0]["validation"]["metrics"]
+    labels = {"ppl_quant": "ppl", "delta_ppl_pct": "Δppl %", "kl_mean": "KL mean", "kl_p99": "KL p99",
+              "top1_agreement": "top-1", "cosine_mean": "cos mean", "cosine_p1": "cos p1", "retrieval_top5_overlap": "top-5"}
+    keys = [k for k in labels if k in m0]
+    t = Table(title=f"lowbit run · {report['source']['name']} · {report['data']}", title_justify="left")
+    for col in ["recipe", "bits/w", "MB"] + [labels[k] for k in keys] + ["tok/s"]:
+        t.add_column(col, justify="right" if col != "recipe" else "left", no_wrap=(col == "recipe"))
+    base = report.get("baseline_profile") or {}
+    if base.get("decode_tokens_per_s"):
+        t.add_row("float", "32", "", *([f"{m0['ppl_base']:.4g}"] if "ppl_quant" in keys else []),
+                  *([""] * (len(keys) - (1 if "ppl_quant" in keys else 0))), f"{base['decode_tokens_per_s']:.1f}")
+    for r in runs:
+        m = r["validation"]["metrics"]
+        prof = r.get("profile") or {}
+        t.add_row(r["recipe"], f"{r['bits_per_weight']:.2f}", f"{r['package_bytes'] / 1e6:.1f}",
+                  *[f"{m[k]:.3g}" for k in keys], f"{prof['decode_tokens_per_s']:.1f}" if prof.get("decode_tokens_per_s") else "")
+    console.print(t)
+
+
+def _source_of(pkg: str) -> str:
+    """The model source recorded in a package's manifest (a bundled name or a path)."""
+    from . import package
+
+    src = package.read_manifest(Path(pkg)).get("source") or {}
+    name, path = src.get("name"), src.get("path")
+    from .models import BUNDLED
+
+    if name in BUNDLED:
+        return name
+    if path and Path(path).exists():
+        return path
+    raise ValueError(f"{pkg}: its manifest does not name a source lowbit can load again; pass --source")
+
+
+def cmd_validate(args) -> int:
+    """Validate a package against its float source on the built-in evaluation data (or --data)."""
+    from . import package
+    from .data import load_data_file
+    from .models import load_source
+    from .pipeline import _headline, eval_data
+    from .recipe import Recipe
+    from .validate import validate
+
+    console = _console()
+    src = load_source(args.source or _source_of(args.package))
+    quant = package.load(args.package)
+    if args.data:
+        data = load_data_file(args.data)
+        if isinstance(data, list):  # texts
+            if src.kind == "causal_lm":
+                from .data import lm_sequences
+
+                data = lm_sequences(src.tokenizer, data, seq_len=args.seq_len, n_seqs=args.seqs)
+            else:
+                data = dict(src.tokenizer(data, padding=True, truncation=True, max_length=128, return_tensors="pt"))
+    else:
+        data, _ = eval_data(src, n_seqs=args.seqs, seq_len=args.seq_len)
+    recipe = (quant._lowbit_info or {}).get("recipe") or {}
+    thresholds = dict(Recipe.load(recipe).validate) if recipe else {}
+    for kv in args.threshold or []:
+        k, _, v = kv.partition("=")
+        thresholds[k] = float(v)
+    task = {"causal_lm": "causal_lm", "embedding": "embedding"}.get(src.kind, "auto")
+    res = validate(src.model, quant, data, task=task, thresholds=thresholds)
+    console.print(_headline(res.metrics))
+    for r in res.worst_layers(5):
+        console.print(f"   worst layer {r['name']}: output SQNR {r['output_sqnr_db']:.1f} dB")
+    if args.json:
+        from .report.html import write_json
+
+        write_json(res.to_dict(), Path(args.json))
+    if res.failures:
+        for f in res.failures:
+            print(f"lowbit validate: threshold failed: {f}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def cmd_profile(args) -> int:
+    """Profile a package, and its float source in the same run for comparison."""
+    from rich.table import Table
+
+    from .models import load_source
+    from .profile import profile
+
+    console = _console()
+    kw = dict(batch_sizes=tuple(args.batch_sizes), repeats=args.repeats, decode_tokens=args.decode_tokens)
+    q = profile(args.package, compare=args.compare, **kw)
+    rows = [("lowbit " + Path(args.package).name, q)]
+    if not args.no_baseline:
+        src = load_source(args.source or _source_of(args.package))
+        rows.insert(0, ("float " + src.name, profile(src.model, **kw)))
+    t = Table(title="lowbit profile", title_justify="left")
+    for col in ("model", "load s", "size MB", "p50 ms (b=1)", "p99 ms (b=1)", "best batch", "prefill tok/s", "decode tok/s", "peak MB"):
+        t.add_column(col, justify="right" if col != "model" else "left")
+    for name, r in rows:
+        l0 = r.latency[0]
+        t.add_row(name, f"{r.load_seconds:.2f}" if r.load_seconds is not None else "",
+                  f"{r.package_bytes / 1e6:.1f}" if r.package_bytes else "", f"{l0['p50_ms']:.1f}", f"{l0['p99_ms']:.1f}",
+                  str(r.best_batch_size), f"{r.prefill_tokens_per_s:.0f}" if r.prefill_tokens_per_s else "",
+                  f"{r.decode_tokens_per_s:.1f}" if r.decode_tokens_per_s else "",
+                  f"{r.peak_memory_bytes / 1e6:.0f}" if r.peak_memory_bytes is not None else "")
+    console.print(t)
+    counts: dict[str, int] = {}
+    for v in q.placement.values():
+        for backend in v:
+            counts[backend] = counts.get(backend, 0) + 1
+    console.print("placement (layers per backend that ran): " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    if q.fallbacks:
+        console.print(f"[yellow]warning:[/] {len(q.fallbacks)} layer(s) fell back to the reference backend: "
+                      + ", ".join(q.fallbacks[:6]) + (" ..." if len(q.fallbacks) > 6 else ""))
+    for reg in q.regressions:
+        console.print(f"[red]regression:[/] {reg}")
+    if args.json:
+        from .report.html import write_json
+
+        write_json(q.to_dict(), Path(args.json))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,12 +279,31 @@ def build_parser() -> argparse.ArgumentParser:
     add("models", "list the bundled models", cmd_models)
     add("recipes", "list the built-in recipes", cmd_recipes)
 
-    r = add("run", "the main job: load, quantize, save, reload, compare", cmd_run)
-    r.add_argument("--model", default="smollm2", help="model source (default: smollm2)")
-    r.add_argument("--recipe", default="int8", help="recipe (default: int8)")
-    r.add_argument("-o", "--output", help="package folder (default out/run-MODEL-RECIPE, replaced)")
-    r.add_argument("--prompt", default="The capital of France is", help="prompt for the before/after sample")
-    r.add_argument("--rows", type=int, default=12, help="layers shown in the summary table (worst SQNR first)")
+    r = add("run", "the main job: load, quantize, save/reload, validate, profile, report", cmd_run)
+    r.add_argument("source", nargs="?", default="smollm2", help="model source (default: smollm2)")
+    r.add_argument("-r", "--recipe", action="append", help="recipe; repeat for a side-by-side comparison (default: int8)")
+    r.add_argument("-o", "--output", help="output folder (default out/run-SOURCE): packages, report.json, report.html")
+    r.add_argument("--seqs", type=int, default=16, help="evaluation sequences for language models (default 16)")
+    r.add_argument("--no-profile", action="store_true", help="skip the speed measurements")
+
+    v = add("validate", "compare a package with its float source (exit 3 when a threshold fails)", cmd_validate)
+    v.add_argument("package")
+    v.add_argument("--source", help="float model (default: the source named in the manifest)")
+    v.add_argument("--data", help="text / .jsonl / .npy / .safetensors file instead of the built-in corpus")
+    v.add_argument("--threshold", action="append", help="extra threshold NAME=VALUE, e.g. max_delta_ppl=1.0")
+    v.add_argument("--seqs", type=int, default=16)
+    v.add_argument("--seq-len", type=int, default=256)
+    v.add_argument("--json", help="write the result as JSON")
+
+    pr = add("profile", "latency, throughput, tokens/s, memory and kernel placement of a package vs its float source", cmd_profile)
+    pr.add_argument("package")
+    pr.add_argument("--source", help="float model to compare (default: the manifest's source)")
+    pr.add_argument("--no-baseline", action="store_true", help="do not profile the float model")
+    pr.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4])
+    pr.add_argument("--repeats", type=int, default=5)
+    pr.add_argument("--decode-tokens", type=int, default=32)
+    pr.add_argument("--compare", help="a previous --json output: flag regressions beyond noise")
+    pr.add_argument("--json", help="write the result as JSON")
     return p
 
 

@@ -90,7 +90,7 @@ class Format:
     group_size: int = 0
     per_channel_scale: bool = False
     lut_dtype: str = "fp16"
-    kmeans_iters: int = 16
+    kmeans_iters: int = 300
     seed: int = 0
     name: str = "custom"
 

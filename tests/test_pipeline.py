@@ -1,0 +1,101 @@
+"""Validate, profile, report and the run pipeline (issue: prove it and measure it)."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+import lowbit
+from lowbit import cli
+from lowbit.pipeline import ThresholdError, run
+from lowbit.validate import check_thresholds, quantized_layer_names
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=256)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_lm_metrics_against_a_hand_computed_reference():
+    base = tiny_llama()
+    quant = copy.deepcopy(base)
+    lowbit.quantize(quant, {"global": "int4"}, progress=False)
+    ids = torch.randint(0, 256, (6, 20), generator=torch.Generator().manual_seed(2))
+    res = lowbit.validate(base, quant, ids, batch_size=4)
+    with torch.no_grad():
+        lb, lq = base(ids).logits.log_softmax(-1), quant(ids).logits.log_softmax(-1)
+    kl = (lb.exp() * (lb - lq)).sum(-1).flatten()
+    nll = -lb[:, :-1].gather(-1, ids[:, 1:, None]).mean()
+    assert res.metrics["kl_mean"] == pytest.approx(kl.mean().item(), rel=1e-4)
+    assert res.metrics["kl_p99"] == pytest.approx(torch.quantile(kl.double(), 0.99).item(), rel=1e-4)
+    assert res.metrics["ppl_base"] == pytest.approx(nll.exp().item(), rel=1e-5)
+    assert res.metrics["top1_agreement"] == pytest.approx((lb.argmax(-1) == lq.argmax(-1)).float().mean().item())
+    assert res.metrics["tokens"] == 120 and len(res.samples["kl"]) == 120
+    # every quantized layer gets an output SQNR from the hooks
+    assert {r["name"] for r in res.layers} == set(quantized_layer_names(quant)) and len(res.layers) == 16
+
+
+def test_threshold_failure_names_threshold_value_and_worst_layers():
+    base = tiny_llama()
+    quant = copy.deepcopy(base)
+    lowbit.quantize(quant, {"global": "int2"}, progress=False)
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(3))
+    res = lowbit.validate(base, quant, ids, thresholds={"max_kl_p99": 1e-9, "min_top1_agreement": 0.0})
+    assert len(res.failures) == 1 and not res.passed
+    msg = res.failures[0]
+    assert msg.startswith("max_kl_p99 = 1e-09 failed: measured kl_p99 = ") and "worst layers: model.layers." in msg
+    with pytest.raises(ValueError, match="cosine"):
+        check_thresholds(res, {"min_cosine_p1": 0.9})  # not measured for language models
+
+
+def test_embedding_and_tensor_tasks():
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 32))
+    quant = copy.deepcopy(base)
+    lowbit.quantize(quant, "int8", progress=False)
+    x = torch.randn(40, 64)
+    res = lowbit.validate(base, quant, x, task="tensor", thresholds={"min_sqnr_db": 25})
+    assert res.passed and res.metrics["sqnr_db"] > 25 and res.metrics["abs_err_p99"] >= res.metrics["abs_err_p95"]
+    cls = lowbit.validate(base, quant, x, task="classifier", labels=torch.zeros(40, dtype=torch.long))
+    assert 0.8 <= cls.metrics["top1_agreement"] <= 1.0 and "accuracy_quant" in cls.metrics
+
+
+def test_profile_counts_placement_and_flags_fallbacks(tmp_path):
+    model = tiny_llama()
+    lowbit.quantize(model, {"global": "int8", "names": {"model.layers.0.mlp.down_proj": "int4"}}, progress=False)
+    prof = lowbit.profile(model, batch_sizes=(1, 2), repeats=2, seq_len=8, decode_tokens=3)
+    assert prof.decode_tokens_per_s > 0 and prof.prefill_tokens_per_s > 0 and prof.best_batch_size in (1, 2)
+    assert prof.placement["model.layers.0.mlp.up_proj"].keys() == {"cpu_fast"}
+    assert prof.placement["model.layers.0.mlp.down_proj"].keys() == {"reference"}
+    assert "model.layers.0.mlp.down_proj" in prof.fallbacks and "model.layers.0.mlp.up_proj" not in prof.fallbacks
+    # a previous run that was much faster makes this one a regression
+    fast = prof.to_dict() | {"latency": [r | {"p50_ms": r["p50_ms"] / 10, "spread": 0.0} for r in prof.latency]}
+    (tmp_path / "prev.json").write_text(json.dumps(fast))
+    again = lowbit.profile(model, batch_sizes=(1,), repeats=2, seq_len=8, decode_tokens=2, compare=tmp_path / "prev.json")
+    assert again.regressions and again.regressions[0].startswith("batch 1: p50")
+
+
+@pytest.mark.slow
+def test_run_on_minilm_writes_reports_and_exit_code_3_on_impossible_threshold(tmp_path, capsys):
+    report = run("minilm", recipes=["int8"], output=tmp_path / "ok", profile_model=False, log=lambda s: None)
+    m = report["runs"][0]["validation"]["metrics"]
+    assert m["cosine_p1"] >= 0.995, m  # int8 on all-MiniLM-L6-v2 keeps the worst 1% of embeddings aligned
+    saved = json.loads((tmp_path / "ok" / "report.json").read_text())
+    assert saved["schema_version"] == 1 and saved["runs"][0]["recipe"] == "int8"
+    html = (tmp_path / "ok" / "report.html").read_text()
+    assert html.count("<img") >= 3 and "data:image/png;base64," in html
+
+    recipe = tmp_path / "strict.toml"
+    recipe.write_text('[global]\nformat = "int4"\n[validate]\nmin_cosine_p1 = 1.01\n')
+    with pytest.raises(ThresholdError, match="min_cosine_p1 = 1.01 failed: measured cosine_p1 = 0"):
+        run("minilm", recipes=[str(recipe)], output=tmp_path / "bad", profile_model=False, log=lambda s: None)
+    assert (tmp_path / "bad" / "report.json").exists()  # the evidence is written before failing
+    code = cli.main(["run", "minilm", "-r", str(recipe), "-o", str(tmp_path / "cli"), "--no-profile"])
+    assert code == 3
+    err = capsys.readouterr().err
+    assert "validation failed" in err and "min_cosine_p1" in err and "worst layers" in err
