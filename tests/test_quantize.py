@@ -117,7 +117,7 @@ PRESETS = list(lowbit.PRESETS)
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_on_small_llama_and_bert(preset):
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
-    extra = {"group_size": 16} if preset.startswith("lut") else {}
+    extra = {}
     for model in (tiny_llama(), tiny_bert()):
         with torch.no_grad():
             ref = model(ids)[0]
@@ -130,7 +130,8 @@ def test_every_preset_on_small_llama_and_bert(preset):
         bound = {"int2": 1.0, "int2-e8m0": 1.5, "lut1": 1.5, "lut2": 1.0}.get(preset, 0.5)
         assert rel < bound, (preset, type(model).__name__, rel)
         for row in report.layers:
-            assert row["format"] == preset and row["bytes_after"] < row["bytes_before"]
+            # a LUT costs 2^bits entries: tiny tables (BERT's 2 x 64 token types) may not shrink
+            assert row["format"] == preset and (row["bytes_after"] < row["bytes_before"] or row["shape"][0] <= 2)
 
 
 def test_report_rows_and_placement():
@@ -187,3 +188,11 @@ def test_torch_compile_matches_eager():
         eager = model(ids).logits
         compiled = torch.compile(model)(ids).logits
     assert torch.allclose(eager, compiled, atol=1e-4, rtol=1e-4)
+
+
+def test_lut_groups_that_do_not_divide_the_rows_are_listed():
+    model = tiny_bert()
+    with pytest.raises(RecipeError, match=r"word_embeddings \(300, 64\): 300 rows not divisible by group_size 16.*group_size dividing"):
+        lowbit.quantize(model, {"global": {"format": "lut4", "group_size": 16}}, progress=False)
+    report = lowbit.quantize(model, {"global": {"format": "lut4", "group_size": 4}, "weight_threshold": 1000}, progress=False)
+    assert all(r["format"] == "lut4" for r in report.layers) and report.skipped[0]["name"] == "embeddings.token_type_embeddings"

@@ -139,10 +139,10 @@ def quantize(model: nn.Module, recipe: "str | dict | Recipe" = "int8", *, progre
         plan.append((name, mod, mtype, fmt, pad, None))
     if problems:
         raise RecipeError(
-            f"recipe {recipe.name!r}: {len(problems)} layer(s) have an input dim not divisible by the block: "
+            f"recipe {recipe.name!r}: {len(problems)} layer(s) do not divide into the format's blocks or LUT groups: "
             + "; ".join(problems[:12]) + (" ..." if len(problems) > 12 else "")
-            + ". Fix: set divisibility = 'pad' (zero-pad the last block) or 'skip' (keep them float) in the "
-            "recipe, or choose a block size that divides them"
+            + ". Fix: for blocks set divisibility = 'pad' (zero-pad the last block) or 'skip' (keep them float); "
+            "for LUT groups choose a group_size dividing the rows; or give these layers their own config in [names]"
         )
 
     # 2. quantize and swap
