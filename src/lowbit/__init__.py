@@ -14,6 +14,7 @@ from .recipe import Recipe, RecipeError
 from .validate import ValidationResult, validate
 from .profile import ProfileResult, profile  # noqa: E402  (function shadows the submodule on purpose)
 from .pipeline import ThresholdError, run
+from . import models  # noqa: E402  (lowbit.models.load_source; imports transformers lazily)
 
 
 
