@@ -150,7 +150,7 @@ def _print_run_summary(console, report) -> None:
         m = r["validation"]["metrics"]
         prof = r.get("profile") or {}
         t.add_row(r["recipe"], f"{r['bits_per_weight']:.2f}", f"{r['package_bytes'] / 1e6:.1f}",
-                  *[f"{m[k]:.3g}" for k in keys], f"{prof['decode_tokens_per_s']:.1f}" if prof.get("decode_tokens_per_s") else "")
+                  *[f"{m[k]:.5g}" if k.startswith("cos") else f"{m[k]:.3g}" for k in keys], f"{prof['decode_tokens_per_s']:.1f}" if prof.get("decode_tokens_per_s") else "")
     console.print(t)
 
 
