@@ -99,3 +99,37 @@ def test_run_on_minilm_writes_reports_and_exit_code_3_on_impossible_threshold(tm
     assert code == 3
     err = capsys.readouterr().err
     assert "validation failed" in err and "min_cosine_p1" in err and "worst layers" in err
+
+
+def test_calibration_coverage_flags_inputs_outside_the_calibration_range():
+    from lowbit.validate import calibration_coverage
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    calib = [torch.randn(64, 8)]
+    wide = [torch.randn(64, 8) * 10]
+    rows = calibration_coverage(model, ["0", "1"], calib, wide, lambda m, b: m(b))
+    assert rows[0]["flagged"] and rows[0]["outside_fraction"] > 0.5
+    same = calibration_coverage(model, ["0"], calib, calib, lambda m, b: m(b))
+    assert same[0]["outside_fraction"] == 0 and not same[0]["flagged"]
+
+
+def test_user_data_files(tmp_path):
+    import numpy as np
+
+    from lowbit.data import load_data_file
+
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n\n{"text": "two"}\n')
+    assert load_data_file(tmp_path / "a.jsonl") == ["one", "two"]
+    (tmp_path / "b.jsonl").write_text('{"text": "one"}\n{"txt": 1}\n')
+    with pytest.raises(ValueError, match=r"b.jsonl:2: expected an object with a string field 'text'"):
+        load_data_file(tmp_path / "b.jsonl")
+    (tmp_path / "c.txt").write_text("para one\nstill one\n\npara two\n")
+    assert load_data_file(tmp_path / "c.txt") == ["para one\nstill one", "para two"]
+    np.save(tmp_path / "d.npy", np.arange(6, dtype=np.float32).reshape(2, 3))
+    assert load_data_file(tmp_path / "d.npy").shape == (2, 3)
+    np.save(tmp_path / "e.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="never unpickles"):
+        load_data_file(tmp_path / "e.npy")
+    with pytest.raises(ValueError, match="unsupported"):
+        (tmp_path / "f.pkl").write_bytes(b"x")
+        load_data_file(tmp_path / "f.pkl")

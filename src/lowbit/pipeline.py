@@ -69,6 +69,11 @@ def run(source: Any = "smollm2", recipes: list[str] | tuple[str, ...] = ("int8",
         data_desc = "user data"
     task = {"causal_lm": "causal_lm", "embedding": "embedding"}.get(src.kind, "auto")
     base = src.model
+    coverage = _coverage(src, base, data, task)
+    flagged = [c for c in coverage if c["flagged"]]
+    if flagged:
+        log(f"   calibration coverage: {len(flagged)} layer(s) see >1% of evaluation inputs outside the calibration "
+            f"range, e.g. {flagged[0]['name']} ({100 * flagged[0]['outside_fraction']:.1f}%)")
 
     baseline_profile = None
     if profile_model and task == "causal_lm":
@@ -117,7 +122,7 @@ def run(source: Any = "smollm2", recipes: list[str] | tuple[str, ...] = ("int8",
         "lowbit_version": __version__, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": "cuda" if torch.cuda.is_available() else "cpu", "task": task, "data": data_desc,
         "source": {"name": src.name, "kind": src.kind, "sha256": src.source_sha256, "notes": src.notes},
-        "baseline": _baseline(runs), "baseline_profile": baseline_profile, "runs": runs,
+        "baseline": _baseline(runs), "baseline_profile": baseline_profile, "runs": runs, "coverage": coverage,
     }
     write_json(report, output / "report.json")
     write_html(report, output / "report.html")
@@ -134,6 +139,25 @@ def sample(model, tokenizer, prompt: str = "The capital of France is", n: int = 
     ids = tokenizer(prompt, return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     return prompt + "|" + tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).replace("\n", " ")
+
+
+def _coverage(src, base, data, task) -> list[dict[str, Any]]:
+    """Calibration coverage of the float model's layers: calibration split vs the evaluation data."""
+    from .data import builtin_texts, lm_sequences, sentences
+    from .quantize import module_type
+    from .validate import _forward, calibration_coverage
+
+    names = [n for n, m in base.named_modules() if module_type(m) in ("Linear", "Conv1D")]
+    if task == "causal_lm":
+        calib = lm_sequences(src.tokenizer, builtin_texts("calib"), seq_len=data.shape[1], n_seqs=4)
+        batches, evals = [calib], [data[i:i + 4] for i in range(0, len(data), 4)]
+    elif task == "embedding":
+        tok = src.tokenizer(sentences(builtin_texts("calib"), 64), padding=True, truncation=True, max_length=128,
+                            return_tensors="pt")
+        batches, evals = [dict(tok)], [data]
+    else:
+        return []
+    return calibration_coverage(base, names, batches, evals, lambda m, b: _forward(m, b, task))
 
 
 def _headline(m: dict[str, float]) -> str:

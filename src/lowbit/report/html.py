@@ -113,6 +113,19 @@ def _accuracy_axis(runs) -> tuple[str, str]:
     return "sqnr_db", "output SQNR dB"
 
 
+def _coverage_html(report: dict[str, Any]) -> str:
+    cov = report.get("coverage") or []
+    if not cov:
+        return ""
+    flagged = sorted((c for c in cov if c["flagged"]), key=lambda c: -c["outside_fraction"])
+    head = (f"<h2>Calibration coverage</h2><p>{len(cov)} layers checked: fraction of evaluation inputs outside the "
+            f"range seen on the calibration split; {len(flagged)} above 1%.</p>")
+    if not flagged:
+        return head
+    rows = "".join(f"<tr><td>{html.escape(c['name'])}</td><td>{100 * c['outside_fraction']:.2f}%</td></tr>" for c in flagged[:20])
+    return head + f"<table><tr><th>layer</th><th>outside</th></tr>{rows}</table>"
+
+
 def write_html(report: dict[str, Any], path: Path) -> Path:
     """A single HTML file with the summary table, failures and plots inlined."""
     esc = html.escape
@@ -143,6 +156,7 @@ task {esc(report['task'])} · evaluation data: {esc(report['data'])}</p>
 <p>float baseline: {esc(json.dumps(_json_safe(base)))}</p>
 <h2>Summary</h2><table><tr>{''.join(f'<th>{esc(h)}</th>' for h in head)}</tr>{''.join(rows)}</table>
 {'<h2 class=fail>Threshold failures</h2><ul>' + ''.join(failures) + '</ul>' if failures else ''}
+{_coverage_html(report)}
 <h2>Plots</h2>{plots}
 </body></html>"""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
