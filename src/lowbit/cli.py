@@ -20,6 +20,7 @@ EXAMPLES = {
     "run": "lowbit run                      # smollm2, recipe int8, report in out/run-smollm2\n  lowbit run minilm -r int8 -r int4 -r lut4",
     "validate": "lowbit validate out/smollm2-int4 --threshold max_delta_ppl=1.0",
     "profile": "lowbit profile out/smollm2-int4 --json prof.json   # later: --compare prof.json",
+    "export": "lowbit quantize smollm2 -r gguf-q4_0 -o out/s && lowbit export out/s --to gguf -o s.gguf --tokenizer-pre smollm",
 }
 
 
@@ -255,6 +256,27 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """Export a package to GGUF / MLX / Core ML, carrying the planes across without re-rounding."""
+    from rich.table import Table
+
+    from .export.api import export
+
+    extra = {"tokenizer_pre": args.tokenizer_pre} if args.to == "gguf" and args.tokenizer_pre else {}
+    result = export(args.package, args.to, args.output, force=args.force, **extra)
+    rows = result.get("tensors") or result.get("layers") or {}
+    t = Table(title=f"lowbit export -> {args.to}: {result.get('path', args.output)}", title_justify="left")
+    for col in ("tensor", "lowbit format", "target", "exact"):
+        t.add_column(col, no_wrap=(col == "tensor"))
+    items = rows.items() if isinstance(rows, dict) else ((r.get("name", "?"), r) for r in rows)
+    for name, r in items:
+        fmt = r.get("lowbit_format", r.get("format", ""))
+        target = r.get("gguf_type", r.get("target", r.get("type", "")))
+        t.add_row(name, str(fmt), str(target), "yes" if r.get("exact", True) else "no")
+    _console().print(t)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lowbit", description="Compress model weights into low-bit multi-plane tensors.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -278,6 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("models", "list the bundled models", cmd_models)
     add("recipes", "list the built-in recipes", cmd_recipes)
+
+    e = add("export", "export a package to GGUF (llama.cpp), MLX or Core ML without re-quantizing", cmd_export)
+    e.add_argument("package")
+    e.add_argument("--to", required=True, choices=["gguf", "mlx", "coreml"])
+    e.add_argument("-o", "--output", required=True, help="output file (.gguf) or folder (.mlpackage / MLX folder)")
+    e.add_argument("--force", action="store_true", help="replace an existing output")
+    e.add_argument("--tokenizer-pre", help="GGUF only: llama.cpp pre-tokenizer name (e.g. smollm for SmolLM2)")
 
     r = add("run", "the main job: load, quantize, save/reload, validate, profile, report", cmd_run)
     r.add_argument("source", nargs="?", default="smollm2", help="model source (default: smollm2)")

@@ -49,6 +49,13 @@ BUILTIN: dict[str, dict] = {
         "types": {"Embedding": "int8"},
         "weight_threshold": 1024,
     },
+    "gguf-q4_0": {
+        "name": "gguf-q4_0",
+        "description": "llama.cpp Q4_0 blocks with Q8_0 embeddings: exports to GGUF byte for byte",
+        "global": "q4_0",
+        "types": {"Embedding": "q8_0"},
+        "weight_threshold": 1024,
+    },
     "mixed": {
         "name": "mixed",
         "description": "int4 blocks of 32, but embeddings, lm_head and the first and last blocks at int8",

@@ -1,0 +1,31 @@
+"""`lowbit.export.export(pkg, to=...)`: one entry point for the three targets.
+
+Example:
+    >>> from lowbit.export import export
+    >>> export("out/smollm2-q4_0", to="gguf", out="out/smollm2-q4_0.gguf")   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+TARGETS = ("gguf", "mlx", "coreml")
+
+
+def export(pkg: str | Path, to: str, out: str | Path, *, force: bool = False, **kwargs: Any) -> dict[str, Any]:
+    """Export a saved package to `to` ("gguf", "mlx" or "coreml") at `out`; returns the exporter's
+    per-layer table. Formats a target cannot hold exactly are refused, naming the exact alternatives."""
+    if to == "gguf":
+        from .gguf import export_gguf
+
+        return export_gguf(pkg, out, force=force, **kwargs)
+    if to == "mlx":
+        from .mlx import export_mlx
+
+        return export_mlx(pkg, out, force=force, **kwargs)
+    if to == "coreml":
+        from .coreml import export_coreml
+
+        return export_coreml(pkg, out, force=force, **kwargs)
+    raise ValueError(f"unknown export target {to!r}; choose one of {', '.join(TARGETS)}")
