@@ -104,8 +104,8 @@ def run(source: Any = "smollm2", recipes: list[str] | tuple[str, ...] = ("int8",
         if profile_model:
             t1 = time.perf_counter()
             example = None if task == "causal_lm" else {k: v[:1] for k, v in data.items()} if isinstance(data, dict) else data[:1]
-            prof = (profile(loaded, batch_sizes=(1, 4), repeats=3, seq_len=64, decode_tokens=16).to_dict()
-                    if task == "causal_lm" else _profile_encoder(loaded, example))
+            prof = profile(loaded, example=example, task=task, batch_sizes=(1, 4), repeats=3, seq_len=64,
+                           decode_tokens=16).to_dict()
             log(f"5. profile  {recipe.name} in {time.perf_counter() - t1:.1f}s" +
                 (f": decode {prof['decode_tokens_per_s']:.1f} tok/s" if prof.get("decode_tokens_per_s") else ""))
             if prof.get("fallbacks"):
@@ -172,21 +172,3 @@ def _headline(m: dict[str, float]) -> str:
 def _baseline(runs) -> dict[str, float]:
     m = runs[0]["validation"]["metrics"] if runs else {}
     return {"ppl": m["ppl_base"]} if "ppl_base" in m else {}
-
-
-def _profile_encoder(model, example) -> dict[str, Any]:
-    """Latency of one forward for encoder models given a tokenizer batch of one."""
-    from .profile import _pct, _timed
-    from .kernels import PLACEMENT
-
-    PLACEMENT.clear()
-    rows = []
-    for b in (1, 4):
-        batch = {k: v.expand(b, *v.shape[1:]) for k, v in example.items()}
-        with torch.no_grad():
-            times = _timed(lambda: model(**batch), 5, "cpu")
-        p50 = sorted(times)[len(times) // 2]
-        rows.append({"batch_size": b, "p50_ms": 1e3 * p50, "p95_ms": 1e3 * _pct(times, 0.95), "p99_ms": 1e3 * _pct(times, 0.99),
-                     "spread": (max(times) - min(times)) / p50, "items_per_s": b / p50})
-    placement = {k: dict(v) for k, v in PLACEMENT.items()}
-    return {"latency": rows, "placement": placement, "fallbacks": sorted(k for k, v in placement.items() if "reference" in v)}

@@ -101,14 +101,15 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 @torch.no_grad()
-def profile(model_or_pkg: nn.Module | str | Path, *, example: torch.Tensor | None = None, task: str = "auto",
+def profile(model_or_pkg: nn.Module | str | Path, *, example: torch.Tensor | dict | None = None, task: str = "auto",
             batch_sizes: tuple[int, ...] = (1, 2, 4, 8), seq_len: int = 64, decode_tokens: int = 32,
             repeats: int = 10, device: str | None = None, compare: str | Path | None = None) -> ProfileResult:
     """Measure a model or a saved package.
 
     Args:
         model_or_pkg: a module, or a package folder (then load time and size on disk are measured).
-        example: one input sample with a leading batch dim of 1 (non-LM models); LMs use random ids.
+        example: one input sample with a leading batch dim of 1 (non-LM models), or a dict of such
+            tensors (a tokenizer's output) passed as keywords; LMs use random ids.
         task: "causal_lm", or anything else for a plain forward; "auto" looks at the class name.
         batch_sizes: the sweep for latency / throughput.
         seq_len: prompt length for LMs. decode_tokens: tokens generated one at a time for decode speed.
@@ -143,13 +144,18 @@ def profile(model_or_pkg: nn.Module | str | Path, *, example: torch.Tensor | Non
             return torch.randint(0, vocab, (b, seq_len), generator=torch.Generator().manual_seed(b)).to(device)
         if example is None:
             raise ValueError("profile: pass example= (one input with batch dim 1) for non-LM models")
+        if isinstance(example, dict):  # tokenizer output: keyword inputs
+            return {k: v.expand(b, *v.shape[1:]).contiguous().to(device) for k, v in example.items()}
         return example.expand(b, *example.shape[1:]).contiguous().to(device)
+
+    def call(x):
+        return model(**x) if isinstance(x, dict) else model(x)
 
     best = (0.0, None)
     for b in batch_sizes:
         x = make_input(b)
         e0 = energy.read()
-        times = _timed(lambda: model(x), repeats, device)
+        times = _timed(lambda: call(x), repeats, device)
         e1 = energy.read()
         p50 = statistics.median(times)
         items = b * seq_len if is_lm else b
