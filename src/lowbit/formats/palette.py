@@ -22,28 +22,32 @@ Encoding:
          kmeans   weighted 1-D k-means: minimises sum(importance * (x - table[code])^2);
          uniform  K evenly spaced values from the group's min to its max;
          unique   the group's sorted distinct values (ValueError if there are more than K).
-       k-means works on the group's values sorted once (for large tables on CPU instead a
-       histogram of fp32 bins that keep sign, exponent and 11 mantissa bits, each bin a point at
-       its mean; exact for fp16 / bf16 data), with float64 prefix sums of weight, weight*x and
+       k-means works on the group's values sorted once (on CPU, for >= 2^18 values when the
+       histogram is no larger than the data, instead on a histogram of fp32 bins that keep sign,
+       exponent and 11 mantissa bits (9 when there would be more than n/8 bins), each bin a
+       point at its mean; lossless for bf16 data), with float64 prefix sums of weight, weight*x and
        weight*x^2: the sums over any run of sorted values cost O(1), and cluster boundaries come
        from `searchsorted` on the midpoints between centroids, O(K log n) per Lloyd iteration.
        It is deterministic and uses no random generator:
-         a. two initialisations, batched: greedy splitting (K-1 times, split the segment whose
-            split at its mean lowers the error most; isolates outliers) and the optimal
-            K-partition, by dynamic programming, of the values cut into <= 1024 chunks
-            (weight-quantile and equal-width cuts; the exact optimum when a group has no more
-            points than that);
-         b. Lloyd from both until no boundary moves or `kmeans_iters` iterations; each
-            iteration also tries 2x .. 64x longer steps along the Lloyd update and keeps the
-            best (1-D Lloyd crawls); per group the better result is kept;
+         a. two initialisations, batched: greedy splitting (split segments at their means,
+            those that lower the error most first, a quarter of them per round; isolates
+            outliers) and the optimal K-partition, by dynamic programming, of the values cut
+            into <= 1024 chunks (weight-quantile and equal-width cuts; the exact optimum when a
+            group has no more points than that);
+         b. Lloyd from both until no boundary moves, no table's error drops by more than 1e-7
+            of itself, or `kmeans_iters` iterations; each iteration also tries 2x .. 64x longer
+            steps along the Lloyd update and keeps the best (1-D Lloyd crawls); per group the
+            better result is kept;
          c. refinement: a chain DP lets every boundary move anywhere between its two centroids
-            (65 candidates each) and picks the best combination exactly, then Lloyd again;
-            repeated while the error still drops (at most 8 rounds).
+            (up to 65 candidates each) and picks the best combination exactly, then up to 16
+            Lloyd iterations; repeated while the error drops by more than 1e-6 (<= 8 rounds).
        Empty clusters are re-seeded by splitting the cluster with the largest error. A group
        with at most K distinct values gets exactly those values. `seed` is accepted for format
        compatibility; results do not depend on it. All of this is batched over LUT groups
        (tensors of shape (G, ...), on w's device); only very large tensors on the sort route
-       are processed in batches of groups of <= 2^24 values, to bound memory.
+       are processed in batches of groups of <= 2^24 values, to bound memory. On CPU the
+       iterative part (many small ops), and all of it for tensors of <= 2^22 values, runs on one
+       intra-op thread (`_single_thread`: parallel regions stall when the cores are busy).
     3. The table is rounded to its storage dtype (fp16; or int8 with lut_scale = fp16(amax/127)),
        de-duplicated and padded with its largest entry, sorted ascending. Codes are assigned
        AFTER rounding, to the nearest stored entry (ties to the lower code), so a code never
@@ -67,7 +71,8 @@ from . import scales
 from .format import Format
 from .packing import pack, unpack
 
-_HIST_SHIFT = 12  # fp32 order-preserving key >> 12: sign, exponent and 11 mantissa bits per bin
+_HIST_SHIFT = 12  # histogram bin = fp32 order-preserving key >> 12 (sign, exponent, 11 mantissa bits)
+_HIST_SHIFT_MAX = 14  # ... coarsened up to >> 14 (9 mantissa bits) while the bins outnumber n / 8
 _HIST_MIN = 1 << 18  # the histogram route is used from this many elements (CPU only)
 _SORT_CHUNK = 1 << 24  # elements per batch of groups on the sort route (bounds memory)
 _DP_CELLS = 1 << 22  # dynamic-programming initialisation: G * m^2 cost-matrix cells at most
@@ -79,6 +84,8 @@ _REFINE_ROUNDS = 8  # boundary-window DP rounds after Lloyd
 _POLISH_ITERS = 16  # Lloyd iterations after each refinement round
 _REFINE_CELLS = 1 << 22  # ... with G * K * (W+1)^2 transition cells at most
 _REFINE_TOL = 1e-6  # ... until no table's error drops by more than this fraction
+_SMALL_OPS = 1 << 20  # ops on at most this many elements run on one CPU thread (_single_thread)
+_SMALL_TENSOR = 1 << 22  # ... and so does all of encode() for tensors up to this many elements
 _F64 = torch.float64
 
 
@@ -88,15 +95,20 @@ _F64 = torch.float64
 def encode(w: torch.Tensor, fmt: Format, importance: torch.Tensor | None = None, **_: object) -> dict[str, torch.Tensor]:
     """Planes for finite fp32 `w` (rows, cols); see the module docstring."""
     rows, cols = w.shape
-    bits = fmt.bits
-    k = 1 << bits
     g = fmt.group_size or rows
     if rows % g:
         raise ValueError(
             f"palette {fmt.name}: weight shape ({rows}, {cols}) has {rows} output channels, not divisible "
             f"by group_size {fmt.group_size} (channels per LUT); choose a group_size dividing {rows} or 0"
         )
-    n_luts = rows // g
+    with _single_thread(w.device, w.numel() <= _SMALL_TENSOR):
+        return _encode(w, fmt, importance, rows // g, g)
+
+
+def _encode(w: torch.Tensor, fmt: Format, importance: torch.Tensor | None, n_luts: int, g: int) -> dict[str, torch.Tensor]:
+    rows, cols = w.shape
+    bits = fmt.bits
+    k = 1 << bits
     w = w.to(torch.float32).contiguous()
     planes: dict[str, torch.Tensor] = {}
 
@@ -195,23 +207,33 @@ def _fit_sorted(x: torch.Tensor, wt: torch.Tensor | None, fmt: Format, k: int, f
 class _Bins(NamedTuple):
     """Histogram bins of a group tensor: flat bin index per value (with group offsets)."""
 
-    index: torch.Tensor  # int32 (G * n,): group * nb + raw bin - rmin
-    rmin: int  # raw bin id (fp32 bits >> _HIST_SHIFT) of column 0
+    index: torch.Tensor  # int32 (G * n,): group * nb + bin - rmin
+    rmin: int  # bin id (order-preserving key of the fp32 bits >> shift) of column 0
     nb: int  # bins per group
+    shift: int = _HIST_SHIFT
 
 
 def _fit_histogram(x: torch.Tensor, wt: torch.Tensor | None, k: int, iters: int) -> tuple[torch.Tensor, _Bins] | None:
     """Large tensors on CPU: k-means on a histogram of fp32 bins, then Lloyd on the bins.
 
-    A bin holds the 4096 consecutive fp32 bit patterns sharing sign, exponent and the top 11
-    mantissa bits (relative width <= 2^-11), far finer than any table; fp16 / bf16 data puts
-    every distinct value in its own bin. Each bin is a point at its (weighted) mean. Returns
-    None (use the sort route) when the histogram would be larger than the data, or a group has
-    at most K non-empty bins (the exact distinct-value rule then applies).
+    A bin holds the 2^12 consecutive fp32 bit patterns sharing sign, exponent and the top 11
+    mantissa bits (relative width <= 2^-11; coarsened to 9 bits while there are more than n/8
+    bins, which costs nothing measurable), far finer than any table; bf16 data puts every
+    distinct value in its own bin. Bins are numbered by the order-preserving integer key of the
+    fp32 bits, so bin order is value order. Each bin is a point at its (weighted) mean.
+    Returns None (use the sort route) when the histogram would be larger than the data, or a
+    group has at most K non-empty bins (the exact distinct-value rule then applies).
     """
-    n_groups, n = x.shape
-    raw = x.contiguous().view(torch.int32) >> _HIST_SHIFT  # bin id; negative floats count backwards
+    n_groups = x.shape[0]
+    bits = x.contiguous().view(torch.int32)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # order-preserving: key(a) < key(b) iff a < b
+    raw = key >> _HIST_SHIFT
     rmin, rmax = (int(v) for v in torch.aminmax(raw))
+    shift = _HIST_SHIFT
+    while shift < _HIST_SHIFT_MAX and 8 * n_groups * (rmax - rmin + 1) > x.numel():
+        shift, rmin, rmax = shift + 1, rmin >> 1, rmax >> 1  # Python >> floors, like torch's on int32
+    if shift != _HIST_SHIFT:
+        raw = key >> shift
     nb = rmax - rmin + 1
     if n_groups * nb > x.numel():
         return None
@@ -229,13 +251,9 @@ def _fit_histogram(x: torch.Tensor, wt: torch.Tensor | None, k: int, iters: int)
         w64 = _usable_weights(wt).reshape(-1).to(_F64)
         bw = torch.bincount(idx, weights=w64, minlength=size).reshape(n_groups, nb)
         bs = torch.bincount(idx, weights=w64 * x64, minlength=size).reshape(n_groups, nb)
-    with _single_thread(x.device):  # the rest works on the (G, nb) histogram only
+    with _single_thread(x.device, size <= _SMALL_OPS):  # the rest works on the (G, nb) histogram
         if bool(((cnt > 0).sum(1) <= k).any()):
             return None
-        # bins in value order: sort the raw ids by the order-preserving key of their bit patterns
-        bits = ((torch.arange(nb, dtype=torch.int64) + rmin) << _HIST_SHIFT).to(torch.int32)
-        order = torch.argsort(bits ^ ((bits >> 31) & 0x7FFFFFFF))
-        cnt, sx, bw, bs = (t[:, order] for t in (cnt, sx, bw, bs))
         one = torch.ones_like(bw)
         pts = torch.where(bw > 0, bs / torch.where(bw > 0, bw, one), sx / cnt.clamp(min=1))
         # empty bins weigh nothing; placing them at the running maximum keeps the points sorted
@@ -243,7 +261,7 @@ def _fit_histogram(x: torch.Tensor, wt: torch.Tensor | None, k: int, iters: int)
         pts = torch.cummax(pts, 1).values.contiguous()
         sq = torch.where(bw > 0, bs * bs / torch.where(bw > 0, bw, one), torch.zeros_like(bw))
         pref = _Prefix(torch.cumsum(bw, 1), torch.cumsum(bs, 1), torch.cumsum(sq, 1))
-        return _kmeans(pts, pref, k, iters), _Bins(idx, rmin, nb)
+        return _kmeans(pts, pref, k, iters), _Bins(idx, rmin, nb, shift)
 
 
 def _usable_weights(w: torch.Tensor) -> torch.Tensor:
@@ -296,8 +314,8 @@ def _sse(w: torch.Tensor, s: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 def _split_init(pts: torch.Tensor, pref: _Prefix, k: int) -> torch.Tensor:
     """Greedy divisive init: split segments at their means, the largest error reductions first.
 
-    Each round splits up to as many segments as exist (so log2(K) rounds), choosing those whose
-    split at the mean lowers the squared error most; segments of equal values never split.
+    Each round splits a quarter of the segments (at least one; about 5 log2(K) rounds), those
+    whose split at the mean lowers the squared error most; segments of equal values never split.
     """
     n_groups, p = pts.shape
     dev = pts.device
@@ -377,16 +395,16 @@ def _dp_init(pts: torch.Tensor, pref: _Prefix, k: int) -> torch.Tensor | None:
 
 
 @contextlib.contextmanager
-def _single_thread(device: torch.device):
-    """Run the iterative part on one CPU thread.
+def _single_thread(device: torch.device, small: bool = True):
+    """Run many small ops on one CPU thread (when `small`).
 
-    Its many small ops (searchsorted on a few hundred queries, (G, K) updates) gain nothing from
+    Small ops (searchsorted on a few hundred queries, (G, K) updates) gain nothing from
     intra-op threads, but each parallel region can stall for a scheduler slice when the cores
-    are busy (measured: 8 ms instead of 10 us for one searchsorted). torch's thread count is
-    process-wide; it is restored on exit.
+    are busy (measured: 8 ms instead of 10 us for one searchsorted). Large batches (many LUT
+    groups) keep torch's threads. torch's thread count is process-wide; it is restored on exit.
     """
     n = torch.get_num_threads()
-    if device.type != "cpu" or n == 1:
+    if device.type != "cpu" or n == 1 or not small:
         yield
         return
     torch.set_num_threads(1)
@@ -403,7 +421,7 @@ def _kmeans(pts: torch.Tensor, pref: _Prefix, k: int, iters: int) -> torch.Tenso
     centroid j, found with searchsorted; its sums come from the prefix sums. Returns (G, K)
     float64 ascending: per group, the result of the better of the two initialisations.
     """
-    with _single_thread(pts.device):
+    with _single_thread(pts.device, pts.shape[0] * k * 32 <= _SMALL_OPS):
         return _kmeans_impl(pts, pref, k, iters)
 
 
@@ -460,9 +478,11 @@ def _lloyd(pts: torch.Tensor, pref: _Prefix, c: torch.Tensor, iters: int) -> tor
         new = torch.where(pos, s / torch.where(pos, w, torch.ones_like(w)), c)
         empty = ~pos
         if bool(empty.any()):
-            c = torch.sort(_reseed(new, empty, a, b, w, s, q, pts, pref), -1).values
-            prev = None  # a re-seed changes the centroids without changing the previous cut
-            continue
+            reseeded, moved = _reseed(new, empty, a, b, w, s, q, pts, pref)
+            if moved:
+                c = torch.sort(reseeded, -1).values
+                prev = None  # a re-seed changes the centroids without changing the previous cut
+                continue
         # the Lloyd step (length 1) or a longer step along it: 1-D Lloyd crawls along slow
         # directions, so c + t * (new - c) is tried for t in _STEPS and the best kept
         old_err = (q - 2 * c * s + c * c * w).sum(-1)  # (G, R), before this step
@@ -518,8 +538,12 @@ def _refine(pts: torch.Tensor, pref: _Prefix, c: torch.Tensor) -> torch.Tensor |
     return torch.sort(new, -1).values.unsqueeze(1)
 
 
-def _reseed(c, empty, a, b, w, s, q, pts, pref):
-    """Move one empty centroid per table to the upper half of the worst cluster (split at its mean)."""
+def _reseed(c, empty, a, b, w, s, q, pts, pref) -> tuple[torch.Tensor, bool]:
+    """Move one empty centroid per table to the upper half of the worst cluster (split at its mean).
+
+    Returns the centroids and whether any moved (nothing can move when every non-empty cluster
+    holds a single value, e.g. a group with fewer distinct values than entries).
+    """
     n_groups, n_init, k = c.shape
     sse = torch.where(empty, torch.full_like(w, -1.0), _sse(w, s, q))
     j = sse.argmax(-1, keepdim=True)  # worst cluster
@@ -534,7 +558,7 @@ def _reseed(c, empty, a, b, w, s, q, pts, pref):
     lower = torch.where(ok, sl / torch.where(ok, wl, one), cj)
     upper = torch.where(ok, sr / torch.where(ok, wr, one), c.gather(-1, e))
     c = c.scatter(-1, j, lower)
-    return c.scatter(-1, e, upper)
+    return c.scatter(-1, e, upper), bool(ok.any())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -601,12 +625,13 @@ def _assign(x: torch.Tensor, values: torch.Tensor, count: torch.Tensor, bins: _B
 def _assign_by_bins(x: torch.Tensor, mid: torch.Tensor, bins: _Bins) -> torch.Tensor | None:
     """code = below[bin] + (x > inside[bin]); None if some bin holds two or more midpoints."""
     n_groups = mid.shape[0]
-    with _single_thread(x.device):  # per-bin tables: (G, nb), small next to x
-        low = ((torch.arange(bins.nb, dtype=torch.int64) + bins.rmin) << _HIST_SHIFT).to(torch.int32)
-        ends = torch.stack([low.view(torch.float32), (low | ((1 << _HIST_SHIFT) - 1)).view(torch.float32)])
+    with _single_thread(x.device, n_groups * bins.nb <= _SMALL_OPS):  # per-bin tables (G, nb)
+        first = ((torch.arange(bins.nb, dtype=torch.int64) + bins.rmin) << bins.shift).to(torch.int32)
+        keys = torch.stack([first, first | ((1 << bins.shift) - 1)])  # a bin's lowest and highest key
+        ends = (keys ^ ((keys >> 31) & 0x7FFFFFFF)).view(torch.float32)
         ends = torch.nan_to_num(ends)  # bit patterns past the largest float: no value falls there
-        lo = ends.amin(0).expand(n_groups, -1).contiguous()
-        hi = ends.amax(0).expand(n_groups, -1).contiguous()
+        lo = ends[0].expand(n_groups, -1).contiguous()
+        hi = ends[1].expand(n_groups, -1).contiguous()
         below = torch.searchsorted(mid, lo)  # midpoints < the bin's smallest value
         upto = torch.searchsorted(mid, hi, right=True)  # midpoints <= its largest
         if bool((upto - below > 1).any()):
