@@ -1,5 +1,9 @@
 """Exporters that carry lowbit's planes into other runtimes' files without re-quantizing."""
 
+from .api import TARGETS, export
+from .coreml import EXACT_PRESETS as COREML_EXACT_PRESETS
+from .coreml import export_coreml, qtensor_to_coreml_op_inputs
 from .gguf import EXACT_PRESETS, export_gguf, qtensor_to_gguf_bytes
 
-__all__ = ["export_gguf", "qtensor_to_gguf_bytes", "EXACT_PRESETS"]
+__all__ = ["export", "TARGETS", "export_gguf", "qtensor_to_gguf_bytes", "EXACT_PRESETS", "export_coreml",
+           "qtensor_to_coreml_op_inputs", "COREML_EXACT_PRESETS"]

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 TARGETS = ("gguf", "mlx", "coreml")
 
 
@@ -25,7 +27,17 @@ def export(pkg: str | Path, to: str, out: str | Path, *, force: bool = False, **
 
         return export_mlx(pkg, out, force=force, **kwargs)
     if to == "coreml":
+        from .. import package
         from .coreml import export_coreml
 
-        return export_coreml(pkg, out, force=force, **kwargs)
+        model = package.load(pkg) if isinstance(pkg, (str, Path)) else pkg
+        example = kwargs.pop("example_inputs", None)
+        if example is None:
+            cfg = getattr(model, "config", None)
+            if cfg is None or not hasattr(cfg, "vocab_size"):
+                raise ValueError("Core ML export traces the model: pass example_inputs= (a tuple of tensors)")
+            example = (torch.zeros(1, 8, dtype=torch.long),)
+        layers = export_coreml(model, out, example, force=force, **kwargs)
+        return {"path": str(out), "tensors": {n: {"lowbit_format": w.description, "target": w.op, "exact": True}
+                                             for n, w in layers.items()}}
     raise ValueError(f"unknown export target {to!r}; choose one of {', '.join(TARGETS)}")
