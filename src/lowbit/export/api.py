@@ -15,6 +15,18 @@ import torch
 TARGETS = ("gguf", "mlx", "coreml")
 
 
+class _LogitsOnly(torch.nn.Module):
+    """A Hugging Face model seen as input_ids -> logits (no KV cache), for tracing."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, use_cache=False)
+        return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
 def export(pkg: str | Path, to: str, out: str | Path, *, force: bool = False, **kwargs: Any) -> dict[str, Any]:
     """Export a saved package to `to` ("gguf", "mlx" or "coreml") at `out`; returns the exporter's
     per-layer table. Formats a target cannot hold exactly are refused, naming the exact alternatives."""
@@ -37,6 +49,7 @@ def export(pkg: str | Path, to: str, out: str | Path, *, force: bool = False, **
             if cfg is None or not hasattr(cfg, "vocab_size"):
                 raise ValueError("Core ML export traces the model: pass example_inputs= (a tuple of tensors)")
             example = (torch.zeros(1, 8, dtype=torch.long),)
+            model = _LogitsOnly(model)  # tracing needs tensors out, not a ModelOutput with a cache
         layers = export_coreml(model, out, example, force=force, **kwargs)
         return {"path": str(out), "tensors": {n: {"lowbit_format": w.description, "target": w.op, "exact": True}
                                              for n, w in layers.items()}}
