@@ -271,7 +271,7 @@ def cmd_export(args) -> int:
     items = rows.items() if isinstance(rows, dict) else ((r.get("name", "?"), r) for r in rows)
     for name, r in items:
         fmt = r.get("lowbit_format", r.get("format", ""))
-        target = r.get("gguf_type", r.get("target", r.get("type", "")))
+        target = r.get("gguf_type") or r.get("mlx") or r.get("target") or r.get("type", "")
         t.add_row(name, str(fmt), str(target), "yes" if r.get("exact", True) else "no")
     _console().print(t)
     return 0

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# Embeddings of the 4-bit recipes: int8 in blocks of 32 with fp16 scales, exactly Q8_0 / MLX
+# affine 8-bit, so the packages export to GGUF and MLX without refusals
+_EMB8 = {"format": "int8", "block_size": 32, "scale_dtype": "fp16"}
+
 BUILTIN: dict[str, dict] = {
     # int8 per output channel loses ~3% top-1 agreement on SmolLM2 (its rows carry outliers);
     # blocks of 32 keep it near-lossless. int8-fast trades that for the CPU int8 matmul kernel.
@@ -22,7 +26,7 @@ BUILTIN: dict[str, dict] = {
         "name": "int4",
         "description": "int4 blocks of 32, fp16 scales; embeddings int8",
         "global": "int4",
-        "types": {"Embedding": "int8"},
+        "types": {"Embedding": _EMB8},
         "weight_threshold": 1024,
         "divisibility": "pad",
     },
@@ -30,7 +34,7 @@ BUILTIN: dict[str, dict] = {
         "name": "w4-mx",
         "description": "int4 with an E8M0 power-of-two scale per 32 (int4-e8m0); embeddings int8",
         "global": "int4-e8m0",
-        "types": {"Embedding": "int8"},
+        "types": {"Embedding": _EMB8},
         "weight_threshold": 1024,
         "divisibility": "pad",
     },
@@ -38,7 +42,7 @@ BUILTIN: dict[str, dict] = {
         "name": "mxfp4",
         "description": "OCP MXFP4 (E2M1 + E8M0 per 32); embeddings int8",
         "global": "mxfp4",
-        "types": {"Embedding": "int8"},
+        "types": {"Embedding": _EMB8},
         "weight_threshold": 1024,
         "divisibility": "pad",
     },
@@ -46,7 +50,7 @@ BUILTIN: dict[str, dict] = {
         "name": "lut4",
         "description": "4-bit k-means palettes, one LUT per 16 output channels; embeddings int8",
         "global": {"format": "lut4", "group_size": 16},
-        "types": {"Embedding": "int8"},
+        "types": {"Embedding": _EMB8},
         "weight_threshold": 1024,
     },
     "gguf-q4_0": {
