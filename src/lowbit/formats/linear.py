@@ -68,8 +68,10 @@ def decode(planes: dict[str, torch.Tensor], fmt: Format, rows: int, cols: int) -
     s = scales.decode_scale(planes["scale"], fmt.scale_dtype).unsqueeze(-1)
     if fmt.zero == "float":
         w = codes.to(torch.float32) * s + scales.decode_float(planes["zero"]).unsqueeze(-1)
-    else:
-        w = codes_to_signed(codes, bits).to(torch.float32) * s
+    elif bits == 8:
+        w = codes.view(torch.int8).to(torch.float32) * s
+    else:  # offset binary: one float conversion, then subtract (exact for these small integers)
+        w = (codes.to(torch.float32) - float(1 << (bits - 1))) * s
     return w.reshape(rows, cols)
 
 

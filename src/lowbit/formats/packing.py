@@ -66,6 +66,11 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     _check_bits(bits)
     if bits == 8:
         return packed[..., :n]
+    if bits in (1, 2, 4):  # whole codes per byte: shift the uint8 bytes directly (the hot decode path)
+        per_byte = 8 // bits
+        mask = (1 << bits) - 1
+        parts = [(packed >> (i * bits)) & mask for i in range(per_byte)]
+        return torch.stack(parts, dim=-1).reshape(*packed.shape[:-1], -1)[..., :n]
     g = group_codes(bits)
     nbytes = g * bits // 8
     p = packed.to(torch.int64).reshape(*packed.shape[:-1], -1, nbytes)
