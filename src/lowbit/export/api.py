@@ -23,7 +23,9 @@ class _LogitsOnly(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, use_cache=False)
+        # an explicit all-ones mask keeps transformers off its packed-sequence detection (torch.diff,
+        # which coremltools cannot convert)
+        out = self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False)
         return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
