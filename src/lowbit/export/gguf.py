@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from ..formats import Format, QTensor
+from .common import refusal
 from ..formats.packing import unpack
 
 QK = 32  # llama.cpp's block size for Q8_0 / Q4_0 / Q4_1 / MXFP4
@@ -73,18 +74,8 @@ def gguf_type_of(fmt: Format) -> str | None:
     return None
 
 
-def _describe(fmt: Format) -> str:
-    bs = "per channel" if fmt.block_size is None else f"block_size={fmt.block_size}"
-    zero = ", float zero" if fmt.zero == "float" else ""
-    return f"{fmt.family}/{fmt.element}, {bs}, {fmt.scale_dtype} scale{zero}"
-
-
 def _refuse(name: str, fmt: Format, why: str) -> ValueError:
-    return ValueError(
-        f"layer {name!r}: lowbit format {fmt.name!r} ({_describe(fmt)}) cannot be exported to GGUF "
-        f"exactly: {why}. Formats that export exactly (no re-quantization): {', '.join(EXACT_PRESETS)}; "
-        "re-quantize this layer with one of them, or keep it float (recipe format 'none')"
-    )
+    return refusal("GGUF", name, fmt, why, EXACT_PRESETS)
 
 
 def qtensor_to_gguf_bytes(qt: QTensor, name: str = "tensor") -> tuple[np.ndarray, Any]:

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from ..formats import Format, QTensor
+from .common import refusal
 
 AFFINE_GROUP_SIZES = (32, 64, 128)
 AFFINE_BITS = (2, 3, 4, 6, 8)
@@ -53,18 +54,8 @@ EXACT_FORMATS: tuple[str, ...] = (
 )
 
 
-def _describe(fmt: Format) -> str:
-    bs = "per channel" if fmt.block_size is None else f"block_size={fmt.block_size}"
-    zero = ", float zero" if fmt.zero == "float" else ""
-    return f"{fmt.family}/{fmt.element}, {bs}, {fmt.scale_dtype} scale{zero}"
-
-
 def _refuse(name: str, fmt: Format, why: str) -> ValueError:
-    return ValueError(
-        f"layer {name!r}: lowbit format {fmt.name!r} ({_describe(fmt)}) cannot be exported to MLX "
-        f"exactly: {why}. Formats that export exactly (no re-quantization): {', '.join(EXACT_FORMATS)}; "
-        "re-quantize this layer with one of them, or keep it float (recipe format 'none')"
-    )
+    return refusal("MLX", name, fmt, why, EXACT_FORMATS)
 
 
 def mlx_params_of(fmt: Format) -> dict[str, Any] | None:
