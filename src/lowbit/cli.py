@@ -128,6 +128,11 @@ def cmd_run(args) -> int:
     except ThresholdError as e:
         print(f"lowbit run: validation failed: {e}", file=sys.stderr)
         return 3
+    from .quantize import QuantReport
+
+    for r in report["runs"]:  # per-layer summary, the lowest weight SQNR first
+        q = r["quantize"]
+        QuantReport(recipe=q["recipe"], layers=q["layers"], skipped=q["skipped"]).print(console, max_rows=args.rows)
     _print_run_summary(console, report)
     return 0
 
@@ -314,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", help="output folder (default out/run-SOURCE): packages, report.json, report.html")
     r.add_argument("--seqs", type=int, default=16, help="evaluation sequences for language models (default 16)")
     r.add_argument("--no-profile", action="store_true", help="skip the speed measurements")
+    r.add_argument("--rows", type=int, default=10, help="layers shown per recipe in the summary (lowest SQNR first)")
 
     v = add("validate", "compare a package with its float source (exit 3 when a threshold fails)", cmd_validate)
     v.add_argument("package")
