@@ -56,20 +56,42 @@ def test_smollm2_q4_0_exports_and_reads_back_exactly(exported):
 
 
 @pytest.mark.slow
-def test_llama_cpp_greedy_generation_matches_lowbit(request):
+def test_llama_cpp_runs_the_export_like_lowbit(request):
+    """llama.cpp (its Python binding) on the exported file vs lowbit's own model on the same tokens.
+
+    llama.cpp multiplies Q4_0 weights by Q8_0-quantized activations, so logits differ slightly:
+    measured here, teacher-forced over 128 held-out tokens, top-1 agreement 95% and logit
+    correlation 0.9993 (min 0.997). Greedy generation must start with the same token wherever
+    lowbit's own choice is not a near tie.
+    """
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp's Python binding (llama-cpp-python) is not installed here")
+    from lowbit.data import builtin_texts, lm_sequences
+
     src, out = request.getfixturevalue("exported")
-    prompt = "The capital of France is"
-    ids = src.tokenizer(prompt, return_tensors="pt")
+    ids = lm_sequences(src.tokenizer, builtin_texts("eval"), seq_len=128, n_seqs=1)[0]
+    llm = llama_cpp.Llama(model_path=out["path"], n_ctx=256, verbose=False, logits_all=True)
+    llm.reset()
+    llm.eval(ids.tolist())
+    theirs = np.array(llm.scores[: len(ids)])
     with torch.no_grad():
-        ours = src.model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=src.tokenizer.eos_token_id)
-    ours = ours[0, ids["input_ids"].shape[1]:].tolist()
-    llm = llama_cpp.Llama(model_path=out["path"], n_ctx=256, verbose=False)
-    tokens = llm.tokenize(prompt.encode(), add_bos=False, special=False)
-    theirs = []
-    for tok in llm.generate(tokens, temp=0.0, top_k=1):
-        theirs.append(tok)
-        if len(theirs) == len(ours):
+        ours = src.model(ids[None]).logits[0].numpy()
+    corr = [np.corrcoef(theirs[i], ours[i])[0, 1] for i in range(len(ids))]
+    assert np.mean(corr) > 0.995 and min(corr) > 0.98
+    assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.9
+
+    # greedy continuation of a held-out prefix, both sides
+    prefix = ids[:32]
+    with torch.no_grad():
+        logits = src.model(prefix[None]).logits[0, -1]
+        gen = src.model.generate(prefix[None], max_new_tokens=8, do_sample=False,
+                                 pad_token_id=src.tokenizer.eos_token_id)[0, 32:].tolist()
+    llm.reset()
+    got = []
+    for tok in llm.generate(prefix.tolist(), temp=0.0, top_k=1):
+        got.append(tok)
+        if len(got) == len(gen):
             break
-    # llama.cpp computes in its own kernels (q8 activations): the first tokens must agree
-    assert theirs[:4] == ours[:4], (theirs, ours)
+    top2 = torch.topk(logits, 2).values
+    if (top2[0] - top2[1]).item() > 0.5:
+        assert got[0] == gen[0], (got, gen)
+    assert len(got) == len(gen)
