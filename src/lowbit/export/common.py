@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
+
+import torch
 
 from ..formats import Format
 
@@ -20,3 +22,16 @@ def refusal(target: str, name: str, fmt: Format, why: str, exact: Iterable[str])
         f"exactly: {why}. Formats that export exactly (no re-quantization): {', '.join(exact)}; "
         "re-quantize this layer with one of them, or keep it float (recipe format 'none')"
     )
+
+
+def same_entry(a: tuple[str, Any], b: tuple[str, Any]) -> bool:
+    """Whether two collected tensors, ("f", float tensor) or ("q", QTensor), hold the same values
+    (used to drop an output head tied to the embedding)."""
+    if a[0] != b[0]:
+        return False
+    if a[0] == "f":
+        return a[1].shape == b[1].shape and torch.equal(a[1].detach().cpu(), b[1].detach().cpu())
+    qa, qb = a[1], b[1]
+    pa, pb = qa.planes, qb.planes
+    return (qa.fmt == qb.fmt and qa.shape == qb.shape and set(pa) == set(pb)
+            and all(torch.equal(pa[k].cpu(), pb[k].cpu()) for k in pa))

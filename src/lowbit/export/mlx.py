@@ -43,6 +43,7 @@ import torch
 
 from ..formats import Format, QTensor
 from .common import refusal
+from .common import same_entry as _same
 
 AFFINE_GROUP_SIZES = (32, 64, 128)
 AFFINE_BITS = (2, 3, 4, 6, 8)
@@ -179,17 +180,6 @@ def _collect(model: torch.nn.Module) -> tuple[dict[str, tuple[str, Any]], dict[s
         for pname, p in mod.named_parameters(recurse=False):
             out[prefix + pname] = ("f", p)
     return out, float_layers
-
-
-def _same(a: tuple[str, Any], b: tuple[str, Any]) -> bool:
-    if a[0] != b[0]:
-        return False
-    if a[0] == "f":
-        return a[1].shape == b[1].shape and torch.equal(a[1].detach().cpu(), b[1].detach().cpu())
-    qa, qb = a[1], b[1]
-    pa, pb = qa.planes, qb.planes
-    return (qa.fmt == qb.fmt and qa.shape == qb.shape and set(pa) == set(pb)
-            and all(torch.equal(pa[k].cpu(), pb[k].cpu()) for k in pa))
 
 
 def export_mlx(model_or_pkg_path: Any, out_dir: str | os.PathLike, *, force: bool = False,
