@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import lowbit
+from tiny_models import tiny_bpe_tokenizer, tiny_llama
 from lowbit.export import export_gguf, qtensor_to_gguf_bytes
 from lowbit.export.gguf import llama_permute_index
 
@@ -82,23 +83,6 @@ def test_padded_rows_are_refused():
 
 
 # -- whole model ---------------------------------------------------------------------------------
-def _tiny_llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                                   tie_word_embeddings=True)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def _tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {chr(ord("a") + i): i for i in range(26)}
-    vocab.update({"ab": 26, "abc": 27})
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b"), ("ab", "c")]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>")
-    return tok
 
 
 def _expected(model) -> dict[str, tuple[np.ndarray, object]]:
@@ -117,10 +101,10 @@ def _expected(model) -> dict[str, tuple[np.ndarray, object]]:
 @pytest.mark.parametrize("recipe,main_type", [({"global": "q4_0"}, T.Q4_0),
                                               ({"global": "int4-asym", "types": {"Embedding": "q8_0"}}, T.Q4_1)])
 def test_export_tiny_llama_roundtrip(tmp_path, recipe, main_type):
-    model = _tiny_llama()
+    model = tiny_llama()
     lowbit.quantize(model, recipe)
     out = tmp_path / "m.gguf"
-    info = export_gguf(model, out, tokenizer=_tiny_tokenizer())
+    info = export_gguf(model, out, tokenizer=tiny_bpe_tokenizer())
     assert out.is_file() and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
     r = gguf.GGUFReader(out)
@@ -174,7 +158,7 @@ def test_export_tiny_llama_roundtrip(tmp_path, recipe, main_type):
 
 
 def test_refusal_names_layer_and_leaves_no_file(tmp_path):
-    model = _tiny_llama()
+    model = tiny_llama()
     lowbit.quantize(model, {"global": "q4_0", "names": {"model.layers.1.mlp.down_proj": "int4-e8m0"}})
     out = tmp_path / "m.gguf"
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj.*int4-e8m0"):
@@ -183,7 +167,7 @@ def test_refusal_names_layer_and_leaves_no_file(tmp_path):
 
 
 def test_overwrite_refused_without_force(tmp_path):
-    model = _tiny_llama()
+    model = tiny_llama()
     lowbit.quantize(model, {"global": "q8_0"})
     out = tmp_path / "m.gguf"
     out.write_bytes(b"keep me")
@@ -196,9 +180,9 @@ def test_overwrite_refused_without_force(tmp_path):
 
 
 def test_export_from_package(tmp_path):
-    model = _tiny_llama()
+    model = tiny_llama()
     lowbit.quantize(model, {"global": "gguf-mxfp4"})
-    pkg = lowbit.save(model, tmp_path / "pkg", tokenizer=_tiny_tokenizer())
+    pkg = lowbit.save(model, tmp_path / "pkg", tokenizer=tiny_bpe_tokenizer())
     info = export_gguf(pkg, tmp_path / "m.gguf")
     r = gguf.GGUFReader(tmp_path / "m.gguf")
     assert info["tokenizer"]["written"]

@@ -13,6 +13,7 @@ except Exception as e:  # pragma: no cover - depends on the platform
     pytest.skip(f"mlx is not importable ({e!r})", allow_module_level=True)
 
 import lowbit
+from tiny_models import tiny_bpe_tokenizer, tiny_llama
 from lowbit.export.mlx import export_mlx, qtensor_to_mlx
 
 transformers = pytest.importorskip("transformers")
@@ -108,31 +109,15 @@ def test_refuses_padded_rows(gen):
 
 
 # -- whole model ---------------------------------------------------------------------------------
-def _tiny_llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                                   tie_word_embeddings=True)
-    return transformers.LlamaForCausalLM(cfg).eval()
 
 
-def _tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {chr(ord("a") + i): i for i in range(26)}
-    vocab.update({"ab": 26, "abc": 27, "<s>": 28, "</s>": 29})
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b"), ("ab", "c")]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>")
-
-
-def test_export_tiny_llama(tmp_path):
+def test_exporttiny_llama(tmp_path):
     from safetensors.numpy import load_file
 
-    model = _tiny_llama()
+    model = tiny_llama()
     lowbit.quantize(model, {"global": "int4-asym", "names": {
         "model.layers.0.self_attn.q_proj": "mxfp4", "model.layers.1.mlp.down_proj": None}})
-    pkg = lowbit.save(model, tmp_path / "pkg", tokenizer=_tiny_tokenizer())
+    pkg = lowbit.save(model, tmp_path / "pkg", tokenizer=tiny_bpe_tokenizer())
     out = tmp_path / "mlx"
     info = export_mlx(pkg, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlx", "pkg"]  # no temp folder left
@@ -159,7 +144,7 @@ def test_export_tiny_llama(tmp_path):
     assert (out / "model.safetensors").is_file() and not (out / "tokenizer.json").exists()
 
     # a refusal leaves nothing behind
-    bad = _tiny_llama()
+    bad = tiny_llama()
     lowbit.quantize(bad, {"global": "int4-asym", "names": {"model.layers.1.mlp.up_proj": "lut4"}})
     with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj"):
         export_mlx(bad, tmp_path / "bad")
@@ -171,11 +156,11 @@ def test_mlx_lm_forward_matches(tmp_path):
     mlx_lm = pytest.importorskip("mlx_lm")
     from mlx_lm.utils import load_model
 
-    model = _tiny_llama()
+    model = tiny_llama()
     lowbit.quantize(model, {"global": "int4-asym", "names": {"model.layers.0.self_attn.q_proj": "mxfp4",
                                                              "model.layers.0.mlp.up_proj": "int4",
                                                              "model.layers.1.mlp.down_proj": None}})
-    pkg = lowbit.save(model, tmp_path / "pkg", tokenizer=_tiny_tokenizer())
+    pkg = lowbit.save(model, tmp_path / "pkg", tokenizer=tiny_bpe_tokenizer())
     export_mlx(pkg, tmp_path / "mlx")
     mlx_model, _ = load_model(tmp_path / "mlx")
     ids = [[1, 5, 9, 27, 3, 200, 17]]
@@ -194,7 +179,7 @@ def test_exact_scales_make_the_file_itself_decode_bit_exactly(tmp_path):
     """With exact_scales=True, mx.dequantize of the arrays *as written in the file* equals lowbit."""
     from safetensors.numpy import load_file
 
-    model = _tiny_llama()
+    model = tiny_llama()
     lowbit.quantize(model, {"global": "int4-asym", "names": {"model.layers.0.mlp.up_proj": "int4",
                                                             "model.layers.1.mlp.up_proj": "mxfp4"}})
     export_mlx(model, tmp_path / "mlx", exact_scales=True)

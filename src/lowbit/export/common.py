@@ -35,3 +35,24 @@ def same_entry(a: tuple[str, Any], b: tuple[str, Any]) -> bool:
     pa, pb = qa.planes, qb.planes
     return (qa.fmt == qb.fmt and qa.shape == qb.shape and set(pa) == set(pb)
             and all(torch.equal(pa[k].cpu(), pb[k].cpu()) for k in pa))
+
+
+def collect(model: torch.nn.Module) -> tuple[dict[str, tuple[str, Any]], dict[str, str]]:
+    """(HF tensor name -> ("q", QTensor) | ("f", float tensor), module path -> type of the Linear /
+    Embedding layers kept float). Quantized modules contribute their QTensor once as `.weight`."""
+    from ..nn.modules import QuantLinear, _QuantWeight
+
+    out: dict[str, tuple[str, Any]] = {}
+    float_layers: dict[str, str] = {}
+    for mname, mod in model.named_modules():
+        prefix = f"{mname}." if mname else ""
+        if isinstance(mod, _QuantWeight):
+            out[prefix + "weight"] = ("q", mod.qweight)
+            if isinstance(mod, QuantLinear) and mod.bias is not None:
+                out[prefix + "bias"] = ("f", mod.bias)
+            continue
+        if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)) and mname:
+            float_layers[mname] = type(mod).__name__
+        for pname, p in mod.named_parameters(recurse=False):
+            out[prefix + pname] = ("f", p)
+    return out, float_layers

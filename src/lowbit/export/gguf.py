@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from ..formats import Format, QTensor
-from .common import refusal
+from .common import collect, refusal
 from .common import same_entry as _same
 from ..formats.packing import unpack
 
@@ -179,19 +179,7 @@ def _config_value(cfg: Any, *names: str, default: Any = None) -> Any:
 
 def _collect(model: torch.nn.Module) -> dict[str, tuple[str, Any]]:
     """HF tensor name -> ("q", QTensor) or ("f", float tensor)."""
-    from ..nn.modules import QuantLinear, _QuantWeight
-
-    out: dict[str, tuple[str, Any]] = {}
-    for mname, mod in model.named_modules():
-        prefix = f"{mname}." if mname else ""
-        if isinstance(mod, _QuantWeight):
-            out[prefix + "weight"] = ("q", mod.qweight)
-            if isinstance(mod, QuantLinear) and mod.bias is not None:
-                out[prefix + "bias"] = ("f", mod.bias)
-            continue
-        for pname, p in mod.named_parameters(recurse=False):
-            out[prefix + pname] = ("f", p)
-    return out
+    return collect(model)[0]
 
 
 def export_gguf(

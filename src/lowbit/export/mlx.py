@@ -43,6 +43,7 @@ import torch
 
 from ..formats import Format, QTensor
 from .common import refusal
+from .common import collect as _collect
 from .common import same_entry as _same
 
 AFFINE_GROUP_SIZES = (32, 64, 128)
@@ -162,26 +163,6 @@ def qtensor_to_mlx(qt: QTensor, name: str = "tensor", exact_scales: bool = False
 # ==============================================================================================
 # model export
 # ==============================================================================================
-def _collect(model: torch.nn.Module) -> tuple[dict[str, tuple[str, Any]], dict[str, str]]:
-    """(HF tensor name -> ("q", QTensor) | ("f", tensor), module path -> kind of quantizable float module)."""
-    from ..nn.modules import QuantLinear, _QuantWeight
-
-    out: dict[str, tuple[str, Any]] = {}
-    float_layers: dict[str, str] = {}
-    for mname, mod in model.named_modules():
-        prefix = f"{mname}." if mname else ""
-        if isinstance(mod, _QuantWeight):
-            out[prefix + "weight"] = ("q", mod.qweight)
-            if isinstance(mod, QuantLinear) and mod.bias is not None:
-                out[prefix + "bias"] = ("f", mod.bias)
-            continue
-        if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)) and mname:
-            float_layers[mname] = type(mod).__name__
-        for pname, p in mod.named_parameters(recurse=False):
-            out[prefix + pname] = ("f", p)
-    return out, float_layers
-
-
 def export_mlx(model_or_pkg_path: Any, out_dir: str | os.PathLike, *, force: bool = False,
                exact_scales: bool = False) -> dict[str, Any]:
     """Write a quantized Hugging Face causal LM (or a lowbit package folder) as an mlx-lm folder.
