@@ -80,7 +80,9 @@ def sqnr_db(w: torch.Tensor, w_hat: torch.Tensor) -> float:
     return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
-def quantize(model: nn.Module, recipe: "str | dict | Recipe" = "int8", *, progress: bool = True) -> QuantReport:
+def quantize(model: nn.Module, recipe: "str | dict | Recipe" = "int8", *, progress: bool = True,
+             calibration: list[dict[str, torch.Tensor]] | None = None,
+             state_dir: "str | None" = None) -> QuantReport:
     """Quantize `model` in place with `recipe`; returns the per-layer `QuantReport`.
 
     Args:
@@ -88,6 +90,11 @@ def quantize(model: nn.Module, recipe: "str | dict | Recipe" = "int8", *, progre
             transformers' `Conv1D` are swapped for `QuantLinear` / `QuantEmbedding`.
         recipe: a built-in name (`lowbit recipes`), a TOML path, a dict or a `Recipe`.
         progress: show a progress bar.
+        calibration: model inputs (a list of dicts such as {"input_ids": ...}) for calibration-aware
+            algorithms (recipe `[algorithm]`: gptq, awq, awq+gptq, kmeans; clip uses them when given).
+            Layers inside the model's blocks are then quantized block by block (algorithms/calibrate.py).
+        state_dir: with calibration, write resumable state here after every block; an interrupted
+            run called again with the same arguments resumes after the last finished block.
 
     Example:
         >>> import torch, lowbit
@@ -145,7 +152,28 @@ def quantize(model: nn.Module, recipe: "str | dict | Recipe" = "int8", *, progre
             "for LUT groups choose a group_size dividing the rows; or give these layers their own config in [names]"
         )
 
-    # 2. quantize and swap
+    # 2. calibration-aware algorithms: block by block on the calibration data
+    from .algorithms.layer import NEEDS_DATA, quantize_weight
+
+    algos = {p[0]: recipe.algorithm_for(p[0]) for p in plan if p[3] is not None}
+    pre: dict[str, QTensor] = {}
+    notes: dict[str, str] = {}
+    wants = {n for n, a in algos.items() if a in NEEDS_DATA or (a == "clip" and calibration is not None)}
+    if wants and calibration is None and any(algos[n] in NEEDS_DATA for n in wants):
+        raise RecipeError(
+            f"recipe {recipe.name!r}: algorithm {sorted({algos[n] for n in wants} & NEEDS_DATA)} needs calibration data; "
+            "pass calibration=[{'input_ids': ...}, ...] to lowbit.quantize (the lowbit CLI uses the built-in corpus), "
+            "or choose algorithm 'rtn' / 'clip' (data-free)")
+    if wants and calibration is not None:
+        from .algorithms.calibrate import calibrate
+
+        cplan = {name: (fmt, pad) for name, mod, mtype, fmt, pad, tied in plan
+                 if name in wants and tied is None and mtype in ("Linear", "Conv1D")}
+        res = calibrate(model, cplan, list(calibration), recipe.algorithm_for, recipe.algorithm,
+                        state_dir=state_dir, progress=progress)
+        pre, notes = res.qtensors, res.notes
+
+    # 3. quantize and swap
     done: dict[str, tuple[QTensor, nn.Module]] = {}
     iterator = plan
     if progress:
@@ -165,8 +193,15 @@ def quantize(model: nn.Module, recipe: "str | dict | Recipe" = "int8", *, progre
             continue
         w = mod.weight.detach()
         w2 = w.t() if mtype == "Conv1D" else w
+        alg = algos.get(name, "rtn")
         try:
-            qt = quantize_tensor(w2, fmt, pad=pad, name=name)
+            if name in pre:
+                qt = pre[name]
+            elif alg in NEEDS_DATA or alg == "clip":  # outside the calibrated blocks: data-free clip search
+                qt = quantize_weight(w2, fmt, "clip", None, pad=pad, name=name)
+                notes[name] = f"{alg} needs calibrated inputs; outside the blocks: clip (data-free)" if alg != "clip" else "clip (data-free)"
+            else:
+                qt = quantize_tensor(w2, fmt, pad=pad, name=name)
         except NonFiniteError:
             if recipe.nan_policy == "keep":
                 report.skipped.append({"name": name, "type": mtype, "shape": list(w2.shape),
@@ -179,7 +214,7 @@ def quantize(model: nn.Module, recipe: "str | dict | Recipe" = "int8", *, progre
             "bits_per_weight": round(qt.bits_per_weight, 4),
             "bytes_before": w.numel() * w.element_size(), "bytes_after": qt.nbytes,
             "sqnr_db": round(sqnr_db(w2.float(), w_hat), 2), "max_abs": float(w2.abs().max()) if w2.numel() else 0.0,
-            "tied_to": None,
+            "tied_to": None, "algorithm": notes.get(name, alg),
         })
         new = _build(mod, mtype, qt, name)
         _swap(model, name, new)

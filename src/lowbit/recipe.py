@@ -25,7 +25,10 @@ TOML example (`lowbit quantize smollm2 -r my.toml -o out/`):
     format = "none"                  # (no error when the model has no such layer)
 
     [algorithm]
-    name = "rtn"
+    name = "gptq"                    # rtn | clip | gptq | awq | awq+gptq | kmeans (palettes)
+    damp = 0.01                      # options: damp, act_order, clip, block, samples, seq_len
+    [algorithm.names]
+    "model.layers.0.*" = "rtn"       # per-layer algorithm (exact name or glob)
 
     [validate]
     max_delta_ppl = 1.0              # percent of the float model's perplexity
@@ -47,7 +50,9 @@ from .formats.presets import resolve
 MODULE_TYPES = ("Linear", "Embedding", "Conv1D", "Conv1d", "Conv2d")
 TOP_KEYS = {"name", "description", "global", "types", "names", "weight_threshold", "divisibility",
             "nan_policy", "edge_blocks", "edge_format", "algorithm", "validate"}
-ALGORITHMS = ("rtn",)  # calibration-aware algorithms arrive with their own issue
+ALGORITHMS = ("rtn", "clip", "gptq", "awq", "awq+gptq", "kmeans")  # lowbit.algorithms.layer
+ALGORITHM_KEYS = {"name": str, "names": dict, "damp": float, "act_order": bool, "clip": bool, "block": int,
+                  "samples": int, "seq_len": int, "awq_tokens": int}
 VALIDATE_KEYS = {"max_delta_ppl", "max_kl_mean", "max_kl_p99", "min_top1_agreement", "min_cosine_mean",
                  "min_cosine_p1", "min_sqnr_db", "max_mae"}
 _FORMAT_FIELDS = {f.name for f in dataclasses.fields(Format)} - {"name"}
@@ -167,9 +172,7 @@ class Recipe:
         edge_blocks = d.get("edge_blocks", 0)
         if not isinstance(edge_blocks, int) or edge_blocks < 0:
             raise RecipeError(f"recipe: edge_blocks must be an int >= 0, got {edge_blocks!r}")
-        algorithm = dict(d.get("algorithm", {"name": "rtn"}))
-        if algorithm.get("name", "rtn") not in ALGORITHMS:
-            raise RecipeError(f"recipe: algorithm.name={algorithm.get('name')!r}; available now: {list(ALGORITHMS)}")
+        algorithm = _check_algorithm(d.get("algorithm", {"name": "rtn"}))
         validate = dict(d.get("validate", {}))
         bad = set(validate) - VALIDATE_KEYS
         if bad:
@@ -209,6 +212,22 @@ class Recipe:
                     + " (patterns are exact names or globs such as 'model.layers.*.mlp.*')"
                 )
 
+    def algorithm_for(self, name: str) -> str:
+        """The algorithm for layer `name`: [algorithm.names] (exact, then longest glob) > algorithm.name."""
+        per = self.algorithm.get("names", {})
+        if name in per:
+            return per[name]
+        globs = [p for p in per if _matches(p, name)]
+        return per[max(globs, key=len)] if globs else self.algorithm.get("name", "rtn")
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True when some layer's algorithm uses calibration data."""
+        from .algorithms.layer import NEEDS_DATA
+
+        used = {self.algorithm.get("name", "rtn"), *self.algorithm.get("names", {}).values()}
+        return bool(used & NEEDS_DATA)
+
     def config_for(self, name: str, module_type: str, edge: bool = False) -> Format | None:
         """The format for layer `name` of type `module_type` (None = keep float)."""
         for exact in (name, "?" + name):
@@ -222,6 +241,28 @@ class Recipe:
         if module_type in self.types:
             return self.types[module_type]
         return self.global_
+
+
+def _check_algorithm(a: Any) -> dict[str, Any]:
+    if isinstance(a, str):
+        a = {"name": a}
+    if not isinstance(a, dict):
+        raise RecipeError(f"recipe: algorithm must be a name or a table, got {type(a).__name__}")
+    a = dict(a)
+    unknown = set(a) - set(ALGORITHM_KEYS)
+    if unknown:
+        raise RecipeError(f"recipe: algorithm: unknown key(s) {sorted(unknown)}; allowed: {sorted(ALGORITHM_KEYS)}")
+    for k, v in a.items():
+        want = ALGORITHM_KEYS[k]
+        ok = isinstance(v, want) or (want is float and isinstance(v, int) and not isinstance(v, bool))
+        if not ok or (want is int and isinstance(v, bool)):
+            raise RecipeError(f"recipe: algorithm.{k}={v!r}: expected {want.__name__}")
+    for where, alg in [("algorithm.name", a.get("name", "rtn"))] + [(f"algorithm.names.{k!r}", v) for k, v in a.get("names", {}).items()]:
+        if alg not in ALGORITHMS:
+            close = difflib.get_close_matches(str(alg), ALGORITHMS, n=1)
+            raise RecipeError(f"recipe: {where}={alg!r}; available: {list(ALGORITHMS)}"
+                              + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return a
 
 
 def _matches(pattern: str, name: str) -> bool:

@@ -1,0 +1,365 @@
+"""Sequential calibration: quantize a transformer block by block on the activations it really sees.
+
+    inputs_0 = what the model feeds its first block (captured once, with the block's kwargs:
+               rotary tables, masks, ...)
+    for each block i:
+        1. run the float block on inputs_i, collecting per linear the inputs' second moment
+           H = E[x x^T] (GPTQ, clip and k-means importance) and a sample of inputs (AWQ)
+        2. AWQ (if asked): search per-channel scales, fold them into the producing op
+        3. quantize each planned linear of the block with its algorithm
+        4. run the block again with the quantized weights: its outputs are inputs_{i+1}
+        5. write the state (planes so far, folded tensors, inputs_{i+1}) atomically, if a state
+           directory is given, so an interrupted run resumes after the last finished block
+
+Only one block's activations (the inputs for all calibration batches, plus one layer's
+statistics at a time) are held in memory. Layers outside the blocks (embeddings, lm_head, pooler)
+get round-to-nearest by the caller.
+
+Example:
+    >>> # used through lowbit.quantize(model, {"global": "int4", "algorithm": {"name": "gptq"}},
+    >>> #                               calibration=batches)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..formats import QTensor
+from ..formats.format import Format
+from . import awq as awq_mod
+from .layer import quantize_weight
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class LayerStats:
+    """Calibration statistics of one linear layer's input."""
+    hessian: torch.Tensor  # (K, K) = E[x x^T]
+    sample: torch.Tensor   # (<= n_sample, K) input rows kept for AWQ
+    tokens: int = 0
+
+    @property
+    def importance(self) -> torch.Tensor:
+        return torch.diagonal(self.hessian).clone()
+
+
+@dataclass
+class CalibrationResult:
+    qtensors: dict[str, QTensor] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)  # layer -> what the algorithm did
+    resumed_from: int = 0
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's stack of repeated blocks: the ModuleList holding the most parameters."""
+    best = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 1 and len({type(m) for m in mod}) == 1:
+            n = sum(p.numel() for p in mod.parameters())
+            if best is None or n > best[2]:
+                best = (name, mod, n)
+    if best is None:
+        raise ValueError("calibration: found no stack of repeated blocks (nn.ModuleList) in the model; "
+                         "use algorithm 'rtn' or 'clip' (data-free) for this model")
+    return best[0], best[1]
+
+
+def _weight(mod: nn.Module) -> torch.Tensor:
+    w = mod.weight.detach()
+    return w.t() if type(mod).__name__ == "Conv1D" else w
+
+
+def _set_weight(mod: nn.Module, w: torch.Tensor) -> None:
+    mod.weight.data = (w.t() if type(mod).__name__ == "Conv1D" else w).to(mod.weight.dtype).contiguous()
+
+
+def _capture_inputs(model: nn.Module, block: nn.Module, batches: list[dict[str, torch.Tensor]]) -> list[tuple[tuple, dict]]:
+    """(args, kwargs) the model passes to `block`, per calibration batch."""
+    captured = []
+
+    def hook(_mod, args, kwargs):
+        captured.append((args, kwargs))
+        raise _Stop
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                model(**batch, use_cache=False) if _accepts_use_cache(model) else model(**batch)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    if len(captured) != len(batches):
+        raise RuntimeError("calibration: the model never reached its first block for some batch")
+    return captured
+
+
+def _accepts_use_cache(model: nn.Module) -> bool:
+    cfg = getattr(model, "config", None)
+    return cfg is not None and hasattr(cfg, "use_cache")
+
+
+def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[torch.Tensor]:
+    outs = []
+    for args, kwargs in inputs:
+        y = block(*args, **kwargs)
+        outs.append(y[0] if isinstance(y, (tuple, list)) else y)
+    return outs
+
+
+def _with_hidden(inputs: list[tuple[tuple, dict]], hidden: list[torch.Tensor]) -> list[tuple[tuple, dict]]:
+    out = []
+    for (args, kwargs), h in zip(inputs, hidden):
+        if args:
+            out.append(((h,) + tuple(args[1:]), kwargs))
+        else:
+            out.append(((), {**kwargs, "hidden_states": h}))
+    return out
+
+
+def _collect_stats(block: nn.Module, names: dict[str, nn.Module], inputs, n_sample: int) -> dict[str, LayerStats]:
+    acc: dict[str, list] = {}
+    handles = []
+
+    def make(name):
+        def hook(_mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+            if name not in acc:
+                acc[name] = [torch.zeros(x.shape[1], x.shape[1], device=x.device), 0, []]
+            a = acc[name]
+            a[0].addmm_(x.T, x)
+            a[1] += x.shape[0]
+            kept = sum(t.shape[0] for t in a[2])
+            if kept < n_sample:
+                a[2].append(x[: n_sample - kept].clone())
+        return hook
+
+    for name, mod in names.items():
+        handles.append(mod.register_forward_pre_hook(make(name)))
+    try:
+        _run_block(block, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: LayerStats(h / max(1, c), torch.cat(s), c) for n, (h, c, s) in acc.items()}
+
+
+# AWQ fold rules, relative to a block: (producer, consumers). Only exact folds are listed: the
+# producer's output must feed these consumers and nothing else (so not a post-LN residual).
+_FOLDS = [
+    ("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+    ("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"]),
+    ("mlp.up_proj", ["mlp.down_proj"]),
+    ("self_attn.v_proj", ["self_attn.o_proj"]),
+    ("attention.self.value", ["attention.output.dense"]),  # BERT: value -> attention output
+]
+
+
+def _apply_awq(model, block, prefix, planned, fmts, stats, notes, touched):
+    mods = dict(block.named_modules())
+    for producer, consumers in _FOLDS:
+        if producer not in mods or not all(c in mods for c in consumers):
+            continue
+        full = [prefix + c for c in consumers]
+        if not all(f in planned and f in stats for f in full):
+            continue
+        prod = mods[producer]
+        cons = [mods[c] for c in consumers]
+        tie = gqa = None
+        if isinstance(prod, nn.Linear) and prod.weight.shape[0] != cons[0].weight.shape[1]:
+            cfg = getattr(model, "config", None)
+            hd = getattr(cfg, "head_dim", None) or (cfg.hidden_size // cfg.num_attention_heads if cfg else None)
+            if not hd:
+                continue
+            n_kv = prod.weight.shape[0] // hd
+            rep = cons[0].weight.shape[1] // prod.weight.shape[0]
+            tie, gqa = awq_mod.gqa_tie(n_kv, rep, hd), (n_kv, rep, hd)
+        x = stats[full[0]].sample
+        s = awq_mod.search_scales(x, [_weight(c) for c in cons], [fmts[f] for f in full], tie=tie)
+        if bool((s == 1).all()):
+            for f in full:
+                notes[f] = "awq: no scaling helped (a = 0)"
+            continue
+        awq_mod.fold(prod, cons, s, gqa=gqa)
+        touched.add(prefix + producer)
+        for f in full:
+            touched.add(f)
+            st = stats[f]  # inputs are now x / s: update the statistics exactly
+            inv = (1.0 / s).to(st.hessian.device)
+            st.hessian = st.hessian * inv[:, None] * inv[None, :]
+            st.sample = st.sample * inv
+            notes[f] = f"awq: scaled, folded into {prefix + producer}"
+
+
+def calibrate(model: nn.Module, plan: dict[str, tuple[Format, bool]], batches: list[dict[str, torch.Tensor]],
+              algorithm_for: Callable[[str], str], options: dict[str, Any] | None = None, *,
+              state_dir: str | os.PathLike | None = None, progress: bool = True,
+              fail_after_block: int | None = None) -> CalibrationResult:
+    """Quantize the planned linears inside the model's blocks sequentially (see module doc).
+
+    Args:
+        plan: layer name -> (Format, pad) for the layers to quantize (others are ignored).
+        batches: model inputs (dicts of tensors, e.g. {"input_ids": ...}) for calibration.
+        algorithm_for: layer name -> "rtn" | "clip" | "gptq" | "awq" | "awq+gptq" | "kmeans".
+        options: algorithm options (damp, act_order, clip, block, awq_tokens).
+        state_dir: write resumable state here after each block; resume from it when present.
+        fail_after_block: testing hook: raise after finishing this block (simulates a crash).
+    Returns the QTensors of the layers handled here; the model keeps its float weights (AWQ-folded).
+    """
+    options = dict(options or {})
+    prefix_name, blocks = find_blocks(model)
+    result = CalibrationResult()
+    touched: set[str] = set()
+    state = _State(Path(state_dir), _fingerprint(model, plan, algorithm_for, options, batches)) if state_dir else None
+
+    with torch.no_grad():
+        inputs = _capture_inputs(model, blocks[0], batches)
+        start = 0
+        if state is not None and state.exists():
+            start, hidden, qts, floats, notes = state.load()
+            inputs = _with_hidden(inputs, hidden)
+            params = dict(model.named_parameters())
+            for k, v in floats.items():
+                params[k].data.copy_(v)
+            result.qtensors.update(qts)
+            result.notes.update(notes)
+            result.resumed_from = start
+        bar = _progress(progress, len(blocks) - start, "calibrating blocks")
+        for i in range(start, len(blocks)):
+            block = blocks[i]
+            prefix = f"{prefix_name}.{i}."
+            names = {prefix + n: m for n, m in block.named_modules() if prefix + n in plan}
+            if names:
+                stats = _collect_stats(block, names, inputs, int(options.get("awq_tokens", 4096)))
+                fmts = {n: plan[n][0] for n in names}
+                if any("awq" in algorithm_for(n) for n in names):
+                    awq_names = {n for n in names if "awq" in algorithm_for(n)}
+                    _apply_awq(model, block, prefix, awq_names, fmts, stats, result.notes, touched)
+                originals = {}
+                for n, mod in names.items():
+                    fmt, pad = plan[n]
+                    st = stats.get(n)
+                    qt = quantize_weight(_weight(mod), fmt, algorithm_for(n), st, options, pad=pad, name=n)
+                    result.qtensors[n] = qt
+                    result.notes.setdefault(n, algorithm_for(n))
+                    originals[n] = mod.weight.data
+                    _set_weight(mod, qt.dequantize()[:, : _weight(mod).shape[1]])
+                hidden = _run_block(block, inputs)
+                for n, mod in names.items():  # float weights back (the caller swaps in QuantLinear)
+                    mod.weight.data = originals[n]
+            else:
+                hidden = _run_block(block, inputs)
+            inputs = _with_hidden(inputs, hidden)
+            if state is not None:
+                params = dict(model.named_parameters())
+                floats = {f"{m}.{a}": params[f"{m}.{a}"].detach() for m in touched for a in ("weight", "bias")
+                          if f"{m}.{a}" in params}
+                state.save(i + 1, hidden, result.qtensors, floats, result.notes)
+            bar.advance()
+            if fail_after_block is not None and i == fail_after_block:
+                raise RuntimeError(f"injected failure after block {i}")
+        bar.close()
+    return result
+
+
+class _progress:
+    def __init__(self, enabled: bool, total: int, what: str):
+        self.p = None
+        if enabled and total > 0:
+            from rich.progress import Progress
+
+            self.p = Progress(transient=True)
+            self.p.start()
+            self.task = self.p.add_task(what, total=total)
+
+    def advance(self):
+        if self.p:
+            self.p.advance(self.task)
+
+    def close(self):
+        if self.p:
+            self.p.stop()
+
+
+def _fingerprint(model, plan, algorithm_for, options, batches) -> str:
+    h = hashlib.sha256()
+    for n in sorted(plan):
+        h.update(f"{n}:{plan[n][0].to_dict()}:{plan[n][1]}:{algorithm_for(n)};".encode())
+    h.update(json.dumps(options, sort_keys=True, default=str).encode())
+    for b in batches:
+        for k in sorted(b):
+            t = b[k]
+            h.update(f"{k}{tuple(t.shape)}".encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    for n, p in list(model.named_parameters())[:4]:  # cheap identity of the weights
+        h.update(n.encode())
+        h.update(p.detach().float().cpu().reshape(-1)[:1024].numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+class _State:
+    """Resumable state: ONE safetensors file (planes, folded floats, next block's inputs, and the
+    JSON metadata in its header), replaced atomically (temp file + rename) after each block, and
+    checked against a fingerprint of model, plan, options and calibration data before use."""
+
+    def __init__(self, root: Path, fingerprint: str):
+        self.root = root
+        self.fp = fingerprint
+        self.path = root / "calibration-state.safetensors"
+
+    def _meta(self) -> dict:
+        from ..safetensors_io import read_header
+
+        header, _ = read_header(self.path)
+        return json.loads(header.get("__metadata__", {}).get("lowbit_calibration", "{}"))
+
+    def exists(self) -> bool:
+        if not self.path.exists():
+            return False
+        if self._meta().get("fingerprint") != self.fp:
+            raise ValueError(f"calibration state {self.path} belongs to another model, recipe or calibration "
+                             "data; delete it or choose another state directory")
+        return True
+
+    def save(self, next_block, hidden, qts, floats, notes):
+        from ..safetensors_io import write
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        tensors, layers = {}, {}
+        for n, qt in qts.items():
+            layers[n] = {"format": qt.fmt.to_dict(), "shape": list(qt.shape), "planes": list(qt.planes)}
+            for p, t in qt.planes.items():
+                tensors[f"q::{n}::{p}"] = t
+        for k, v in floats.items():
+            tensors[f"f::{k}"] = v
+        for j, h in enumerate(hidden):
+            tensors[f"h::{j}"] = h
+        meta = {"fingerprint": self.fp, "next_block": next_block, "layers": layers, "notes": notes,
+                "floats": sorted(floats), "batches": len(hidden)}
+        tmp = self.path.with_suffix(".tmp")
+        write(tmp, tensors, metadata={"lowbit_calibration": json.dumps(meta)})
+        os.replace(tmp, self.path)  # a crash leaves the previous state whole
+
+    def load(self):
+        from ..formats import Format as F
+        from ..safetensors_io import open_mmap
+
+        meta = self._meta()
+        t = {k: v.clone() for k, v in open_mmap(self.path).items()}
+        qts = {n: QTensor({p: t[f"q::{n}::{p}"] for p in spec["planes"]}, F.from_dict(spec["format"]), tuple(spec["shape"]))
+               for n, spec in meta["layers"].items()}
+        floats = {k: t[f"f::{k}"] for k in meta["floats"]}
+        hidden = [t[f"h::{j}"] for j in range(meta["batches"])]
+        return meta["next_block"], hidden, qts, floats, meta["notes"]

@@ -1,0 +1,203 @@
+"""Calibration-aware algorithms (issue 7): grids, clip search, GPTQ, AWQ folds, sequential
+calibration with resume. Small sizes; references are round-to-nearest and exact float algebra."""
+
+import copy
+
+import pytest
+import torch
+
+from lowbit.algorithms.assemble import from_codes
+from lowbit.algorithms.awq import fold, gqa_tie, search_scales
+from lowbit.algorithms.clip import clip_search
+from lowbit.algorithms.gptq import gptq
+from lowbit.algorithms.grid import code_grid, encode_params, nearest_codes
+from lowbit.algorithms.layer import quantize_weight
+from lowbit.formats import quantize_tensor
+from lowbit.formats.presets import resolve
+from lowbit.quantize import quantize
+from lowbit.recipe import Recipe, RecipeError
+from tiny_models import tiny_llama
+
+
+def _correlated(gen, n=1024, k=128):
+    mix = torch.randn(k, k, generator=gen) / k ** 0.5
+    scale = torch.rand(k, generator=gen) * 3 + 0.1
+    return (torch.randn(n, k, generator=gen) @ mix) * scale + 0.05 * torch.randn(n, k, generator=gen)
+
+
+def _out_err(x, w, qt):
+    return float(((x @ (qt.dequantize() - w).T) ** 2).sum())
+
+
+@pytest.mark.parametrize("name", ["int4", "int4-asym", "int8", "int4-e8m0", "int2-e8m0", "mxfp4", "mxfp8-e4m3", "q4_0",
+                                  "q8_0", "q4_1", "gguf-mxfp4"])
+def test_grid_nearest_equals_round_to_nearest(gen, name):
+    """Codes picked from the decoded grid with the encoder's scales reproduce RTN exactly; llama.cpp's
+    q4_0 / q4_1 / q8_0 round with the fp32 scale before it is stored in fp16, so there the grid pick
+    is only never farther from w than llama.cpp's."""
+    fmt = resolve(name)
+    w = torch.randn(24, 96, generator=gen)
+    b = fmt.block_size or 96
+    params, codes = [], []
+    for j in range(0, 96, b):
+        p = encode_params(w[:, j:j + b], fmt)
+        grid, ok = code_grid(p, fmt, 24)
+        params.append(p)
+        codes.append(nearest_codes(w[:, j:j + b], grid, ok))
+    qt = from_codes(torch.cat(codes, 1), params, fmt, (24, 96))
+    rtn = quantize_tensor(w, fmt).dequantize()
+    if name in ("q4_0", "q8_0", "q4_1"):
+        assert bool(((qt.dequantize() - w).abs() <= (rtn - w).abs()).all())
+    else:
+        assert torch.equal(qt.dequantize(), rtn)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int4-e8m0", "mxfp4", "lut4", "int3-b64"])
+def test_gptq_beats_rtn_on_correlated_inputs(gen, fmt):
+    fmt = resolve("int4", element="int3", block_size=64) if fmt == "int3-b64" else resolve(fmt)
+    x = _correlated(gen)
+    w = torch.randn(48, 128, generator=gen)
+    H = x.T @ x / len(x)
+    rtn = quantize_tensor(w, fmt)
+    q = gptq(w, H, fmt)
+    assert q.planes.keys() == rtn.planes.keys()
+    assert all(q.planes[k].shape == rtn.planes[k].shape for k in q.planes)
+    assert _out_err(x, w, q) < 0.75 * _out_err(x, w, rtn)
+    q2 = gptq(w, H, fmt, act_order=True)
+    assert _out_err(x, w, q2) < 0.85 * _out_err(x, w, rtn)
+
+
+def test_gptq_pads_columns_not_divisible_by_block(gen):
+    x = _correlated(gen, k=80)
+    w = torch.randn(16, 80, generator=gen)
+    st = type("S", (), {"hessian": x.T @ x / len(x), "importance": torch.diagonal(x.T @ x / len(x))})()
+    q = quantize_weight(w, "int4", "gptq", st, pad=True)
+    assert q.shape == (16, 80) and q.dequantize().shape == (16, 80)
+    assert _out_err(x, w, q) < _out_err(x, w, quantize_tensor(w, "int4", pad=True))
+    with pytest.raises(ValueError, match="not divisible"):
+        quantize_weight(w, "int4", "gptq", st)
+
+
+def test_clip_search_never_worse_and_helps_outliers(gen):
+    w = torch.randn(32, 128, generator=gen)
+    w[torch.arange(32), torch.randint(0, 128, (32,), generator=gen)] *= 12  # one outlier per row
+    for name in ["int4", "int4-asym", "int4-e8m0", "mxfp4", "q4_0"]:
+        rtn_err = float(((quantize_tensor(w, name).dequantize() - w) ** 2).sum())
+        clip_err = float(((clip_search(w, name).dequantize() - w) ** 2).sum())
+        assert clip_err <= rtn_err, name
+    g = torch.randn(64, 256, generator=gen)  # Gaussian blocks: clipping the tails pays at 4 bits
+    assert float(((clip_search(g, "int4").dequantize() - g) ** 2).sum()) < 0.97 * float(((quantize_tensor(g, "int4").dequantize() - g) ** 2).sum())
+    with pytest.raises(ValueError, match="palette"):
+        clip_search(w, "lut4")
+
+
+def test_weighted_kmeans_lowers_weighted_error(gen):
+    w = torch.randn(32, 64, generator=gen)
+    w[:, :16] *= 0.1  # small-valued columns that the inputs make important
+    imp = torch.ones(64)
+    imp[:16] = 100.0
+    st = type("S", (), {"importance": imp, "hessian": torch.diag(imp)})()
+    plain = quantize_tensor(w, "lut3")
+    weighted = quantize_weight(w, "lut3", "kmeans", st)
+    werr = lambda q: float((((q.dequantize() - w) ** 2) * imp).sum())
+    assert werr(weighted) < 0.9 * werr(plain)
+    with pytest.raises(ValueError, match="palettes"):
+        quantize_weight(w, "int4", "kmeans", st)
+
+
+def test_awq_scales_fold_exactly_llama():
+    """Folding AWQ scales (norm -> q/k/v, norm -> gate/up, up -> down, GQA v -> o) leaves the float
+    model's output unchanged."""
+    torch.manual_seed(0)
+    m = tiny_llama().float()
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        ref = m(ids).logits
+        layer = m.model.layers[0]
+        attn, mlp = layer.self_attn, layer.mlp
+        s = torch.rand(64) + 0.5
+        fold(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], s)
+        fold(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], torch.rand(64) + 0.5)
+        fold(mlp.up_proj, [mlp.down_proj], torch.rand(128) + 0.5)
+        hd = 16
+        so = gqa_tie(2, 2, hd)(torch.rand(64) + 0.5)
+        fold(attn.v_proj, [attn.o_proj], so, gqa=(2, 2, hd))
+        out = m(ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_awq_search_prefers_scaling_for_uneven_channels(gen):
+    x = torch.randn(512, 64, generator=gen) * torch.linspace(0.05, 6, 64)
+    w = torch.randn(32, 64, generator=gen)
+    s = search_scales(x, [w], ["int4"])
+    wq = quantize_tensor(w * s, "int4").dequantize() / s
+    err = lambda wh: float(((x @ (wh - w).T) ** 2).mean())
+    assert err(wq) <= err(quantize_tensor(w, "int4").dequantize())
+
+
+def _batches():
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 256, (8, 24), generator=g)
+    return [{"input_ids": ids[i:i + 4]} for i in range(0, 8, 4)]
+
+
+def test_calibrated_quantize_lowers_kl_and_reports_algorithm():
+    m = tiny_llama().float()
+    ev = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = m(ev).logits.log_softmax(-1)
+    kls = {}
+    for alg in ["rtn", "gptq", "awq+gptq"]:
+        q = copy.deepcopy(m)
+        rep = quantize(q, {"global": "int4", "types": {"Embedding": "none"}, "algorithm": alg},
+                       calibration=_batches(), progress=False)
+        with torch.no_grad():
+            out = q(ev).logits.log_softmax(-1)
+        kls[alg] = float((ref.exp() * (ref - out)).sum(-1).mean())
+        inside = [r for r in rep.layers if ".layers." in r["name"]]
+        assert all(r["algorithm"].startswith(alg.split("+")[0]) or "awq" in r["algorithm"] for r in inside)
+    assert kls["gptq"] < kls["rtn"] and kls["awq+gptq"] < kls["rtn"]
+
+
+def test_calibration_resume_after_failure_gives_same_planes(tmp_path):
+    from lowbit.algorithms.calibrate import calibrate
+
+    def run(state_dir=None, fail=None):
+        m = tiny_llama().float()
+        plan = {n: (resolve("int4"), False) for n, mod in m.named_modules()
+                if isinstance(mod, torch.nn.Linear) and ".layers." in n}
+        return m, calibrate(m, plan, _batches(), lambda n: "awq+gptq", {}, state_dir=state_dir,
+                            progress=False, fail_after_block=fail)
+
+    _, full = run()
+    with pytest.raises(RuntimeError, match="injected failure after block 0"):
+        run(tmp_path, fail=0)
+    m2, resumed = run(tmp_path)
+    assert resumed.resumed_from == 1
+    assert full.qtensors.keys() == resumed.qtensors.keys()
+    for n, qt in full.qtensors.items():
+        for p, t in qt.planes.items():
+            assert torch.equal(t, resumed.qtensors[n].planes[p]), (n, p)
+    # the AWQ folds of the finished block were restored into the model's float weights too
+    m1, _ = run()
+    for (n, p1), (_, p2) in zip(m1.named_parameters(), m2.named_parameters()):
+        assert torch.equal(p1, p2), n
+    # a state from other data is refused, not silently reused
+    with pytest.raises(ValueError, match="belongs to another"):
+        from lowbit.algorithms.calibrate import calibrate as cal
+        m = tiny_llama().float()
+        plan = {n: (resolve("int8"), False) for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear) and ".layers." in n}
+        cal(m, plan, _batches(), lambda n: "gptq", {}, state_dir=tmp_path, progress=False)
+
+
+def test_recipe_algorithm_validation_and_per_layer_choice():
+    r = Recipe.load({"global": "int4", "algorithm": {"name": "gptq", "damp": 0.02, "names": {"*.mlp.*": "rtn"}}})
+    assert r.algorithm_for("model.layers.0.mlp.up_proj") == "rtn"
+    assert r.algorithm_for("model.layers.0.self_attn.q_proj") == "gptq"
+    assert r.needs_calibration
+    with pytest.raises(RecipeError, match="did you mean 'gptq'"):
+        Recipe.load({"global": "int4", "algorithm": "gtpq"})
+    with pytest.raises(RecipeError, match="unknown key"):
+        Recipe.load({"global": "int4", "algorithm": {"name": "gptq", "dampening": 0.1}})
+    with pytest.raises(RecipeError, match="needs calibration data"):
+        quantize(tiny_llama(), {"global": "int4", "algorithm": "gptq"}, progress=False)
