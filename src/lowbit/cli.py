@@ -20,6 +20,8 @@ EXAMPLES = {
     "run": "lowbit run                      # smollm2, recipe int8, report in out/run-smollm2\n  lowbit run minilm -r int8 -r int4 -r lut4",
     "validate": "lowbit validate out/smollm2-int4 --threshold max_delta_ppl=1.0",
     "profile": "lowbit profile out/smollm2-int4 --json prof.json   # later: --compare prof.json",
+    "plan": "lowbit plan smollm2 --candidates int8 int4-e8m0 int2-e8m0 lut4 --target-bits 4.5 -o plan.toml\n"
+            "  lowbit plan minilm --candidates int8 int4 lut4 --min-cosine-p1 0.99 -o plan.toml && lowbit quantize minilm -r plan.toml -o out/m",
     "export": "lowbit quantize smollm2 -r gguf-q4_0 -o out/s && lowbit export out/s --to gguf -o s.gguf --tokenizer-pre smollm",
 }
 
@@ -45,12 +47,48 @@ def cmd_quantize(args) -> int:
     console.print(f"loaded {src.name} ({src.kind}) in {time.perf_counter() - t0:.1f}s")
     for note in src.notes:
         console.print(f"[yellow]note:[/] {note}")
-    report = quantize(src.model, args.recipe, progress=True)
+    from .recipe import Recipe
+
+    recipe = Recipe.load(args.recipe)
+    calibration = None
+    if recipe.needs_calibration or recipe.algorithm.get("name") == "clip":
+        from .planning import calibration_batches
+
+        calibration = calibration_batches(src, n_seqs=int(recipe.algorithm.get("samples", 32)),
+                                          seq_len=int(recipe.algorithm.get("seq_len", 256)))
+        console.print(f"calibration: {len(calibration)} batches from the built-in corpus (calibration split), "
+                      f"algorithm {recipe.algorithm.get('name')}")
+    report = quantize(src.model, recipe, progress=True, calibration=calibration, state_dir=args.state_dir)
     report.print(console)
     path = package.save(src.model, out, force=args.force, tokenizer=src.tokenizer, config_files=src.config_files,
                         source_root=src.source_path if src.config_files else None)
     size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     console.print(f"saved {path} ({size / 1e6:.1f} MB on disk)")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    import json
+
+    from .planning import auto_plan
+
+    console = _console()
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    res = auto_plan(args.source, args.candidates, target_bits=args.target_bits, max_delta_ppl=args.max_delta_ppl,
+                    min_cosine_p1=args.min_cosine_p1, algorithm=args.algorithm, output=out, log=console.print)
+    m = res.validation["metrics"]
+    headline = (f"delta ppl {m['delta_ppl_pct']:.2f}%, top-1 {m['top1_agreement']:.3f}, KL mean {m['kl_mean']:.4f}"
+                if "delta_ppl_pct" in m else f"cosine p1 {m['cosine_p1']:.5f}, mean {m['cosine_mean']:.5f}")
+    counts: dict[str, int] = {}
+    for v in res.recipe["names"].values():
+        label = v if isinstance(v, str) else json.dumps(v)
+        counts[label] = counts.get(label, 0) + 1
+    console.print(f"plan: {res.bits_per_weight:.3f} bits/weight over {len(res.recipe['names'])} Linear layers ("
+                  + ", ".join(f"{n} x {k}" for k, n in counts.items()) + ")")
+    console.print(f"measured after quantizing (held-out data): {headline}")
+    console.print(f"wrote {out} (+ -sensitivity.csv / .png beside it) in {res.seconds['total']:.0f}s")
     return 0
 
 
@@ -299,6 +337,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-r", "--recipe", default="int8", help="built-in name (lowbit recipes) or a .toml file")
     q.add_argument("-o", "--output", required=True, help="package folder to write")
     q.add_argument("--force", action="store_true", help="replace an existing package")
+    q.add_argument("--state-dir", help="calibration-aware recipes: resumable state folder (resume after a crash)")
+
+    pl = add("plan", "sensitivity analysis + automatic mixed precision: writes a recipe (TOML), re-validated", cmd_plan)
+    pl.add_argument("source", help="model source (bundled name, HF folder, .gguf)")
+    pl.add_argument("--candidates", nargs="+", required=True, help="candidate formats (presets), e.g. int8 int4-e8m0 int2-e8m0 lut4")
+    budget = pl.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--target-bits", type=float, help="bits/weight target over the Linear layers (least loss)")
+    budget.add_argument("--max-delta-ppl", type=float, help="language models: perplexity budget in percent (smallest plan)")
+    budget.add_argument("--min-cosine-p1", type=float, help="embedding models: 1st-percentile cosine budget (smallest plan)")
+    pl.add_argument("--algorithm", default="rtn", help="algorithm for the planned recipe (rtn, clip, gptq, awq+gptq, ...)")
+    pl.add_argument("-o", "--output", required=True, help="recipe file to write (.toml)")
+    pl.add_argument("--force", action="store_true", help="replace an existing output")
 
     i = add("inspect", "per-layer table of a package (formats, planes, bits/weight, bytes, SQNR)", cmd_inspect)
     i.add_argument("package")

@@ -85,7 +85,13 @@ def run(source: Any = "smollm2", recipes: list[str] | tuple[str, ...] = ("int8",
         recipe = Recipe.load(name)
         t1 = time.perf_counter()
         quant = copy.deepcopy(base)
-        report = quantize(quant, recipe, progress=progress)
+        calibration = None
+        if recipe.needs_calibration or recipe.algorithm.get("name") == "clip":
+            from .planning import calibration_batches
+
+            calibration = calibration_batches(src, n_seqs=int(recipe.algorithm.get("samples", 32)),
+                                              seq_len=int(recipe.algorithm.get("seq_len", 256)))
+        report = quantize(quant, recipe, progress=progress, calibration=calibration)
         log(f"2. quantize {recipe.name}: {len(report.layers)} layers in {time.perf_counter() - t1:.1f}s")
         pkg = package.save(quant, output / recipe.name, force=True, tokenizer=src.tokenizer,
                            config_files=src.config_files, source_root=src.source_path if src.config_files else None)

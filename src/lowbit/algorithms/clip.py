@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from .._threads import single_thread
 from ..formats import QTensor, registry
 from ..formats.format import Format
 from ..formats.presets import resolve
@@ -43,7 +44,8 @@ def clip_search(w: torch.Tensor, fmt: "str | Format", importance: torch.Tensor |
     `importance`: per input column (cols,) or per element (rows, cols), >= 0.
     """
     fmt = resolve(fmt)
-    planes = clip_planes(w.to(torch.float32), fmt, importance, alphas)
+    with single_thread(w.device, w.numel() <= 1 << 22):
+        planes = clip_planes(w.to(torch.float32), fmt, importance, alphas)
     return QTensor(planes, fmt, tuple(w.shape))
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import torch
 
+from .._threads import single_thread
 from ..formats import QTensor
 from ..formats.format import Format
 from ..formats.presets import resolve
@@ -54,6 +55,11 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, fmt: "str | Format", *, block: 
     Math runs in fp32 on `w`'s device.
     """
     fmt = resolve(fmt)
+    with single_thread(w.device):  # thousands of tiny per-column ops: threads only stall on CPU
+        return _gptq(w, hessian, fmt, block, damp, act_order, clip, alphas)
+
+
+def _gptq(w, hessian, fmt, block, damp, act_order, clip, alphas) -> QTensor:
     W = w.detach().to(torch.float32).clone()
     rows, cols = W.shape
     H = hessian.detach().to(device=W.device, dtype=torch.float32).clone()

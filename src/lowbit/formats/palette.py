@@ -69,6 +69,7 @@ import torch
 
 from . import scales
 from .format import Format
+from .._threads import single_thread
 from .packing import pack, unpack
 
 _HIST_SHIFT = 12  # histogram bin = fp32 order-preserving key >> 12 (sign, exponent, 11 mantissa bits)
@@ -394,24 +395,7 @@ def _dp_init(pts: torch.Tensor, pref: _Prefix, k: int) -> torch.Tensor | None:
     return torch.where(w > 0, s / torch.where(w > 0, w, torch.ones_like(w)), last)
 
 
-@contextlib.contextmanager
-def _single_thread(device: torch.device, small: bool = True):
-    """Run many small ops on one CPU thread (when `small`).
-
-    Small ops (searchsorted on a few hundred queries, (G, K) updates) gain nothing from
-    intra-op threads, but each parallel region can stall for a scheduler slice when the cores
-    are busy (measured: 8 ms instead of 10 us for one searchsorted). Large batches (many LUT
-    groups) keep torch's threads. torch's thread count is process-wide; it is restored on exit.
-    """
-    n = torch.get_num_threads()
-    if device.type != "cpu" or n == 1 or not small:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+_single_thread = single_thread  # shared with the algorithms (lowbit/_threads.py)
 
 
 def _kmeans(pts: torch.Tensor, pref: _Prefix, k: int, iters: int) -> torch.Tensor:
