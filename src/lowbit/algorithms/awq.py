@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .._threads import single_thread
 from ..formats import quantize_tensor
 from ..formats.format import Format
 
@@ -40,6 +41,11 @@ def search_scales(x: torch.Tensor, weights: list[torch.Tensor], fmts: list["str 
     """Per-input-channel scales s (K,) for the layers `weights` (each (rows_i, K)) reading inputs
     `x` (n, K): the s = mean|x|^a, a in {0, 1/grid, ...}, with the least squared output error after
     quantizing each W * s with its format. Returns ones when no a > 0 helps."""
+    with single_thread(x.device, x.numel() <= 1 << 22):
+        return _search(x, weights, fmts, grid, tie)
+
+
+def _search(x, weights, fmts, grid, tie):
     x = x.to(torch.float32)
     ws = [w.detach().to(device=x.device, dtype=torch.float32) for w in weights]
     mean_abs = x.abs().mean(0).clamp(min=1e-8)

@@ -129,12 +129,16 @@ def _with_hidden(inputs: list[tuple[tuple, dict]], hidden: list[torch.Tensor]) -
     return out
 
 
-def _collect_stats(block: nn.Module, names: dict[str, nn.Module], inputs, n_sample: int) -> dict[str, LayerStats]:
+def _collect_stats(block: nn.Module, names: dict[str, nn.Module], inputs, n_sample: int) -> tuple[dict[str, LayerStats], dict[str, int]]:
+    """Per layer: input statistics, and an id of the input tensor it read (layers reading the same
+    tensor, like q/k/v, share an id and so a Hessian)."""
     acc: dict[str, list] = {}
+    source: dict[str, int] = {}
     handles = []
 
     def make(name):
         def hook(_mod, args):
+            source.setdefault(name, args[0].data_ptr())
             x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
             if name not in acc:
                 acc[name] = [torch.zeros(x.shape[1], x.shape[1], device=x.device), 0, []]
@@ -153,7 +157,7 @@ def _collect_stats(block: nn.Module, names: dict[str, nn.Module], inputs, n_samp
     finally:
         for h in handles:
             h.remove()
-    return {n: LayerStats(h / max(1, c), torch.cat(s), c) for n, (h, c, s) in acc.items()}
+    return {n: LayerStats(h / max(1, c), torch.cat(s), c) for n, (h, c, s) in acc.items()}, source
 
 
 # AWQ fold rules, relative to a block: (producer, consumers). Only exact folds are listed: the
@@ -242,18 +246,28 @@ def calibrate(model: nn.Module, plan: dict[str, tuple[Format, bool]], batches: l
             prefix = f"{prefix_name}.{i}."
             names = {prefix + n: m for n, m in block.named_modules() if prefix + n in plan}
             if names:
-                stats = _collect_stats(block, names, inputs, int(options.get("awq_tokens", 4096)))
+                stats, source = _collect_stats(block, names, inputs, int(options.get("awq_tokens", 4096)))
                 fmts = {n: plan[n][0] for n in names}
                 if any("awq" in algorithm_for(n) for n in names):
                     awq_names = {n for n in names if "awq" in algorithm_for(n)}
                     _apply_awq(model, block, prefix, awq_names, fmts, stats, result.notes, touched)
                 originals = {}
+                for group in _stack_groups(names, plan, algorithm_for, source):
+                    n0 = group[0]
+                    fmt, pad = plan[n0]
+                    ws = [_weight(names[n]) for n in group]
+                    # layers reading the same input share H, and GPTQ treats rows independently:
+                    # one stacked sweep quantizes them all (q/k/v, gate/up), row for row the same
+                    qt = quantize_weight(torch.cat(ws) if len(ws) > 1 else ws[0], fmt, algorithm_for(n0), stats.get(n0),
+                                         options, pad=pad, name=" + ".join(group))
+                    r0 = 0
+                    for n, w in zip(group, ws):
+                        part = qt[r0:r0 + w.shape[0]] if len(ws) > 1 else qt
+                        r0 += w.shape[0]
+                        result.qtensors[n] = part
+                        result.notes.setdefault(n, algorithm_for(n))
                 for n, mod in names.items():
-                    fmt, pad = plan[n]
-                    st = stats.get(n)
-                    qt = quantize_weight(_weight(mod), fmt, algorithm_for(n), st, options, pad=pad, name=n)
-                    result.qtensors[n] = qt
-                    result.notes.setdefault(n, algorithm_for(n))
+                    qt = result.qtensors[n]
                     originals[n] = mod.weight.data
                     _set_weight(mod, qt.dequantize()[:, : _weight(mod).shape[1]])
                 hidden = _run_block(block, inputs)
@@ -272,6 +286,20 @@ def calibrate(model: nn.Module, plan: dict[str, tuple[Format, bool]], batches: l
                 raise RuntimeError(f"injected failure after block {i}")
         bar.close()
     return result
+
+
+def _stack_groups(names, plan, algorithm_for, source) -> list[list[str]]:
+    """Layers to quantize in one stacked sweep: same input tensor, format, padding and algorithm
+    (block formats only; a palette's table is per tensor, so palettes are never stacked)."""
+    groups: dict[tuple, list[str]] = {}
+    for n in names:
+        fmt, pad = plan[n]
+        alg = algorithm_for(n)
+        if fmt.family == "lut" or alg == "rtn" or n not in source:
+            groups[("single", n)] = [n]
+        else:
+            groups.setdefault((source[n], fmt, pad, alg), []).append(n)
+    return list(groups.values())
 
 
 class _progress:

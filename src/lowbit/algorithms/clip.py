@@ -31,7 +31,7 @@ from .._threads import single_thread
 from ..formats import QTensor, registry
 from ..formats.format import Format
 from ..formats.presets import resolve
-from .assemble import select_blocks
+from ..formats.packing import pack, unpack
 
 DEFAULT_ALPHAS = tuple(round(1.0 - 0.04 * i, 2) for i in range(13))  # 1.00, 0.96, ..., 0.52
 
@@ -60,22 +60,27 @@ def clip_planes(w: torch.Tensor, fmt: Format, importance: torch.Tensor | None = 
     nb = cols // bsz
     handler = registry.handler(fmt.family)
     imp = _importance(importance, rows, cols, w.device)
-    blocks = w.reshape(rows, nb, bsz)
+    alphas = sorted(set((1.0,) + tuple(alphas)), reverse=True)
+    blocks = w.reshape(1, rows, nb, bsz)
     amax = blocks.abs().amax(-1, keepdim=True)
-    best, best_err = None, None
-    for a in sorted(set((1.0,) + tuple(alphas)), reverse=True):
-        wc = blocks if a == 1.0 else torch.maximum(torch.minimum(blocks, a * amax), -a * amax)
-        planes = handler.encode(wc.reshape(rows, cols).contiguous(), fmt)
-        deq = handler.decode(planes, fmt, rows, cols)
-        err = ((deq - w) ** 2 * imp).reshape(rows, nb, bsz).sum(-1)
-        if best is None:
-            best, best_err = planes, err
-            continue
-        better = err < best_err
-        if bool(better.any()):
-            best = select_blocks(best, planes, better, fmt, cols)
-            best_err = torch.where(better, err, best_err)
-    return best
+    a = torch.tensor(alphas, dtype=torch.float32, device=w.device).reshape(-1, 1, 1, 1)
+    # every candidate clip at once: one encode / decode of (len(alphas) * rows, cols)
+    clipped = torch.maximum(torch.minimum(blocks, a * amax), -a * amax)
+    clipped[0] = blocks[0]  # alpha 1.0 is exactly round-to-nearest
+    n = len(alphas)
+    planes = handler.encode(clipped.reshape(n * rows, cols).contiguous(), fmt)
+    deq = handler.decode(planes, fmt, n * rows, cols).reshape(n, rows, cols)
+    err = ((deq - w) ** 2 * imp).reshape(n, rows, nb, bsz).sum(-1)  # (n, rows, nb)
+    best = err.argmin(0)  # first minimum: ties keep the larger alpha (RTN first)
+    out = {}
+    for k, v in planes.items():
+        if k == "data":
+            codes = unpack(v, fmt.bits, cols).reshape(n, rows, nb, bsz)
+            pick = codes.gather(0, best.reshape(1, rows, nb, 1).expand(1, rows, nb, bsz))[0]
+            out[k] = pack(pick.reshape(rows, cols).contiguous(), fmt.bits)
+        else:
+            out[k] = v.reshape(n, rows, nb).gather(0, best.unsqueeze(0))[0]
+    return out
 
 
 def _importance(importance: torch.Tensor | None, rows: int, cols: int, device) -> torch.Tensor:

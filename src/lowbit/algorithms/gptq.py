@@ -40,7 +40,7 @@ from ..formats.format import Format
 from ..formats.presets import resolve
 from .assemble import from_codes
 from .clip import DEFAULT_ALPHAS, clip_planes
-from .grid import code_grid, encode_params, grid_values, nearest_codes
+from .grid import code_grid, encode_params
 
 
 def gptq(w: torch.Tensor, hessian: torch.Tensor, fmt: "str | Format", *, block: int = 128, damp: float = 0.01,
@@ -112,12 +112,13 @@ def _gptq(w, hessian, fmt, block, damp, act_order, clip, alphas) -> QTensor:
             if params[b] is None:  # entering block b (natural order): fix its scale now
                 params[b] = choose(W1[:, i:i + bsz], importance[col:col + bsz])
             if grids[b] is None:
-                grids[b] = code_grid(params[b], fmt, rows)
-            grid, usable = grids[b]
+                grid, usable = code_grid(params[b], fmt, rows)
+                grids[b] = (grid, torch.where(usable, grid, torch.full_like(grid, float("inf"))))
+            grid, masked = grids[b]
             wcol = W1[:, i:i + 1]
-            c = nearest_codes(wcol, grid, usable)
-            q = grid_values(c, grid)
-            codes[:, orig] = c[:, 0]
+            c = (wcol - masked).abs_().argmin(1, keepdim=True)  # nearest usable grid value per row
+            q = grid.gather(1, c)
+            codes[:, orig] = c[:, 0].to(torch.uint8)
             err = (wcol - q) / U1[i, i]
             W1[:, i:] -= err * U1[i:i + 1, i:]
             E1[:, i:i + 1] = err

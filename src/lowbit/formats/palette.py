@@ -62,7 +62,6 @@ int8 * lut_scale; uniform tables and per-channel scales do not promise re-quanti
 
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple
 
 import torch
