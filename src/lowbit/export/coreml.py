@@ -378,7 +378,10 @@ def layer_table(plan: _Plan) -> dict[str, dict[str, Any]]:
     rows: dict[str, dict[str, Any]] = {}
     for name, mod in plan.quant:
         qt, w = mod.qweight, plan.weights[name]
-        ops = w.op + (" + constexpr_blockwise_shift_scale" if w.post_scale is not None else "")
+        if w.op == "constexpr_blockwise_shift_scale":
+            ops = f"shift_scale {'uint' if 'offset' in w.inputs else 'int'}{w.storage_bits}"
+        else:
+            ops = f"lut_to_dense u{w.storage_bits}" + (" + shift_scale" if w.post_scale is not None else "")
         kind = "gather" if type(mod).__name__ == "QuantEmbedding" else "linear"
         rows[name] = {
             "lowbit_format": qt.fmt.name or f"{qt.fmt.family}/{qt.fmt.element}", "target": f"{ops} -> {kind}",
