@@ -269,8 +269,8 @@ def plan_coreml(model: nn.Module) -> _Plan:
         elif isinstance(mod, (nn.Linear, nn.Embedding)) and name:
             float_layers[name] = type(mod).__name__
     if errors:
-        more = f" (and {len(errors) - 3} more layers)" if len(errors) > 3 else ""
-        raise ValueError(f"{len(errors)} layer(s) cannot be exported to Core ML exactly{more}:\n" + "\n".join(errors[:3]))
+        more = [f"... and {len(errors) - 3} more layers"] if len(errors) > 3 else []
+        raise ValueError(f"{len(errors)} layer(s) cannot be exported to Core ML exactly:\n" + "\n".join(errors[:3] + more))
     return _Plan(quant, weights, float_layers)
 
 
