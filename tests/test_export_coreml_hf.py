@@ -21,6 +21,7 @@ except Exception as e:  # pragma: no cover
 import lowbit
 from lowbit import cli
 from lowbit.export import export
+from lowbit.export.coreml_eval import evaluate_mlpackage
 from lowbit.nn.modules import QuantEmbedding, QuantLinear
 from tiny_models import tiny_llama
 
@@ -99,6 +100,12 @@ def test_llama_int4_exports_exactly(tmp_path):
     assert rb["consumers"]["gather"] == 1 and rb["consumers"]["linear"] == 2 * 7 + 1
     assert len(rb["roots"]) == 2 * 7 + 1
     _check_size(rb, r)
+    # the program read back from disk, evaluated in numpy (coremltools' op definitions), vs lowbit's own model
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(1))
+    got = evaluate_mlpackage(out, {"input_ids": ids.numpy()})["logits"]
+    with torch.no_grad():
+        ref = m(input_ids=ids).logits.numpy()
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
     t = r["tensors"]
     assert t["model.embed_tokens"]["target"] == "shift_scale int8 -> gather"
     assert t["model.layers.0.mlp.down_proj"]["target"] == "shift_scale int4 -> linear"
@@ -123,6 +130,15 @@ def test_bert_lut_and_padding_mask_export_exactly(tmp_path):
     assert r["tensors"]["encoder.layer.0.intermediate.dense"]["target"] == "lut_to_dense u4 -> linear"
     assert r["tensors"]["embeddings.token_type_embeddings"]["lowbit_format"] == "float"
     _check_size(rb, r)
+    ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(1, 16, dtype=torch.long)
+    mask[0, 10:] = 0
+    got = evaluate_mlpackage(out, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    with torch.no_grad():
+        ref = m(input_ids=ids, attention_mask=mask)
+    for k in ("last_hidden_state", "pooler_output"):
+        want = getattr(ref, k).numpy()
+        np.testing.assert_allclose(got[k], want, rtol=0, atol=1e-5 * np.abs(want).max(), err_msg=k)
     spec = ct.models.MLModel(str(out), skip_model_load=True).get_spec()
     assert [i.name for i in spec.description.input] == ["input_ids", "attention_mask"]
     assert [o.name for o in spec.description.output] == ["last_hidden_state", "pooler_output"]
@@ -154,3 +170,56 @@ def test_cli_prints_table_and_refuses_overwrite(tmp_path, capsys):
     assert "model.layers.1.mlp.up_proj" in text and "shift_scale int4" in text and "max |diff|" in text
     assert cli.main(["export", str(pkg), "--to", "coreml", "-o", str(out), "--seq-len", "8"]) == 1
     assert "exists" in capsys.readouterr().err
+
+
+def _bundled(name: str):
+    try:
+        return lowbit.models.load_source(name)
+    except ModuleNotFoundError as e:
+        pytest.skip(f"bundled model not installed: {e}")
+
+
+@pytest.mark.slow
+def test_smollm2_int4_exports_exactly(tmp_path):
+    """The bundled SmolLM2 (real config, 49152 x 576 tied embedding) cut to 4 of its 30 blocks to keep
+    the test short; the full model exports the same way (see README, Deploy)."""
+    src = _bundled("smollm2")
+    model = src.model
+    model.model.layers = model.model.layers[:4]
+    model.config.num_hidden_layers = 4
+    lowbit.quantize(model, "int4", progress=False)
+    out = tmp_path / "smollm2.mlpackage"
+    r = export(model, "coreml", out, seq_len=32)
+    assert r["wrapper_check"]["max_abs_diff"] <= 1e-5 * r["wrapper_check"]["max_abs_ref"]
+    rb = read_back(out, model)
+    assert rb["consumers"]["gather"] == 1 and rb["consumers"]["linear"] == 4 * 7 + 1  # tied head shares the table
+    _check_size(rb, r)
+    # int4 / int8 blocks of 32 with fp16 scales in lowbit; the same codes with fp32 scales in Core ML
+    assert r["size"]["coreml_bits"] - r["size"]["lowbit_bits"] == pytest.approx(0.5)
+    ids = src.tokenizer("Core ML runs this on an iPhone. " * 6, return_tensors="pt").input_ids[:, :32]
+    got = evaluate_mlpackage(out, {"input_ids": ids.numpy()})["logits"]
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.numpy()
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+@pytest.mark.slow
+def test_minilm_int8_exports_exactly(tmp_path):
+    src = _bundled("minilm")
+    model = src.model
+    lowbit.quantize(model, "int8", progress=False)
+    out = tmp_path / "minilm.mlpackage"
+    r = export(model, "coreml", out, seq_len=32)
+    assert r["wrapper_check"]["max_abs_diff"] <= 1e-5 * r["wrapper_check"]["max_abs_ref"]
+    rb = read_back(out, model)
+    assert rb["consumers"]["gather"] == 2 and rb["consumers"]["linear"] == 6 * 6 + 1
+    _check_size(rb, r)
+    # int8 in blocks of 32 with fp16 scales: 8.5 bits in lowbit, 9.0 in Core ML (fp32 scales)
+    assert (r["size"]["lowbit_bits"], r["size"]["coreml_bits"]) == (8.5, 9.0)
+    enc = src.tokenizer("A sentence for the on-device embedding model.", return_tensors="pt",
+                        padding="max_length", max_length=32)
+    got = evaluate_mlpackage(out, {"input_ids": enc.input_ids.numpy(), "attention_mask": enc.attention_mask.numpy()})
+    with torch.no_grad():
+        ref = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state.numpy()
+    np.testing.assert_allclose(got["last_hidden_state"], ref, rtol=0, atol=1e-5 * np.abs(ref).max())
