@@ -108,6 +108,7 @@ def test_llama_int4_exports_exactly(tmp_path):
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
     t = r["tensors"]
     assert t["model.embed_tokens"]["target"] == "shift_scale int8 -> gather"
+    assert t["lm_head"]["target"] == "shift_scale int8 -> linear (tied: model.embed_tokens's table)"
     assert t["model.layers.0.mlp.down_proj"]["target"] == "shift_scale int4 -> linear"
     # Core ML keeps scales in fp32 (an fp16 x int product would round): +0.5 bit per weight at block 32
     assert (t["model.layers.0.mlp.down_proj"]["lowbit_bits"], t["model.layers.0.mlp.down_proj"]["coreml_bits"]) == (4.5, 5.0)
@@ -144,6 +145,25 @@ def test_bert_lut_and_padding_mask_export_exactly(tmp_path):
     assert [o.name for o in spec.description.output] == ["last_hidden_state", "pooler_output"]
 
 
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_other_llama_family_decoders(tmp_path, family):
+    cls = {"mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+           "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[family]
+    torch.manual_seed(0)
+    m = cls[1](cls[0](hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, vocab_size=256)).eval()
+    lowbit.quantize(m, "w4-mx", progress=False)  # int4 with E8M0 scales
+    out = tmp_path / f"{family}.mlpackage"
+    export(m, "coreml", out, seq_len=8)
+    read_back(out, m)
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(2))
+    got = evaluate_mlpackage(out, {"input_ids": ids.numpy()})["logits"]
+    with torch.no_grad():
+        ref = m(input_ids=ids).logits.numpy()
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
 def test_refuses_inexact_formats_and_unsupported_models(tmp_path):
     m = tiny_llama()
     lowbit.quantize(m, "mxfp4", progress=False)
@@ -156,6 +176,8 @@ def test_refuses_inexact_formats_and_unsupported_models(tmp_path):
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100)).eval()
     with pytest.raises(ValueError, match=r"model_type 'gpt2' is not supported \(supported: llama, mistral, qwen2, qwen3, bert\)"):
         export(gpt2, "coreml", out, seq_len=8)
+    with pytest.raises(ValueError, match="seq_len 65 exceeds the model's max_position_embeddings 64"):
+        export(tiny_bert(), "coreml", out, seq_len=65)
     with pytest.raises(ValueError, match="iOS18"):
         export(tiny_bert(), "coreml", out, seq_len=8, minimum_deployment_target=ct.target.iOS17)
 

@@ -375,16 +375,21 @@ def layer_table(plan: _Plan) -> dict[str, dict[str, Any]]:
     """layer -> {lowbit_format, target, exact, lowbit_bits, coreml_bits} for the export table: what each
     quantized layer became, and its bits/weight in lowbit vs as Core ML stores it (codes + fp32
     scales / offsets / LUTs), plus the layers kept float (fp32 consts)."""
+    from .common import same_entry
+
     rows: dict[str, dict[str, Any]] = {}
+    owners: list[tuple[str, QTensor]] = []
     for name, mod in plan.quant:
         qt, w = mod.qweight, plan.weights[name]
+        owner = next((n for n, q in owners if same_entry(("q", q), ("q", qt))), None)
+        owners.append((name, qt))
         if w.op == "constexpr_blockwise_shift_scale":
             ops = f"shift_scale {'uint' if 'offset' in w.inputs else 'int'}{w.storage_bits}"
         else:
             ops = f"lut_to_dense u{w.storage_bits}" + (" + shift_scale" if w.post_scale is not None else "")
         kind = "gather" if type(mod).__name__ == "QuantEmbedding" else "linear"
         rows[name] = {
-            "lowbit_format": qt.fmt.name or f"{qt.fmt.family}/{qt.fmt.element}", "target": f"{ops} -> {kind}",
+            "lowbit_format": qt.fmt.name or f"{qt.fmt.family}/{qt.fmt.element}", "target": f"{ops} -> {kind}" + (f" (tied: {owner}'s table)" if owner else ""),
             "detail": w.description, "exact": True,
             "lowbit_bits": round(qt.bits_per_weight, 3), "coreml_bits": round(coreml_bits_per_weight(w, qt.numel), 3),
         }

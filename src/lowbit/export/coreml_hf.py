@@ -132,15 +132,15 @@ def wrap_hf(float_model: nn.Module, seq_len: int, seed: int = 0) -> tuple[nn.Mod
         raise ValueError(f"Core ML export of Hugging Face model_type {mtype!r} is not supported "
                          f"(supported: {', '.join(SUPPORTED)}); pass a plain nn.Module and example_inputs "
                          "to lowbit.export.export_coreml instead")
+    max_pos = getattr(cfg, "max_position_embeddings", None)
+    if max_pos is not None and seq_len > max_pos:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's max_position_embeddings {max_pos}; pass seq_len <= {max_pos}")
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, cfg.vocab_size, (1, seq_len), generator=g)
     if mtype in DECODER_TYPES:
         if not hasattr(float_model, "lm_head") or not hasattr(getattr(float_model, "model", None), "rotary_emb"):
             raise ValueError(f"{type(float_model).__name__}: Core ML export needs the *ForCausalLM class "
                              "(model.model.rotary_emb and lm_head)")
-        max_pos = getattr(cfg, "max_position_embeddings", seq_len)
-        if seq_len > max_pos:
-            raise ValueError(f"seq_len {seq_len} exceeds the model's max_position_embeddings {max_pos}")
         ref = _hf_reference(float_model, "decoder", ids, None)
         _set_eager(float_model)
         wrapper, example = DecoderLogits(float_model, seq_len).eval(), (ids,)
