@@ -164,6 +164,32 @@ def test_other_llama_family_decoders(tmp_path, family):
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_flexible_length(tmp_path, kind):
+    """--flexible: one package for every length 2..seq_len (ct.RangeDim), evaluated at three lengths."""
+    m = tiny_llama() if kind == "llama" else tiny_bert()
+    lowbit.quantize(m, "int4", progress=False)
+    out = tmp_path / f"{kind}.mlpackage"
+    export(m, "coreml", out, seq_len=24, flexible=True)
+    read_back(out, m)
+    shape = ct.models.MLModel(str(out), skip_model_load=True).get_spec().description.input[0].type.multiArrayType
+    assert [(r.lowerBound, r.upperBound) for r in shape.shapeRange.sizeRanges] == [(1, 1), (2, 24)]
+    g = torch.Generator().manual_seed(4)
+    for s in (2, 7, 24):
+        ids = torch.randint(0, m.config.vocab_size, (1, s), generator=g)
+        with torch.no_grad():
+            if kind == "llama":
+                got = evaluate_mlpackage(out, {"input_ids": ids.numpy()})["logits"]
+                ref = m(input_ids=ids).logits.numpy()
+            else:
+                mask = torch.ones(1, s, dtype=torch.long)
+                mask[0, -1] = 0
+                got = evaluate_mlpackage(out, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})["last_hidden_state"]
+                ref = m(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
+        assert got.shape == ref.shape
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max(), err_msg=f"length {s}")
+
+
 def test_refuses_inexact_formats_and_unsupported_models(tmp_path):
     m = tiny_llama()
     lowbit.quantize(m, "mxfp4", progress=False)

@@ -69,6 +69,35 @@ def _set(var: Any, value: Any) -> None:
     var._sym_val = _types.SimpleNamespace(val=value)  # what Var.val reads
 
 
+def _as_declared(var: Any, value: Any) -> Any:
+    """numpy promotes (int / int -> float64, fp32 op fp64 -> fp64); Core ML computes in the dtype the
+    program declares, so each result is cast to its var's dtype."""
+    from coremltools.converters.mil.mil import types
+
+    try:
+        dt = types.nptype_from_builtin(var.dtype)
+    except Exception:  # pragma: no cover - list / state types
+        return value
+    if isinstance(value, np.ndarray) or np.isscalar(value):
+        return np.asarray(value).astype(dt) if np.ndim(value) else dt(value)
+    return value
+
+
+def _concrete_types(op: Any) -> None:
+    """Give a flexible-shape op concrete input and output types from the values computed so far:
+    several value_inference functions read shapes from the (symbolic) types, not from the values."""
+    from coremltools.converters.mil.mil import types
+
+    for var in op.inputs.values():
+        for v in var if isinstance(var, (list, tuple)) else (var,):
+            val = v.val if v.op is None or v.op.op_type != "const" else None
+            if isinstance(val, np.ndarray) and val.ndim and types.is_tensor(v.sym_type):
+                v._sym_type = types.tensor(v.dtype, tuple(val.shape))
+    out_types = op.type_inference()
+    for out, t in zip(op.outputs, out_types if isinstance(out_types, tuple) else (out_types,)):
+        out._sym_type = t
+
+
 def evaluate_mlpackage(path: str | os.PathLike, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run the `.mlpackage` at `path` on `inputs` (name -> array) in numpy; returns name -> output.
 
@@ -81,9 +110,12 @@ def evaluate_mlpackage(path: str | os.PathLike, inputs: dict[str, np.ndarray]) -
     from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
     from coremltools.models.utils import _convert_model_spec_to_pymil_prog
 
+    from coremltools.converters.mil.mil.types.symbolic import is_symbolic
+
     ml = ct.models.MLModel(str(path), skip_model_load=True)
     prog = _convert_model_spec_to_pymil_prog(ml, ml.get_spec().specificationVersion, milproto_load)
     func = prog.functions["main"]
+    flexible = any(is_symbolic(d) for var in func.inputs.values() for d in getattr(var, "shape", ()))
     for name, var in func.inputs.items():
         if name not in inputs:
             raise ValueError(f"missing input {name!r} (the package takes {list(func.inputs)})")
@@ -91,6 +123,8 @@ def evaluate_mlpackage(path: str | os.PathLike, inputs: dict[str, np.ndarray]) -
     for op in func.operations:
         if op.op_type == "const":
             continue
+        if flexible:
+            _concrete_types(op)
         try:
             if op.op_type in _FALLBACK:
                 val = _FALLBACK[op.op_type](op)
@@ -102,5 +136,5 @@ def evaluate_mlpackage(path: str | os.PathLike, inputs: dict[str, np.ndarray]) -
             raise NotImplementedError(f"op {op.name} ({op.op_type}): no numpy evaluation ({e})") from e
         vals = val if isinstance(val, (tuple, list)) else (val,)
         for out, v in zip(op.outputs, vals):
-            _set(out, v)
+            _set(out, _as_declared(out, v))
     return {v.name: np.asarray(v.val) for v in func.outputs}

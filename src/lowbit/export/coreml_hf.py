@@ -9,7 +9,8 @@ encoder layers, norms, head) and feeds them what the HF forward would have built
         inputs  input_ids (1, S) int32
         static  causal mask (1, 1, S, S): 0 on and below the diagonal, fp32 min above (what HF's
                 eager mask holds), rotary cos/sin (1, S, head_dim) from the model's own rotary_emb
-                at positions 0..S-1, both precomputed in torch and traced as constants
+                at positions 0..S-1, both precomputed in torch for the longest S and sliced to the
+                input's length (constants when S is fixed)
         output  logits (1, S, vocab)  (no KV cache: each call recomputes the S positions; pad on
                 the right, causality makes the padded tail invisible to earlier positions)
     encoder (BERT family: bert)
@@ -49,30 +50,34 @@ class DecoderLogits(nn.Module):
         >>> import transformers
         >>> cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
         ...                                num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
-        >>> w = DecoderLogits(transformers.LlamaForCausalLM(cfg).eval(), seq_len=8)
-        >>> w(torch.zeros(1, 8, dtype=torch.long)).shape
-        torch.Size([1, 8, 256])
+        >>> w = DecoderLogits(transformers.LlamaForCausalLM(cfg).eval(), max_len=8)
+        >>> w(torch.zeros(1, 5, dtype=torch.long)).shape
+        torch.Size([1, 5, 256])
     """
 
-    def __init__(self, model: nn.Module, seq_len: int):
+    def __init__(self, model: nn.Module, max_len: int):
         super().__init__()
         base = model.model
         self.embed_tokens, self.layers, self.norm = base.embed_tokens, base.layers, base.norm
         self.lm_head = model.lm_head
         hidden = model.config.hidden_size
-        pos = torch.arange(seq_len).unsqueeze(0)
+        # tables one longer than needed: torch.export would otherwise specialize S == table length
+        n = max_len + 1
+        pos = torch.arange(n).unsqueeze(0)
         with torch.no_grad():
-            cos, sin = base.rotary_emb(torch.zeros(1, seq_len, hidden), position_ids=pos)
+            cos, sin = base.rotary_emb(torch.zeros(1, n, hidden), position_ids=pos)
         self.register_buffer("cos", cos.float(), persistent=False)
         self.register_buffer("sin", sin.float(), persistent=False)
         # additive causal mask as HF's eager path builds it: 0 where a query may look, fp32 min elsewhere
-        mask = torch.full((seq_len, seq_len), torch.finfo(torch.float32).min).triu(1)
+        mask = torch.full((n, n), torch.finfo(torch.float32).min).triu(1)
         self.register_buffer("mask", mask[None, None], persistent=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        s = input_ids.shape[1]  # a constant when exported with a fixed length, a slice bound when flexible
+        cos, sin, mask = self.cos[:, :s], self.sin[:, :s], self.mask[:, :, :s, :s]
         h = self.embed_tokens(input_ids)
         for layer in self.layers:
-            h = layer(h, attention_mask=self.mask, position_embeddings=(self.cos, self.sin))
+            h = layer(h, attention_mask=mask, position_embeddings=(cos, sin))
         return self.lm_head(self.norm(h))
 
 
@@ -170,11 +175,14 @@ def export_coreml_hf(
     out_path: str | os.PathLike,
     *,
     seq_len: int = 128,
+    flexible: bool = False,
     force: bool = False,
     minimum_deployment_target: Any = None,
 ) -> dict[str, Any]:
     """Export a quantized Hugging Face model (Llama family or BERT) to an `.mlpackage` (iOS18 /
-    macOS15), weights as constexpr ops built from lowbit's planes, sequence length fixed to `seq_len`.
+    macOS15), weights as constexpr ops built from lowbit's planes, sequence length fixed to `seq_len`
+    (pad on the right), or any length 2..`seq_len` with `flexible=True` (a `ct.RangeDim` input; Core ML
+    then runs the model on CPU / GPU rather than the Neural Engine, which wants fixed shapes).
 
     Returns {"path", "tensors" (layer -> representation), "weights", "wrapper_check", "size"}.
 
@@ -190,19 +198,28 @@ def export_coreml_hf(
     plan = plan_coreml(model)  # refuse before any tracing
     float_model, dense = dense_copy(model, plan)
     wrapper, example, in_names, out_names, check = wrap_hf(float_model, seq_len)
-    # torch.export, not jit.trace: with static shapes it specializes the size arithmetic of HF's
-    # attention code (rotate_half, repeat_kv) to constants, which coremltools' TorchScript path
-    # mis-converts (aten::Int of a 1-element array)
+    # torch.export, not jit.trace: it turns the size arithmetic of HF's attention code (rotate_half,
+    # repeat_kv) into constants or symbolic shapes, which coremltools' TorchScript path mis-converts
+    # (aten::Int of a 1-element array)
+    dyn = None
+    length: Any = seq_len
+    if flexible:
+        if seq_len < 3:
+            raise ValueError(f"flexible export needs seq_len >= 3, got {seq_len}")
+        dim = torch.export.Dim("seq", min=2, max=seq_len)
+        dyn = tuple({1: dim} for _ in example)
+        length = ct.RangeDim(2, seq_len, default=seq_len)
     with torch.no_grad():
-        traced = torch.export.export(wrapper, example).run_decompositions({})
-    inputs = [ct.TensorType(name=n, shape=tuple(x.shape), dtype=np.int32) for n, x in zip(in_names, example)]
+        traced = torch.export.export(wrapper, example, dynamic_shapes=dyn).run_decompositions({})
+    inputs = [ct.TensorType(name=n, shape=(1, length), dtype=np.int32) for n in in_names]
     outputs = [ct.TensorType(name=n) for n in out_names]
     # only the layers the wrapper reaches are traced (all of them for the supported families)
     mlmodel = convert_with_constexpr(traced, inputs, outputs, dense, plan.weights, target)
     save_atomic(mlmodel, out_path, force)
     size = package_size(out_path, plan)
+    shape = f"2..{seq_len}" if flexible else str(seq_len)
     summary = [
-        f"{type(model).__name__}: inputs {', '.join(f'{n} (1, {seq_len}) int32' for n in in_names)} -> "
+        f"{type(model).__name__}: inputs {', '.join(f'{n} (1, {shape}) int32' for n in in_names)} -> "
         f"{', '.join(out_names)}; iOS18 / macOS15, fp32 compute",
         f"wrapper vs Hugging Face forward (dense weights, random tokens): max |diff| {check['max_abs_diff']:.3g} "
         f"(max |value| {check['max_abs_ref']:.3g})",
