@@ -202,6 +202,10 @@ def test_refuses_inexact_formats_and_unsupported_models(tmp_path):
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100)).eval()
     with pytest.raises(ValueError, match=r"model_type 'gpt2' is not supported \(supported: llama, mistral, qwen2, qwen3, bert\)"):
         export(gpt2, "coreml", out, seq_len=8)
+    torch.manual_seed(0)
+    cls = transformers.BertForSequenceClassification(tiny_bert().config).eval()
+    with pytest.raises(ValueError, match=r"BertForSequenceClassification: .*base BertModel only.*`\.bert`"):
+        export(cls, "coreml", out, seq_len=8)
     with pytest.raises(ValueError, match="seq_len 65 exceeds the model's max_position_embeddings 64"):
         export(tiny_bert(), "coreml", out, seq_len=65)
     with pytest.raises(ValueError, match="iOS18"):

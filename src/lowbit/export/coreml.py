@@ -299,7 +299,9 @@ def dense_copy(model: nn.Module, plan: _Plan) -> tuple[nn.Module, dict[str, np.n
         new.weight = param
         _set_module(float_model, name, new)
         dense[name] = param.detach().numpy()
-    return float_model, dense
+    # Core ML computes in fp32 here (compute_precision=FLOAT32): trace fp32 float tensors too, after the
+    # quantized modules are gone (their planes keep their own dtypes in the original model)
+    return float_model.float(), dense
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:

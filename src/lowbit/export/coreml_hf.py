@@ -151,6 +151,9 @@ def wrap_hf(float_model: nn.Module, seq_len: int, seed: int = 0) -> tuple[nn.Mod
         wrapper, example = DecoderLogits(float_model, seq_len).eval(), (ids,)
         in_names, out_names = ["input_ids"], ["logits"]
     else:
+        if not (hasattr(float_model, "embeddings") and hasattr(float_model, "encoder")):
+            raise ValueError(f"{type(float_model).__name__}: Core ML export supports the base BertModel only; "
+                             "export its `.bert` submodule (task heads are not traced)")
         mask = torch.ones(1, seq_len, dtype=torch.long)
         mask[0, seq_len - max(1, seq_len // 4):] = 0  # padding on the right: the mask path is exercised
         ref = _hf_reference(float_model, "encoder", ids, mask)
