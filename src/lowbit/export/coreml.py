@@ -34,11 +34,13 @@ Exactness. Every op built here is checked on the spot: coremltools' own numpy re
 inputs must equal `qt.dequantize()` in fp32 (numeric equality, NaN-free). The model is
 converted with compute_precision=FLOAT32 so that weights are fp32 and there is no fp16 rounding.
 
-Model export (`export_coreml`): a copy of the model with each `QuantLinear` replaced by an
-`nn.Linear` holding the dequantized fp32 weight is traced (torch.jit.trace) and converted to a MIL
-program (convert_to="milinternal", iOS18, FLOAT32); every const equal to one of those weights
-(matched by shape and exact value) is replaced by the constexpr ops above; the edited program
-is then serialized as an ML program (empty pass pipeline, so nothing re-folds the weights).
+Model export (`export_coreml`; Hugging Face models go through `coreml_hf.export_coreml_hf`, which
+traces a mask-free wrapper): a copy of the model with each `QuantLinear` / `QuantEmbedding` replaced
+by an `nn.Linear` / `nn.Embedding` holding the dequantized fp32 weight (tied layers share one
+Parameter) is traced and converted to a MIL program (convert_to="milinternal", iOS18, FLOAT32);
+every const equal to one of those weights (matched by shape and exact value) is replaced by the
+constexpr ops above, so a `gather` (embedding) or `linear` reads the decompressed table; the edited
+program is then serialized as an ML program (empty pass pipeline, so nothing re-folds the weights).
 """
 
 from __future__ import annotations
@@ -249,7 +251,7 @@ def plan_coreml(model: nn.Module) -> _Plan:
 
     Example:
         >>> import torch, lowbit
-        >>> m = torch.nn.Sequential(torch.nn.Linear(64, 8)); _ = lowbit.quantize(m, "int4", progress=False)
+        >>> m = torch.nn.Sequential(torch.nn.Linear(64, 32)); _ = lowbit.quantize(m, "int4", progress=False)
         >>> plan_coreml(m).weights["0"].op
         'constexpr_blockwise_shift_scale'
     """
@@ -432,7 +434,7 @@ def export_coreml(
     `out_path` exists and not `force`.
 
     Example:
-        >>> m = torch.nn.Sequential(torch.nn.Linear(64, 8)); _ = lowbit.quantize(m, "int4", progress=False)  # doctest: +SKIP
+        >>> m = torch.nn.Sequential(torch.nn.Linear(64, 32)); _ = lowbit.quantize(m, "int4", progress=False)  # doctest: +SKIP
         >>> export_coreml(m, "out/mlp.mlpackage", torch.randn(1, 64))["tensors"]["0"]["target"]  # doctest: +SKIP
         'constexpr_blockwise_shift_scale -> linear'
     """
