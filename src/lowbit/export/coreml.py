@@ -264,15 +264,16 @@ def plan_coreml(model: nn.Module) -> _Plan:
             try:
                 weights[name] = qtensor_to_coreml_op_inputs(mod.qweight, name)
             except ValueError as e:
-                errors.append(str(e))
+                errors.append((name, str(e)))
         elif isinstance(mod, _QuantWeight):
-            errors.append(f"layer {name!r}: {type(mod).__name__} is not supported by the Core ML exporter "
-                          "(QuantLinear and QuantEmbedding are); keep this layer float")
+            errors.append((name, f"layer {name!r}: {type(mod).__name__} is not supported by the Core ML exporter "
+                                 "(QuantLinear and QuantEmbedding are); keep this layer float"))
         elif isinstance(mod, (nn.Linear, nn.Embedding)) and name:
             float_layers[name] = type(mod).__name__
-    if errors:
-        more = [f"... and {len(errors) - 3} more layers"] if len(errors) > 3 else []
-        raise ValueError(f"{len(errors)} layer(s) cannot be exported to Core ML exactly:\n" + "\n".join(errors[:3] + more))
+    if errors:  # one line: the first refusal in full, then the names of the others
+        others = [repr(n) for n, _ in errors[1:11]] + ([f"{len(errors) - 11} more"] if len(errors) > 11 else [])
+        also = f"; also refused: {', '.join(others)}" if others else ""
+        raise ValueError(f"{len(errors)} layer(s) cannot be exported to Core ML exactly: {errors[0][1]}{also}")
     return _Plan(quant, weights, float_layers)
 
 
