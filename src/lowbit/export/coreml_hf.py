@@ -140,6 +140,8 @@ def wrap_hf(float_model: nn.Module, seq_len: int, seed: int = 0) -> tuple[nn.Mod
     max_pos = getattr(cfg, "max_position_embeddings", None)
     if max_pos is not None and seq_len > max_pos:
         raise ValueError(f"seq_len {seq_len} exceeds the model's max_position_embeddings {max_pos}; pass seq_len <= {max_pos}")
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, cfg.vocab_size, (1, seq_len), generator=g)
     if mtype in DECODER_TYPES:
@@ -184,8 +186,9 @@ def export_coreml_hf(
 ) -> dict[str, Any]:
     """Export a quantized Hugging Face model (Llama family or BERT) to an `.mlpackage` (iOS18 /
     macOS15), weights as constexpr ops built from lowbit's planes, sequence length fixed to `seq_len`
-    (pad on the right), or any length 2..`seq_len` with `flexible=True` (a `ct.RangeDim` input; Core ML
-    then runs the model on CPU / GPU rather than the Neural Engine, which wants fixed shapes).
+    (pad on the right), or any length 2..`seq_len` with `flexible=True` (a `ct.RangeDim` input, default
+    `seq_len`). Compute is fp32 so that the weights stay exactly lowbit's values; the Neural Engine
+    computes in fp16 only, so Core ML runs these models on CPU / GPU.
 
     Returns {"path", "tensors" (layer -> representation), "weights", "wrapper_check", "size"}.
 
