@@ -108,3 +108,26 @@ def test_export_refuses_overwrite_and_unsupported(tmp_path):
     assert not (tmp_path / "x.mlpackage").exists()
     export_coreml(_mlp(), out, torch.randn(1, 64), force=True)
     assert (out / "Manifest.json").exists()
+
+
+def test_export_embedding_module(tmp_path):
+    """A plain module with a quantized embedding: the gather reads a constexpr-decompressed table."""
+    from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
+    from coremltools.models.utils import _convert_model_spec_to_pymil_prog
+
+    from lowbit.nn import QuantEmbedding
+
+    torch.manual_seed(0)
+    emb = QuantEmbedding(lowbit.quantize_tensor(torch.randn(100, 64), "lut3", group_size=10))
+    m = nn.Sequential(emb, QuantLinear.from_float(nn.Linear(64, 32), "int8", block_size=32))
+    out = tmp_path / "emb.mlpackage"
+    r = export_coreml(m, out, torch.randint(0, 100, (1, 7)))
+    assert r["tensors"]["0"]["target"] == "lut_to_dense u3 -> gather"
+    ml = ct.models.MLModel(str(out), skip_model_load=True)
+    prog = _convert_model_spec_to_pymil_prog(ml, ml.get_spec().specificationVersion, milproto_load)
+    ops = list(prog.functions["main"].operations)
+    table = next(op for op in ops if op.op_type == "gather").x.op
+    assert table.op_type == "constexpr_lut_to_dense"
+    np.testing.assert_array_equal(table.materialized_val_inference(), emb.qweight.dequantize().numpy())
+    lin = next(op for op in ops if op.op_type == "linear").weight.op
+    np.testing.assert_array_equal(lin.materialized_val_inference(), m[1].qweight.dequantize().numpy())

@@ -306,6 +306,10 @@ def cmd_export(args) -> int:
     from .export.api import export
 
     extra = {"tokenizer_pre": args.tokenizer_pre} if args.to == "gguf" and args.tokenizer_pre else {}
+    if args.to == "coreml" and args.seq_len:
+        extra["seq_len"] = args.seq_len
+    if args.to == "coreml" and args.flexible:
+        extra["flexible"] = True
     result = export(args.package, args.to, args.output, force=args.force, **extra)
     rows = result.get("tensors") or result.get("layers") or {}
     t = Table(title=f"lowbit export -> {args.to}: {result.get('path', args.output)}", title_justify="left")
@@ -317,6 +321,8 @@ def cmd_export(args) -> int:
         target = r.get("gguf_type") or r.get("mlx") or r.get("target") or r.get("type", "")
         t.add_row(name, str(fmt), str(target), "yes" if r.get("exact", True) else "no")
     _console().print(t)
+    for line in result.get("summary", ()):
+        _console().print(line)
     return 0
 
 
@@ -362,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", required=True, help="output file (.gguf) or folder (.mlpackage / MLX folder)")
     e.add_argument("--force", action="store_true", help="replace an existing output")
     e.add_argument("--tokenizer-pre", help="GGUF only: llama.cpp pre-tokenizer name (e.g. smollm for SmolLM2)")
+    e.add_argument("--seq-len", type=int, help="Core ML only: the exported model's sequence length (default 128)")
+    e.add_argument("--flexible", action="store_true", help="Core ML only: accept any length 2..--seq-len (not fixed)")
 
     r = add("run", "the main job: load, quantize, save/reload, validate, profile, report", cmd_run)
     r.add_argument("source", nargs="?", default="smollm2", help="model source (default: smollm2)")

@@ -34,11 +34,13 @@ Exactness. Every op built here is checked on the spot: coremltools' own numpy re
 inputs must equal `qt.dequantize()` in fp32 (numeric equality, NaN-free). The model is
 converted with compute_precision=FLOAT32 so that weights are fp32 and there is no fp16 rounding.
 
-Model export (`export_coreml`): a copy of the model with each `QuantLinear` replaced by an
-`nn.Linear` holding the dequantized fp32 weight is traced (torch.jit.trace) and converted to a MIL
-program (convert_to="milinternal", iOS18, FLOAT32); every const equal to one of those weights
-(matched by shape and exact value) is replaced by the constexpr ops above; the edited program
-is then serialized as an ML program (empty pass pipeline, so nothing re-folds the weights).
+Model export (`export_coreml`; Hugging Face models go through `coreml_hf.export_coreml_hf`, which
+traces a mask-free wrapper): a copy of the model with each `QuantLinear` / `QuantEmbedding` replaced
+by an `nn.Linear` / `nn.Embedding` holding the dequantized fp32 weight (tied layers share one
+Parameter) is traced and converted to a MIL program (convert_to="milinternal", iOS18, FLOAT32);
+every const equal to one of those weights (matched by shape and exact value) is replaced by the
+constexpr ops above, so a `gather` (embedding) or `linear` reads the decompressed table; the edited
+program is then serialized as an ML program (empty pass pipeline, so nothing re-folds the weights).
 """
 
 from __future__ import annotations
@@ -235,16 +237,74 @@ def _lut_inputs(qt: QTensor, planes: dict, rows: int, cols: int) -> CoreMLWeight
 # ---------------------------------------------------------------------------------------------
 # whole-model export
 # ---------------------------------------------------------------------------------------------
-def _quant_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from ..nn.modules import QuantLinear, _QuantWeight
+@dataclass
+class _Plan:
+    """What the exporter found in a model before converting anything."""
 
-    found = []
+    quant: list[tuple[str, nn.Module]]          # QuantLinear / QuantEmbedding modules, by name
+    weights: dict[str, CoreMLWeight]            # name -> constexpr op inputs (exact)
+    float_layers: dict[str, str]                # name -> type of nn.Linear / nn.Embedding kept float
+
+
+def plan_coreml(model: nn.Module) -> _Plan:
+    """Check every quantized layer of `model` has an exact Core ML form; one ValueError lists all that do not.
+
+    Example:
+        >>> import torch, lowbit
+        >>> m = torch.nn.Sequential(torch.nn.Linear(64, 32)); _ = lowbit.quantize(m, "int4", progress=False)
+        >>> plan_coreml(m).weights["0"].op
+        'constexpr_blockwise_shift_scale'
+    """
+    from ..nn.modules import QuantEmbedding, QuantLinear, _QuantWeight
+
+    quant, weights, float_layers, errors = [], {}, {}, []
     for name, mod in model.named_modules():
-        if isinstance(mod, QuantLinear):
-            found.append((name, mod))
+        if isinstance(mod, (QuantLinear, QuantEmbedding)):
+            quant.append((name, mod))
+            try:
+                weights[name] = qtensor_to_coreml_op_inputs(mod.qweight, name)
+            except ValueError as e:
+                errors.append((name, str(e)))
         elif isinstance(mod, _QuantWeight):
-            raise ValueError(f"layer {name!r}: {type(mod).__name__} is not supported by the Core ML exporter (QuantLinear only)")
-    return found
+            errors.append((name, f"layer {name!r}: {type(mod).__name__} is not supported by the Core ML exporter "
+                                 "(QuantLinear and QuantEmbedding are); keep this layer float"))
+        elif isinstance(mod, (nn.Linear, nn.Embedding)) and name:
+            float_layers[name] = type(mod).__name__
+    if errors:  # one line: the first refusal in full, then the names of the others
+        others = [repr(n) for n, _ in errors[1:11]] + ([f"{len(errors) - 11} more"] if len(errors) > 11 else [])
+        also = f"; also refused: {', '.join(others)}" if others else ""
+        raise ValueError(f"{len(errors)} layer(s) cannot be exported to Core ML exactly: {errors[0][1]}{also}")
+    return _Plan(quant, weights, float_layers)
+
+
+def dense_copy(model: nn.Module, plan: _Plan) -> tuple[nn.Module, dict[str, np.ndarray]]:
+    """A deep copy of `model` with every quantized module replaced by its float twin holding the
+    dequantized fp32 weight (what gets traced), and name -> that weight. Tied layers (same planes,
+    e.g. a Llama lm_head tied to the embedding) share one Parameter, so the trace holds one const."""
+    from ..nn.modules import QuantEmbedding
+    from .common import same_entry
+
+    float_model = copy.deepcopy(model).eval().cpu()
+    dense: dict[str, np.ndarray] = {}
+    shared: list[tuple[QTensor, nn.Parameter]] = []
+    for name, mod in plan.quant:
+        qt = mod.qweight
+        param = next((p for q, p in shared if same_entry(("q", q), ("q", qt))), None)
+        if param is None:
+            param = nn.Parameter(qt.dequantize(torch.float32).cpu(), requires_grad=False)
+            shared.append((qt, param))
+        if isinstance(mod, QuantEmbedding):
+            new = nn.Embedding(mod.num_embeddings, mod.embedding_dim, padding_idx=mod.padding_idx)
+        else:
+            new = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+            if mod.bias is not None:
+                new.bias = nn.Parameter(mod.bias.detach().float().cpu(), requires_grad=False)
+        new.weight = param
+        _set_module(float_model, name, new)
+        dense[name] = param.detach().numpy()
+    # Core ML computes in fp32 here (compute_precision=FLOAT32): trace fp32 float tensors too, after the
+    # quantized modules are gone (their planes keep their own dtypes in the original model)
+    return float_model.float(), dense
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -259,6 +319,104 @@ def _iter_ops(block):
             yield from _iter_ops(b)
 
 
+def _key(arr: np.ndarray) -> tuple:
+    import hashlib
+
+    return arr.shape, hashlib.blake2b(np.ascontiguousarray(arr).view(np.uint8), digest_size=16).hexdigest()
+
+
+def convert_with_constexpr(
+    traced: Any, inputs: list, outputs: list | None, dense: dict[str, np.ndarray],
+    weights: dict[str, CoreMLWeight], target: Any,
+) -> Any:
+    """Convert a traced float module (weights = `dense`) to an ML program in which each weight const
+    is replaced by the constexpr op(s) of `weights[name]`. Nothing is re-quantized: the consts are
+    found by exact value and swapped for ops built from lowbit's planes.
+
+    Why an empty pass pipeline for the final step: the default one would fold constexpr ops back into
+    dense consts. compute_precision=FLOAT32 keeps every weight and activation in fp32 (no fp16 rounding)."""
+    ct = _ct()
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil.scope import ScopeInfo
+
+    prog = ct.convert(
+        traced, inputs=inputs, outputs=outputs, convert_to="milinternal",
+        minimum_deployment_target=target, compute_precision=ct.precision.FLOAT32,
+    )
+    by_key: dict[tuple, list[str]] = {}
+    for name, w in dense.items():
+        by_key.setdefault(_key(w), []).append(name)
+    shapes = {k[0] for k in by_key}
+    found: set[str] = set()
+    for func in prog.functions.values():
+        for op in _iter_ops(func):
+            if op.op_type != "const":
+                continue
+            val = op.outputs[0].val
+            if not isinstance(val, np.ndarray) or val.dtype != np.float32 or val.shape not in shapes:
+                continue
+            names = by_key.get(_key(val))
+            if not names:
+                continue
+            scopes = [ScopeInfo(source=k, data=list(v)) for k, v in op.scopes.items() if v]
+            with op.enclosing_block, mb.scope(*scopes):
+                new_var = weights[names[0]].build(mb, name=op.name + "_lowbit", before_op=op)
+            op.enclosing_block.replace_uses_of_var_after_op(
+                anchor_op=op, old_var=op.outputs[0], new_var=new_var, no_check_var_types=True)
+            op.enclosing_block.remove_ops([op])
+            found.update(names)
+    missing = sorted(set(dense) - found)
+    if missing:
+        raise RuntimeError(
+            f"could not find the converted weight const of layers {missing[:5]} in the Core ML program "
+            "(the layer is unused by the traced forward, or coremltools folded it into another constant)")
+    return ct.convert(
+        prog, convert_to="mlprogram", minimum_deployment_target=target,
+        compute_precision=ct.precision.FLOAT32, pass_pipeline=ct.PassPipeline.EMPTY, skip_model_load=True,
+    )
+
+
+def layer_table(plan: _Plan) -> dict[str, dict[str, Any]]:
+    """layer -> {lowbit_format, target, exact, lowbit_bits, coreml_bits} for the export table: what each
+    quantized layer became, and its bits/weight in lowbit vs as Core ML stores it (codes + fp32
+    scales / offsets / LUTs), plus the layers kept float (fp32 consts)."""
+    from .common import same_entry
+
+    rows: dict[str, dict[str, Any]] = {}
+    owners: list[tuple[str, QTensor]] = []
+    for name, mod in plan.quant:
+        qt, w = mod.qweight, plan.weights[name]
+        owner = next((n for n, q in owners if same_entry(("q", q), ("q", qt))), None)
+        owners.append((name, qt))
+        if w.op == "constexpr_blockwise_shift_scale":
+            ops = f"shift_scale {'uint' if 'offset' in w.inputs else 'int'}{w.storage_bits}"
+        else:
+            ops = f"lut_to_dense u{w.storage_bits}" + (" + shift_scale" if w.post_scale is not None else "")
+        kind = "gather" if type(mod).__name__ == "QuantEmbedding" else "linear"
+        rows[name] = {
+            "lowbit_format": qt.fmt.name or f"{qt.fmt.family}/{qt.fmt.element}", "target": f"{ops} -> {kind}" + (f" (tied: {owner}'s table)" if owner else ""),
+            "detail": w.description, "exact": True,
+            "lowbit_bits": round(qt.bits_per_weight, 3), "coreml_bits": round(coreml_bits_per_weight(w, qt.numel), 3),
+        }
+    for name, typ in plan.float_layers.items():
+        rows[name] = {"lowbit_format": "float", "target": "const fp32 (kept float)", "exact": True}
+    return rows
+
+
+def coreml_bits_per_weight(w: CoreMLWeight, numel: int) -> float:
+    """Bits per weight as the .mlpackage stores `w`: codes at `storage_bits` plus scales/offsets/LUTs."""
+    return (numel * w.storage_bits + 8 * w.extra_bytes) / max(numel, 1)
+
+
+def check_target(target: Any) -> Any:
+    ct = _ct()
+    target = target or ct.target.iOS18
+    if target < ct.target.iOS18:
+        raise ValueError("constexpr_blockwise_shift_scale / iOS18 constexpr_lut_to_dense need "
+                         "minimum_deployment_target >= iOS18 (macOS15)")
+    return target
+
+
 def export_coreml(
     model: nn.Module,
     out_path: str | os.PathLike,
@@ -266,82 +424,45 @@ def export_coreml(
     *,
     force: bool = False,
     minimum_deployment_target: Any = None,
-) -> dict[str, CoreMLWeight]:
-    """Write `model` (with lowbit `QuantLinear` layers) as an `.mlpackage` whose weights are the
-    lowbit planes re-expressed as iOS18 constexpr ops (no re-quantization).
+) -> dict[str, Any]:
+    """Write `model` (with lowbit `QuantLinear` / `QuantEmbedding` layers) as an `.mlpackage` whose
+    weights are the lowbit planes re-expressed as iOS18 constexpr ops (no re-quantization).
 
-    Returns layer name -> `CoreMLWeight` used. Raises ValueError for formats without an exact
-    Core ML form (before converting anything), FileExistsError when `out_path` exists and not `force`.
+    For Hugging Face transformers use `lowbit.export.coreml_hf.export_coreml_hf` (or
+    `lowbit export PKG --to coreml`), which traces a mask-free wrapper. Returns
+    {"path", "tensors": layer_table rows, "weights": name -> CoreMLWeight}. Raises ValueError for
+    formats without an exact Core ML form (before converting anything), FileExistsError when
+    `out_path` exists and not `force`.
+
+    Example:
+        >>> m = torch.nn.Sequential(torch.nn.Linear(64, 32)); _ = lowbit.quantize(m, "int4", progress=False)  # doctest: +SKIP
+        >>> export_coreml(m, "out/mlp.mlpackage", torch.randn(1, 64))["tensors"]["0"]["target"]  # doctest: +SKIP
+        'constexpr_blockwise_shift_scale -> linear'
     """
     ct = _ct()
-    from coremltools.converters.mil import Builder as mb
-    from coremltools.converters.mil.mil.scope import ScopeInfo
-
     out_path = Path(out_path)
     if out_path.exists() and not force:
         raise FileExistsError(f"{out_path} exists; pass force=True (--force) to overwrite it")
-    target = minimum_deployment_target or ct.target.iOS18
-    if target < ct.target.iOS18:
-        raise ValueError("constexpr_blockwise_shift_scale / iOS18 constexpr_lut_to_dense need minimum_deployment_target >= iOS18")
+    target = check_target(minimum_deployment_target)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
-
-    layers = _quant_linears(model)
-    weights = {name: qtensor_to_coreml_op_inputs(mod.qweight, name) for name, mod in layers}  # refuse early
-
-    float_model = copy.deepcopy(model).eval().cpu()
-    dense: dict[str, np.ndarray] = {}
-    for name, mod in layers:
-        w = mod.qweight.dequantize(torch.float32).cpu()
-        lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
-        with torch.no_grad():
-            lin.weight.copy_(w)
-            if mod.bias is not None:
-                lin.bias.copy_(mod.bias.detach().float().cpu())
-        _set_module(float_model, name, lin)
-        dense[name] = w.numpy()
-
+    plan = plan_coreml(model)  # refuse early
+    float_model, dense = dense_copy(model, plan)
     with torch.no_grad():
         traced = torch.jit.trace(float_model, example_inputs)
-    prog = ct.convert(
-        traced,
-        inputs=[ct.TensorType(name=f"input_{i}", shape=tuple(x.shape)) for i, x in enumerate(example_inputs)],
-        convert_to="milinternal",
-        minimum_deployment_target=target,
-        compute_precision=ct.precision.FLOAT32,
-    )
-
-    pending = dict(dense)
-    for func in prog.functions.values():
-        for op in _iter_ops(func):
-            if op.op_type != "const" or not pending:
-                continue
-            val = op.outputs[0].val
-            if not isinstance(val, np.ndarray) or val.dtype != np.float32 or val.ndim != 2:
-                continue
-            hit = next((n for n, w in pending.items() if w.shape == val.shape and np.array_equal(w, val)), None)
-            if hit is None:
-                continue
-            scopes = [ScopeInfo(source=k, data=list(v)) for k, v in op.scopes.items() if v]
-            with op.enclosing_block, mb.scope(*scopes):
-                new_var = weights[hit].build(mb, name=op.name + "_lowbit", before_op=op)
-            op.enclosing_block.replace_uses_of_var_after_op(
-                anchor_op=op, old_var=op.outputs[0], new_var=new_var, no_check_var_types=True)
-            op.enclosing_block.remove_ops([op])
-            del pending[hit]
-    if pending:
-        raise RuntimeError(f"could not find the converted weight const of layers {sorted(pending)} in the Core ML program")
-
-    mlmodel = ct.convert(
-        prog, convert_to="mlprogram", minimum_deployment_target=target,
-        compute_precision=ct.precision.FLOAT32, pass_pipeline=ct.PassPipeline.EMPTY, skip_model_load=True,
-    )
-    _save_atomic(mlmodel, out_path, force)
-    return weights
+    inputs = [ct.TensorType(name=f"input_{i}", shape=tuple(x.shape),
+                            dtype=np.int32 if not x.is_floating_point() else np.float32)
+              for i, x in enumerate(example_inputs)]
+    mlmodel = convert_with_constexpr(traced, inputs, None, dense, plan.weights, target)
+    save_atomic(mlmodel, out_path, force)
+    return {"path": str(out_path), "tensors": layer_table(plan), "weights": plan.weights}
 
 
-def _save_atomic(mlmodel: Any, out_path: Path, force: bool) -> None:
+def save_atomic(mlmodel: Any, out_path: Path, force: bool) -> None:
+    """Save into a temporary sibling folder, then rename: an interrupted export leaves the old
+    package (or none), never a half-written one."""
+    out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=".lowbit-coreml-", dir=out_path.parent))
     try:
@@ -350,8 +471,7 @@ def _save_atomic(mlmodel: Any, out_path: Path, force: bool) -> None:
         if out_path.exists():
             if not force:
                 raise FileExistsError(f"{out_path} exists; pass force=True (--force) to overwrite it")
-            old = tmp_dir / (out_path.name + ".old")
-            os.replace(out_path, old)
+            os.replace(out_path, tmp_dir / (out_path.name + ".old"))
         os.replace(tmp, out_path)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
