@@ -1,0 +1,197 @@
+"""Flash-decoding over a quantized KV cache: one new query token against a long int8 / int4 cache.
+
+Stage 1 (`_decode_split`): the cache of each (batch, kv head) is cut into `splits` chunks along
+the sequence; one program per (chunk, batch, kv head) reads its chunk's codes and scales once,
+dequantizes them in registers and runs the online softmax for all the query heads that share the
+kv head (GQA: the group's heads are the rows of one small matrix product). It writes the chunk's
+normalized partial output and its log-sum-exp. Stage 2 (`_decode_reduce`) merges the chunks.
+
+Planes (see `reference.quantize_kv` for the byte layout): data (B, Hkv, cap, D) int8 or
+(B, Hkv, cap, D/2) uint8 (int4, two codes per byte), scale (B, Hkv, cap, D / group) fp16 or
+uint8 E8M0. Per-token scales (group = D) are applied after the QK dot product and folded into
+the softmax weights before the PV product, so the codes go to the tensor cores as they are.
+
+Example (GPU):
+    >>> from lowbit.attention import decode_attention                    # doctest: +SKIP
+    >>> o = decode_attention(q, cache_layer)                              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _dequant(ptrs, s_ptrs, mask_n, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, BITS: tl.constexpr,
+             GROUP: tl.constexpr, E8M0: tl.constexpr, DT: tl.constexpr):
+    """(codes or values (BLOCK_N, D) in DT, per-token scale (BLOCK_N,) fp32 or None-like 1.0)."""
+    raw = tl.load(ptrs, mask=mask_n[:, None], other=0)
+    if BITS == 8:
+        x = raw.to(tl.float32)
+    else:
+        lo = (raw & 0xF).to(tl.float32) - 8.0
+        hi = (raw >> 4).to(tl.float32) - 8.0
+        x = tl.join(lo, hi).reshape(BLOCK_N, HEAD_D)
+    if GROUP == HEAD_D:
+        s = tl.load(s_ptrs, mask=mask_n, other=0)
+        if E8M0:
+            s = tl.math.exp2(s.to(tl.float32) - 127.0)
+        return x.to(DT), s.to(tl.float32)
+    else:
+        s = tl.load(s_ptrs, mask=mask_n[:, None], other=0)
+        if E8M0:
+            s = tl.math.exp2(s.to(tl.float32) - 127.0)
+        x = (x.reshape(BLOCK_N, HEAD_D // GROUP, GROUP) * s.to(tl.float32)[:, :, None]).reshape(BLOCK_N, HEAD_D)
+        return x.to(DT), tl.full([BLOCK_N], 1.0, tl.float32)
+
+
+@triton.jit
+def _decode_split(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END,
+                  stride_qb, stride_qh, stride_db, stride_dh, stride_dn, stride_sb, stride_sh, stride_sn,
+                  H, HKV, SEQ, CHUNK, NSPLIT, qk_scale,
+                  HEAD_D: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BITS: tl.constexpr, GROUP: tl.constexpr, E8M0: tl.constexpr, HAS_RANGES: tl.constexpr,
+                  DT: tl.constexpr):
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HKV
+    hk = bh % HKV
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, HEAD_D)
+    q = tl.load(Q + b * stride_qb + (hk * G + offs_g[:, None]) * stride_qh + offs_d[None, :],
+                mask=offs_g[:, None] < G, other=0.0)
+    q = (q.to(tl.float32) * qk_scale).to(DT)
+    if HAS_RANGES:
+        kv_start = tl.load(KV_START + b)
+        kv_end = tl.minimum(tl.load(KV_END + b), SEQ)
+    else:
+        kv_start = 0
+        kv_end = SEQ
+    lo = split * CHUNK
+    hi = tl.minimum(lo + CHUNK, kv_end)
+    DB: tl.constexpr = HEAD_D if BITS == 8 else HEAD_D // 2
+    NG: tl.constexpr = HEAD_D // GROUP
+    offs_db = tl.arange(0, DB)
+    offs_s = tl.arange(0, NG)
+    base_d = b * stride_db + hk * stride_dh
+    base_s = b * stride_sb + hk * stride_sh
+    m_i = tl.full([G_PAD], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([G_PAD], dtype=tl.float32)
+    acc = tl.zeros([G_PAD, HEAD_D], dtype=tl.float32)
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < hi
+        d_off = base_d + offs_n[:, None] * stride_dn + offs_db[None, :]
+        if GROUP == HEAD_D:
+            s_off = base_s + offs_n * stride_sn
+        else:
+            s_off = base_s + offs_n[:, None] * stride_sn + offs_s[None, :]
+        k, sk = _dequant(KD + d_off, KS + s_off, mask_n, BLOCK_N, HEAD_D, BITS, GROUP, E8M0, DT)
+        qk = tl.dot(q, tl.trans(k)) * sk[None, :]
+        valid = mask_n & (offs_n >= kv_start)
+        qk = tl.where(valid[None, :], qk, -1.0e30)
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_ij[:, None])
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v, sv = _dequant(VD + d_off, VS + s_off, mask_n, BLOCK_N, HEAD_D, BITS, GROUP, E8M0, DT)
+        acc = tl.dot((p * sv[None, :]).to(DT), v, acc * alpha[:, None])
+        m_i = m_ij
+    # empty chunk (past the end, or all padding): lse = -inf-like so the merge gives it weight 0
+    has = (hi > tl.maximum(lo, kv_start))
+    lse = tl.where(has, m_i + tl.math.log2(tl.maximum(l_i, 1e-30)), -1.0e30)
+    out = acc / tl.maximum(l_i, 1e-30)[:, None]
+    row = (bh * NSPLIT + split) * G_PAD + offs_g
+    tl.store(OP + row[:, None] * HEAD_D + offs_d[None, :], out)
+    tl.store(LSEP + row, lse)
+
+
+@triton.jit
+def _decode_reduce(OP, LSEP, O, stride_ob, stride_oh, HKV, NSPLIT,
+                   HEAD_D: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, NS_PAD: tl.constexpr):
+    pid = tl.program_id(0)  # one per (batch, query head)
+    b = pid // (HKV * G)
+    h = pid % (HKV * G)
+    hk = h // G
+    g = h % G
+    offs_s = tl.arange(0, NS_PAD)
+    offs_d = tl.arange(0, HEAD_D)
+    rows = ((b * HKV + hk) * NSPLIT + offs_s) * G_PAD + g
+    lse = tl.load(LSEP + rows, mask=offs_s < NSPLIT, other=-1.0e30)
+    mx = tl.max(lse, 0)
+    w = tl.math.exp2(lse - mx)
+    w = tl.where(lse > -1.0e29, w, 0.0)
+    o = tl.load(OP + rows[:, None] * HEAD_D + offs_d[None, :], mask=offs_s[:, None] < NSPLIT, other=0.0)
+    res = tl.sum(o * w[:, None], 0) / tl.maximum(tl.sum(w, 0), 1e-30)
+    tl.store(O + b * stride_ob + h * stride_oh + offs_d, res.to(O.dtype.element_ty))
+
+
+_SMS: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    idx = device.index or 0
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
+
+
+def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torch.Tensor, v_data: torch.Tensor,
+                            v_scale: torch.Tensor, seq_len: int, *, bits: int, scale: float | None = None,
+                            kv_start: torch.Tensor | None = None, kv_end: torch.Tensor | None = None,
+                            splits: int | None = None, block_n: int | None = None, num_warps: int = 4,
+                            num_stages: int = 3) -> torch.Tensor:
+    """Attention of q (B, H, 1, D) over the first `seq_len` tokens of quantized planes
+    (B, Hkv, cap, ...); returns (B, H, 1, D) in q's dtype."""
+    B, H, SQ, D = q.shape
+    if SQ != 1:
+        raise ValueError(f"decode_attention: one query token per sequence, got {SQ}; use flash_attention")
+    Hkv = k_data.shape[1]
+    if H % Hkv:
+        raise ValueError(f"decode_attention: {H} query heads are not a multiple of {Hkv} kv heads")
+    if D & (D - 1) or D < 16:
+        raise ValueError(f"decode_attention: head dim {D} must be a power of two >= 16 for the fused decode")
+    ng = k_scale.shape[-1]
+    group = D // ng
+    G = H // Hkv
+    g_pad = max(16, triton.next_power_of_2(G))
+    bn = block_n or (64 if bits == 8 else 128)
+    if splits is None:  # enough programs to fill the GPU about 3 times over
+        want = max(1, (3 * _num_sms(q.device)) // (B * Hkv))
+        splits = max(1, min(want, triton.cdiv(seq_len, bn)))
+    chunk = triton.cdiv(triton.cdiv(seq_len, splits), bn) * bn
+    splits = triton.cdiv(seq_len, chunk)
+    dev = q.device
+    op = torch.empty(B * Hkv * splits * g_pad, D, dtype=torch.float32, device=dev)
+    lse = torch.empty(B * Hkv * splits * g_pad, dtype=torch.float32, device=dev)
+    has_ranges = kv_start is not None or kv_end is not None
+    if has_ranges:
+        kv_start = (kv_start if kv_start is not None else torch.zeros(B, dtype=torch.int32, device=dev)).to(dev, torch.int32)
+        kv_end = (kv_end if kv_end is not None else torch.full((B,), seq_len, dtype=torch.int32, device=dev)).to(dev, torch.int32)
+    else:
+        kv_start = kv_end = lse
+    if _INTERPRET:
+        dt = tl.float32
+    else:
+        dt = tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16
+    assert k_data.stride() == v_data.stride() and k_scale.stride() == v_scale.stride()
+    _decode_split[(splits, B * Hkv)](
+        q, k_data, k_scale, v_data, v_scale, op, lse, kv_start, kv_end,
+        q.stride(0), q.stride(1), k_data.stride(0), k_data.stride(1), k_data.stride(2),
+        k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
+        H, Hkv, seq_len, chunk, splits, (scale if scale is not None else D ** -0.5) * math.log2(math.e),
+        HEAD_D=D, G=G, G_PAD=g_pad, BLOCK_N=bn, BITS=bits, GROUP=group, E8M0=k_scale.dtype == torch.uint8,
+        HAS_RANGES=has_ranges, DT=dt, num_warps=num_warps, num_stages=num_stages)
+    o = torch.empty(B, H, 1, D, dtype=q.dtype, device=dev)
+    _decode_reduce[(B * H,)](op, lse, o, o.stride(0), o.stride(1), Hkv, splits,
+                             HEAD_D=D, G=G, G_PAD=g_pad, NS_PAD=max(2, triton.next_power_of_2(splits)), num_warps=4)
+    return o
