@@ -47,8 +47,8 @@ def rel_err(o: torch.Tensor, ref: torch.Tensor) -> float:
 def prefill(args, rows: list) -> None:
     dev, dt = "cuda", getattr(torch, args.dtype)
     H, D = 16, 128
-    tune = [(128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 8, 2), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3),
-            (128, 64, 4, 4), (64, 64, 4, 3)] if args.tune else [CONFIGS[D]]
+    tune = [(64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 4), (64, 128, 4, 2), (64, 64, 8, 3), (128, 128, 8, 3),
+            (128, 128, 8, 2, True), (128, 64, 4, 3, True), (64, 64, 4, 3, True)] if args.tune else [CONFIGS[D]]
     print(f"\nprefill: B*S = 32768 tokens, H = {H}, D = {D}, {args.dtype}; TFLOP/s (median)")
     print(f"{'S':>6} {'causal':>6} {'lowbit':>8} {'FLASH':>8} {'CUDNN':>8} {'x FLASH':>8} {'x CUDNN':>8} {'rel err':>9}  config")
     for S in (1024, 4096, 16384):
@@ -90,6 +90,27 @@ def prefill(args, rows: list) -> None:
         torch.cuda.empty_cache()
 
 
+def check(args, rows: list) -> None:
+    """Every supported head dim, causal or not, GQA, padding ranges, fp16 and bf16 vs the fp32 twin."""
+    print("\nprefill accuracy: rel err vs fp32 reference (B=2, H=8, Hkv=2, Sq=Sk=1000, padded rows)")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    start = torch.tensor([0, 37], dtype=torch.int32, device="cuda")
+    end = torch.tensor([1000, 990], dtype=torch.int32, device="cuda")
+    for dt in (torch.bfloat16, torch.float16):
+        line = []
+        for D in (64, 80, 96, 128, 256):
+            q = torch.randn(2, 1000, 8, D, device="cuda", dtype=dt, generator=g).transpose(1, 2)
+            k, v = (torch.randn(2, 2, 1000, D, device="cuda", dtype=dt, generator=g) for _ in range(2))
+            worst = 0.0
+            for causal in (False, True):
+                o = flash_attention_triton(q, k, v, causal=causal, kv_start=start, kv_end=end)
+                ref = attention_reference(q.float(), k.float(), v.float(), causal=causal, kv_start=start, kv_end=end)
+                worst = max(worst, rel_err(o, ref))
+            rows.append({"kind": "check", "dtype": str(dt), "D": D, "rel_err": worst})
+            line.append(f"D={D}: {worst:.2e}")
+        print(f"  {str(dt):<15} " + "  ".join(line))
+
+
 def _graph_time_us(fn, n_calls: int, reps: int = 20) -> float:
     """Median per-call time of `n_calls` calls (fn(i)) captured in one CUDA graph."""
     s = torch.cuda.Stream()
@@ -120,11 +141,10 @@ def decode(args, rows: list) -> None:
     H, HKV, D = 32, 8, 128
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     print(f"\ndecode: GQA {H}/{HKV}, D = {D}, one query token, {args.dtype} queries; microseconds per call (median, CUDA graph)")
-    print(f"{'B':>3} {'S':>6} {'SDPA bf16':>10} {'int8':>8} {'int4':>8} {'x int8':>7} {'x int4':>7} {'err int8':>9} {'err int4':>9}  configs")
-    tune8 = [dict(block_n=bn, num_warps=w, num_stages=st) for bn in (64, 128) for w in (4, 8) for st in (2, 3, 4)] \
-        if args.tune else [{}]
-    tune4 = [dict(block_n=bn, num_warps=w, num_stages=st) for bn in (64, 128, 256) for w in (4, 8) for st in (2, 3)] \
-        if args.tune else [{}]
+    print(f"{'B':>3} {'S':>6} {'SDPA bf16':>10} {'int8':>8} {'int4':>8} {'int4/tok':>8} {'x int8':>7} {'x int4':>7} "
+          f"{'x int4/t':>8} {'err int8':>9} {'err int4':>9} {'err 4/tok':>9}")
+    tune = [dict(block_n=bn, num_stages=st, programs_per_sm=pps) for bn in (32, 64, 128) for st in (2, 3)
+            for pps in (4, 8, 16)] if args.tune else [{}]
     for B, S in ((1, 8192), (8, 8192), (32, 4096)):
         kv_bytes = 2 * B * HKV * S * D * 2
         copies = max(2, math.ceil(3 * l2 / kv_bytes))
@@ -152,7 +172,7 @@ def decode(args, rows: list) -> None:
                 best_sdpa = (t, name)
         out = {"kind": "decode", "B": B, "S": S, "sdpa_us": best_sdpa[0], "sdpa_backend": best_sdpa[1]}
         ref_exact = [attention_reference(qs[0].float(), ks[0].float(), vs[0].float())]
-        for bits, group, tune in ((8, None, tune8), (4, 32, tune4)):
+        for label, bits, group in (("int8", 8, None), ("int4", 4, 32), ("int4t", 4, None)):
             planes = [(quantize_kv(ks[i], bits, group), quantize_kv(vs[i], bits, group)) for i in range(copies)]
             best = (math.inf, None)
             for cfg in tune:
@@ -162,25 +182,27 @@ def decode(args, rows: list) -> None:
                 try:
                     t = _graph_time_us(run, n_calls)
                 except Exception as e:
-                    print(f"   int{bits} {cfg}: {type(e).__name__} {str(e)[:80]}")
+                    print(f"   {label} {cfg}: {type(e).__name__} {str(e)[:80]}")
                     continue
                 if args.tune:
-                    print(f"   int{bits} {cfg}: {t:.1f} us")
+                    print(f"   {label} {cfg}: {t:.1f} us")
                 if t < best[0]:
                     best = (t, cfg)
             (kd, ksc), (vd, vsc) = planes[0]
             o = decode_attention_triton(qs[0], kd, ksc, vd, vsc, S, bits=bits, **best[1])
             err_exact = rel_err(o, ref_exact[0])
             ref_q = attention_reference(qs[0].float(), dequantize_kv(kd, ksc, bits, D), dequantize_kv(vd, vsc, bits, D))
-            out[f"int{bits}_us"], out[f"int{bits}_config"] = best
-            out[f"int{bits}_err_vs_float_cache"] = err_exact
-            out[f"int{bits}_err_vs_dequantized"] = rel_err(o, ref_q)
+            out[f"{label}_us"], out[f"{label}_config"] = best
+            out[f"{label}_err_vs_float_cache"] = err_exact
+            out[f"{label}_err_vs_dequantized"] = rel_err(o, ref_q)
             del planes
         rows.append(out)
-        print(f"{B:>3} {S:>6} {out['sdpa_us']:>10.1f} {out['int8_us']:>8.1f} {out['int4_us']:>8.1f} "
+        print(f"{B:>3} {S:>6} {out['sdpa_us']:>10.1f} {out['int8_us']:>8.1f} {out['int4_us']:>8.1f} {out['int4t_us']:>8.1f} "
               f"{out['sdpa_us'] / out['int8_us']:>6.2f}x {out['sdpa_us'] / out['int4_us']:>6.2f}x "
-              f"{out['int8_err_vs_float_cache']:>9.2e} {out['int4_err_vs_float_cache']:>9.2e}  "
-              f"sdpa={best_sdpa[1]} int8={out['int8_config']} int4={out['int4_config']}")
+              f"{out['sdpa_us'] / out['int4t_us']:>7.2f}x {out['int8_err_vs_float_cache']:>9.2e} "
+              f"{out['int4_err_vs_float_cache']:>9.2e} {out['int4t_err_vs_float_cache']:>9.2e}")
+        print(f"     SDPA backend {best_sdpa[1]}; configs int8 {out['int8_config']} int4 {out['int4_config']} "
+              f"int4/tok {out['int4t_config']}")
         del ks, vs, qs
         torch.cuda.empty_cache()
 
@@ -199,6 +221,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, triton {triton.__version__}")
     rows: list = []
     if args.only in (None, "prefill"):
+        check(args, rows)
         prefill(args, rows)
     if args.only in (None, "decode"):
         decode(args, rows)

@@ -29,17 +29,19 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _dequant(ptrs, s_ptrs, mask_n, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, BITS: tl.constexpr,
-             GROUP: tl.constexpr, E8M0: tl.constexpr, DT: tl.constexpr):
-    """(codes or values (BLOCK_N, D) in DT, per-token scale (BLOCK_N,) fp32 or None-like 1.0)."""
+def _codes(ptrs, s_ptrs, mask_n, BLOCK_N: tl.constexpr, WIDTH: tl.constexpr, GROUP_W: tl.constexpr,
+           PER_TOKEN: tl.constexpr, BITS: tl.constexpr, NIBBLE: tl.constexpr, E8M0: tl.constexpr, DT: tl.constexpr):
+    """One (BLOCK_N, WIDTH) tile of values in DT: int8 codes, or the low / high nibbles of int4
+    bytes; per-block scales (GROUP_W columns of this tile per scale) are applied here, per-token
+    ones are left to the caller (returned as a (BLOCK_N,) fp32 vector, 1.0 otherwise)."""
     raw = tl.load(ptrs, mask=mask_n[:, None], other=0)
     if BITS == 8:
-        x = raw.to(tl.float32)
+        x = raw
+    elif NIBBLE == 0:
+        x = (raw & 0xF).to(tl.int8) - 8
     else:
-        lo = (raw & 0xF).to(tl.float32) - 8.0
-        hi = (raw >> 4).to(tl.float32) - 8.0
-        x = tl.join(lo, hi).reshape(BLOCK_N, HEAD_D)
-    if GROUP == HEAD_D:
+        x = (raw >> 4).to(tl.int8) - 8
+    if PER_TOKEN:
         s = tl.load(s_ptrs, mask=mask_n, other=0)
         if E8M0:
             s = tl.math.exp2(s.to(tl.float32) - 127.0)
@@ -48,8 +50,8 @@ def _dequant(ptrs, s_ptrs, mask_n, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, 
         s = tl.load(s_ptrs, mask=mask_n[:, None], other=0)
         if E8M0:
             s = tl.math.exp2(s.to(tl.float32) - 127.0)
-        x = (x.reshape(BLOCK_N, HEAD_D // GROUP, GROUP) * s.to(tl.float32)[:, :, None]).reshape(BLOCK_N, HEAD_D)
-        return x.to(DT), tl.full([BLOCK_N], 1.0, tl.float32)
+        x = x.to(tl.float32).reshape(BLOCK_N, WIDTH // GROUP_W, GROUP_W) * s.to(tl.float32)[:, :, None]
+        return x.reshape(BLOCK_N, WIDTH).to(DT), tl.full([BLOCK_N], 1.0, tl.float32)
 
 
 @triton.jit
@@ -63,11 +65,21 @@ def _decode_split(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END,
     bh = tl.program_id(1)
     b = bh // HKV
     hk = bh % HKV
+    PER_TOKEN: tl.constexpr = GROUP == HEAD_D
+    # int8: one tile of D columns; int4: two tiles of D/2 columns (low nibbles = even elements,
+    # high nibbles = odd elements), each multiplied with the matching half of q
+    W: tl.constexpr = HEAD_D if BITS == 8 else HEAD_D // 2
+    GW: tl.constexpr = GROUP if BITS == 8 else GROUP // 2
+    NG: tl.constexpr = HEAD_D // GROUP
     offs_g = tl.arange(0, G_PAD)
-    offs_d = tl.arange(0, HEAD_D)
-    q = tl.load(Q + b * stride_qb + (hk * G + offs_g[:, None]) * stride_qh + offs_d[None, :],
-                mask=offs_g[:, None] < G, other=0.0)
-    q = (q.to(tl.float32) * qk_scale).to(DT)
+    offs_w = tl.arange(0, W)
+    STEP: tl.constexpr = 1 if BITS == 8 else 2
+    q_rows = Q + b * stride_qb + (hk * G + offs_g[:, None]) * stride_qh
+    q0 = tl.load(q_rows + offs_w[None, :] * STEP, mask=offs_g[:, None] < G, other=0.0)
+    q0 = (q0.to(tl.float32) * qk_scale).to(DT)
+    if BITS == 4:
+        q1 = tl.load(q_rows + offs_w[None, :] * 2 + 1, mask=offs_g[:, None] < G, other=0.0)
+        q1 = (q1.to(tl.float32) * qk_scale).to(DT)
     if HAS_RANGES:
         kv_start = tl.load(KV_START + b)
         kv_end = tl.minimum(tl.load(KV_END + b), SEQ)
@@ -76,46 +88,56 @@ def _decode_split(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END,
         kv_end = SEQ
     lo = split * CHUNK
     hi = tl.minimum(lo + CHUNK, kv_end)
-    DB: tl.constexpr = HEAD_D if BITS == 8 else HEAD_D // 2
-    NG: tl.constexpr = HEAD_D // GROUP
-    offs_db = tl.arange(0, DB)
     offs_s = tl.arange(0, NG)
     base_d = b * stride_db + hk * stride_dh
     base_s = b * stride_sb + hk * stride_sh
     m_i = tl.full([G_PAD], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([G_PAD], dtype=tl.float32)
-    acc = tl.zeros([G_PAD, HEAD_D], dtype=tl.float32)
+    acc0 = tl.zeros([G_PAD, W], dtype=tl.float32)
+    if BITS == 4:
+        acc1 = tl.zeros([G_PAD, W], dtype=tl.float32)
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < hi
-        d_off = base_d + offs_n[:, None] * stride_dn + offs_db[None, :]
-        if GROUP == HEAD_D:
+        d_off = base_d + offs_n[:, None] * stride_dn + offs_w[None, :]
+        if PER_TOKEN:
             s_off = base_s + offs_n * stride_sn
         else:
             s_off = base_s + offs_n[:, None] * stride_sn + offs_s[None, :]
-        k, sk = _dequant(KD + d_off, KS + s_off, mask_n, BLOCK_N, HEAD_D, BITS, GROUP, E8M0, DT)
-        qk = tl.dot(q, tl.trans(k)) * sk[None, :]
+        k0, sk = _codes(KD + d_off, KS + s_off, mask_n, BLOCK_N, W, GW, PER_TOKEN, BITS, 0, E8M0, DT)
+        qk = tl.dot(q0, tl.trans(k0))
+        if BITS == 4:
+            k1, sk = _codes(KD + d_off, KS + s_off, mask_n, BLOCK_N, W, GW, PER_TOKEN, BITS, 1, E8M0, DT)
+            qk = tl.dot(q1, tl.trans(k1), qk)
+        qk = qk * sk[None, :]
         valid = mask_n & (offs_n >= kv_start)
         qk = tl.where(valid[None, :], qk, -1.0e30)
         m_ij = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_ij[:, None])
         alpha = tl.math.exp2(m_i - m_ij)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v, sv = _dequant(VD + d_off, VS + s_off, mask_n, BLOCK_N, HEAD_D, BITS, GROUP, E8M0, DT)
-        acc = tl.dot((p * sv[None, :]).to(DT), v, acc * alpha[:, None])
+        v0, sv = _codes(VD + d_off, VS + s_off, mask_n, BLOCK_N, W, GW, PER_TOKEN, BITS, 0, E8M0, DT)
+        pv = (p * sv[None, :]).to(DT)
+        acc0 = tl.dot(pv, v0, acc0 * alpha[:, None])
+        if BITS == 4:
+            v1, sv = _codes(VD + d_off, VS + s_off, mask_n, BLOCK_N, W, GW, PER_TOKEN, BITS, 1, E8M0, DT)
+            acc1 = tl.dot(pv, v1, acc1 * alpha[:, None])
         m_i = m_ij
-    # empty chunk (past the end, or all padding): lse = -inf-like so the merge gives it weight 0
-    has = (hi > tl.maximum(lo, kv_start))
+    # empty chunk (past the end, or all padding): lse = -1e30 so the merge gives it weight 0
+    has = hi > tl.maximum(lo, kv_start)
     lse = tl.where(has, m_i + tl.math.log2(tl.maximum(l_i, 1e-30)), -1.0e30)
-    out = acc / tl.maximum(l_i, 1e-30)[:, None]
-    row = (bh * NSPLIT + split) * G_PAD + offs_g
-    tl.store(OP + row[:, None] * HEAD_D + offs_d[None, :], out)
-    tl.store(LSEP + row, lse)
+    inv = 1.0 / tl.maximum(l_i, 1e-30)
+    row = (bh * NSPLIT + split) * G + offs_g  # only the G real rows are stored
+    row_ok = offs_g[:, None] < G
+    tl.store(OP + row[:, None] * HEAD_D + offs_w[None, :] * STEP, acc0 * inv[:, None], mask=row_ok)
+    if BITS == 4:
+        tl.store(OP + row[:, None] * HEAD_D + offs_w[None, :] * 2 + 1, acc1 * inv[:, None], mask=row_ok)
+    tl.store(LSEP + row, lse, mask=offs_g < G)
 
 
 @triton.jit
 def _decode_reduce(OP, LSEP, O, stride_ob, stride_oh, HKV, NSPLIT,
-                   HEAD_D: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, NS_PAD: tl.constexpr):
+                   HEAD_D: tl.constexpr, G: tl.constexpr, NS_PAD: tl.constexpr):
     pid = tl.program_id(0)  # one per (batch, query head)
     b = pid // (HKV * G)
     h = pid % (HKV * G)
@@ -123,11 +145,10 @@ def _decode_reduce(OP, LSEP, O, stride_ob, stride_oh, HKV, NSPLIT,
     g = h % G
     offs_s = tl.arange(0, NS_PAD)
     offs_d = tl.arange(0, HEAD_D)
-    rows = ((b * HKV + hk) * NSPLIT + offs_s) * G_PAD + g
+    rows = ((b * HKV + hk) * NSPLIT + offs_s) * G + g
     lse = tl.load(LSEP + rows, mask=offs_s < NSPLIT, other=-1.0e30)
     mx = tl.max(lse, 0)
-    w = tl.math.exp2(lse - mx)
-    w = tl.where(lse > -1.0e29, w, 0.0)
+    w = tl.where(lse > -1.0e29, tl.math.exp2(lse - mx), 0.0)
     o = tl.load(OP + rows[:, None] * HEAD_D + offs_d[None, :], mask=offs_s[:, None] < NSPLIT, other=0.0)
     res = tl.sum(o * w[:, None], 0) / tl.maximum(tl.sum(w, 0), 1e-30)
     tl.store(O + b * stride_ob + h * stride_oh + offs_d, res.to(O.dtype.element_ty))
@@ -149,7 +170,7 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
                             v_scale: torch.Tensor, seq_len: int, *, bits: int, scale: float | None = None,
                             kv_start: torch.Tensor | None = None, kv_end: torch.Tensor | None = None,
                             splits: int | None = None, block_n: int | None = None, num_warps: int = 4,
-                            num_stages: int = 3) -> torch.Tensor:
+                            num_stages: int = 3, programs_per_sm: int = 8) -> torch.Tensor:
     """Attention of q (B, H, 1, D) over the first `seq_len` tokens of quantized planes
     (B, Hkv, cap, ...); returns (B, H, 1, D) in q's dtype."""
     B, H, SQ, D = q.shape
@@ -158,21 +179,23 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
     Hkv = k_data.shape[1]
     if H % Hkv:
         raise ValueError(f"decode_attention: {H} query heads are not a multiple of {Hkv} kv heads")
-    if D & (D - 1) or D < 16:
-        raise ValueError(f"decode_attention: head dim {D} must be a power of two >= 16 for the fused decode")
+    if D & (D - 1) or D < 32:
+        raise ValueError(f"decode_attention: head dim {D} must be a power of two >= 32 for the fused decode")
     ng = k_scale.shape[-1]
     group = D // ng
+    if group & (group - 1) or (bits == 4 and group < 32):
+        raise ValueError(f"decode_attention: scale group {group} must be a power of two (>= 32 for int4)")
     G = H // Hkv
     g_pad = max(16, triton.next_power_of_2(G))
     bn = block_n or (64 if bits == 8 else 128)
-    if splits is None:  # enough programs to fill the GPU about 3 times over
-        want = max(1, (3 * _num_sms(q.device)) // (B * Hkv))
-        splits = max(1, min(want, triton.cdiv(seq_len, bn)))
+    if splits is None:  # enough programs in flight per SM to hide the memory latency
+        want = max(1, (programs_per_sm * _num_sms(q.device)) // (B * Hkv))
+        splits = max(1, min(want, triton.cdiv(seq_len, 2 * bn)))
     chunk = triton.cdiv(triton.cdiv(seq_len, splits), bn) * bn
     splits = triton.cdiv(seq_len, chunk)
     dev = q.device
-    op = torch.empty(B * Hkv * splits * g_pad, D, dtype=torch.float32, device=dev)
-    lse = torch.empty(B * Hkv * splits * g_pad, dtype=torch.float32, device=dev)
+    op = torch.empty(B * Hkv * splits * G, D, dtype=torch.float32, device=dev)
+    lse = torch.empty(B * Hkv * splits * G, dtype=torch.float32, device=dev)
     has_ranges = kv_start is not None or kv_end is not None
     if has_ranges:
         kv_start = (kv_start if kv_start is not None else torch.zeros(B, dtype=torch.int32, device=dev)).to(dev, torch.int32)
@@ -193,5 +216,5 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
         HAS_RANGES=has_ranges, DT=dt, num_warps=num_warps, num_stages=num_stages)
     o = torch.empty(B, H, 1, D, dtype=q.dtype, device=dev)
     _decode_reduce[(B * H,)](op, lse, o, o.stride(0), o.stride(1), Hkv, splits,
-                             HEAD_D=D, G=G, G_PAD=g_pad, NS_PAD=max(2, triton.next_power_of_2(splits)), num_warps=4)
+                             HEAD_D=D, G=G, NS_PAD=max(2, triton.next_power_of_2(splits)), num_warps=4)
     return o

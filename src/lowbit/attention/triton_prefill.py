@@ -34,10 +34,10 @@ HEAD_DIMS = (64, 80, 96, 128, 256)
 def _tile(acc, l_i, m_i, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kn, stride_vn, b, hk,
           lo, hi, offs_m, kv_start, kv_end, off_causal,
           BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, D_PAD: tl.constexpr, MASKED: tl.constexpr,
-          CAUSAL: tl.constexpr, USE_DESC: tl.constexpr, DOT_DTYPE: tl.constexpr):
+          CAUSAL: tl.constexpr, USE_DESC: tl.constexpr, DOT_DTYPE: tl.constexpr, WS: tl.constexpr = False):
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
-    for start_n in tl.range(lo, hi, BLOCK_N):
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
         offs_n = start_n + offs_n0
         if USE_DESC:
             k = k_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, D_PAD)
@@ -71,8 +71,11 @@ def _fa_fwd(Q, K, V, O, KV_START, KV_END,
             stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
             B, H, GROUP, SQ, SK, qk_scale,
             HEAD_D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            CAUSAL: tl.constexpr, HAS_RANGES: tl.constexpr, USE_DESC: tl.constexpr, DOT_DTYPE: tl.constexpr):
+            CAUSAL: tl.constexpr, HAS_RANGES: tl.constexpr, USE_DESC: tl.constexpr, DOT_DTYPE: tl.constexpr,
+            WS: tl.constexpr):
     pid_m = tl.program_id(0)
+    if CAUSAL:  # the longest rows first: fewer idle SMs at the end of the launch
+        pid_m = tl.num_programs(0) - 1 - pid_m
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -135,7 +138,7 @@ def _fa_fwd(Q, K, V, O, KV_START, KV_END,
                           BLOCK_N, HEAD_D, D_PAD, True, CAUSAL, USE_DESC, DOT_DTYPE)
     acc, l_i, m_i = _tile(acc, l_i, m_i, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kn, stride_vn, b, hk,
                           mid_lo, mid_hi, offs_m, kv_start, kv_end, off_causal,
-                          BLOCK_N, HEAD_D, D_PAD, False, CAUSAL, USE_DESC, DOT_DTYPE)
+                          BLOCK_N, HEAD_D, D_PAD, False, CAUSAL, USE_DESC, DOT_DTYPE, WS)
     acc, l_i, m_i = _tile(acc, l_i, m_i, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kn, stride_vn, b, hk,
                           mid_hi, hi, offs_m, kv_start, kv_end, off_causal,
                           BLOCK_N, HEAD_D, D_PAD, True, CAUSAL, USE_DESC, DOT_DTYPE)
@@ -159,8 +162,9 @@ def _fa_fwd(Q, K, V, O, KV_START, KV_END,
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < SQ) & (offs_d[None, :] < HEAD_D))
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim, tuned on an H200 (benchmarks/attention.py)
-CONFIGS = {64: (128, 64, 4, 3), 80: (128, 64, 8, 3), 96: (128, 64, 8, 3), 128: (128, 128, 8, 3), 256: (64, 64, 4, 2)}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize]) per head dim, from the sweep of
+# `benchmarks/attention.py --tune` on an H200 (D = 128); the others are scaled to fit shared memory
+CONFIGS = {64: (64, 64, 4, 3), 80: (64, 64, 4, 3), 96: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 32, 4, 2)}
 _allocator_set = False
 
 
@@ -190,7 +194,8 @@ def flash_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         if t.stride(-1) != 1:
             raise ValueError(f"flash_attention: {name} must have unit stride along the head dim")
     o = out if out is not None else torch.empty(B, H, SQ, D, dtype=q.dtype, device=q.device)
-    bm, bn, warps, stages = config or CONFIGS[D]
+    bm, bn, warps, stages, *ws = config or CONFIGS[D]
+    ws = bool(ws and ws[0]) and not _INTERPRET
     d_pad = triton.next_power_of_2(D)
     use_desc = not _INTERPRET and q.is_cuda
     if use_desc:
@@ -216,5 +221,5 @@ def flash_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                   v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
                   B, H, H // Hkv, SQ, SK, (scale if scale is not None else D ** -0.5) * math.log2(math.e),
                   HEAD_D=D, D_PAD=d_pad, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, HAS_RANGES=has_ranges,
-                  USE_DESC=use_desc, DOT_DTYPE=dot_dtype, num_warps=warps, num_stages=stages)
+                  USE_DESC=use_desc, DOT_DTYPE=dot_dtype, WS=ws, num_warps=warps, num_stages=stages)
     return o
