@@ -28,6 +28,28 @@ import torch
 
 QMAX = {8: 127, 4: 7}
 
+# kv_cache name -> (bits, scale group along the head dim (None = one per token per head), scale dtype)
+KV_FORMATS = {
+    "int8": (8, None, "fp16"),   # 8 bits + one fp16 scale per token per head: 8.25 bits/value at D = 64
+    "int4": (4, 32, "fp16"),     # 4 bits + one fp16 scale per 32 values: 4.5 bits/value
+    "int8-e8m0": (8, None, "e8m0"),
+    "int4-e8m0": (4, 32, "e8m0"),
+    "int4-token": (4, None, "fp16"),
+}
+
+
+def kv_format(name: str) -> tuple[int, int | None, str]:
+    """(bits, group, scale dtype) for a kv_cache name; the error lists the names.
+
+    Example:
+        >>> kv_format("int4")
+        (4, 32, 'fp16')
+    """
+    try:
+        return KV_FORMATS[name]
+    except KeyError:
+        raise ValueError(f"kv_cache={name!r}: unknown; expected one of {sorted(KV_FORMATS)}") from None
+
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                         scale: float | None = None, kv_start: torch.Tensor | None = None,

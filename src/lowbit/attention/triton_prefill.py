@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-HEAD_DIMS = (64, 80, 96, 128, 256)
+from .triton_prefill_dims import HEAD_DIMS  # noqa: E402
 
 
 @triton.jit
