@@ -74,15 +74,15 @@ def test_prefill_rows_without_keys_are_zero(gen):
 
 
 @pytest.mark.parametrize("bits,group,scale_dtype", [(8, None, "fp16"), (8, 32, "e8m0"), (4, 32, "fp16"), (4, None, "e8m0")])
-@pytest.mark.parametrize("S", [1, 17, 130])
-def test_decode_matches_dequantized_reference(gen, bits, group, scale_dtype, S):
+@pytest.mark.parametrize("S,swap", [(1, False), (17, True), (130, False), (130, True)])
+def test_decode_matches_dequantized_reference(gen, bits, group, scale_dtype, S, swap):
     from lowbit.attention.triton_decode import decode_attention_triton
 
     B, H, Hkv, D, cap = 2, 8, 2, 64, 131
     q, k, v = _qkv(gen, B, H, Hkv, 1, cap, D, DTYPES[0])
     (kd, ks), (vd, vs) = quantize_kv(k, bits, group, scale_dtype), quantize_kv(v, bits, group, scale_dtype)
     start = torch.tensor([0, min(3, S - 1)], dtype=torch.int32)
-    out = decode_attention_triton(q, kd, ks, vd, vs, S, bits=bits, kv_start=start, splits=3 if S > 64 else None)
+    out = decode_attention_triton(q, kd, ks, vd, vs, S, bits=bits, kv_start=start, splits=3 if S > 64 else None, swap=swap)
     kq, vq = dequantize_kv(kd, ks, bits, D)[:, :, :S], dequantize_kv(vd, vs, bits, D)[:, :, :S]
     ref = attention_reference(q.float(), kq, vq, kv_start=start)
     assert not out.isnan().any()

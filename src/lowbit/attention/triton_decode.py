@@ -60,7 +60,7 @@ def _decode_split(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END,
                   H, HKV, SEQ, CHUNK, NSPLIT, qk_scale,
                   HEAD_D: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                   BITS: tl.constexpr, GROUP: tl.constexpr, E8M0: tl.constexpr, HAS_RANGES: tl.constexpr,
-                  DT: tl.constexpr):
+                  DT: tl.constexpr, SWAP: tl.constexpr):
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HKV
@@ -93,9 +93,16 @@ def _decode_split(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END,
     base_s = b * stride_sb + hk * stride_sh
     m_i = tl.full([G_PAD], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([G_PAD], dtype=tl.float32)
-    acc0 = tl.zeros([G_PAD, W], dtype=tl.float32)
-    if BITS == 4:
-        acc1 = tl.zeros([G_PAD, W], dtype=tl.float32)
+    if SWAP:  # transposed problem: the cache tile is the M side (>= 64 rows: Hopper's wgmma)
+        q0t = tl.trans(q0)
+        acc0 = tl.zeros([W, G_PAD], dtype=tl.float32)
+        if BITS == 4:
+            q1t = tl.trans(q1)
+            acc1 = tl.zeros([W, G_PAD], dtype=tl.float32)
+    else:
+        acc0 = tl.zeros([G_PAD, W], dtype=tl.float32)
+        if BITS == 4:
+            acc1 = tl.zeros([G_PAD, W], dtype=tl.float32)
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < hi
@@ -104,34 +111,56 @@ def _decode_split(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END,
             s_off = base_s + offs_n * stride_sn
         else:
             s_off = base_s + offs_n[:, None] * stride_sn + offs_s[None, :]
-        k0, sk = _codes(KD + d_off, KS + s_off, mask_n, BLOCK_N, W, GW, PER_TOKEN, BITS, 0, E8M0, DT)
-        qk = tl.dot(q0, tl.trans(k0))
-        if BITS == 4:
-            k1, sk = _codes(KD + d_off, KS + s_off, mask_n, BLOCK_N, W, GW, PER_TOKEN, BITS, 1, E8M0, DT)
-            qk = tl.dot(q1, tl.trans(k1), qk)
-        qk = qk * sk[None, :]
         valid = mask_n & (offs_n >= kv_start)
-        qk = tl.where(valid[None, :], qk, -1.0e30)
-        m_ij = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_ij[:, None])
-        alpha = tl.math.exp2(m_i - m_ij)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v0, sv = _codes(VD + d_off, VS + s_off, mask_n, BLOCK_N, W, GW, PER_TOKEN, BITS, 0, E8M0, DT)
-        pv = (p * sv[None, :]).to(DT)
-        acc0 = tl.dot(pv, v0, acc0 * alpha[:, None])
-        if BITS == 4:
-            v1, sv = _codes(VD + d_off, VS + s_off, mask_n, BLOCK_N, W, GW, PER_TOKEN, BITS, 1, E8M0, DT)
-            acc1 = tl.dot(pv, v1, acc1 * alpha[:, None])
+        k0, sk = _codes(KD + d_off, KS + s_off, mask_n, BLOCK_N, W, GW, PER_TOKEN, BITS, 0, E8M0, DT)
+        if SWAP:
+            st = tl.dot(k0, q0t)  # (BLOCK_N, G_PAD)
+            if BITS == 4:
+                k1, sk = _codes(KD + d_off, KS + s_off, mask_n, BLOCK_N, W, GW, PER_TOKEN, BITS, 1, E8M0, DT)
+                st = tl.dot(k1, q1t, st)
+            st = tl.where(valid[:, None], st * sk[:, None], -1.0e30)
+            m_ij = tl.maximum(m_i, tl.max(st, 0))
+            pt = tl.math.exp2(st - m_ij[None, :])
+            alpha = tl.math.exp2(m_i - m_ij)
+            l_i = l_i * alpha + tl.sum(pt, 0)
+            v0, sv = _codes(VD + d_off, VS + s_off, mask_n, BLOCK_N, W, GW, PER_TOKEN, BITS, 0, E8M0, DT)
+            pvt = (pt * sv[:, None]).to(DT)
+            acc0 = tl.dot(tl.trans(v0), pvt, acc0 * alpha[None, :])
+            if BITS == 4:
+                v1, sv = _codes(VD + d_off, VS + s_off, mask_n, BLOCK_N, W, GW, PER_TOKEN, BITS, 1, E8M0, DT)
+                acc1 = tl.dot(tl.trans(v1), pvt, acc1 * alpha[None, :])
+        else:
+            qk = tl.dot(q0, tl.trans(k0))
+            if BITS == 4:
+                k1, sk = _codes(KD + d_off, KS + s_off, mask_n, BLOCK_N, W, GW, PER_TOKEN, BITS, 1, E8M0, DT)
+                qk = tl.dot(q1, tl.trans(k1), qk)
+            qk = tl.where(valid[None, :], qk * sk[None, :], -1.0e30)
+            m_ij = tl.maximum(m_i, tl.max(qk, 1))
+            p = tl.math.exp2(qk - m_ij[:, None])
+            alpha = tl.math.exp2(m_i - m_ij)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v0, sv = _codes(VD + d_off, VS + s_off, mask_n, BLOCK_N, W, GW, PER_TOKEN, BITS, 0, E8M0, DT)
+            pv = (p * sv[None, :]).to(DT)
+            acc0 = tl.dot(pv, v0, acc0 * alpha[:, None])
+            if BITS == 4:
+                v1, sv = _codes(VD + d_off, VS + s_off, mask_n, BLOCK_N, W, GW, PER_TOKEN, BITS, 1, E8M0, DT)
+                acc1 = tl.dot(pv, v1, acc1 * alpha[:, None])
         m_i = m_ij
     # empty chunk (past the end, or all padding): lse = -1e30 so the merge gives it weight 0
     has = hi > tl.maximum(lo, kv_start)
     lse = tl.where(has, m_i + tl.math.log2(tl.maximum(l_i, 1e-30)), -1.0e30)
     inv = 1.0 / tl.maximum(l_i, 1e-30)
     row = (bh * NSPLIT + split) * G + offs_g  # only the G real rows are stored
-    row_ok = offs_g[:, None] < G
-    tl.store(OP + row[:, None] * HEAD_D + offs_w[None, :] * STEP, acc0 * inv[:, None], mask=row_ok)
-    if BITS == 4:
-        tl.store(OP + row[:, None] * HEAD_D + offs_w[None, :] * 2 + 1, acc1 * inv[:, None], mask=row_ok)
+    if SWAP:
+        row_ok = offs_g[None, :] < G
+        tl.store(OP + row[None, :] * HEAD_D + offs_w[:, None] * STEP, acc0 * inv[None, :], mask=row_ok)
+        if BITS == 4:
+            tl.store(OP + row[None, :] * HEAD_D + offs_w[:, None] * 2 + 1, acc1 * inv[None, :], mask=row_ok)
+    else:
+        row_ok = offs_g[:, None] < G
+        tl.store(OP + row[:, None] * HEAD_D + offs_w[None, :] * STEP, acc0 * inv[:, None], mask=row_ok)
+        if BITS == 4:
+            tl.store(OP + row[:, None] * HEAD_D + offs_w[None, :] * 2 + 1, acc1 * inv[:, None], mask=row_ok)
     tl.store(LSEP + row, lse, mask=offs_g < G)
 
 
@@ -170,7 +199,7 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
                             v_scale: torch.Tensor, seq_len: int, *, bits: int, scale: float | None = None,
                             kv_start: torch.Tensor | None = None, kv_end: torch.Tensor | None = None,
                             splits: int | None = None, block_n: int | None = None, num_warps: int = 4,
-                            num_stages: int = 3, programs_per_sm: int = 8) -> torch.Tensor:
+                            num_stages: int = 3, programs_per_sm: int = 8, swap: bool = False) -> torch.Tensor:
     """Attention of q (B, H, 1, D) over the first `seq_len` tokens of quantized planes
     (B, Hkv, cap, ...); returns (B, H, 1, D) in q's dtype."""
     B, H, SQ, D = q.shape
@@ -213,7 +242,7 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
         k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
         H, Hkv, seq_len, chunk, splits, (scale if scale is not None else D ** -0.5) * math.log2(math.e),
         HEAD_D=D, G=G, G_PAD=g_pad, BLOCK_N=bn, BITS=bits, GROUP=group, E8M0=k_scale.dtype == torch.uint8,
-        HAS_RANGES=has_ranges, DT=dt, num_warps=num_warps, num_stages=num_stages)
+        HAS_RANGES=has_ranges, DT=dt, SWAP=swap, num_warps=num_warps, num_stages=num_stages)
     o = torch.empty(B, H, 1, D, dtype=q.dtype, device=dev)
     _decode_reduce[(B * H,)](op, lse, o, o.stride(0), o.stride(1), Hkv, splits,
                              HEAD_D=D, G=G, NS_PAD=max(2, triton.next_power_of_2(splits)), num_warps=4)
