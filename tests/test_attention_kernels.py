@@ -86,7 +86,11 @@ def test_decode_matches_dequantized_reference(gen, bits, group, scale_dtype, S, 
     kq, vq = dequantize_kv(kd, ks, bits, D)[:, :, :S], dequantize_kv(vd, vs, bits, D)[:, :, :S]
     ref = attention_reference(q.float(), kq, vq, kv_start=start)
     assert not out.isnan().any()
-    assert _rel(out, ref) < TOL
+    # per-token scales run QK^T on the int8 tensor cores with q rounded to int8 per row: ~5e-3
+    assert _rel(out, ref) < (1e-2 if group is None and not swap else TOL)
+    if group is None and not swap:  # the same kernel with q kept in floating point is exact
+        exact = decode_attention_triton(q, kd, ks, vd, vs, S, bits=bits, kv_start=start, int_mma=False)
+        assert _rel(exact, ref) < TOL
 
 
 def test_int8_cache_close_to_float_cache(gen):

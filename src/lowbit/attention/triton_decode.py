@@ -55,12 +55,27 @@ def _codes(ptrs, s_ptrs, mask_n, BLOCK_N: tl.constexpr, WIDTH: tl.constexpr, GRO
 
 
 @triton.jit
+def _round_i8(x, INTERP: tl.constexpr):
+    """Round to nearest (|x| <= 127) and convert to int8."""
+    return tl.where(x >= 0, x + 0.5, x - 0.5).to(tl.int8)
+
+
+@triton.jit
+def _idot(a, b, INTERP: tl.constexpr):
+    """int8 x int8 -> int32 matrix product (exact in fp32 for these sizes under the interpreter)."""
+    if INTERP:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32)).to(tl.int32)
+    else:
+        return tl.dot(a, b, out_dtype=tl.int32)
+
+
+@triton.jit
 def _decode_split(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END,
                   stride_qb, stride_qh, stride_db, stride_dh, stride_dn, stride_sb, stride_sh, stride_sn,
                   H, HKV, SEQ, CHUNK, NSPLIT, qk_scale,
                   HEAD_D: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                   BITS: tl.constexpr, GROUP: tl.constexpr, E8M0: tl.constexpr, HAS_RANGES: tl.constexpr,
-                  DT: tl.constexpr, SWAP: tl.constexpr):
+                  DT: tl.constexpr, SWAP: tl.constexpr, IMMA: tl.constexpr, INTERP: tl.constexpr):
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HKV
@@ -75,11 +90,21 @@ def _decode_split(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END,
     offs_w = tl.arange(0, W)
     STEP: tl.constexpr = 1 if BITS == 8 else 2
     q_rows = Q + b * stride_qb + (hk * G + offs_g[:, None]) * stride_qh
-    q0 = tl.load(q_rows + offs_w[None, :] * STEP, mask=offs_g[:, None] < G, other=0.0)
-    q0 = (q0.to(tl.float32) * qk_scale).to(DT)
+    q0 = tl.load(q_rows + offs_w[None, :] * STEP, mask=offs_g[:, None] < G, other=0.0).to(tl.float32) * qk_scale
     if BITS == 4:
-        q1 = tl.load(q_rows + offs_w[None, :] * 2 + 1, mask=offs_g[:, None] < G, other=0.0)
-        q1 = (q1.to(tl.float32) * qk_scale).to(DT)
+        q1 = tl.load(q_rows + offs_w[None, :] * 2 + 1, mask=offs_g[:, None] < G, other=0.0).to(tl.float32) * qk_scale
+    if IMMA:  # int8 tensor cores: q to int8 per row (scale qs), the cache codes go in as they are
+        qa = tl.max(tl.abs(q0), 1)
+        if BITS == 4:
+            qa = tl.maximum(qa, tl.max(tl.abs(q1), 1))
+        qs = tl.maximum(qa, 1e-30) / 127.0
+        q0 = _round_i8(q0 / qs[:, None], INTERP)
+        if BITS == 4:
+            q1 = _round_i8(q1 / qs[:, None], INTERP)
+    else:
+        q0 = q0.to(DT)
+        if BITS == 4:
+            q1 = q1.to(DT)
     if HAS_RANGES:
         kv_start = tl.load(KV_START + b)
         kv_end = tl.minimum(tl.load(KV_END + b), SEQ)
@@ -93,6 +118,7 @@ def _decode_split(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END,
     base_s = b * stride_sb + hk * stride_sh
     m_i = tl.full([G_PAD], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([G_PAD], dtype=tl.float32)
+    KDT: tl.constexpr = tl.int8 if IMMA else DT
     if SWAP:  # transposed problem: the cache tile is the M side (>= 64 rows: Hopper's wgmma)
         q0t = tl.trans(q0)
         acc0 = tl.zeros([W, G_PAD], dtype=tl.float32)
@@ -112,7 +138,7 @@ def _decode_split(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END,
         else:
             s_off = base_s + offs_n[:, None] * stride_sn + offs_s[None, :]
         valid = mask_n & (offs_n >= kv_start)
-        k0, sk = _codes(KD + d_off, KS + s_off, mask_n, BLOCK_N, W, GW, PER_TOKEN, BITS, 0, E8M0, DT)
+        k0, sk = _codes(KD + d_off, KS + s_off, mask_n, BLOCK_N, W, GW, PER_TOKEN, BITS, 0, E8M0, KDT)
         if SWAP:
             st = tl.dot(k0, q0t)  # (BLOCK_N, G_PAD)
             if BITS == 4:
@@ -130,10 +156,17 @@ def _decode_split(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END,
                 v1, sv = _codes(VD + d_off, VS + s_off, mask_n, BLOCK_N, W, GW, PER_TOKEN, BITS, 1, E8M0, DT)
                 acc1 = tl.dot(tl.trans(v1), pvt, acc1 * alpha[None, :])
         else:
-            qk = tl.dot(q0, tl.trans(k0))
-            if BITS == 4:
-                k1, sk = _codes(KD + d_off, KS + s_off, mask_n, BLOCK_N, W, GW, PER_TOKEN, BITS, 1, E8M0, DT)
-                qk = tl.dot(q1, tl.trans(k1), qk)
+            if IMMA:  # q codes . k codes on the int8 tensor cores (int32), then both scales
+                qk = _idot(q0, tl.trans(k0), INTERP)
+                if BITS == 4:
+                    k1, sk = _codes(KD + d_off, KS + s_off, mask_n, BLOCK_N, W, GW, PER_TOKEN, BITS, 1, E8M0, KDT)
+                    qk += _idot(q1, tl.trans(k1), INTERP)
+                qk = qk.to(tl.float32) * qs[:, None]
+            else:
+                qk = tl.dot(q0, tl.trans(k0))
+                if BITS == 4:
+                    k1, sk = _codes(KD + d_off, KS + s_off, mask_n, BLOCK_N, W, GW, PER_TOKEN, BITS, 1, E8M0, KDT)
+                    qk = tl.dot(q1, tl.trans(k1), qk)
             qk = tl.where(valid[None, :], qk * sk[None, :], -1.0e30)
             m_ij = tl.maximum(m_i, tl.max(qk, 1))
             p = tl.math.exp2(qk - m_ij[:, None])
@@ -199,7 +232,8 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
                             v_scale: torch.Tensor, seq_len: int, *, bits: int, scale: float | None = None,
                             kv_start: torch.Tensor | None = None, kv_end: torch.Tensor | None = None,
                             splits: int | None = None, block_n: int | None = None, num_warps: int = 4,
-                            num_stages: int = 3, programs_per_sm: int = 8, swap: bool = False) -> torch.Tensor:
+                            num_stages: int = 3, programs_per_sm: int = 8, swap: bool = False,
+                            int_mma: bool | None = None) -> torch.Tensor:
     """Attention of q (B, H, 1, D) over the first `seq_len` tokens of quantized planes
     (B, Hkv, cap, ...); returns (B, H, 1, D) in q's dtype."""
     B, H, SQ, D = q.shape
@@ -231,6 +265,10 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
         kv_end = (kv_end if kv_end is not None else torch.full((B,), seq_len, dtype=torch.int32, device=dev)).to(dev, torch.int32)
     else:
         kv_start = kv_end = lse
+    if int_mma is None:  # int8 tensor cores for QK^T where the scales allow it (one scale per token)
+        int_mma = group == D and not swap
+    if int_mma and (group != D or swap):
+        raise ValueError("decode_attention: int_mma needs one scale per token per head and swap=False")
     if _INTERPRET:
         dt = tl.float32
     else:
@@ -242,7 +280,8 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
         k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
         H, Hkv, seq_len, chunk, splits, (scale if scale is not None else D ** -0.5) * math.log2(math.e),
         HEAD_D=D, G=G, G_PAD=g_pad, BLOCK_N=bn, BITS=bits, GROUP=group, E8M0=k_scale.dtype == torch.uint8,
-        HAS_RANGES=has_ranges, DT=dt, SWAP=swap, num_warps=num_warps, num_stages=num_stages)
+        HAS_RANGES=has_ranges, DT=dt, SWAP=swap, IMMA=int_mma, INTERP=_INTERPRET, num_warps=num_warps,
+        num_stages=num_stages)
     o = torch.empty(B, H, 1, D, dtype=q.dtype, device=dev)
     _decode_reduce[(B * H,)](op, lse, o, o.stride(0), o.stride(1), Hkv, splits,
                              HEAD_D=D, G=G, NS_PAD=max(2, triton.next_power_of_2(splits)), num_warps=4)
