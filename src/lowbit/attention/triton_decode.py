@@ -231,8 +231,8 @@ def _num_sms(device: torch.device) -> int:
 def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torch.Tensor, v_data: torch.Tensor,
                             v_scale: torch.Tensor, seq_len: int, *, bits: int, scale: float | None = None,
                             kv_start: torch.Tensor | None = None, kv_end: torch.Tensor | None = None,
-                            splits: int | None = None, block_n: int | None = None, num_warps: int = 4,
-                            num_stages: int = 3, programs_per_sm: int = 8, swap: bool = False,
+                            splits: int | None = None, block_n: int = 64, num_warps: int = 4,
+                            num_stages: int | None = None, programs_per_sm: int = 8, swap: bool = False,
                             int_mma: bool | None = None) -> torch.Tensor:
     """Attention of q (B, H, 1, D) over the first `seq_len` tokens of quantized planes
     (B, Hkv, cap, ...); returns (B, H, 1, D) in q's dtype."""
@@ -250,7 +250,9 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
         raise ValueError(f"decode_attention: scale group {group} must be a power of two (>= 32 for int4)")
     G = H // Hkv
     g_pad = max(16, triton.next_power_of_2(G))
-    bn = block_n or (64 if bits == 8 else 128)
+    # defaults: the best of `benchmarks/attention.py --tune` on an H200 at (B, S) = (8, 8192) and (32, 4096)
+    bn = block_n
+    num_stages = num_stages or (3 if bits == 8 else 2)
     if splits is None:  # enough programs in flight per SM to hide the memory latency
         want = max(1, (programs_per_sm * _num_sms(q.device)) // (B * Hkv))
         splits = max(1, min(want, triton.cdiv(seq_len, 2 * bn)))
