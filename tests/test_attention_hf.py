@@ -152,3 +152,17 @@ def test_recipe_keys_and_errors():
         Recipe.load({"attention": "flash"})
     with pytest.raises(ValueError, match="kv_cache"):
         la.enable(_llama(), kv_cache="fp8")
+
+
+def test_profile_reports_where_attention_ran():
+    import lowbit
+    from lowbit.profile import profile
+
+    model = _llama().float()
+    lowbit.quantize(model, "int8", progress=False)
+    la.enable(model, attention="lowbit", kv_cache="int8")
+    p = profile(model, batch_sizes=(1,), repeats=1, seq_len=16, decode_tokens=3, device=DEV)
+    # the fp32 model runs the reference even on a GPU (the fused kernels take bf16 / fp16)
+    assert p.attention_placement == {"reference": 2}
+    assert not any(name.endswith("self_attn") for name in p.fallbacks)
+    assert p.decode_tokens_per_s > 0

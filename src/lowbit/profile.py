@@ -178,7 +178,7 @@ def profile(model_or_pkg: nn.Module | str | Path, *, example: torch.Tensor | dic
     elif res.peak_memory_bytes is None:
         res.peak_memory_bytes = max(_rss() - rss_before, 0)
     res.placement = {k: dict(v) for k, v in PLACEMENT.items()}
-    attn = {n for n, m in model.named_modules() if getattr(m, "_lowbit_name", None)}  # lowbit.attention.enable
+    attn = {n for n, m in model.named_modules() if getattr(m, "_lowbit_attention_name", None)}  # lowbit.attention.enable
     for name in attn & set(res.placement):
         for backend in res.placement[name]:
             res.attention_placement[backend] = res.attention_placement.get(backend, 0) + 1

@@ -58,7 +58,7 @@ def _ranges(mask: torch.Tensor | None, B: int, Sq: int, Sk: int, causal: bool):
 
 
 def _owner(module) -> str:
-    return getattr(module, "_lowbit_name", None) or f"{type(module).__name__}.{getattr(module, 'layer_idx', '?')}"
+    return getattr(module, "_lowbit_attention_name", None) or f"{type(module).__name__}.{getattr(module, 'layer_idx', '?')}"
 
 
 def lowbit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -121,7 +121,7 @@ def enable(model: torch.nn.Module, attention: str | None = "lowbit", kv_cache: s
             config._attn_implementation = NAME
         for name, m in model.named_modules():  # PLACEMENT names attention by module path
             if hasattr(m, "is_causal") and any(hasattr(m, a) for a in ("q_proj", "query", "qkv_proj", "Wqkv")):
-                m._lowbit_name = name
+                m._lowbit_attention_name = name
     if kv_cache is not None:
         from .kv_cache import kv_format
 
