@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import types
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -38,10 +39,24 @@ def register() -> str:
     return NAME
 
 
+_last: list = [None, None, None]  # [weakref to the mask, (Sq, Sk, causal), result]: layers share one mask
+
+
 def _ranges(mask: torch.Tensor | None, B: int, Sq: int, Sk: int, causal: bool):
-    """(ok, kv_start, kv_end): the mask as per-batch valid key ranges, or ok=False when it is not one."""
+    """(ok, kv_start, kv_end): the mask as per-batch valid key ranges, or ok=False when it is not one.
+
+    Every layer of a forward pass gets the same mask object: the check (which syncs with the GPU)
+    runs once per mask, not once per layer."""
     if mask is None:
         return True, None, None
+    if _last[0] is not None and _last[0]() is mask and _last[1] == (B, Sq, Sk, causal):
+        return _last[2]
+    res = _ranges_uncached(mask, B, Sq, Sk, causal)
+    _last[:] = [weakref.ref(mask), (B, Sq, Sk, causal), res]
+    return res
+
+
+def _ranges_uncached(mask: torch.Tensor, B: int, Sq: int, Sk: int, causal: bool):
     m = mask if mask.dtype == torch.bool else mask == 0  # additive float masks: 0 keeps, -inf / min drops
     if m.dim() != 4 or m.shape[1] != 1:
         return False, None, None
