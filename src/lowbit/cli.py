@@ -162,7 +162,8 @@ def cmd_run(args) -> int:
     console = _console()
     try:
         report = run(args.source, recipes=args.recipe or ["int8"], output=args.output, n_seqs=args.seqs,
-                     profile_model=not args.no_profile, log=console.print)
+                     profile_model=not args.no_profile, log=console.print, attention=args.attention,
+                     kv_cache=args.kv_cache)
     except ThresholdError as e:
         print(f"lowbit run: validation failed: {e}", file=sys.stderr)
         return 3
@@ -242,8 +243,13 @@ def cmd_validate(args) -> int:
         k, _, v = kv.partition("=")
         thresholds[k] = float(v)
     task = {"causal_lm": "causal_lm", "embedding": "embedding"}.get(src.kind, "auto")
-    res = validate(src.model, quant, data, task=task, thresholds=thresholds)
+    kv = [k for k in (args.kv_cache or ["int8", "int4"]) if k != "none"] if task == "causal_lm" else []
+    res = validate(src.model, quant, data, task=task, thresholds=thresholds, kv_caches=tuple(kv))
     console.print(_headline(res.metrics))
+    for k in kv:  # the quantized KV caches' own effect, on top of the weights'
+        key = "kv_" + k.replace("-", "_")
+        console.print(f"   KV cache {k}: KL mean {res.metrics[key + '_kl_mean']:.2e} p99 {res.metrics[key + '_kl_p99']:.2e}, "
+                      f"top-1 agreement {100 * res.metrics[key + '_top1_agreement']:.1f}% (vs the float cache)")
     for r in res.worst_layers(5):
         console.print(f"   worst layer {r['name']}: output SQNR {r['output_sqnr_db']:.1f} dB")
     if args.json:
@@ -378,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seqs", type=int, default=16, help="evaluation sequences for language models (default 16)")
     r.add_argument("--no-profile", action="store_true", help="skip the speed measurements")
     r.add_argument("--rows", type=int, default=10, help="layers shown per recipe in the summary (lowest SQNR first)")
+    r.add_argument("--attention", choices=["lowbit"], help="run lowbit's attention kernels (overrides the recipe's key)")
+    r.add_argument("--kv-cache", choices=["int8", "int4"], help="quantized KV cache for generation (overrides the recipe's key)")
 
     v = add("validate", "compare a package with its float source (exit 3 when a threshold fails)", cmd_validate)
     v.add_argument("package")
@@ -386,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--threshold", action="append", help="extra threshold NAME=VALUE, e.g. max_delta_ppl=1.0")
     v.add_argument("--seqs", type=int, default=16)
     v.add_argument("--seq-len", type=int, default=256)
+    v.add_argument("--kv-cache", action="append", choices=["int8", "int4", "int8-e8m0", "int4-e8m0", "none"],
+                   help="language models: KV caches whose KL is reported (default: int8 and int4; 'none' skips)")
     v.add_argument("--json", help="write the result as JSON")
 
     pr = add("profile", "latency, throughput, tokens/s, memory and kernel placement of a package vs its float source", cmd_profile)

@@ -44,8 +44,13 @@ def eval_data(src, n_seqs: int = 16, seq_len: int = 256, n_sentences: int = 128)
 
 def run(source: Any = "smollm2", recipes: list[str] | tuple[str, ...] = ("int8",), output: str | Path | None = None,
         *, data=None, n_seqs: int = 16, seq_len: int = 256, profile_model: bool = True,
-        log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
+        log: Callable[[str], None] = print, progress: bool = True, attention: str | None = None,
+        kv_cache: str | None = None) -> dict[str, Any]:
     """Run the whole pipeline; returns the report dict (also written as report.json / report.html).
+
+    `attention` ("lowbit") and `kv_cache` ("int8" | "int4") override the recipes' keys of the same
+    names: the reloaded model then runs lowbit's attention kernels / a quantized KV cache
+    (validation adds the cache's KL, the profile's placement shows where attention ran).
 
     Raises `ThresholdError` (after writing the report) when any recipe's thresholds fail.
     """
@@ -101,7 +106,14 @@ def run(source: Any = "smollm2", recipes: list[str] | tuple[str, ...] = ("int8",
         pkg_bytes = sum(f.stat().st_size for f in pkg.rglob("*") if f.is_file())
         log(f"3. package  {pkg} ({pkg_bytes / 1e6:.1f} MB), reloaded memory-mapped in {time.perf_counter() - t1:.2f}s")
         t1 = time.perf_counter()
-        val = validate(base, loaded, data, task=task, thresholds=recipe.validate)
+        att, kv = attention or recipe.attention, kv_cache or recipe.kv_cache
+        if att or kv:
+            from .attention import enable
+
+            enable(loaded, attention=att, kv_cache=kv if task == "causal_lm" else None)
+            log(f"   attention {att or 'model default'}, KV cache {kv or 'float'}")
+        val = validate(base, loaded, data, task=task, thresholds=recipe.validate,
+                       kv_caches=(kv,) if kv and task == "causal_lm" else ())
         log(f"4. validate {recipe.name} in {time.perf_counter() - t1:.1f}s: " + _headline(val.metrics))
         if not runs and src.kind == "causal_lm" and src.tokenizer is not None:
             log(f"   sample, float    : {sample(base, src.tokenizer)}")
@@ -114,6 +126,8 @@ def run(source: Any = "smollm2", recipes: list[str] | tuple[str, ...] = ("int8",
                            decode_tokens=16).to_dict()
             log(f"5. profile  {recipe.name} in {time.perf_counter() - t1:.1f}s" +
                 (f": decode {prof['decode_tokens_per_s']:.1f} tok/s" if prof.get("decode_tokens_per_s") else ""))
+            if prof.get("attention_placement"):
+                log("   attention ran: " + ", ".join(f"{b} in {n} layer(s)" for b, n in prof["attention_placement"].items()))
             if prof.get("fallbacks"):
                 log(f"   {len(prof['fallbacks'])} layer(s) ran the reference backend (no fused kernel here), e.g. {prof['fallbacks'][0]}")
         total_w = sum(r["bytes_before"] // 4 for r in report.layers if not r["tied_to"]) or 1

@@ -41,6 +41,7 @@ class ProfileResult:
     energy_joules_per_inference: float | None = None
     best_batch_size: int | None = None
     placement: dict[str, dict[str, int]] = field(default_factory=dict)
+    attention_placement: dict[str, int] = field(default_factory=dict)  # backend -> attention layers
     fallbacks: list[str] = field(default_factory=list)
     regressions: list[str] = field(default_factory=list)
 
@@ -177,7 +178,11 @@ def profile(model_or_pkg: nn.Module | str | Path, *, example: torch.Tensor | dic
     elif res.peak_memory_bytes is None:
         res.peak_memory_bytes = max(_rss() - rss_before, 0)
     res.placement = {k: dict(v) for k, v in PLACEMENT.items()}
-    res.fallbacks = sorted(k for k, v in res.placement.items() if "reference" in v)
+    attn = {n for n, m in model.named_modules() if getattr(m, "_lowbit_attention_name", None)}  # lowbit.attention.enable
+    for name in attn & set(res.placement):
+        for backend in res.placement[name]:
+            res.attention_placement[backend] = res.attention_placement.get(backend, 0) + 1
+    res.fallbacks = sorted(k for k, v in res.placement.items() if "reference" in v and k not in attn)
     if compare:
         res.regressions = compare_profiles(json.loads(Path(compare).read_text()), res.to_dict())
     return res
@@ -185,7 +190,13 @@ def profile(model_or_pkg: nn.Module | str | Path, *, example: torch.Tensor | dic
 
 def _decode_speed(model: nn.Module, prompt: torch.Tensor, n: int, device: str) -> tuple[list[float], float]:
     """Per-token decode times with the model's KV cache (greedy), and tokens/s over them."""
-    out = model(input_ids=prompt, use_cache=True)
+    cache = {}
+    if getattr(model, "_lowbit_kv_cache", None):  # lowbit.attention.enable(model, kv_cache=...)
+        from .attention.evaluate import cache_kwarg
+        from .attention.hf import make_cache
+
+        cache = {cache_kwarg(): make_cache(model)}
+    out = model(input_ids=prompt, use_cache=True, **cache)
     past = out.past_key_values
     tok = out.logits[:, -1:].argmax(-1)
     times = []

@@ -32,6 +32,9 @@ TOML example (`lowbit quantize smollm2 -r my.toml -o out/`):
 
     [validate]
     max_delta_ppl = 1.0              # percent of the float model's perplexity
+
+    attention = "lowbit"             # fused attention kernels (GPU; the reference on CPU)
+    kv_cache = "int8"                # generation's KV cache: "int8" | "int4" (default: float)
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from .formats.presets import resolve
 
 MODULE_TYPES = ("Linear", "Embedding", "Conv1D", "Conv1d", "Conv2d")
 TOP_KEYS = {"name", "description", "global", "types", "names", "weight_threshold", "divisibility",
-            "nan_policy", "edge_blocks", "edge_format", "algorithm", "validate"}
+            "nan_policy", "edge_blocks", "edge_format", "algorithm", "validate", "attention", "kv_cache"}
 ALGORITHMS = ("rtn", "clip", "gptq", "awq", "awq+gptq", "kmeans")  # lowbit.algorithms.layer
 ALGORITHM_KEYS = {"name": str, "names": dict, "damp": float, "act_order": bool, "clip": bool, "block": int,
                   "samples": int, "seq_len": int, "awq_tokens": int}
@@ -112,6 +115,8 @@ class Recipe:
     edge_format: Format | None = None
     algorithm: dict[str, Any] = field(default_factory=lambda: {"name": "rtn"})
     validate: dict[str, float] = field(default_factory=dict)
+    attention: str | None = None      # "lowbit": lowbit's attention kernels (lowbit.attention)
+    kv_cache: str | None = None       # "int8" | "int4": quantized KV cache for generation
     source: dict[str, Any] = field(default_factory=dict)  # the dict it was built from (manifest)
 
     # -- building -------------------------------------------------------------------------
@@ -177,6 +182,15 @@ class Recipe:
         bad = set(validate) - VALIDATE_KEYS
         if bad:
             raise RecipeError(f"recipe: validate: unknown threshold(s) {sorted(bad)}; known: {sorted(VALIDATE_KEYS)}")
+        attention = d.get("attention")
+        if attention not in (None, "none", "lowbit"):
+            raise RecipeError(f"recipe: attention={attention!r}; expected 'lowbit' or 'none'")
+        kv_cache = d.get("kv_cache")
+        if kv_cache not in (None, "none"):
+            from .attention.reference import KV_FORMATS
+
+            if kv_cache not in KV_FORMATS:
+                raise RecipeError(f"recipe: kv_cache={kv_cache!r}; expected one of {sorted(KV_FORMATS)} or 'none'")
         return cls(
             name=d.get("name", "custom"),
             description=d.get("description", ""),
@@ -190,6 +204,8 @@ class Recipe:
             edge_format=_layer_config(d.get("edge_format"), "recipe: edge_format"),
             algorithm=algorithm,
             validate=validate,
+            attention=None if attention == "none" else attention,
+            kv_cache=None if kv_cache == "none" else kv_cache,
             source=dict(d),
         )
 

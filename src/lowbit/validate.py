@@ -160,7 +160,8 @@ def calibration_coverage(model: nn.Module, names: list[str], calib_batches, eval
 
 @torch.no_grad()
 def validate(base: nn.Module, quant: nn.Module, data, *, task: str = "auto", thresholds: dict[str, float] | None = None,
-             labels: torch.Tensor | None = None, batch_size: int = 4, layer_batches: int = 1) -> ValidationResult:
+             labels: torch.Tensor | None = None, batch_size: int = 4, layer_batches: int = 1,
+             kv_caches: tuple[str, ...] = ()) -> ValidationResult:
     """Compare a quantized model with its float base on `data`.
 
     Args:
@@ -172,6 +173,9 @@ def validate(base: nn.Module, quant: nn.Module, data, *, task: str = "auto", thr
         labels: classifiers: true labels for accuracy.
         batch_size: samples per forward pass.
         layer_batches: batches (from the start) over which per-layer output SQNR is measured.
+        kv_caches: causal LMs: quantized KV caches ("int8", "int4") whose effect on `quant` is
+            measured too (`kv_<kind>_kl_mean` / `_kl_p99` / `_kl_max` / `_top1_agreement`: the
+            second half of each sequence attends to the cached first half, vs a float cache).
     """
     task = _infer_task(quant) if task == "auto" else task
     names = quantized_layer_names(quant)
@@ -190,6 +194,10 @@ def validate(base: nn.Module, quant: nn.Module, data, *, task: str = "auto", thr
         if taps is not None:
             layer_rows = taps.close()
     metrics, samples = _METRICS[task](outs_b, outs_q, data, labels)
+    if kv_caches and task == "causal_lm":
+        from .attention.evaluate import kv_cache_kl
+
+        metrics.update(kv_cache_kl(quant, data, kinds=tuple(kv_caches), batch_size=batch_size))
     res = ValidationResult(task=task, metrics=metrics, samples=samples, layers=layer_rows)
     res.failures = check_thresholds(res, thresholds or {})
     return res

@@ -1,0 +1,235 @@
+"""lowbit attention kernels vs PyTorch SDPA on one GPU, in one process (no transformers needed).
+
+    python benchmarks/attention.py                       # prefill + decode tables, bf16
+    python benchmarks/attention.py --tune                # also sweep kernel configs, report the best
+    python benchmarks/attention.py --only decode --json out.json
+
+Prefill: forward TFLOP/s (4*B*H*S*S*D flops, half when causal) for B*S = 32k tokens, H = 16,
+D = 128, S in {1k, 4k, 16k}, causal and not: lowbit's Triton FlashAttention vs SDPA forced to the
+FLASH and the CUDNN backends, medians of `triton.testing.do_bench` in the same run, plus the relative
+error ||o - ref|| / ||ref|| against the fp32 reference twin (on the first 2 sequences).
+Decode: one query token, GQA 32/8 heads, D = 128, (B, S) in {(1, 8192), (8, 8192), (32, 4096)}:
+lowbit's flash-decoding over an int8 cache (one fp16 scale per token per head) and an int4 cache
+(one fp16 scale per 32 values) vs SDPA on a bf16 cache (the fastest of its backends, GQA native).
+Each timed call reads a different cache copy (rotating over enough copies to exceed the L2), and
+the calls are captured in a CUDA graph so launch gaps (Python) do not count for either side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from lowbit.attention.reference import attention_reference, dequantize_kv, quantize_kv  # noqa: E402
+from lowbit.attention.triton_decode import decode_attention_triton  # noqa: E402
+from lowbit.attention.triton_prefill import CONFIGS, flash_attention_triton  # noqa: E402
+
+
+def bench_ms(fn, reps: int = 50) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=reps, return_mode="median")
+
+
+def rel_err(o: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((o.float() - ref.float()).norm() / ref.float().norm())
+
+
+def prefill(args, rows: list) -> None:
+    dev, dt = "cuda", getattr(torch, args.dtype)
+    H, D = 16, 128
+    tune = [(64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 4), (64, 128, 4, 2), (64, 64, 8, 3), (128, 128, 8, 3),
+            (128, 128, 8, 2, True), (128, 64, 4, 3, True), (64, 64, 4, 3, True)] if args.tune else [CONFIGS[D]]
+    print(f"\nprefill: B*S = 32768 tokens, H = {H}, D = {D}, {args.dtype}; TFLOP/s (median)")
+    print(f"{'S':>6} {'causal':>6} {'lowbit':>8} {'FLASH':>8} {'CUDNN':>8} {'x FLASH':>8} {'x CUDNN':>8} {'rel err':>9}  config")
+    for S in (1024, 4096, 16384):
+        B = 32768 // S
+        g = torch.Generator(device=dev).manual_seed(S)
+        q, k, v = (torch.randn(B, H, S, D, device=dev, dtype=dt, generator=g) for _ in range(3))
+        for causal in (False, True):
+            flops = 4 * B * H * S * S * D / (2 if causal else 1)
+            tf = lambda ms: flops / ms / 1e9  # noqa: E731
+            best = None
+            for cfg in tune:
+                try:
+                    ms = bench_ms(lambda: flash_attention_triton(q, k, v, causal=causal, config=cfg))
+                except Exception as e:  # a config that does not fit (shared memory) is skipped, and said
+                    print(f"   config {cfg}: {type(e).__name__}: {str(e)[:80]}")
+                    continue
+                if args.tune:
+                    print(f"   config {cfg}: {tf(ms):.0f} TFLOP/s")
+                if best is None or ms < best[0]:
+                    best = (ms, cfg)
+            res = {}
+            for name, be in (("FLASH", SDPBackend.FLASH_ATTENTION), ("CUDNN", SDPBackend.CUDNN_ATTENTION)):
+                try:
+                    with sdpa_kernel([be]):
+                        res[name] = tf(bench_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)))
+                except RuntimeError as e:
+                    print(f"   SDPA {name}: unavailable ({str(e)[:60]})")
+                    res[name] = float("nan")
+            o = torch.full_like(q[:2], float("nan"))
+            flash_attention_triton(q[:2], k[:2], v[:2], causal=causal, config=best[1], out=o)
+            err = rel_err(o, attention_reference(q[:2].float(), k[:2].float(), v[:2].float(), causal=causal))
+            ours = tf(best[0])
+            row = {"kind": "prefill", "S": S, "B": B, "causal": causal, "lowbit_tflops": ours, "flash_tflops": res["FLASH"],
+                   "cudnn_tflops": res["CUDNN"], "rel_err": err, "config": best[1]}
+            rows.append(row)
+            print(f"{S:>6} {str(causal):>6} {ours:>8.0f} {res['FLASH']:>8.0f} {res['CUDNN']:>8.0f} "
+                  f"{ours / res['FLASH']:>7.2f}x {ours / res['CUDNN']:>7.2f}x {err:>9.2e}  {best[1]}")
+        del q, k, v
+        torch.cuda.empty_cache()
+
+
+def check(args, rows: list) -> None:
+    """Every supported head dim, causal or not, GQA, padding ranges, fp16 and bf16 vs the fp32 twin."""
+    print("\nprefill accuracy: rel err vs fp32 reference (B=2, H=8, Hkv=2, Sq=Sk=1000, padded rows)")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    start = torch.tensor([0, 37], dtype=torch.int32, device="cuda")
+    end = torch.tensor([1000, 990], dtype=torch.int32, device="cuda")
+    for dt in (torch.bfloat16, torch.float16):
+        line = []
+        for D in (64, 80, 96, 128, 256):
+            q = torch.randn(2, 1000, 8, D, device="cuda", dtype=dt, generator=g).transpose(1, 2)
+            k, v = (torch.randn(2, 2, 1000, D, device="cuda", dtype=dt, generator=g) for _ in range(2))
+            worst = 0.0
+            for causal in (False, True):
+                o = flash_attention_triton(q, k, v, causal=causal, kv_start=start, kv_end=end)
+                ref = attention_reference(q.float(), k.float(), v.float(), causal=causal, kv_start=start, kv_end=end)
+                worst = max(worst, rel_err(o, ref))
+            rows.append({"kind": "check", "dtype": str(dt), "D": D, "rel_err": worst})
+            line.append(f"D={D}: {worst:.2e}")
+        print(f"  {str(dt):<15} " + "  ".join(line))
+
+
+def _graph_time_us(fn, n_calls: int, reps: int = 20) -> float:
+    """Median per-call time of `n_calls` calls (fn(i)) captured in one CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(n_calls):  # warm-up: compile, allocate
+            fn(i)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(n_calls):
+            fn(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / n_calls)
+    return statistics.median(times)
+
+
+def decode(args, rows: list) -> None:
+    dev, dt = "cuda", getattr(torch, args.dtype)
+    H, HKV, D = 32, 8, 128
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    print(f"\ndecode: GQA {H}/{HKV}, D = {D}, one query token, {args.dtype} queries; microseconds per call (median, CUDA graph)")
+    print(f"{'B':>3} {'S':>6} {'SDPA bf16':>10} {'int8':>8} {'int4':>8} {'int4/tok':>8} {'x int8':>7} {'x int4':>7} "
+          f"{'x int4/t':>8} {'err int8':>9} {'err int4':>9} {'err 4/tok':>9}")
+    tune = ([dict(block_n=bn, num_stages=st, int_mma=im) for im in (True, False) for bn in (64, 128) for st in (2, 3, 4)]
+            + [dict(block_n=bn, num_stages=2, swap=True) for bn in (64, 128)]) if args.tune else [{}]
+    for B, S in ((1, 8192), (8, 8192), (32, 4096)):
+        kv_bytes = 2 * B * HKV * S * D * 2
+        copies = max(2, math.ceil(3 * l2 / kv_bytes))
+        g = torch.Generator(device=dev).manual_seed(B * S)
+        ks = [torch.randn(B, HKV, S, D, device=dev, dtype=dt, generator=g) for _ in range(copies)]
+        vs = [torch.randn(B, HKV, S, D, device=dev, dtype=dt, generator=g) for _ in range(copies)]
+        qs = [torch.randn(B, H, 1, D, device=dev, dtype=dt, generator=g) for _ in range(copies)]
+        n_calls = 4 * copies
+        best_sdpa = (math.inf, None)
+        for name, be in (("default", None), ("FLASH", SDPBackend.FLASH_ATTENTION), ("EFFICIENT", SDPBackend.EFFICIENT_ATTENTION),
+                         ("CUDNN", SDPBackend.CUDNN_ATTENTION), ("MATH", SDPBackend.MATH)):
+            def run(i, be=be):
+                if be is None:
+                    return F.scaled_dot_product_attention(qs[i % copies], ks[i % copies], vs[i % copies], enable_gqa=True)
+                with sdpa_kernel([be]):
+                    return F.scaled_dot_product_attention(qs[i % copies], ks[i % copies], vs[i % copies], enable_gqa=True)
+            try:
+                t = _graph_time_us(run, n_calls)
+            except Exception as e:
+                print(f"   SDPA {name}: {type(e).__name__} {str(e)[:60]}")
+                continue
+            if args.tune:
+                print(f"   SDPA {name}: {t:.1f} us")
+            if t < best_sdpa[0]:
+                best_sdpa = (t, name)
+        out = {"kind": "decode", "B": B, "S": S, "sdpa_us": best_sdpa[0], "sdpa_backend": best_sdpa[1]}
+        ref_exact = [attention_reference(qs[0].float(), ks[0].float(), vs[0].float())]
+        for label, bits, group in (("int8", 8, None), ("int4", 4, 32), ("int4t", 4, None)):
+            planes = [(quantize_kv(ks[i], bits, group), quantize_kv(vs[i], bits, group)) for i in range(copies)]
+            best = (math.inf, None)
+            for cfg in tune:
+                def run(i, cfg=cfg):
+                    (kd, ksc), (vd, vsc) = planes[i % copies]
+                    return decode_attention_triton(qs[i % copies], kd, ksc, vd, vsc, S, bits=bits, **cfg)
+                try:
+                    t = _graph_time_us(run, n_calls)
+                except ValueError:  # a combination the format does not allow (int_mma needs per-token scales)
+                    continue
+                except Exception as e:
+                    print(f"   {label} {cfg}: {type(e).__name__} {str(e)[:80]}")
+                    continue
+                if args.tune:
+                    print(f"   {label} {cfg}: {t:.1f} us")
+                if t < best[0]:
+                    best = (t, cfg)
+            (kd, ksc), (vd, vsc) = planes[0]
+            o = decode_attention_triton(qs[0], kd, ksc, vd, vsc, S, bits=bits, **best[1])
+            err_exact = rel_err(o, ref_exact[0])
+            ref_q = attention_reference(qs[0].float(), dequantize_kv(kd, ksc, bits, D), dequantize_kv(vd, vsc, bits, D))
+            out[f"{label}_us"], out[f"{label}_config"] = best
+            out[f"{label}_err_vs_float_cache"] = err_exact
+            out[f"{label}_err_vs_dequantized"] = rel_err(o, ref_q)
+            del planes
+        rows.append(out)
+        print(f"{B:>3} {S:>6} {out['sdpa_us']:>10.1f} {out['int8_us']:>8.1f} {out['int4_us']:>8.1f} {out['int4t_us']:>8.1f} "
+              f"{out['sdpa_us'] / out['int8_us']:>6.2f}x {out['sdpa_us'] / out['int4_us']:>6.2f}x "
+              f"{out['sdpa_us'] / out['int4t_us']:>7.2f}x {out['int8_err_vs_float_cache']:>9.2e} "
+              f"{out['int4_err_vs_float_cache']:>9.2e} {out['int4t_err_vs_float_cache']:>9.2e}")
+        print(f"     SDPA backend {best_sdpa[1]}; configs int8 {out['int8_config']} int4 {out['int4_config']} "
+              f"int4/tok {out['int4t_config']}")
+        del ks, vs, qs
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=["prefill", "decode"])
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    ap.add_argument("--tune", action="store_true", help="sweep kernel configs and report the best (slower)")
+    ap.add_argument("--json", help="write all rows as JSON")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/attention.py needs a CUDA GPU (the CPU path is the reference, tested in tests/)")
+    import triton
+
+    print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, triton {triton.__version__}")
+    rows: list = []
+    if args.only in (None, "prefill"):
+        check(args, rows)
+        prefill(args, rows)
+    if args.only in (None, "decode"):
+        decode(args, rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""A KV cache stored as int8 / int4 planes, usable by `model.generate` (transformers' Cache API).
+
+Each layer keeps four growing planes, (B, Hkv, capacity, ...): key codes, key scales, value codes,
+value scales (layout in `reference.quantize_kv`). New tokens are quantized once, on arrival.
+
+Two modes, decided per layer when the first tokens arrive:
+* fused (the model runs lowbit's attention on a CUDA GPU with Triton): `update` returns the new
+  float states tagged with the layer (`tensor._lowbit_kv`); lowbit's attention function then runs
+  the flash-decoding kernel straight on the planes (no float copy of the cache is ever built).
+* reference (CPU, or any other attention implementation): `update` returns the dequantized cache,
+  like transformers' own quantized caches, so every attention implementation sees the same values.
+In both modes the prompt's own attention (prefill) uses the exact float keys and values.
+
+Example:
+    >>> from lowbit.attention import LowbitKVCache                               # doctest: +SKIP
+    >>> out = model.generate(**ids, past_key_values=LowbitKVCache("int8", config=model.config))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from .reference import KV_FORMATS, dequantize_kv, kv_format, quantize_kv  # noqa: F401
+
+class LowbitKVLayer(DynamicLayer):
+    """One decoder layer's quantized keys and values (see the module docstring)."""
+
+    is_croppable = False
+
+    def __init__(self, bits: int = 8, group: int | None = None, scale_dtype: str = "fp16", fused: bool = False):
+        super().__init__()
+        self.bits, self.group, self.scale_dtype, self.fused_allowed = bits, group, scale_dtype, fused
+        self.fused = False
+        self.length = 0
+        self.planes: list[torch.Tensor] | None = None  # [k codes, k scales, v codes, v scales]
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self.dtype, self.head_dim = key_states.device, key_states.dtype, key_states.shape[-1]
+        self.keys = self.values = torch.tensor([], dtype=key_states.dtype, device=key_states.device)
+        self.fused = self.fused_allowed and key_states.is_cuda and _fused_decode_ok(self.head_dim, self.bits, self.group)
+        self.is_initialized = True
+
+    def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        new = [*quantize_kv(k, self.bits, self.group, self.scale_dtype), *quantize_kv(v, self.bits, self.group, self.scale_dtype)]
+        n = k.shape[-2]
+        need = self.length + n
+        cap = 0 if self.planes is None else self.planes[0].shape[2]
+        if need > cap:  # grow by doubling: appends stay amortized O(1)
+            cap = max(need, 2 * cap, 64)
+            grown = [torch.empty(*t.shape[:2], cap, t.shape[3], dtype=t.dtype, device=t.device) for t in new]
+            if self.planes is not None:
+                for g, old in zip(grown, self.planes):
+                    g[:, :, : self.length] = old[:, :, : self.length]
+            self.planes = grown
+        for plane, t in zip(self.planes, new):
+            plane[:, :, self.length: need] = t
+        self.length = need
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        first = self.length == 0
+        self._append(key_states, value_states)
+        if self.fused:
+            key_states._lowbit_kv = self  # lowbit's attention reads the planes, not these tensors
+            return key_states, value_states
+        if first:
+            return key_states, value_states
+        return self.dequantized()
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, Hkv, length, D) as the planes define them, in the model's dtype."""
+        kd, ks, vd, vs = (p[:, :, : self.length] for p in self.planes)
+        return (dequantize_kv(kd, ks, self.bits, self.head_dim, self.dtype),
+                dequantize_kv(vd, vs, self.bits, self.head_dim, self.dtype))
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def nbytes(self) -> int:
+        """Bytes the planes hold for the cached tokens."""
+        return 0 if self.planes is None else sum(p[:, :, : self.length].numel() * p.element_size() for p in self.planes)
+
+    def reset(self) -> None:
+        self.planes, self.length = None, 0
+        super().reset()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.planes is not None:
+            self.planes = [p.index_select(0, beam_idx.to(p.device)) for p in self.planes]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.planes is not None:
+            self.planes = [p[indices] for p in self.planes]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.planes is not None:
+            self.planes = [p.repeat_interleave(repeats, dim=0) for p in self.planes]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("LowbitKVCache: cropping (assisted decoding) is not supported; use the float cache")
+
+
+class LowbitKVCache(Cache):
+    """A transformers `Cache` whose layers are `LowbitKVLayer`s; pass it as `past_key_values`.
+
+    Args:
+        kind: "int8" (one fp16 scale per token per head) or "int4" (one fp16 scale per 32 values),
+            or a variant in `KV_FORMATS` (E8M0 scales: "int8-e8m0", "int4-e8m0").
+        config: the model's config; when its attention implementation is "lowbit", layers on a CUDA
+            GPU use the fused decode kernel on the planes.
+
+    Example:
+        >>> cache = LowbitKVCache("int4")
+        >>> cache.layers
+        []
+    """
+
+    def __init__(self, kind: str = "int8", config=None, fused: bool | None = None):
+        bits, group, scale_dtype = kv_format(kind)
+        if fused is None:
+            fused = getattr(config, "_attn_implementation", None) == "lowbit"
+        self.kind = kind
+        super().__init__(layer_class_to_replicate=lambda: LowbitKVLayer(bits, group, scale_dtype, fused))
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+
+def _fused_decode_ok(head_dim: int, bits: int, group: int | None) -> bool:
+    from . import triton_available
+
+    g = group or head_dim
+    return (triton_available() and head_dim >= 32 and head_dim & (head_dim - 1) == 0
+            and g & (g - 1) == 0 and (bits == 8 or g >= 32))

@@ -1,0 +1,143 @@
+"""Reference twins for lowbit's attention kernels, in plain torch (fp32 math).
+
+* `attention_reference`: scaled dot-product attention with GQA, causal masking aligned to the
+  end of the keys (query i of Sq sees key j of Sk when j <= i + Sk - Sq) and a per-batch valid key
+  range `[kv_start, kv_end)` (left / right padding). Rows that see no key output 0.
+* `quantize_kv` / `dequantize_kv`: the KV cache planes (int8 or int4 codes plus one scale per
+  token per head, or per block of `group` values along the head dim).
+
+Byte layout of the planes, per (batch, kv head, token):
+  int8: `data[..., d]` is the signed code of element d; value = code * scale[d // group].
+  int4: `data[..., j]` holds element 2j in its low nibble and 2j+1 in its high nibble, each as
+        code + 8 (offset binary, codes in [-7, 7]); value = code * scale[d // group].
+  scale: fp16 (the scale itself) or E8M0 (uint8 e, scale = 2 ** (e - 127)).
+
+Example:
+    >>> import torch
+    >>> k = torch.randn(1, 2, 5, 64)
+    >>> data, scale = quantize_kv(k, bits=8)
+    >>> (dequantize_kv(data, scale, bits=8, head_dim=64) - k).abs().max() < 0.05
+    tensor(True)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+QMAX = {8: 127, 4: 7}
+
+# kv_cache name -> (bits, scale group along the head dim (None = one per token per head), scale dtype)
+KV_FORMATS = {
+    "int8": (8, None, "fp16"),   # 8 bits + one fp16 scale per token per head: 8.25 bits/value at D = 64
+    "int4": (4, 32, "fp16"),     # 4 bits + one fp16 scale per 32 values: 4.5 bits/value
+    "int8-e8m0": (8, None, "e8m0"),
+    "int4-e8m0": (4, 32, "e8m0"),
+    "int4-token": (4, None, "fp16"),
+}
+
+
+def kv_format(name: str) -> tuple[int, int | None, str]:
+    """(bits, group, scale dtype) for a kv_cache name; the error lists the names.
+
+    Example:
+        >>> kv_format("int4")
+        (4, 32, 'fp16')
+    """
+    try:
+        return KV_FORMATS[name]
+    except KeyError:
+        raise ValueError(f"kv_cache={name!r}: unknown; expected one of {sorted(KV_FORMATS)}") from None
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                        scale: float | None = None, kv_start: torch.Tensor | None = None,
+                        kv_end: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 SDPA over (B, H, Sq, D) queries and (B, Hkv, Sk, D) keys/values; returns q's dtype.
+
+    Example:
+        >>> q = torch.randn(1, 4, 3, 64); k = v = torch.randn(1, 2, 3, 64)
+        >>> attention_reference(q, k, v, causal=True).shape
+        torch.Size([1, 4, 3, 64])
+    """
+    B, H, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    if H % Hkv:
+        raise ValueError(f"attention: {H} query heads are not a multiple of {Hkv} key/value heads")
+    allowed = attention_mask_from_ranges(B, Sq, Sk, causal, kv_start, kv_end, q.device)
+    rep = H // Hkv
+    kf = k.float().repeat_interleave(rep, dim=1)
+    vf = v.float().repeat_interleave(rep, dim=1)
+    s = (q.float() @ kf.transpose(-1, -2)) * (scale if scale is not None else D ** -0.5)
+    s = s.masked_fill(~allowed, -math.inf)
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows with no visible key -> 0
+    return (p @ vf).to(q.dtype)
+
+
+def attention_mask_from_ranges(B: int, Sq: int, Sk: int, causal: bool, kv_start, kv_end, device) -> torch.Tensor:
+    """(B, 1, Sq, Sk) bool: key j visible to query i (causal aligned to the end, valid key range)."""
+    j = torch.arange(Sk, device=device)
+    i = torch.arange(Sq, device=device)
+    allowed = torch.ones(B, 1, Sq, Sk, dtype=torch.bool, device=device)
+    if causal:
+        allowed &= (j[None, :] <= i[:, None] + (Sk - Sq))[None, None]
+    if kv_start is not None:
+        allowed &= (j[None, :] >= kv_start.to(device).long()[:, None])[:, None, None, :]
+    if kv_end is not None:
+        allowed &= (j[None, :] < kv_end.to(device).long()[:, None])[:, None, None, :]
+    return allowed
+
+
+def _scale_of(amax: torch.Tensor, bits: int, scale_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stored scale plane, the fp32 scale it means) for block maxima `amax`."""
+    s = amax.float() / QMAX[bits]
+    if scale_dtype == "fp16":
+        stored = s.clamp(max=65504.0).to(torch.float16)
+        return stored, stored.float()
+    if scale_dtype == "e8m0":  # the smallest power of two >= s, so codes never clip
+        e = torch.ceil(torch.log2(s.clamp(min=2.0 ** -126))).clamp(-127, 127)
+        stored = (e + 127).to(torch.uint8)
+        return stored, torch.exp2(e)
+    raise ValueError(f"kv cache: scale_dtype={scale_dtype!r}; expected 'fp16' or 'e8m0'")
+
+
+def quantize_kv(x: torch.Tensor, bits: int = 8, group: int | None = None,
+                scale_dtype: str = "fp16") -> tuple[torch.Tensor, torch.Tensor]:
+    """(data, scale) planes for x (..., D): symmetric codes, one scale per `group` values of the
+    head dim (None = one per token per head). int8 data is int8 (..., D), int4 data uint8 (..., D/2).
+
+    Example:
+        >>> d, s = quantize_kv(torch.randn(2, 3, 7, 64), bits=4, group=32)
+        >>> d.shape, d.dtype, s.shape
+        (torch.Size([2, 3, 7, 32]), torch.uint8, torch.Size([2, 3, 7, 2]))
+    """
+    if bits not in QMAX:
+        raise ValueError(f"kv cache: bits={bits}; expected 8 or 4")
+    D = x.shape[-1]
+    group = group or D
+    if D % group or (bits == 4 and D % 2):
+        raise ValueError(f"kv cache: head dim {D} is not a multiple of the scale group {group}")
+    xs = x.float().reshape(*x.shape[:-1], D // group, group)
+    stored, s = _scale_of(xs.abs().amax(-1), bits, scale_dtype)
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    codes = torch.round(xs / s[..., None]).clamp(-QMAX[bits], QMAX[bits]).reshape(x.shape)
+    if bits == 8:
+        return codes.to(torch.int8), stored
+    u = (codes + 8).to(torch.uint8)
+    return (u[..., 0::2] | (u[..., 1::2] << 4)), stored
+
+
+def dequantize_kv(data: torch.Tensor, scale: torch.Tensor, bits: int, head_dim: int,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The values the planes mean, (..., head_dim) in `dtype` (the definition every kernel follows)."""
+    if bits == 8:
+        codes = data.float()
+    else:
+        lo = (data & 0xF).float() - 8
+        hi = (data >> 4).float() - 8
+        codes = torch.stack((lo, hi), dim=-1).reshape(*data.shape[:-1], head_dim)
+    s = torch.exp2(scale.float() - 127) if scale.dtype == torch.uint8 else scale.float()
+    ng = s.shape[-1]
+    out = codes.reshape(*codes.shape[:-1], ng, head_dim // ng) * s[..., None]
+    return out.reshape(*codes.shape[:-1], head_dim).to(dtype)

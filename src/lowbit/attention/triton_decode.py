@@ -1,0 +1,290 @@
+"""Flash-decoding over a quantized KV cache: one new query token against a long int8 / int4 cache.
+
+Stage 1 (`_decode_split`): the cache of each (batch, kv head) is cut into `splits` chunks along
+the sequence; one program per (chunk, batch, kv head) reads its chunk's codes and scales once,
+dequantizes them in registers and runs the online softmax for all the query heads that share the
+kv head (GQA: the group's heads are the rows of one small matrix product). It writes the chunk's
+normalized partial output and its log-sum-exp. Stage 2 (`_decode_reduce`) merges the chunks.
+
+Planes (see `reference.quantize_kv` for the byte layout): data (B, Hkv, cap, D) int8 or
+(B, Hkv, cap, D/2) uint8 (int4, two codes per byte), scale (B, Hkv, cap, D / group) fp16 or
+uint8 E8M0. Per-token scales (group = D) are applied after the QK dot product and folded into
+the softmax weights before the PV product, so the codes go to the tensor cores as they are.
+
+Example (GPU):
+    >>> from lowbit.attention import decode_attention                    # doctest: +SKIP
+    >>> o = decode_attention(q, cache_layer)                              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _codes(ptrs, s_ptrs, mask_n, BLOCK_N: tl.constexpr, WIDTH: tl.constexpr, GROUP_W: tl.constexpr,
+           PER_TOKEN: tl.constexpr, BITS: tl.constexpr, NIBBLE: tl.constexpr, E8M0: tl.constexpr, DT: tl.constexpr):
+    """One (BLOCK_N, WIDTH) tile of values in DT: int8 codes, or the low / high nibbles of int4
+    bytes; per-block scales (GROUP_W columns of this tile per scale) are applied here, per-token
+    ones are left to the caller (returned as a (BLOCK_N,) fp32 vector, 1.0 otherwise)."""
+    raw = tl.load(ptrs, mask=mask_n[:, None], other=0)
+    if BITS == 8:
+        x = raw
+    elif NIBBLE == 0:
+        x = (raw & 0xF).to(tl.int8) - 8
+    else:
+        x = (raw >> 4).to(tl.int8) - 8
+    if PER_TOKEN:
+        s = tl.load(s_ptrs, mask=mask_n, other=0)
+        if E8M0:
+            s = tl.math.exp2(s.to(tl.float32) - 127.0)
+        return x.to(DT), s.to(tl.float32)
+    else:
+        s = tl.load(s_ptrs, mask=mask_n[:, None], other=0)
+        if E8M0:
+            s = tl.math.exp2(s.to(tl.float32) - 127.0)
+        x = x.to(tl.float32).reshape(BLOCK_N, WIDTH // GROUP_W, GROUP_W) * s.to(tl.float32)[:, :, None]
+        return x.reshape(BLOCK_N, WIDTH).to(DT), tl.full([BLOCK_N], 1.0, tl.float32)
+
+
+@triton.jit
+def _round_i8(x, INTERP: tl.constexpr):
+    """Round to nearest (|x| <= 127) and convert to int8."""
+    return tl.where(x >= 0, x + 0.5, x - 0.5).to(tl.int8)
+
+
+@triton.jit
+def _idot(a, b, INTERP: tl.constexpr):
+    """int8 x int8 -> int32 matrix product (exact in fp32 for these sizes under the interpreter)."""
+    if INTERP:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32)).to(tl.int32)
+    else:
+        return tl.dot(a, b, out_dtype=tl.int32)
+
+
+@triton.jit
+def _decode_split(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END,
+                  stride_qb, stride_qh, stride_db, stride_dh, stride_dn, stride_sb, stride_sh, stride_sn,
+                  H, HKV, SEQ, CHUNK, NSPLIT, qk_scale,
+                  HEAD_D: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BITS: tl.constexpr, GROUP: tl.constexpr, E8M0: tl.constexpr, HAS_RANGES: tl.constexpr,
+                  DT: tl.constexpr, SWAP: tl.constexpr, IMMA: tl.constexpr, INTERP: tl.constexpr):
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HKV
+    hk = bh % HKV
+    PER_TOKEN: tl.constexpr = GROUP == HEAD_D
+    # int8: one tile of D columns; int4: two tiles of D/2 columns (low nibbles = even elements,
+    # high nibbles = odd elements), each multiplied with the matching half of q
+    W: tl.constexpr = HEAD_D if BITS == 8 else HEAD_D // 2
+    GW: tl.constexpr = GROUP if BITS == 8 else GROUP // 2
+    NG: tl.constexpr = HEAD_D // GROUP
+    offs_g = tl.arange(0, G_PAD)
+    offs_w = tl.arange(0, W)
+    STEP: tl.constexpr = 1 if BITS == 8 else 2
+    q_rows = Q + b * stride_qb + (hk * G + offs_g[:, None]) * stride_qh
+    q0 = tl.load(q_rows + offs_w[None, :] * STEP, mask=offs_g[:, None] < G, other=0.0).to(tl.float32) * qk_scale
+    if BITS == 4:
+        q1 = tl.load(q_rows + offs_w[None, :] * 2 + 1, mask=offs_g[:, None] < G, other=0.0).to(tl.float32) * qk_scale
+    if IMMA:  # int8 tensor cores: q to int8 per row (scale qs), the cache codes go in as they are
+        qa = tl.max(tl.abs(q0), 1)
+        if BITS == 4:
+            qa = tl.maximum(qa, tl.max(tl.abs(q1), 1))
+        qs = tl.maximum(qa, 1e-30) / 127.0
+        q0 = _round_i8(q0 / qs[:, None], INTERP)
+        if BITS == 4:
+            q1 = _round_i8(q1 / qs[:, None], INTERP)
+    else:
+        q0 = q0.to(DT)
+        if BITS == 4:
+            q1 = q1.to(DT)
+    if HAS_RANGES:
+        kv_start = tl.load(KV_START + b)
+        kv_end = tl.minimum(tl.load(KV_END + b), SEQ)
+    else:
+        kv_start = 0
+        kv_end = SEQ
+    lo = split * CHUNK
+    hi = tl.minimum(lo + CHUNK, kv_end)
+    offs_s = tl.arange(0, NG)
+    base_d = b * stride_db + hk * stride_dh
+    base_s = b * stride_sb + hk * stride_sh
+    m_i = tl.full([G_PAD], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([G_PAD], dtype=tl.float32)
+    KDT: tl.constexpr = tl.int8 if IMMA else DT
+    if SWAP:  # transposed problem: the cache tile is the M side (>= 64 rows: Hopper's wgmma)
+        q0t = tl.trans(q0)
+        acc0 = tl.zeros([W, G_PAD], dtype=tl.float32)
+        if BITS == 4:
+            q1t = tl.trans(q1)
+            acc1 = tl.zeros([W, G_PAD], dtype=tl.float32)
+    else:
+        acc0 = tl.zeros([G_PAD, W], dtype=tl.float32)
+        if BITS == 4:
+            acc1 = tl.zeros([G_PAD, W], dtype=tl.float32)
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < hi
+        d_off = base_d + offs_n[:, None] * stride_dn + offs_w[None, :]
+        if PER_TOKEN:
+            s_off = base_s + offs_n * stride_sn
+        else:
+            s_off = base_s + offs_n[:, None] * stride_sn + offs_s[None, :]
+        valid = mask_n & (offs_n >= kv_start)
+        k0, sk = _codes(KD + d_off, KS + s_off, mask_n, BLOCK_N, W, GW, PER_TOKEN, BITS, 0, E8M0, KDT)
+        if SWAP:
+            st = tl.dot(k0, q0t)  # (BLOCK_N, G_PAD)
+            if BITS == 4:
+                k1, sk = _codes(KD + d_off, KS + s_off, mask_n, BLOCK_N, W, GW, PER_TOKEN, BITS, 1, E8M0, DT)
+                st = tl.dot(k1, q1t, st)
+            st = tl.where(valid[:, None], st * sk[:, None], -1.0e30)
+            m_ij = tl.maximum(m_i, tl.max(st, 0))
+            pt = tl.math.exp2(st - m_ij[None, :])
+            alpha = tl.math.exp2(m_i - m_ij)
+            l_i = l_i * alpha + tl.sum(pt, 0)
+            v0, sv = _codes(VD + d_off, VS + s_off, mask_n, BLOCK_N, W, GW, PER_TOKEN, BITS, 0, E8M0, DT)
+            pvt = (pt * sv[:, None]).to(DT)
+            acc0 = tl.dot(tl.trans(v0), pvt, acc0 * alpha[None, :])
+            if BITS == 4:
+                v1, sv = _codes(VD + d_off, VS + s_off, mask_n, BLOCK_N, W, GW, PER_TOKEN, BITS, 1, E8M0, DT)
+                acc1 = tl.dot(tl.trans(v1), pvt, acc1 * alpha[None, :])
+        else:
+            if IMMA:  # q codes . k codes on the int8 tensor cores (int32), then both scales
+                qk = _idot(q0, tl.trans(k0), INTERP)
+                if BITS == 4:
+                    k1, sk = _codes(KD + d_off, KS + s_off, mask_n, BLOCK_N, W, GW, PER_TOKEN, BITS, 1, E8M0, KDT)
+                    qk += _idot(q1, tl.trans(k1), INTERP)
+                qk = qk.to(tl.float32) * qs[:, None]
+            else:
+                qk = tl.dot(q0, tl.trans(k0))
+                if BITS == 4:
+                    k1, sk = _codes(KD + d_off, KS + s_off, mask_n, BLOCK_N, W, GW, PER_TOKEN, BITS, 1, E8M0, KDT)
+                    qk = tl.dot(q1, tl.trans(k1), qk)
+            qk = tl.where(valid[None, :], qk * sk[None, :], -1.0e30)
+            m_ij = tl.maximum(m_i, tl.max(qk, 1))
+            p = tl.math.exp2(qk - m_ij[:, None])
+            alpha = tl.math.exp2(m_i - m_ij)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v0, sv = _codes(VD + d_off, VS + s_off, mask_n, BLOCK_N, W, GW, PER_TOKEN, BITS, 0, E8M0, DT)
+            pv = (p * sv[None, :]).to(DT)
+            acc0 = tl.dot(pv, v0, acc0 * alpha[:, None])
+            if BITS == 4:
+                v1, sv = _codes(VD + d_off, VS + s_off, mask_n, BLOCK_N, W, GW, PER_TOKEN, BITS, 1, E8M0, DT)
+                acc1 = tl.dot(pv, v1, acc1 * alpha[:, None])
+        m_i = m_ij
+    # empty chunk (past the end, or all padding): lse = -1e30 so the merge gives it weight 0
+    has = hi > tl.maximum(lo, kv_start)
+    lse = tl.where(has, m_i + tl.math.log2(tl.maximum(l_i, 1e-30)), -1.0e30)
+    inv = 1.0 / tl.maximum(l_i, 1e-30)
+    row = (bh * NSPLIT + split) * G + offs_g  # only the G real rows are stored
+    if SWAP:
+        row_ok = offs_g[None, :] < G
+        tl.store(OP + row[None, :] * HEAD_D + offs_w[:, None] * STEP, acc0 * inv[None, :], mask=row_ok)
+        if BITS == 4:
+            tl.store(OP + row[None, :] * HEAD_D + offs_w[:, None] * 2 + 1, acc1 * inv[None, :], mask=row_ok)
+    else:
+        row_ok = offs_g[:, None] < G
+        tl.store(OP + row[:, None] * HEAD_D + offs_w[None, :] * STEP, acc0 * inv[:, None], mask=row_ok)
+        if BITS == 4:
+            tl.store(OP + row[:, None] * HEAD_D + offs_w[None, :] * 2 + 1, acc1 * inv[:, None], mask=row_ok)
+    tl.store(LSEP + row, lse, mask=offs_g < G)
+
+
+@triton.jit
+def _decode_reduce(OP, LSEP, O, stride_ob, stride_oh, HKV, NSPLIT,
+                   HEAD_D: tl.constexpr, G: tl.constexpr, NS_PAD: tl.constexpr):
+    pid = tl.program_id(0)  # one per (batch, query head)
+    b = pid // (HKV * G)
+    h = pid % (HKV * G)
+    hk = h // G
+    g = h % G
+    offs_s = tl.arange(0, NS_PAD)
+    offs_d = tl.arange(0, HEAD_D)
+    rows = ((b * HKV + hk) * NSPLIT + offs_s) * G + g
+    lse = tl.load(LSEP + rows, mask=offs_s < NSPLIT, other=-1.0e30)
+    mx = tl.max(lse, 0)
+    w = tl.where(lse > -1.0e29, tl.math.exp2(lse - mx), 0.0)
+    o = tl.load(OP + rows[:, None] * HEAD_D + offs_d[None, :], mask=offs_s[:, None] < NSPLIT, other=0.0)
+    res = tl.sum(o * w[:, None], 0) / tl.maximum(tl.sum(w, 0), 1e-30)
+    tl.store(O + b * stride_ob + h * stride_oh + offs_d, res.to(O.dtype.element_ty))
+
+
+_SMS: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    idx = device.index or 0
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
+
+
+def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torch.Tensor, v_data: torch.Tensor,
+                            v_scale: torch.Tensor, seq_len: int, *, bits: int, scale: float | None = None,
+                            kv_start: torch.Tensor | None = None, kv_end: torch.Tensor | None = None,
+                            splits: int | None = None, block_n: int = 64, num_warps: int = 4,
+                            num_stages: int | None = None, programs_per_sm: int = 8, swap: bool = False,
+                            int_mma: bool | None = None) -> torch.Tensor:
+    """Attention of q (B, H, 1, D) over the first `seq_len` tokens of quantized planes
+    (B, Hkv, cap, ...); returns (B, H, 1, D) in q's dtype."""
+    B, H, SQ, D = q.shape
+    if SQ != 1:
+        raise ValueError(f"decode_attention: one query token per sequence, got {SQ}; use flash_attention")
+    Hkv = k_data.shape[1]
+    if H % Hkv:
+        raise ValueError(f"decode_attention: {H} query heads are not a multiple of {Hkv} kv heads")
+    if D & (D - 1) or D < 32:
+        raise ValueError(f"decode_attention: head dim {D} must be a power of two >= 32 for the fused decode")
+    ng = k_scale.shape[-1]
+    group = D // ng
+    if group & (group - 1) or (bits == 4 and group < 32):
+        raise ValueError(f"decode_attention: scale group {group} must be a power of two (>= 32 for int4)")
+    G = H // Hkv
+    g_pad = max(16, triton.next_power_of_2(G))
+    # defaults: the best of `benchmarks/attention.py --tune` on an H200 at (B, S) = (8, 8192) and (32, 4096)
+    bn = block_n
+    num_stages = num_stages or (3 if bits == 8 else 2)
+    if splits is None:  # enough programs in flight per SM to hide the memory latency
+        want = max(1, (programs_per_sm * _num_sms(q.device)) // (B * Hkv))
+        splits = max(1, min(want, triton.cdiv(seq_len, 2 * bn)))
+    chunk = triton.cdiv(triton.cdiv(seq_len, splits), bn) * bn
+    splits = triton.cdiv(seq_len, chunk)
+    dev = q.device
+    op = torch.empty(B * Hkv * splits * G, D, dtype=torch.float32, device=dev)
+    lse = torch.empty(B * Hkv * splits * G, dtype=torch.float32, device=dev)
+    has_ranges = kv_start is not None or kv_end is not None
+    if has_ranges:
+        kv_start = (kv_start if kv_start is not None else torch.zeros(B, dtype=torch.int32, device=dev)).to(dev, torch.int32)
+        kv_end = (kv_end if kv_end is not None else torch.full((B,), seq_len, dtype=torch.int32, device=dev)).to(dev, torch.int32)
+    else:
+        kv_start = kv_end = lse
+    if int_mma is None:  # int8 tensor cores for QK^T where the scales allow it (one scale per token)
+        int_mma = group == D and not swap
+    if int_mma and (group != D or swap):
+        raise ValueError("decode_attention: int_mma needs one scale per token per head and swap=False")
+    if _INTERPRET:
+        dt = tl.float32
+    else:
+        dt = tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16
+    assert k_data.stride() == v_data.stride() and k_scale.stride() == v_scale.stride()
+    _decode_split[(splits, B * Hkv)](
+        q, k_data, k_scale, v_data, v_scale, op, lse, kv_start, kv_end,
+        q.stride(0), q.stride(1), k_data.stride(0), k_data.stride(1), k_data.stride(2),
+        k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
+        H, Hkv, seq_len, chunk, splits, (scale if scale is not None else D ** -0.5) * math.log2(math.e),
+        HEAD_D=D, G=G, G_PAD=g_pad, BLOCK_N=bn, BITS=bits, GROUP=group, E8M0=k_scale.dtype == torch.uint8,
+        HAS_RANGES=has_ranges, DT=dt, SWAP=swap, IMMA=int_mma, INTERP=_INTERPRET, num_warps=num_warps,
+        num_stages=num_stages)
+    o = torch.empty(B, H, 1, D, dtype=q.dtype, device=dev)
+    _decode_reduce[(B * H,)](op, lse, o, o.stride(0), o.stride(1), Hkv, splits,
+                             HEAD_D=D, G=G, NS_PAD=max(2, triton.next_power_of_2(splits)), num_warps=4)
+    return o

@@ -1,0 +1,168 @@
+"""lowbit attention inside Hugging Face models (attn_implementation="lowbit") and the quantized KV
+cache under `model.generate`, on tiny seeded Llama / BERT models (head dim 64).
+
+On CPU the reference path runs (and PLACEMENT says so); on a CUDA machine the same tests run the
+fused kernels in bf16 and check PLACEMENT says "triton".
+"""
+
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+transformers = pytest.importorskip("transformers")
+
+import lowbit.attention as la  # noqa: E402
+from lowbit.kernels import PLACEMENT  # noqa: E402
+
+DEV = "cuda" if CUDA else "cpu"
+DT = torch.bfloat16 if CUDA else torch.float32
+BACKEND = "triton" if CUDA else "reference"
+TOL = 3e-2 if CUDA else 1e-4
+
+
+def _llama():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, vocab_size=300, max_position_embeddings=256,
+                                   attn_implementation="sdpa")
+    return transformers.LlamaForCausalLM(cfg).eval().to(DEV, DT)
+
+
+def _bert():
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                                  vocab_size=300, max_position_embeddings=160, attn_implementation="sdpa")
+    return transformers.BertModel(cfg, add_pooling_layer=False).eval().to(DEV, DT)
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def _left_padded(gen, lengths=(17, 9, 1), vocab=300):
+    S = max(lengths)
+    ids = torch.randint(1, vocab, (len(lengths), S), generator=gen)
+    mask = torch.zeros(len(lengths), S, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, S - n:] = 1
+    return ids.to(DEV), mask.to(DEV)
+
+
+@torch.no_grad()
+def test_llama_lowbit_attention_matches_sdpa_with_left_padding(gen):
+    model = _llama()
+    ids, mask = _left_padded(gen)
+    ref = model(input_ids=ids, attention_mask=mask).logits
+    la.enable(model, attention="lowbit")
+    assert model.config._attn_implementation == "lowbit"
+    PLACEMENT.clear()
+    out = model(input_ids=ids, attention_mask=mask).logits
+    keep = mask.bool()
+    assert _rel(out[keep], ref[keep]) < TOL
+    assert dict(PLACEMENT["model.layers.0.self_attn"]) == {BACKEND: 1}
+
+
+@torch.no_grad()
+def test_bert_lowbit_attention_matches_sdpa_with_right_padding(gen):
+    model = _bert()
+    ids = torch.randint(1, 300, (3, 130), generator=gen).to(DEV)
+    mask = torch.ones(3, 130, dtype=torch.long, device=DEV)
+    mask[1, 100:] = 0
+    mask[2, 7:] = 0
+    ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    la.enable(model, attention="lowbit")
+    PLACEMENT.clear()
+    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    keep = mask.bool()
+    assert _rel(out[keep], ref[keep]) < TOL
+    assert dict(PLACEMENT["encoder.layer.0.attention.self"]) == {BACKEND: 1}
+
+
+@torch.no_grad()
+def test_generate_with_int8_cache_follows_the_float_cache(gen):
+    """Greedy decoding on a left-padded batch: the int8 cache's next-token logits stay close to the
+    float cache's at every step, and the decode steps run the fused kernel on GPU."""
+    from lowbit.attention.evaluate import cache_kwarg
+    from lowbit.attention.kv_cache import LowbitKVCache
+
+    model = _llama()
+    ids, mask = _left_padded(gen)
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True,
+              return_dict_in_generate=True)
+    ref = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    la.enable(model, attention="lowbit", kv_cache="int8")
+    PLACEMENT.clear()
+    forced = model.generate(input_ids=ids, attention_mask=mask, **kw)  # the wrapper adds a LowbitKVCache
+    assert dict(PLACEMENT["model.layers.1.self_attn"]) == {BACKEND: 6}  # 1 prefill + 5 decode steps
+    assert torch.equal(forced.sequences[:, : ids.shape[1] + 1], ref.sequences[:, : ids.shape[1] + 1])
+    # teacher-forced on the float sequence: step logits with the int8 cache stay close
+    cache = LowbitKVCache("int8", config=model.config)
+    seq, m = ref.sequences, torch.cat([mask, torch.ones_like(ref.sequences[:, ids.shape[1]:])], 1)
+    n = ids.shape[1]
+    model(input_ids=seq[:, :n], attention_mask=m[:, :n], **{cache_kwarg(): cache})
+    for t in range(n, seq.shape[1] - 1):
+        lq = model(input_ids=seq[:, t: t + 1], attention_mask=m[:, : t + 1], **{cache_kwarg(): cache}).logits[:, -1]
+        assert _rel(lq, ref.logits[t - n + 1]) < 5e-2
+    assert cache.layers[0].length == seq.shape[1] - 1 and cache.layers[0].planes[0].dtype == torch.int8
+
+
+@torch.no_grad()
+def test_kv_cache_kl_is_small_for_int8_and_larger_for_int4(gen):
+    from lowbit.attention.evaluate import kv_cache_kl
+
+    model = _llama().float() if not CUDA else _llama()
+    ids = torch.randint(1, 300, (2, 40), generator=gen).to(DEV)
+    m = kv_cache_kl(model, ids, kinds=("int8", "int4"))
+    assert 0 <= m["kv_int8_kl_mean"] < m["kv_int4_kl_mean"]
+    assert m["kv_int8_top1_agreement"] >= 0.9
+
+
+def test_unusual_mask_runs_the_reference(gen):
+    """A mask that is not a per-row key range (here: a hole in the middle) goes to the reference,
+    which applies it exactly as given."""
+    from lowbit.attention.hf import lowbit_attention_forward
+
+    q = torch.randn(1, 2, 5, 64, generator=gen).to(DEV, DT)
+    k = torch.randn(1, 2, 5, 64, generator=gen).to(DEV, DT)
+    v = torch.randn(1, 2, 5, 64, generator=gen).to(DEV, DT)
+    mask = torch.ones(1, 1, 5, 5, dtype=torch.bool, device=DEV)
+    mask[..., 2] = False
+    mod = torch.nn.Module()
+    mod.is_causal = False
+    PLACEMENT.clear()
+    out, _ = lowbit_attention_forward(mod, q, k, v, mask)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    assert _rel(out.transpose(1, 2), ref) < 1e-2
+    assert dict(PLACEMENT["Module.?"]) == {"reference": 1}
+
+
+def test_recipe_keys_and_errors():
+    from lowbit.recipe import Recipe, RecipeError
+
+    r = Recipe.load({"global": "int4", "attention": "lowbit", "kv_cache": "int4"})
+    assert (r.attention, r.kv_cache) == ("lowbit", "int4")
+    assert Recipe.load({"global": "int4", "kv_cache": "none"}).kv_cache is None
+    with pytest.raises(RecipeError, match="kv_cache"):
+        Recipe.load({"kv_cache": "int3"})
+    with pytest.raises(RecipeError, match="attention"):
+        Recipe.load({"attention": "flash"})
+    with pytest.raises(ValueError, match="kv_cache"):
+        la.enable(_llama(), kv_cache="fp8")
+
+
+def test_profile_reports_where_attention_ran():
+    import lowbit
+    from lowbit.profile import profile
+
+    model = _llama().float()
+    lowbit.quantize(model, "int8", progress=False)
+    la.enable(model, attention="lowbit", kv_cache="int8")
+    p = profile(model, batch_sizes=(1,), repeats=1, seq_len=16, decode_tokens=3, device=DEV)
+    # the fp32 model runs the reference even on a GPU (the fused kernels take bf16 / fp16)
+    assert p.attention_placement == {"reference": 2}
+    assert not any(name.endswith("self_attn") for name in p.fallbacks)
+    assert p.decode_tokens_per_s > 0
