@@ -168,13 +168,13 @@ def _headline(m):
 
 
 SMOLLM2 = [  # (label, format table, algorithms)
-    ("int4 g64", {"format": "int4", "block_size": 64}, ["rtn", "clip", "gptq", "awq+gptq"]),
-    ("int4-asym g64", {"format": "int4-asym", "block_size": 64}, ["rtn", "gptq", "awq+gptq"]),
+    ("int4 g64", {"format": "int4", "block_size": 64}, ["rtn", "gptq", "awq+gptq"]),
+    ("int4-asym g64", {"format": "int4-asym", "block_size": 64}, ["rtn", "gptq"]),
     ("int4-e8m0 g32", {"format": "int4-e8m0"}, ["rtn", "gptq"]),
-    ("mxfp4", {"format": "mxfp4"}, ["rtn", "gptq"]),
-    ("lut4", {"format": "lut4"}, ["rtn", "kmeans", "gptq"]),
-    ("int3 g64", {"format": "int4", "element": "int3", "block_size": 64}, ["rtn", "gptq", "awq+gptq"]),
-    ("lut3", {"format": "lut3"}, ["rtn", "kmeans", "gptq"]),
+    ("mxfp4", {"format": "mxfp4"}, ["rtn"]),
+    ("lut4", {"format": "lut4"}, ["rtn", "gptq"]),
+    ("int3 g64", {"format": "int4", "element": "int3", "block_size": 64}, ["rtn", "gptq"]),
+    ("lut3", {"format": "lut3"}, ["rtn", "gptq"]),
 ]
 MINILM = [
     ("int4 g32", {"format": "int4"}, ["rtn", "gptq"]),
@@ -225,15 +225,16 @@ def bench_model(model_name, configs, rows, quick, mixed):
 
 
 def write_markdown(rows, path: Path, command: str):
+    """One dated section per model between markers, so runs of different models do not clobber each other."""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    lines = [f"## {datetime.date.today()} · accuracy.py · CPU · commit {commit}", "",
-             f"Command: `{command}`. Same float weights and held-out data for every row; every Linear layer inside the "
-             "blocks quantized (embeddings / tied head float in all rows); bits/weight over those layers.", ""]
+    text = path.read_text() if path.exists() else "# Accuracy\n"
     for model in dict.fromkeys(r["model"] for r in rows):
         sub = [r for r in rows if r["model"] == model]
         lm = any("delta_ppl_pct" in r for r in sub)
-        lines.append(f"### {model}")
-        lines.append("")
+        lines = [f"## {datetime.date.today()} · accuracy.py · {model} · CPU (2 cores) · commit {commit}", "",
+                 f"Command: `{command}`. Same float weights and held-out data for every row; every Linear layer inside "
+                 "the blocks quantized (embeddings / tied head float in all rows); bits/weight over those layers; "
+                 "time = quantization wall time on this (shared, busy) 2-core machine.", ""]
         if lm:
             lines += ["| who | config | bits/w | Δppl % | KL mean | KL p99 | top-1 | time s |", "|---|---|---|---|---|---|---|---|"]
         else:
@@ -241,23 +242,22 @@ def write_markdown(rows, path: Path, command: str):
         for r in sub:
             if "error" in r:
                 lines.append(f"| {r['who']} | {r['config']} | – | unavailable: {r['error']} |")
-                continue
-            if lm:
+            elif lm:
                 lines.append(f"| {r['who']} | {r['config']} | {r['bits']:.3f} | {r['delta_ppl_pct']:.3f} | {r['kl_mean']:.5f} | "
                              f"{r['kl_p99']:.4f} | {r['top1_agreement']:.4f} | {r['seconds']:.1f} |")
             else:
                 lines.append(f"| {r['who']} | {r['config']} | {r['bits']:.3f} | {r['cosine_p1']:.5f} | {r['cosine_mean']:.5f} | "
                              f"{r['seconds']:.1f} |")
-        lines.append("")
-    block = "\n".join(lines)
-    text = path.read_text() if path.exists() else "# Accuracy\n"
-    begin, end = "<!-- accuracy.py:begin -->", "<!-- accuracy.py:end -->"
-    if begin in text:
-        head, rest = text.split(begin, 1)
-        tail = rest.split(end, 1)[1] if end in rest else ""
-        text = head + begin + "\n" + block + "\n" + end + tail
-    else:
-        text = text.rstrip() + "\n\n" + begin + "\n" + block + "\n" + end + "\n"
+            if r.get("plan"):
+                lines.append(f"| | plan: {', '.join(f'{n} x {k}' for k, n in r['plan'].items())} | | | | |")
+        block = "\n".join(lines)
+        begin, end = f"<!-- accuracy.py:{model}:begin -->", f"<!-- accuracy.py:{model}:end -->"
+        if begin in text:
+            head, rest = text.split(begin, 1)
+            tail = rest.split(end, 1)[1] if end in rest else ""
+            text = head + begin + "\n" + block + "\n" + end + tail
+        else:
+            text = text.rstrip() + "\n\n" + begin + "\n" + block + "\n" + end + "\n"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

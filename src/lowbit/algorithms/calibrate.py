@@ -246,7 +246,7 @@ def calibrate(model: nn.Module, plan: dict[str, tuple[Format, bool]], batches: l
             prefix = f"{prefix_name}.{i}."
             names = {prefix + n: m for n, m in block.named_modules() if prefix + n in plan}
             if names:
-                stats, source = _collect_stats(block, names, inputs, int(options.get("awq_tokens", 4096)))
+                stats, source = _collect_stats(block, names, inputs, int(options.get("awq_tokens", 1024)))
                 fmts = {n: plan[n][0] for n in names}
                 if any("awq" in algorithm_for(n) for n in names):
                     awq_names = {n for n in names if "awq" in algorithm_for(n)}
