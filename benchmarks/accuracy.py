@@ -180,7 +180,7 @@ MINILM = [
     ("int4 g32", {"format": "int4"}, ["rtn", "gptq"]),
     ("int4-e8m0 g32", {"format": "int4-e8m0"}, ["rtn", "gptq"]),
     ("lut4", {"format": "lut4"}, ["rtn", "kmeans", "gptq"]),
-    ("lut4 g8 rows", {"format": "lut4", "group_size": 8}, ["rtn", "kmeans", "gptq"]),
+    ("lut4 per-row LUT", {"format": "lut4", "group_size": 1}, ["rtn", "kmeans", "gptq"]),
 ]
 PEERS_4BIT = [
     ("MLX affine 4-bit g32", lambda w: peer_mlx(w, 32)),
@@ -275,7 +275,7 @@ def main():
         bench_model("smollm2", SMOLLM2, rows, args.quick, None)
     if "minilm" in args.models:
         bench_model("minilm", MINILM, rows, args.quick,
-                    {"candidates": ["int8", "int4", "int4-e8m0", "lut4", "int2"], "target_bits": 4.5})
+                    {"candidates": ["int8", "int4", "int4-e8m0", "lut4", "int2"], "target_bits": 4.5, "algorithm": "gptq"})
     if not args.no_write:
         write_markdown(rows, ROOT / "benchmarks" / "ACCURACY.md", "python benchmarks/accuracy.py " + " ".join(sys.argv[1:]))
 
