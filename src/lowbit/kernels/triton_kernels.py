@@ -1,0 +1,277 @@
+"""Triton kernels: y = x @ W^T with W decoded from its stored planes in registers (fp32 math).
+
+Only imported when Triton is importable (see `triton_linear.py`). The kernels read the planes in
+their stored layout (no repack): the data plane is (N, KB) uint8, row n holding the codes of
+weight row n packed along K, low bits first (formats/packing.py). A weight tile is loaded as a
+3-D block of bytes [BLOCK_N, NB_T, BB]: BLOCK_N rows, NB_T scale blocks of BB bytes each, so every
+thread reads whole 16-byte runs along K (coalesced, vectorised) and the per-block scale is one
+[BLOCK_N, NB_T] load. A byte holds PER = 8 / BITS codes; code i of byte j is column j * PER + i,
+so each code position i is multiplied with the activations at columns j * PER + i (a strided load
+of x, which is tiny and stays in cache) instead of interleaving the decoded weights.
+
+Decoding (CODE, all exact in fp32):
+    0 symmetric int, offset binary:    v = c - 2^(BITS-1)
+    1 int8 two's complement:           v = c - 256 * (c >= 128)
+    2 unsigned (affine int):           v = c            (w = v * scale + zero)
+    3 fp4 e2m1: fp16 bits s<<15 | em<<9, value * 2^14 (CMUL)
+    4 fp8 e4m3: fp16 bits s<<15 | em<<7, value * 2^8  (CMUL)
+    5 fp8 e5m2: fp16 bits c<<8 (e5m2 is the top byte of an fp16)
+    6 palette: v = lut[row // LUT_DIV, c]  (a gather from a table of 2^BITS entries, cached in L1)
+Scales (SMODE): 0 none, 1 float per block, 2 E8M0 per block (2^(s-127): bits s<<23), 3 float per row.
+
+Paths:
+    _gemv_kernel     M small: one program per (row m, BLOCK_N outputs), CUDA-core FMAs, full K.
+    _dot_kernel      tensor cores: tiles decoded to the activation dtype and fed to tl.dot; SWAP
+                     computes W @ x^T (weights as the wide operand, for small M), split-K with a
+                     last-arriving-program reduction (one kernel; counters reset by that program).
+    _dequant_kernel  writes the dense weight for a cuBLAS matmul (large M).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _decode(c, lut_ptr, lut_row, BITS: tl.constexpr, CODE: tl.constexpr):
+    """fp32 value of integer codes `c` (int32), before any scale."""
+    if CODE == 0:
+        v = (c - (1 << (BITS - 1))).to(tl.float32)
+    elif CODE == 1:
+        v = (c - ((c >> 7) << 8)).to(tl.float32)
+    elif CODE == 2:
+        v = c.to(tl.float32)
+    elif CODE == 3:
+        h = ((c & 8) << 12) | ((c & 7) << 9)
+        v = h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    elif CODE == 4:
+        h = ((c & 0x80) << 8) | ((c & 0x7F) << 7)
+        v = h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    elif CODE == 5:
+        h = c << 8
+        v = h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        v = tl.load(lut_ptr + lut_row * (1 << BITS) + c).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _block_scale(s_ptr, z_ptr, rows, blk, mask, stride_sn, SMODE: tl.constexpr, HAS_ZERO: tl.constexpr):
+    """(scale, zero) of blocks `blk` of `rows`, fp32 (zero is 0 when the format has none)."""
+    s = tl.load(s_ptr + rows * stride_sn + blk, mask=mask, other=0)
+    if SMODE == 2:
+        s = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+    else:
+        s = s.to(tl.float32)
+    if HAS_ZERO:
+        z = tl.load(z_ptr + rows * stride_sn + blk, mask=mask, other=0).to(tl.float32)
+    else:
+        z = s * 0.0
+    return s, z
+
+
+@triton.jit
+def _row_scale(s_ptr, rs_ptr, ls_ptr, rows, lut_row, rmask, stride_sn,
+               SMODE: tl.constexpr, HAS_RS: tl.constexpr, HAS_LS: tl.constexpr, CMUL: tl.constexpr):
+    """Per-output-row multiplier: CMUL x per-row scale (SMODE 3) x palette scales."""
+    r = tl.full(rows.shape, CMUL, tl.float32)
+    if SMODE == 3:
+        r = r * tl.load(s_ptr + rows * stride_sn, mask=rmask, other=0).to(tl.float32)
+    if HAS_RS:
+        r = r * tl.load(rs_ptr + rows, mask=rmask, other=0).to(tl.float32)
+    if HAS_LS:
+        r = r * tl.load(ls_ptr + lut_row, mask=rmask, other=0).to(tl.float32)
+    return r
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, rs_ptr, ls_ptr, b_ptr, y_ptr,
+                 N, K, KB, stride_xm, stride_wn, stride_sn, stride_ym, lut_div,
+                 BITS: tl.constexpr, CODE: tl.constexpr, SMODE: tl.constexpr, HAS_ZERO: tl.constexpr,
+                 HAS_RS: tl.constexpr, HAS_LS: tl.constexpr, HAS_BIAS: tl.constexpr, CMUL: tl.constexpr,
+                 BB: tl.constexpr, NB_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    PER: tl.constexpr = 8 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    pid_m = tl.program_id(0)  # fastest: programs for the rows of x share the weight tile in L2
+    pid_n = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    rows_c = tl.where(rmask, rows, 0)  # clamped rows: masked lanes read row 0 (valid memory)
+    lut_row = rows_c // lut_div
+    jb = tl.arange(0, NB_T)
+    bb = tl.arange(0, BB)
+    w_row = w_ptr + rows_c.to(tl.int64) * stride_wn
+    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+    acc = tl.zeros([BLOCK_N, NB_T], tl.float32)
+    for blk0 in range(0, ((KB + BB - 1) // BB), NB_T):
+        blk = blk0 + jb
+        byte = blk[:, None] * BB + bb[None, :]  # [NB_T, BB]
+        bmask = byte < KB
+        wv = tl.load(w_row[:, None, None] + byte[None, :, :], mask=bmask[None, :, :], other=0).to(tl.int32)
+        p = tl.zeros([BLOCK_N, NB_T, BB], tl.float32)
+        xs = tl.zeros([NB_T, BB], tl.float32)
+        for i in tl.static_range(PER):
+            if PER == 1:
+                c = wv
+            else:
+                c = (wv >> (i * BITS)) & MASK
+            v = _decode(c, lut_ptr, lut_row[:, None, None], BITS, CODE)
+            kk = byte * PER + i
+            xi = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
+            p += v * xi[None, :, :]
+            if HAS_ZERO:
+                xs += xi
+        bsum = tl.sum(p, axis=2)  # [BLOCK_N, NB_T]: one dot product per scale block
+        if SMODE == 1 or SMODE == 2:
+            s, z = _block_scale(s_ptr, z_ptr, rows_c[:, None], blk[None, :], (blk < ((KB + BB - 1) // BB))[None, :],
+                                stride_sn, SMODE, HAS_ZERO)
+            bsum = bsum * s
+            if HAS_ZERO:
+                bsum += z * tl.sum(xs, axis=1)[None, :]
+        acc += bsum
+    y = tl.sum(acc, axis=1) * _row_scale(s_ptr, rs_ptr, ls_ptr, rows_c, lut_row, rmask, stride_sn,
+                                         SMODE, HAS_RS, HAS_LS, CMUL)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows_c, mask=rmask, other=0).to(tl.float32)
+    tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
+
+
+@triton.jit
+def _dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, rs_ptr, ls_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+                M, N, K, KB, stride_xm, stride_wn, stride_sn, stride_ym, lut_div, blocks_per_split,
+                BITS: tl.constexpr, CODE: tl.constexpr, SMODE: tl.constexpr, HAS_ZERO: tl.constexpr,
+                HAS_RS: tl.constexpr, HAS_LS: tl.constexpr, HAS_BIAS: tl.constexpr, CMUL: tl.constexpr,
+                BB: tl.constexpr, NB_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                SPLIT_K: tl.constexpr, SWAP: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    PER: tl.constexpr = 8 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    BKB: tl.constexpr = NB_T * BB  # bytes of one row per iteration
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    rows_c = tl.where(rmask, rows, 0)
+    lut_row = rows_c // lut_div
+    ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = ms < M
+    ms_c = tl.where(mmask, ms, 0)
+    jb = tl.arange(0, NB_T)
+    bb = tl.arange(0, BB)
+    kb1 = tl.arange(0, BKB)
+    nblk = ((KB + BB - 1) // BB)
+    blk_lo = pid_k * blocks_per_split
+    blk_hi = tl.minimum(blk_lo + blocks_per_split, nblk)
+    w_row = w_ptr + rows_c.to(tl.int64) * stride_wn
+    x_rows = x_ptr + ms_c.to(tl.int64) * stride_xm
+    if SWAP:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for blk0 in range(blk_lo, blk_hi, NB_T):
+        blk = blk0 + jb
+        byte = blk[:, None] * BB + bb[None, :]
+        bmask = (byte < KB) & (blk[:, None] < blk_hi)
+        wv = tl.load(w_row[:, None, None] + byte[None, :, :], mask=bmask[None, :, :], other=0).to(tl.int32)
+        if SMODE == 1 or SMODE == 2:
+            s, z = _block_scale(s_ptr, z_ptr, rows_c[:, None], blk[None, :], (blk < blk_hi)[None, :],
+                                stride_sn, SMODE, HAS_ZERO)
+        kbytes = blk0 * BB + kb1  # [BKB] byte index along the row
+        for i in tl.static_range(PER):
+            if PER == 1:
+                c = wv
+            else:
+                c = (wv >> (i * BITS)) & MASK
+            v = _decode(c, lut_ptr, lut_row[:, None, None], BITS, CODE)
+            if SMODE == 1 or SMODE == 2:
+                v = v * s[:, :, None]
+                if HAS_ZERO:
+                    v += z[:, :, None]
+            a = tl.reshape(v, [BLOCK_N, BKB]).to(DOT_DTYPE)
+            kk = kbytes * PER + i
+            kmask = (kk < K) & (kbytes < blk_hi * BB)
+            if SWAP:  # x^T tile [BKB, BLOCK_M]
+                xt = tl.load(x_rows[None, :] + kk[:, None], mask=kmask[:, None] & mmask[None, :], other=0.0)
+                acc = tl.dot(a, xt.to(DOT_DTYPE), acc)
+            else:  # x tile [BLOCK_M, BKB]
+                xt = tl.load(x_rows[:, None] + kk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+                acc = tl.dot(xt.to(DOT_DTYPE), tl.trans(a), acc)
+    r = _row_scale(s_ptr, rs_ptr, ls_ptr, rows_c, lut_row, rmask, stride_sn, SMODE, HAS_RS, HAS_LS, CMUL)
+    if SWAP:
+        out = acc * r[:, None]
+        offs = ms_c.to(tl.int64)[None, :] * stride_ym + rows[:, None]
+        omask = rmask[:, None] & mmask[None, :]
+        woffs = ms_c[None, :] * N + rows[:, None]
+    else:
+        out = acc * r[None, :]
+        offs = ms_c.to(tl.int64)[:, None] * stride_ym + rows[None, :]
+        omask = mmask[:, None] & rmask[None, :]
+        woffs = ms_c[:, None] * N + rows[None, :]
+    if SPLIT_K > 1:
+        # Partial sums go to the fp32 workspace [SPLIT_K, M, N]; the program that arrives last on
+        # this output tile (atomic counter) adds them up, writes the output and resets the
+        # counter to 0, so the next launch (or CUDA-graph replay) finds it zeroed.
+        tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + woffs, out, mask=omask)
+        tl.debug_barrier()
+        tile = pid_m * tl.num_programs(0) + pid_n
+        seen = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if seen == SPLIT_K - 1:
+            out = out * 0.0
+            for sk in range(SPLIT_K):
+                out += tl.load(ws_ptr + sk * M * N + woffs, mask=omask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                if SWAP:
+                    out += tl.load(b_ptr + rows_c, mask=rmask, other=0).to(tl.float32)[:, None]
+                else:
+                    out += tl.load(b_ptr + rows_c, mask=rmask, other=0).to(tl.float32)[None, :]
+            tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=omask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+    else:
+        if HAS_BIAS:
+            if SWAP:
+                out += tl.load(b_ptr + rows_c, mask=rmask, other=0).to(tl.float32)[:, None]
+            else:
+                out += tl.load(b_ptr + rows_c, mask=rmask, other=0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, z_ptr, lut_ptr, rs_ptr, ls_ptr, out_ptr,
+                    N, K, KB, stride_wn, stride_sn, stride_on, lut_div,
+                    BITS: tl.constexpr, CODE: tl.constexpr, SMODE: tl.constexpr, HAS_ZERO: tl.constexpr,
+                    HAS_RS: tl.constexpr, HAS_LS: tl.constexpr, CMUL: tl.constexpr,
+                    BB: tl.constexpr, NB_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[n, k] = W[n, k] in out's dtype, for the cuBLAS path (one pass: read packed, write dense)."""
+    PER: tl.constexpr = 8 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    rows_c = tl.where(rmask, rows, 0)
+    lut_row = rows_c // lut_div
+    blk = pid_k * NB_T + tl.arange(0, NB_T)
+    byte = blk[:, None] * BB + tl.arange(0, BB)[None, :]
+    bmask = byte < KB
+    wv = tl.load(w_ptr + rows_c.to(tl.int64)[:, None, None] * stride_wn + byte[None, :, :],
+                 mask=bmask[None, :, :], other=0).to(tl.int32)
+    r = _row_scale(s_ptr, rs_ptr, ls_ptr, rows_c, lut_row, rmask, stride_sn, SMODE, HAS_RS, HAS_LS, CMUL)
+    if SMODE == 1 or SMODE == 2:
+        s, z = _block_scale(s_ptr, z_ptr, rows_c[:, None], blk[None, :], (blk < ((KB + BB - 1) // BB))[None, :],
+                            stride_sn, SMODE, HAS_ZERO)
+    o_row = out_ptr + rows_c.to(tl.int64)[:, None, None] * stride_on
+    for i in tl.static_range(PER):
+        if PER == 1:
+            c = wv
+        else:
+            c = (wv >> (i * BITS)) & MASK
+        v = _decode(c, lut_ptr, lut_row[:, None, None], BITS, CODE)
+        if SMODE == 1 or SMODE == 2:
+            v = v * s[:, :, None]
+            if HAS_ZERO:
+                v += z[:, :, None]
+        v = v * r[:, None, None]
+        kk = byte * PER + i
+        tl.store(o_row + kk[None, :, :], v.to(out_ptr.dtype.element_ty),
+                 mask=rmask[:, None, None] & (bmask & (kk < K))[None, :, :])
