@@ -173,8 +173,50 @@ def heuristic(spec: Spec, m: int, k: int, n: int) -> dict:
 
 
 def choose(spec: Spec, m: int, k: int, n: int) -> dict:
-    cfg = _load_table().get(table_key(spec.bits, m, k, n))
-    return dict(cfg) if cfg else heuristic(spec, m, k, n)
+    """The measured config for this format's bits (or any format's) at (M bucket, K, N), else the heuristic."""
+    table = _load_table()
+    cfg = table.get(table_key(spec.bits, m, k, n)) or table.get(table_key("*", m, k, n))
+    return _fit(dict(cfg), spec, m) if cfg else heuristic(spec, m, k, n)
+
+
+def _fit(cfg: dict, spec: Spec, m: int) -> dict:
+    """A table config (sizes in bytes per row per iteration, `KB_T`) made concrete for `spec`."""
+    if "KB_T" in cfg:
+        cfg["NB_T"] = max(1, cfg.pop("KB_T") // spec.bb)
+    cfg.pop("us", None)
+    return cfg
+
+
+def candidates(spec: Spec, m: int, k: int, n: int) -> list[dict]:
+    """Configs the tuner times for one (M, K, N) (`KB_T`: bytes of one weight row per iteration)."""
+    import triton
+
+    out: list[dict] = []
+    if m <= 4:
+        for bn, kbt, nw in ((1, 512, 4), (2, 256, 4), (2, 512, 4), (4, 256, 4), (4, 128, 4), (8, 128, 4),
+                            (4, 512, 8), (8, 256, 8)):
+            out.append({"path": "gemv", "BLOCK_N": bn, "KB_T": kbt, "num_warps": nw})
+    if True:
+        sm = _sm_count()
+        for bn, bm, swap, kbt, nw, st in ((64, 16, True, 64, 4, 3), (64, 16, True, 128, 4, 3), (128, 16, True, 64, 4, 3),
+                                           (64, 32, True, 64, 4, 3), (64, 64, True, 64, 4, 3), (128, 64, True, 64, 8, 3),
+                                           (128, 128, False, 64, 8, 3), (128, 128, False, 32, 4, 4),
+                                           (128, 256, False, 64, 8, 3), (128, 64, False, 64, 4, 3)):
+            if (m <= 4 and bm > 16) or bm > 2 * max(16, m) or (m > 64 and swap) or (m >= 512 and bm < 128):
+                continue
+            tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
+            splits = {1}
+            split = 1
+            while tiles * split < 2 * sm and split < 16 and k // (split * 2) >= 512:
+                split *= 2
+            splits |= {split, max(1, split // 2), min(16, split * 2)}
+            for sp in sorted(splits):
+                out.append({"path": "dot", "BLOCK_N": bn, "BLOCK_M": bm, "KB_T": kbt, "SPLIT_K": sp, "SWAP": swap,
+                            "num_warps": nw, "num_stages": st})
+    if m >= 128:
+        for bn, kbt in ((16, 128), (8, 256)):
+            out.append({"path": "dequant", "BLOCK_N": bn, "KB_T": kbt, "num_warps": 4})
+    return out
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -220,7 +262,7 @@ def run(x2: torch.Tensor, planes: dict[str, torch.Tensor | None], spec: Spec, n:
     m = x2.shape[0]
     w = planes["data"]
     kb = w.shape[1]
-    cfg = cfg or choose(spec, m, k, n)
+    cfg = _fit(dict(cfg), spec, m) if cfg else choose(spec, m, k, n)
     y = out if out is not None else torch.empty(m, n, device=x2.device, dtype=x2.dtype)
     if m == 0 or n == 0:
         return y
