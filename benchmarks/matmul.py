@@ -196,7 +196,8 @@ def gpu_main(args) -> None:
     ms = args.m or GPU_M
     names = args.presets or list(GPU_FORMATS)
     props = torch.cuda.get_device_properties(0)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = os.environ.get("LOWBIT_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"{props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MiB; torch {torch.__version__}, "
           f"triton {triton.__version__}; commit {commit or '?'}; activations bf16")
     bw = copy_bandwidth()
@@ -217,7 +218,10 @@ def gpu_main(args) -> None:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             act = 2 * m * (k + n)
 
-            def row(method, path, t, wbytes, err=float("nan")):
+            def row(method, path, t, wbytes, err=float("nan"), m=m):
+                t_bf16 = next(r["us"] for r in summary if (r["K"], r["N"], r["M"], r["method"]) == (k, n, m, "bf16 F.linear")) \
+                    if method != "bf16 F.linear" else t
+                act = 2 * m * (k + n)
                 tb = (wbytes + act) / t / 1e6
                 rec = {"K": k, "N": n, "M": m, "method": method, "path": path, "us": t, "x_bf16": t_bf16 / t,
                        "TBps": tb, "pct_copy": 100 * tb / bw, "rel_err": err}
@@ -241,6 +245,23 @@ def gpu_main(args) -> None:
             row("tinygemm g128", "torch", t, tiny[0].numel() + tiny[1].numel() * 2)
             del tps, xs
         for name in names:
+            try:
+                bench_format(name, w, ms, summary, row, tlin, k, n)
+            except Exception as e:  # report and go on: one broken format must not hide the others
+                print(f"{k:>6} {n:>6} {'*':>5} {name:<15} FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+        del w, tiny
+        torch.cuda.empty_cache()
+    if log:
+        log.close()
+    print_summary(summary)
+
+
+def bench_format(name, w, ms, summary, row, tlin, k, n):
+    from lowbit.formats import QTensor
+    from lowbit.kernels import PLACEMENT
+
+    if True:
+        if True:
             qt = gpu_weight(name, w)
             lin = QuantLinear(qt)
             lin._lowbit_name = f"bench.{name}"
@@ -249,8 +270,6 @@ def gpu_main(args) -> None:
             ref_w = qt.dequantize(torch.float32)
             for m in ms:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                act = 2 * m * (k + n)
-                t_bf16 = next(r["us"] for r in summary if (r["K"], r["N"], r["M"], r["method"]) == (k, n, m, "bf16 F.linear"))
                 cfg = tlin.choose(spec, m, k, n)
                 # correctness: output poisoned with NaN, fresh random input, vs dequantize-then-matmul
                 out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
@@ -266,14 +285,9 @@ def gpu_main(args) -> None:
                     t = graph_time([lambda i=i: lins[i](xs[i]) for i in range(c)])
                 ran = dict(PLACEMENT.get(f"bench.{name}", {}))
                 path = cfg["path"] if ran.get("triton") else ",".join(ran) or "?"
-                row(name, path, t, qt.nbytes, err)
+                row(name, path, t, qt.nbytes, err, m=m)
                 del lins, xs
             del qt, lin, planes, ref_w
-        del w, tiny
-        torch.cuda.empty_cache()
-    if log:
-        log.close()
-    print_summary(summary)
 
 
 def gpu_check(names) -> None:
