@@ -87,14 +87,15 @@ def _row_scale(s_ptr, rs_ptr, ls_ptr, rows, lut_row, rmask, stride_sn,
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, rs_ptr, ls_ptr, b_ptr, y_ptr,
-                 N, K, KB, stride_xm, stride_wn, stride_sn, stride_ym, lut_div,
+                 M, N, K, KB, stride_xm, stride_wn, stride_sn, stride_ym, lut_div,
                  BITS: tl.constexpr, CODE: tl.constexpr, SMODE: tl.constexpr, HAS_ZERO: tl.constexpr,
                  HAS_RS: tl.constexpr, HAS_LS: tl.constexpr, HAS_BIAS: tl.constexpr, CMUL: tl.constexpr,
                  BB: tl.constexpr, NB_T: tl.constexpr, BLOCK_N: tl.constexpr):
     PER: tl.constexpr = 8 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
-    pid_m = tl.program_id(0)  # fastest: programs for the rows of x share the weight tile in L2
-    pid_n = tl.program_id(1)
+    pid = tl.program_id(0)  # one axis (N / BLOCK_N can pass 65535); m varies fastest, so the
+    pid_m = pid % M          # programs for the rows of x run together and share the tile in L2
+    pid_n = pid // M
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     rows_c = tl.where(rmask, rows, 0)  # clamped rows: masked lanes read row 0 (valid memory)

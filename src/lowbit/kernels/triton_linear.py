@@ -287,9 +287,9 @@ def run(x2: torch.Tensor, planes: dict[str, torch.Tensor | None], spec: Spec, n:
             rs if rs is not None else dummy, ls if ls is not None else dummy)
     path = cfg["path"]
     if path == "gemv":
-        grid = (m, triton.cdiv(n, cfg["BLOCK_N"]))
+        grid = (m * triton.cdiv(n, cfg["BLOCK_N"]),)
         _kern()._gemv_kernel[grid](x2, w, *ptrs, bias if bias is not None else dummy, y,
-                              n, k, kb, x2.stride(0), w.stride(0), stride_sn, y.stride(0), lut_div,
+                              m, n, k, kb, x2.stride(0), w.stride(0), stride_sn, y.stride(0), lut_div,
                               HAS_BIAS=bias is not None, NB_T=cfg["NB_T"], BLOCK_N=cfg["BLOCK_N"],
                               num_warps=cfg["num_warps"], **common)
     elif path == "dot":
