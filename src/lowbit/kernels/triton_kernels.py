@@ -34,36 +34,69 @@ import triton.language as tl
 
 
 @triton.jit
-def _decode(c, lut_ptr, lut_row, BITS: tl.constexpr, CODE: tl.constexpr):
-    """fp32 value of integer codes `c` (int32), before any scale."""
-    if CODE == 0:
-        v = (c - (1 << (BITS - 1))).to(tl.float32)
-    elif CODE == 1:
-        v = (c - ((c >> 7) << 8)).to(tl.float32)
-    elif CODE == 2:
-        v = c.to(tl.float32)
-    elif CODE == 3:
-        h = ((c & 8) << 12) | ((c & 7) << 9)
-        v = h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    elif CODE == 4:
-        h = ((c & 0x80) << 8) | ((c & 0x7F) << 7)
-        v = h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    elif CODE == 5:
-        h = c << 8
-        v = h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+def _mantissa(t, pos: tl.constexpr, BITS: tl.constexpr):
+    """fp32 1 + u / 2^BITS for the BITS-bit field u at bit `pos` of int32 `t` (shift + one LOP3)."""
+    SH: tl.constexpr = 23 - BITS - pos
+    if SH >= 0:
+        t = t << SH
     else:
-        v = tl.load(lut_ptr + lut_row * (1 << BITS) + c).to(tl.float32)
+        t = t >> (-SH)
+    return ((t & (((1 << BITS) - 1) << (23 - BITS))) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _decode(b, i: tl.constexpr, lut_ptr, lut_row, BITS: tl.constexpr, CODE: tl.constexpr):
+    """fp32 value (before any scale) of code `i` of the bytes `b` (int32 holding one byte each)."""
+    if CODE == 2:  # unsigned: c = 2^BITS (f - 1)
+        v = _mantissa(b, i * BITS, BITS) * (1 << BITS) - (1 << BITS)
+    elif CODE <= 1:  # offset binary, or two's complement with the sign bit flipped into offset binary
+        if CODE == 1:
+            b = b ^ 0x80
+        v = _mantissa(b, i * BITS, BITS) * (1 << BITS) - ((1 << BITS) + (1 << (BITS - 1)))
+    else:
+        c = (b >> (i * BITS)) & ((1 << BITS) - 1)
+        if CODE == 3:
+            h = ((c & 8) << 12) | ((c & 7) << 9)
+            v = h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        elif CODE == 4:
+            h = ((c & 0x80) << 8) | ((c & 0x7F) << 7)
+            v = h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        elif CODE == 5:
+            h = c << 8
+            v = h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        else:
+            v = tl.load(lut_ptr + lut_row * (1 << BITS) + c).to(tl.float32)
     return v
 
 
 @triton.jit
-def _block_scale(s_ptr, z_ptr, rows, blk, mask, stride_sn, SMODE: tl.constexpr, HAS_ZERO: tl.constexpr):
-    """(scale, zero) of blocks `blk` of `rows`, fp32 (zero is 0 when the format has none)."""
+def _values(b, lut_ptr, lut_row, BITS: tl.constexpr, CODE: tl.constexpr):
+    """Codes of the byte tile `b` [R, NB, BB] decoded in column order: [R, NB, BB * 8 / BITS]
+    (code i of byte j is column j * PER + i: joining the per-position values interleaves them)."""
+    if BITS == 8:
+        v = _decode(b, 0, lut_ptr, lut_row, BITS, CODE)
+    elif BITS == 4:
+        v = tl.join(_decode(b, 0, lut_ptr, lut_row, BITS, CODE), _decode(b, 1, lut_ptr, lut_row, BITS, CODE))
+        v = tl.reshape(v, [v.shape[0], v.shape[1], v.shape[2] * 2])
+    else:  # 2 bits: join(join(c0, c2), join(c1, c3)) puts code i at position 2 * (i // 2) + i % 2
+        v = tl.join(tl.join(_decode(b, 0, lut_ptr, lut_row, BITS, CODE), _decode(b, 2, lut_ptr, lut_row, BITS, CODE)),
+                    tl.join(_decode(b, 1, lut_ptr, lut_row, BITS, CODE), _decode(b, 3, lut_ptr, lut_row, BITS, CODE)))
+        v = tl.reshape(v, [v.shape[0], v.shape[1], v.shape[2] * 4])
+    return v
+
+
+@triton.jit
+def _block_scale(s_ptr, z_ptr, rows, blk, mask, stride_sn, SMODE: tl.constexpr, HAS_ZERO: tl.constexpr,
+                 CMUL: tl.constexpr = 1.0):
+    """(scale, zero) of blocks `blk` of `rows`, fp32 (zero is 0 when the format has none); the
+    element decoder's constant factor CMUL is folded into the scale (exact: a power of two)."""
     s = tl.load(s_ptr + rows * stride_sn + blk, mask=mask, other=0)
     if SMODE == 2:
         s = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
     else:
         s = s.to(tl.float32)
+    if CMUL != 1.0:
+        s = s * CMUL
     if HAS_ZERO:
         z = tl.load(z_ptr + rows * stride_sn + blk, mask=mask, other=0).to(tl.float32)
     else:
@@ -73,9 +106,9 @@ def _block_scale(s_ptr, z_ptr, rows, blk, mask, stride_sn, SMODE: tl.constexpr, 
 
 @triton.jit
 def _row_scale(s_ptr, rs_ptr, ls_ptr, rows, lut_row, rmask, stride_sn,
-               SMODE: tl.constexpr, HAS_RS: tl.constexpr, HAS_LS: tl.constexpr, CMUL: tl.constexpr):
-    """Per-output-row multiplier: CMUL x per-row scale (SMODE 3) x palette scales."""
-    r = tl.full(rows.shape, CMUL, tl.float32)
+               SMODE: tl.constexpr, HAS_RS: tl.constexpr, HAS_LS: tl.constexpr):
+    """Per-output-row multiplier: per-row scale (SMODE 3) x palette scales."""
+    r = tl.full(rows.shape, 1.0, tl.float32)
     if SMODE == 3:
         r = r * tl.load(s_ptr + rows * stride_sn, mask=rmask, other=0).to(tl.float32)
     if HAS_RS:
@@ -86,13 +119,69 @@ def _row_scale(s_ptr, rs_ptr, ls_ptr, rows, lut_row, rmask, stride_sn,
 
 
 @triton.jit
+def _gemv_int_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+                     M, N, K, KW, stride_xm, stride_wn, stride_sn, stride_ym,
+                     BITS: tl.constexpr, CODE: tl.constexpr, SMODE: tl.constexpr, HAS_ZERO: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, CMUL: tl.constexpr, WB: tl.constexpr, NB_T: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    """GEMV for integer codes, reading the data plane as int32 words (w_ptr: int32 view, KW words a
+    row). A code becomes f = 1 + u / 2^BITS by a shift and one LOP3 into an fp32 mantissa, so the
+    inner loop is shift, LOP3, FFMA per weight; sum(v * x) = 2^BITS sum(f * x) - B sum(x) per block."""
+    CPW: tl.constexpr = 32 // BITS
+    pid = tl.program_id(0)
+    pid_m = pid % M
+    pid_n = pid // M
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    rows_c = tl.where(rmask, rows, 0)
+    jb = tl.arange(0, NB_T)
+    tb = tl.arange(0, WB)
+    w_row = w_ptr + rows_c.to(tl.int64) * stride_wn
+    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+    acc = tl.zeros([BLOCK_N, NB_T], tl.float32)
+    for blk0 in range(0, (KW + WB - 1) // WB, NB_T):
+        blk = blk0 + jb
+        word = blk[:, None] * WB + tb[None, :]  # [NB_T, WB]
+        wmask = word < KW
+        wv = tl.load(w_row[:, None, None] + word[None, :, :], mask=wmask[None, :, :], other=0)
+        if CODE == 1:
+            wv = wv ^ -2139062144  # 0x80808080 as int32: two's complement bytes -> offset binary
+        p = tl.zeros([BLOCK_N, NB_T, WB], tl.float32)
+        xs = tl.zeros([NB_T, WB], tl.float32)
+        for j in tl.static_range(CPW):
+            kk = word * CPW + j
+            xj = tl.load(x_row + kk, mask=wmask & (kk < K), other=0.0).to(tl.float32)
+            p += _mantissa(wv, j * BITS, BITS) * xj[None, :, :]
+            xs += xj
+        xsum = tl.sum(xs, axis=1)  # [NB_T]
+        if CODE == 2:
+            bsum = tl.sum(p, axis=2) * (1 << BITS) - (1 << BITS) * xsum[None, :]
+        else:
+            bsum = tl.sum(p, axis=2) * (1 << BITS) - ((1 << BITS) + (1 << (BITS - 1))) * xsum[None, :]
+        if SMODE == 1 or SMODE == 2:
+            s, z = _block_scale(s_ptr, z_ptr, rows_c[:, None], blk[None, :],
+                                (blk < (KW + WB - 1) // WB)[None, :], stride_sn, SMODE, HAS_ZERO, CMUL)
+            bsum = bsum * s
+            if HAS_ZERO:
+                bsum += z * xsum[None, :]
+        acc += bsum
+    y = tl.sum(acc, axis=1)
+    if SMODE == 3:
+        y = y * tl.load(s_ptr + rows_c * stride_sn, mask=rmask, other=0).to(tl.float32)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows_c, mask=rmask, other=0).to(tl.float32)
+    tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, rs_ptr, ls_ptr, b_ptr, y_ptr,
                  M, N, K, KB, stride_xm, stride_wn, stride_sn, stride_ym, lut_div,
                  BITS: tl.constexpr, CODE: tl.constexpr, SMODE: tl.constexpr, HAS_ZERO: tl.constexpr,
                  HAS_RS: tl.constexpr, HAS_LS: tl.constexpr, HAS_BIAS: tl.constexpr, CMUL: tl.constexpr,
                  BB: tl.constexpr, NB_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """GEMV for every format: byte tiles decoded in column order, x read contiguously."""
     PER: tl.constexpr = 8 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
+    B: tl.constexpr = BB * PER  # codes per scale block (per chunk for per-row formats)
     pid = tl.program_id(0)  # one axis (N / BLOCK_N can pass 65535); m varies fastest, so the
     pid_m = pid % M          # programs for the rows of x run together and share the tile in L2
     pid_n = pid // M
@@ -101,38 +190,27 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, rs_ptr, ls_ptr, b_ptr, y_p
     rows_c = tl.where(rmask, rows, 0)  # clamped rows: masked lanes read row 0 (valid memory)
     lut_row = rows_c // lut_div
     jb = tl.arange(0, NB_T)
-    bb = tl.arange(0, BB)
     w_row = w_ptr + rows_c.to(tl.int64) * stride_wn
     x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+    nblk = (KB + BB - 1) // BB
     acc = tl.zeros([BLOCK_N, NB_T], tl.float32)
-    for blk0 in range(0, ((KB + BB - 1) // BB), NB_T):
+    for blk0 in range(0, nblk, NB_T):
         blk = blk0 + jb
-        byte = blk[:, None] * BB + bb[None, :]  # [NB_T, BB]
-        bmask = byte < KB
-        wv = tl.load(w_row[:, None, None] + byte[None, :, :], mask=bmask[None, :, :], other=0).to(tl.int32)
-        p = tl.zeros([BLOCK_N, NB_T, BB], tl.float32)
-        xs = tl.zeros([NB_T, BB], tl.float32)
-        for i in tl.static_range(PER):
-            if PER == 1:
-                c = wv
-            else:
-                c = (wv >> (i * BITS)) & MASK
-            v = _decode(c, lut_ptr, lut_row[:, None, None], BITS, CODE)
-            kk = byte * PER + i
-            xi = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
-            p += v * xi[None, :, :]
-            if HAS_ZERO:
-                xs += xi
-        bsum = tl.sum(p, axis=2)  # [BLOCK_N, NB_T]: one dot product per scale block
+        byte = blk[:, None] * BB + tl.arange(0, BB)[None, :]  # [NB_T, BB]
+        wv = tl.load(w_row[:, None, None] + byte[None, :, :], mask=(byte < KB)[None, :, :], other=0).to(tl.int32)
+        v = _values(wv, lut_ptr, lut_row[:, None, None], BITS, CODE)  # [BLOCK_N, NB_T, B]
+        kk = blk[:, None] * B + tl.arange(0, B)[None, :]
+        x3 = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)  # [NB_T, B], contiguous
+        bsum = tl.sum(v * x3[None, :, :], axis=2)  # [BLOCK_N, NB_T]: one dot product per scale block
         if SMODE == 1 or SMODE == 2:
-            s, z = _block_scale(s_ptr, z_ptr, rows_c[:, None], blk[None, :], (blk < ((KB + BB - 1) // BB))[None, :],
-                                stride_sn, SMODE, HAS_ZERO)
+            s, z = _block_scale(s_ptr, z_ptr, rows_c[:, None], blk[None, :], (blk < nblk)[None, :],
+                                stride_sn, SMODE, HAS_ZERO, CMUL)
             bsum = bsum * s
             if HAS_ZERO:
-                bsum += z * tl.sum(xs, axis=1)[None, :]
+                bsum += z * tl.sum(x3, axis=1)[None, :]
         acc += bsum
     y = tl.sum(acc, axis=1) * _row_scale(s_ptr, rs_ptr, ls_ptr, rows_c, lut_row, rmask, stride_sn,
-                                         SMODE, HAS_RS, HAS_LS, CMUL)
+                                         SMODE, HAS_RS, HAS_LS)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows_c, mask=rmask, other=0).to(tl.float32)
     tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
@@ -146,8 +224,8 @@ def _dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, rs_ptr, ls_ptr, b_ptr, y_pt
                 BB: tl.constexpr, NB_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                 SPLIT_K: tl.constexpr, SWAP: tl.constexpr, DOT_DTYPE: tl.constexpr):
     PER: tl.constexpr = 8 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
-    BKB: tl.constexpr = NB_T * BB  # bytes of one row per iteration
+    B: tl.constexpr = BB * PER
+    BK: tl.constexpr = NB_T * B  # columns per iteration
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -159,9 +237,7 @@ def _dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, rs_ptr, ls_ptr, b_ptr, y_pt
     mmask = ms < M
     ms_c = tl.where(mmask, ms, 0)
     jb = tl.arange(0, NB_T)
-    bb = tl.arange(0, BB)
-    kb1 = tl.arange(0, BKB)
-    nblk = ((KB + BB - 1) // BB)
+    nblk = (KB + BB - 1) // BB
     blk_lo = pid_k * blocks_per_split
     blk_hi = tl.minimum(blk_lo + blocks_per_split, nblk)
     w_row = w_ptr + rows_c.to(tl.int64) * stride_wn
@@ -172,33 +248,26 @@ def _dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, rs_ptr, ls_ptr, b_ptr, y_pt
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for blk0 in range(blk_lo, blk_hi, NB_T):
         blk = blk0 + jb
-        byte = blk[:, None] * BB + bb[None, :]
+        byte = blk[:, None] * BB + tl.arange(0, BB)[None, :]
         bmask = (byte < KB) & (blk[:, None] < blk_hi)
         wv = tl.load(w_row[:, None, None] + byte[None, :, :], mask=bmask[None, :, :], other=0).to(tl.int32)
+        v = _values(wv, lut_ptr, lut_row[:, None, None], BITS, CODE)  # [BLOCK_N, NB_T, B]
         if SMODE == 1 or SMODE == 2:
             s, z = _block_scale(s_ptr, z_ptr, rows_c[:, None], blk[None, :], (blk < blk_hi)[None, :],
-                                stride_sn, SMODE, HAS_ZERO)
-        kbytes = blk0 * BB + kb1  # [BKB] byte index along the row
-        for i in tl.static_range(PER):
-            if PER == 1:
-                c = wv
-            else:
-                c = (wv >> (i * BITS)) & MASK
-            v = _decode(c, lut_ptr, lut_row[:, None, None], BITS, CODE)
-            if SMODE == 1 or SMODE == 2:
-                v = v * s[:, :, None]
-                if HAS_ZERO:
-                    v += z[:, :, None]
-            a = tl.reshape(v, [BLOCK_N, BKB]).to(DOT_DTYPE)
-            kk = kbytes * PER + i
-            kmask = (kk < K) & (kbytes < blk_hi * BB)
-            if SWAP:  # x^T tile [BKB, BLOCK_M]
-                xt = tl.load(x_rows[None, :] + kk[:, None], mask=kmask[:, None] & mmask[None, :], other=0.0)
-                acc = tl.dot(a, xt.to(DOT_DTYPE), acc)
-            else:  # x tile [BLOCK_M, BKB]
-                xt = tl.load(x_rows[:, None] + kk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
-                acc = tl.dot(xt.to(DOT_DTYPE), tl.trans(a), acc)
-    r = _row_scale(s_ptr, rs_ptr, ls_ptr, rows_c, lut_row, rmask, stride_sn, SMODE, HAS_RS, HAS_LS, CMUL)
+                                stride_sn, SMODE, HAS_ZERO, CMUL)
+            v = v * s[:, :, None]
+            if HAS_ZERO:
+                v += z[:, :, None]
+        a = tl.reshape(v, [BLOCK_N, BK]).to(DOT_DTYPE)
+        kk = blk0 * B + tl.arange(0, BK)
+        kmask = (kk < K) & (kk < blk_hi * B)
+        if SWAP:  # x^T tile [BK, BLOCK_M]
+            xt = tl.load(x_rows[None, :] + kk[:, None], mask=kmask[:, None] & mmask[None, :], other=0.0)
+            acc = tl.dot(a, xt.to(DOT_DTYPE), acc)
+        else:  # x tile [BLOCK_M, BK]
+            xt = tl.load(x_rows[:, None] + kk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+            acc = tl.dot(xt.to(DOT_DTYPE), tl.trans(a), acc)
+    r = _row_scale(s_ptr, rs_ptr, ls_ptr, rows_c, lut_row, rmask, stride_sn, SMODE, HAS_RS, HAS_LS)
     if SWAP:
         out = acc * r[:, None]
         offs = ms_c.to(tl.int64)[None, :] * stride_ym + rows[:, None]
@@ -245,7 +314,7 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, lut_ptr, rs_ptr, ls_ptr, out_ptr,
                     BB: tl.constexpr, NB_T: tl.constexpr, BLOCK_N: tl.constexpr):
     """out[n, k] = W[n, k] in out's dtype, for the cuBLAS path (one pass: read packed, write dense)."""
     PER: tl.constexpr = 8 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
+    B: tl.constexpr = BB * PER
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -254,25 +323,17 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, lut_ptr, rs_ptr, ls_ptr, out_ptr,
     lut_row = rows_c // lut_div
     blk = pid_k * NB_T + tl.arange(0, NB_T)
     byte = blk[:, None] * BB + tl.arange(0, BB)[None, :]
-    bmask = byte < KB
     wv = tl.load(w_ptr + rows_c.to(tl.int64)[:, None, None] * stride_wn + byte[None, :, :],
-                 mask=bmask[None, :, :], other=0).to(tl.int32)
-    r = _row_scale(s_ptr, rs_ptr, ls_ptr, rows_c, lut_row, rmask, stride_sn, SMODE, HAS_RS, HAS_LS, CMUL)
+                 mask=(byte < KB)[None, :, :], other=0).to(tl.int32)
+    v = _values(wv, lut_ptr, lut_row[:, None, None], BITS, CODE)  # [BLOCK_N, NB_T, B]
     if SMODE == 1 or SMODE == 2:
-        s, z = _block_scale(s_ptr, z_ptr, rows_c[:, None], blk[None, :], (blk < ((KB + BB - 1) // BB))[None, :],
-                            stride_sn, SMODE, HAS_ZERO)
-    o_row = out_ptr + rows_c.to(tl.int64)[:, None, None] * stride_on
-    for i in tl.static_range(PER):
-        if PER == 1:
-            c = wv
-        else:
-            c = (wv >> (i * BITS)) & MASK
-        v = _decode(c, lut_ptr, lut_row[:, None, None], BITS, CODE)
-        if SMODE == 1 or SMODE == 2:
-            v = v * s[:, :, None]
-            if HAS_ZERO:
-                v += z[:, :, None]
-        v = v * r[:, None, None]
-        kk = byte * PER + i
-        tl.store(o_row + kk[None, :, :], v.to(out_ptr.dtype.element_ty),
-                 mask=rmask[:, None, None] & (bmask & (kk < K))[None, :, :])
+        s, z = _block_scale(s_ptr, z_ptr, rows_c[:, None], blk[None, :], (blk < (KB + BB - 1) // BB)[None, :],
+                            stride_sn, SMODE, HAS_ZERO, CMUL)
+        v = v * s[:, :, None]
+        if HAS_ZERO:
+            v += z[:, :, None]
+    r = _row_scale(s_ptr, rs_ptr, ls_ptr, rows_c, lut_row, rmask, stride_sn, SMODE, HAS_RS, HAS_LS)
+    v = v * r[:, None, None]
+    kk = blk[:, None] * B + tl.arange(0, B)[None, :]  # [NB_T, B], contiguous along the row
+    tl.store(out_ptr + rows_c.to(tl.int64)[:, None, None] * stride_on + kk[None, :, :], v.to(out_ptr.dtype.element_ty),
+             mask=rmask[:, None, None] & (kk < K)[None, :, :])

@@ -96,7 +96,7 @@ _MX_CODE = {"fp4_e2m1": (3, 2.0**14), "fp8_e4m3": (4, 2.0**8), "fp8_e5m2": (5, 1
 def spec_of(fmt: Format) -> Spec | None:
     """Kernel constants for `fmt`, or None when no Triton kernel covers it."""
     bits = fmt.bits
-    if bits not in (1, 2, 4, 8):
+    if bits not in (2, 4, 8):
         return None
     if fmt.family == "lut":
         return Spec(bits, 6, 0, False, 1.0, 32)
@@ -157,8 +157,8 @@ def heuristic(spec: Spec, m: int, k: int, n: int) -> dict:
 
     sm = _sm_count()
     if m <= 4:
-        nb_t = max(1, 256 // spec.bb)
-        return {"path": "gemv", "BLOCK_N": 4, "NB_T": nb_t, "num_warps": 4}
+        nb_t = max(1, 128 // spec.bb)
+        return {"path": "gemv", "BLOCK_N": 16, "NB_T": nb_t, "num_warps": 4}
     if m <= 256:
         block_m = max(16, min(64, triton.next_power_of_2(m))) if m <= 64 else 128
         block_n = 64 if m <= 64 else 128
@@ -193,28 +193,26 @@ def candidates(spec: Spec, m: int, k: int, n: int) -> list[dict]:
 
     out: list[dict] = []
     if m <= 4:
-        for bn, kbt, nw in ((1, 512, 4), (2, 256, 4), (2, 512, 4), (4, 256, 4), (4, 128, 4), (8, 128, 4),
-                            (4, 512, 8), (8, 256, 8)):
+        for bn, kbt, nw in ((8, 256, 4), (16, 128, 4), (16, 256, 8), (32, 64, 4), (32, 128, 8), (64, 64, 8),
+                            (16, 64, 4), (32, 32, 4)):
             out.append({"path": "gemv", "BLOCK_N": bn, "KB_T": kbt, "num_warps": nw})
-    if True:
-        sm = _sm_count()
-        for bn, bm, swap, kbt, nw, st in ((64, 16, True, 64, 4, 3), (64, 16, True, 128, 4, 3), (128, 16, True, 64, 4, 3),
-                                           (64, 32, True, 64, 4, 3), (64, 64, True, 64, 4, 3), (128, 64, True, 64, 8, 3),
-                                           (128, 128, False, 64, 8, 3), (128, 128, False, 32, 4, 4),
-                                           (128, 256, False, 64, 8, 3), (128, 64, False, 64, 4, 3)):
-            if (m <= 4 and bm > 16) or bm > 2 * max(16, m) or (m > 64 and swap) or (m >= 512 and bm < 128):
-                continue
-            tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
-            splits = {1}
-            split = 1
-            while tiles * split < 2 * sm and split < 16 and k // (split * 2) >= 512:
-                split *= 2
-            splits |= {split, max(1, split // 2), min(16, split * 2)}
-            for sp in sorted(splits):
-                out.append({"path": "dot", "BLOCK_N": bn, "BLOCK_M": bm, "KB_T": kbt, "SPLIT_K": sp, "SWAP": swap,
-                            "num_warps": nw, "num_stages": st})
+    sm = _sm_count()
+    for bn, bm, swap, kbt, nw, st in ((64, 16, True, 64, 4, 3), (128, 16, True, 64, 4, 3), (64, 32, True, 64, 4, 3),
+                                       (64, 64, True, 64, 4, 3), (128, 64, True, 64, 8, 3),
+                                       (128, 128, False, 64, 8, 3), (128, 128, False, 32, 4, 4),
+                                       (128, 256, False, 64, 8, 3), (128, 64, False, 64, 4, 3)):
+        if (m <= 4 and bm > 16) or bm > 2 * max(16, m) or (m > 64 and swap) or (m >= 512 and bm < 128) \
+                or (m <= 16 and not swap):
+            continue
+        tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
+        split = 1
+        while tiles * split < 2 * sm and split < 16 and k // (split * 2) >= 512:
+            split *= 2
+        for sp in sorted({split, max(1, split // 2), min(16, split * 2)}):
+            out.append({"path": "dot", "BLOCK_N": bn, "BLOCK_M": bm, "KB_T": kbt, "SPLIT_K": sp, "SWAP": swap,
+                        "num_warps": nw, "num_stages": st})
     if m >= 128:
-        for bn, kbt in ((16, 128), (8, 256)):
+        for bn, kbt in ((16, 128), (8, 256), (32, 64)):
             out.append({"path": "dequant", "BLOCK_N": bn, "KB_T": kbt, "num_warps": 4})
     return out
 
@@ -286,7 +284,17 @@ def run(x2: torch.Tensor, planes: dict[str, torch.Tensor | None], spec: Spec, n:
     ptrs = (s if s is not None else dummy, z if z is not None else dummy, lut if lut is not None else dummy,
             rs if rs is not None else dummy, ls if ls is not None else dummy)
     path = cfg["path"]
-    if path == "gemv":
+    if path == "gemv" and spec.code <= 2 and kb % 4 == 0 and w.stride(0) % 4 == 0 and w.data_ptr() % 4 == 0 \
+            and rs is None and ls is None:
+        # integer codes: the word-reading GEMV (data plane viewed as int32, 4 bytes a load element)
+        w32 = w.view(torch.int32) if w.is_contiguous() else torch.as_strided(w, w.shape, w.stride()).contiguous().view(torch.int32)
+        grid = (m * triton.cdiv(n, cfg["BLOCK_N"]),)
+        _kern()._gemv_int_kernel[grid](x2, w32, ptrs[0], ptrs[1], bias if bias is not None else dummy, y,
+                                       m, n, k, kb // 4, x2.stride(0), w32.stride(0), stride_sn, y.stride(0),
+                                       BITS=spec.bits, CODE=spec.code, SMODE=spec.smode, HAS_ZERO=spec.has_zero,
+                                       HAS_BIAS=bias is not None, CMUL=spec.cmul, WB=spec.bb // 4, NB_T=cfg["NB_T"],
+                                       BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"])
+    elif path == "gemv":
         grid = (m * triton.cdiv(n, cfg["BLOCK_N"]),)
         _kern()._gemv_kernel[grid](x2, w, *ptrs, bias if bias is not None else dummy, y,
                               m, n, k, kb, x2.stride(0), w.stride(0), stride_sn, y.stride(0), lut_div,
