@@ -380,8 +380,13 @@ def tune(args, shapes, ms, bw) -> None:
             entries[f"*|{tlin.m_bucket(m)}|{k}|{n}"] = dict(best[1], us=round(best[0], 2))
             print(f"best K={k} N={n} M={m}: {best[0]:.1f} us {best[1]}", flush=True)
         del copies, qt, w
+    try:  # merge: entries measured now replace those of the same key, the others are kept
+        with open(args.tune) as f:
+            entries = {**json.load(f).get("entries", {}), **entries}
+    except (OSError, ValueError):
+        pass
     table = {"device": torch.cuda.get_device_name(0), "format": "int4-e8m0 weights, bf16 activations",
-             "command": "python benchmarks/matmul.py --device cuda --tune", "entries": entries}
+             "command": "python benchmarks/matmul.py --device cuda --tune TABLE [--m ...]", "entries": entries}
     tmp = args.tune + ".tmp"
     with open(tmp, "w") as f:
         json.dump(table, f, indent=1, sort_keys=True)

@@ -138,12 +138,27 @@ def _gemv_int_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     tb = tl.arange(0, WB)
     w_row = w_ptr + rows_c.to(tl.int64) * stride_wn
     x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+    nblk = (KW + WB - 1) // WB
     acc = tl.zeros([BLOCK_N, NB_T], tl.float32)
-    for blk0 in range(0, (KW + WB - 1) // WB, NB_T):
+    # software pipelining by hand: the loads of iteration i + 1 are issued before the math of
+    # iteration i, so each program keeps two tiles of weights in flight (the loop has no tl.dot,
+    # so Triton's pipeliner leaves it alone)
+    word = jb[:, None] * WB + tb[None, :]  # [NB_T, WB]
+    wv_next = tl.load(w_row[:, None, None] + word[None, :, :], mask=(word < KW)[None, :, :], other=0)
+    if SMODE == 1 or SMODE == 2:
+        s_next, z_next = _block_scale(s_ptr, z_ptr, rows_c[:, None], jb[None, :], (jb < nblk)[None, :],
+                                      stride_sn, SMODE, HAS_ZERO, CMUL)
+    for blk0 in range(0, nblk, NB_T):
         blk = blk0 + jb
         word = blk[:, None] * WB + tb[None, :]  # [NB_T, WB]
         wmask = word < KW
-        wv = tl.load(w_row[:, None, None] + word[None, :, :], mask=wmask[None, :, :], other=0)
+        wv = wv_next
+        nword = word + NB_T * WB
+        wv_next = tl.load(w_row[:, None, None] + nword[None, :, :], mask=(nword < KW)[None, :, :], other=0)
+        if SMODE == 1 or SMODE == 2:
+            s, z = s_next, z_next
+            s_next, z_next = _block_scale(s_ptr, z_ptr, rows_c[:, None], blk[None, :] + NB_T,
+                                          (blk + NB_T < nblk)[None, :], stride_sn, SMODE, HAS_ZERO, CMUL)
         if CODE == 1:
             wv = wv ^ -2139062144  # 0x80808080 as int32: two's complement bytes -> offset binary
         p = tl.zeros([BLOCK_N, NB_T, WB], tl.float32)
@@ -159,8 +174,6 @@ def _gemv_int_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
         else:
             bsum = tl.sum(p, axis=2) * (1 << BITS) - ((1 << BITS) + (1 << (BITS - 1))) * xsum[None, :]
         if SMODE == 1 or SMODE == 2:
-            s, z = _block_scale(s_ptr, z_ptr, rows_c[:, None], blk[None, :],
-                                (blk < (KW + WB - 1) // WB)[None, :], stride_sn, SMODE, HAS_ZERO, CMUL)
             bsum = bsum * s
             if HAS_ZERO:
                 bsum += z * xsum[None, :]
@@ -194,17 +207,25 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, rs_ptr, ls_ptr, b_ptr, y_p
     x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
     nblk = (KB + BB - 1) // BB
     acc = tl.zeros([BLOCK_N, NB_T], tl.float32)
-    for blk0 in range(0, nblk, NB_T):
+    byte = jb[:, None] * BB + tl.arange(0, BB)[None, :]  # [NB_T, BB]
+    wv_next = tl.load(w_row[:, None, None] + byte[None, :, :], mask=(byte < KB)[None, :, :], other=0)
+    if SMODE == 1 or SMODE == 2:
+        s_next, z_next = _block_scale(s_ptr, z_ptr, rows_c[:, None], jb[None, :], (jb < nblk)[None, :],
+                                      stride_sn, SMODE, HAS_ZERO, CMUL)
+    for blk0 in range(0, nblk, NB_T):  # loads one iteration ahead, as in _gemv_int_kernel
         blk = blk0 + jb
-        byte = blk[:, None] * BB + tl.arange(0, BB)[None, :]  # [NB_T, BB]
-        wv = tl.load(w_row[:, None, None] + byte[None, :, :], mask=(byte < KB)[None, :, :], other=0).to(tl.int32)
-        v = _values(wv, lut_ptr, lut_row[:, None, None], BITS, CODE)  # [BLOCK_N, NB_T, B]
+        wv = wv_next.to(tl.int32)
+        nbyte = (blk[:, None] + NB_T) * BB + tl.arange(0, BB)[None, :]
+        wv_next = tl.load(w_row[:, None, None] + nbyte[None, :, :], mask=(nbyte < KB)[None, :, :], other=0)
+        if SMODE == 1 or SMODE == 2:
+            s, z = s_next, z_next
+            s_next, z_next = _block_scale(s_ptr, z_ptr, rows_c[:, None], blk[None, :] + NB_T,
+                                          (blk + NB_T < nblk)[None, :], stride_sn, SMODE, HAS_ZERO, CMUL)
         kk = blk[:, None] * B + tl.arange(0, B)[None, :]
         x3 = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)  # [NB_T, B], contiguous
+        v = _values(wv, lut_ptr, lut_row[:, None, None], BITS, CODE)  # [BLOCK_N, NB_T, B]
         bsum = tl.sum(v * x3[None, :, :], axis=2)  # [BLOCK_N, NB_T]: one dot product per scale block
         if SMODE == 1 or SMODE == 2:
-            s, z = _block_scale(s_ptr, z_ptr, rows_c[:, None], blk[None, :], (blk < nblk)[None, :],
-                                stride_sn, SMODE, HAS_ZERO, CMUL)
             bsum = bsum * s
             if HAS_ZERO:
                 bsum += z * tl.sum(x3, axis=1)[None, :]
@@ -246,15 +267,26 @@ def _dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, rs_ptr, ls_ptr, b_ptr, y_pt
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for blk0 in range(blk_lo, blk_hi, NB_T):
+    blk = blk_lo + jb
+    byte = blk[:, None] * BB + tl.arange(0, BB)[None, :]
+    wv_next = tl.load(w_row[:, None, None] + byte[None, :, :], mask=((byte < KB) & (blk[:, None] < blk_hi))[None, :, :],
+                      other=0)
+    if SMODE == 1 or SMODE == 2:
+        s_next, z_next = _block_scale(s_ptr, z_ptr, rows_c[:, None], blk[None, :], (blk < blk_hi)[None, :],
+                                      stride_sn, SMODE, HAS_ZERO, CMUL)
+    for blk0 in range(blk_lo, blk_hi, NB_T):  # weights and scales loaded one iteration ahead
         blk = blk0 + jb
-        byte = blk[:, None] * BB + tl.arange(0, BB)[None, :]
-        bmask = (byte < KB) & (blk[:, None] < blk_hi)
-        wv = tl.load(w_row[:, None, None] + byte[None, :, :], mask=bmask[None, :, :], other=0).to(tl.int32)
+        wv = wv_next.to(tl.int32)
+        nblk_ = blk + NB_T
+        nbyte = nblk_[:, None] * BB + tl.arange(0, BB)[None, :]
+        wv_next = tl.load(w_row[:, None, None] + nbyte[None, :, :],
+                          mask=((nbyte < KB) & (nblk_[:, None] < blk_hi))[None, :, :], other=0)
+        if SMODE == 1 or SMODE == 2:
+            s, z = s_next, z_next
+            s_next, z_next = _block_scale(s_ptr, z_ptr, rows_c[:, None], nblk_[None, :], (nblk_ < blk_hi)[None, :],
+                                          stride_sn, SMODE, HAS_ZERO, CMUL)
         v = _values(wv, lut_ptr, lut_row[:, None, None], BITS, CODE)  # [BLOCK_N, NB_T, B]
         if SMODE == 1 or SMODE == 2:
-            s, z = _block_scale(s_ptr, z_ptr, rows_c[:, None], blk[None, :], (blk < blk_hi)[None, :],
-                                stride_sn, SMODE, HAS_ZERO, CMUL)
             v = v * s[:, :, None]
             if HAS_ZERO:
                 v += z[:, :, None]

@@ -193,8 +193,8 @@ def candidates(spec: Spec, m: int, k: int, n: int) -> list[dict]:
 
     out: list[dict] = []
     if m <= 4:
-        for bn, kbt, nw in ((8, 256, 4), (16, 128, 4), (16, 256, 8), (32, 64, 4), (32, 128, 8), (64, 64, 8),
-                            (16, 64, 4), (32, 32, 4)):
+        for bn, kbt, nw in ((16, 256, 4), (32, 128, 4), (32, 256, 8), (64, 128, 8), (16, 512, 8), (64, 64, 4),
+                            (8, 512, 4), (32, 64, 4)):
             out.append({"path": "gemv", "BLOCK_N": bn, "KB_T": kbt, "num_warps": nw})
     sm = _sm_count()
     for bn, bm, swap, kbt, nw, st in ((64, 16, True, 64, 4, 3), (128, 16, True, 64, 4, 3), (64, 32, True, 64, 4, 3),
