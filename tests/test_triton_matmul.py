@@ -89,6 +89,14 @@ def test_grouped_int8_palette_with_channel_scale():
         _check(qt, torch.randn(m, 96, generator=g).to(torch.bfloat16), cfg)
 
 
+@pytest.mark.parametrize("preset", ["int8", "lut4"])
+def test_rows_that_are_not_whole_words_take_the_byte_gemv(preset):
+    qt = _qweight(preset, 9, 130, seed=2)  # 130 (int8) or 65 (lut4) bytes a row: not int32 words
+    assert qt.data.shape[1] % 4
+    g = torch.Generator().manual_seed(2)
+    _check(qt, torch.randn(2, 130, generator=g).to(torch.bfloat16), GEMV)
+
+
 def test_heuristic_configs_and_split_counters_reset():
     qt = _qweight("int4-e8m0", 40, 512, seed=11)
     spec = tlin.spec_of(qt.fmt)

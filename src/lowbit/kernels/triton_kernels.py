@@ -119,71 +119,97 @@ def _row_scale(s_ptr, rs_ptr, ls_ptr, rows, lut_row, rmask, stride_sn,
 
 
 @triton.jit
-def _gemv_int_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
-                     M, N, K, KW, stride_xm, stride_wn, stride_sn, stride_ym,
-                     BITS: tl.constexpr, CODE: tl.constexpr, SMODE: tl.constexpr, HAS_ZERO: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, CMUL: tl.constexpr, WB: tl.constexpr, NB_T: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
-    """GEMV for integer codes, reading the data plane as int32 words (w_ptr: int32 view, KW words a
-    row). A code becomes f = 1 + u / 2^BITS by a shift and one LOP3 into an fp32 mantissa, so the
-    inner loop is shift, LOP3, FFMA per weight; sum(v * x) = 2^BITS sum(f * x) - B sum(x) per block."""
+def _gemv_w_kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, rs_ptr, ls_ptr, b_ptr, y_ptr,
+                   M, N, K, KW, stride_xm, stride_wn, stride_sn, stride_ym, lut_div,
+                   BITS: tl.constexpr, CODE: tl.constexpr, SMODE: tl.constexpr, HAS_ZERO: tl.constexpr,
+                   HAS_RS: tl.constexpr, HAS_LS: tl.constexpr, HAS_BIAS: tl.constexpr, CMUL: tl.constexpr,
+                   WB: tl.constexpr, NW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """GEMV for integer codes, one int32 word (32 / BITS codes) per thread and row.
+
+    Layout matters more than anything here: each thread owns whole words (the tile's word order is
+    permuted so Triton does not merge four words into one thread) and the activations of exactly
+    those words, loaded once and reused for all BLOCK_N rows in registers; scales are applied per
+    word (read through L1), so nothing crosses threads inside the loop. A code becomes
+    f = 1 + u / 2^BITS by a shift and one LOP3 into an fp32 mantissa: per weight, shift, LOP3, FFMA
+    (integer codes); minifloat and palette codes go through _decode. WB: words per scale block.
+    """
     CPW: tl.constexpr = 32 // BITS
+    XW: tl.constexpr = 8 if CPW > 8 else CPW
     pid = tl.program_id(0)
     pid_m = pid % M
     pid_n = pid // M
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     rows_c = tl.where(rmask, rows, 0)
-    jb = tl.arange(0, NB_T)
-    tb = tl.arange(0, WB)
+    lut_row = rows_c // lut_div
+    i = tl.arange(0, NW)
+    perm = (i % 4) * (NW // 4) + i // 4  # consecutive threads: words w, w + NW/4, ... (sectors stay whole)
     w_row = w_ptr + rows_c.to(tl.int64) * stride_wn
     x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
-    nblk = (KW + WB - 1) // WB
-    acc = tl.zeros([BLOCK_N, NB_T], tl.float32)
-    # software pipelining by hand: the loads of iteration i + 1 are issued before the math of
-    # iteration i, so each program keeps two tiles of weights in flight (the loop has no tl.dot,
-    # so Triton's pipeliner leaves it alone)
-    word = jb[:, None] * WB + tb[None, :]  # [NB_T, WB]
-    wv_next = tl.load(w_row[:, None, None] + word[None, :, :], mask=(word < KW)[None, :, :], other=0)
-    if SMODE == 1 or SMODE == 2:
-        s_next, z_next = _block_scale(s_ptr, z_ptr, rows_c[:, None], jb[None, :], (jb < nblk)[None, :],
-                                      stride_sn, SMODE, HAS_ZERO, CMUL)
-    for blk0 in range(0, nblk, NB_T):
-        blk = blk0 + jb
-        word = blk[:, None] * WB + tb[None, :]  # [NB_T, WB]
+    acc = tl.zeros([BLOCK_N, NW], tl.float32)
+    word = perm
+    wv_next = tl.load(w_row[:, None] + word[None, :], mask=(word < KW)[None, :], other=0)
+    for w0 in range(0, KW, NW):
+        word = w0 + perm
         wmask = word < KW
         wv = wv_next
-        nword = word + NB_T * WB
-        wv_next = tl.load(w_row[:, None, None] + nword[None, :, :], mask=(nword < KW)[None, :, :], other=0)
+        nword = word + NW
+        wv_next = tl.load(w_row[:, None] + nword[None, :], mask=(nword < KW)[None, :], other=0)
         if SMODE == 1 or SMODE == 2:
-            s, z = s_next, z_next
-            s_next, z_next = _block_scale(s_ptr, z_ptr, rows_c[:, None], blk[None, :] + NB_T,
-                                          (blk + NB_T < nblk)[None, :], stride_sn, SMODE, HAS_ZERO, CMUL)
+            s, z = _block_scale(s_ptr, z_ptr, rows_c[:, None], (word // WB)[None, :], wmask[None, :],
+                                stride_sn, SMODE, HAS_ZERO, CMUL)
         if CODE == 1:
             wv = wv ^ -2139062144  # 0x80808080 as int32: two's complement bytes -> offset binary
-        p = tl.zeros([BLOCK_N, NB_T, WB], tl.float32)
-        xs = tl.zeros([NB_T, WB], tl.float32)
-        for j in tl.static_range(CPW):
-            kk = word * CPW + j
-            xj = tl.load(x_row + kk, mask=wmask & (kk < K), other=0.0).to(tl.float32)
-            p += _mantissa(wv, j * BITS, BITS) * xj[None, :, :]
-            xs += xj
-        xsum = tl.sum(xs, axis=1)  # [NB_T]
+        # this word's activations, at most 8 (16 bytes) per load so each thread keeps its own
+        kx = word[:, None] * CPW + tl.arange(0, XW)[None, :]
+        xb = tl.load(x_row + kx, mask=kx < K, other=0.0).to(tl.float32)  # [NW, min(CPW, 8)]
+        xsum = tl.sum(xb, axis=1)  # [NW]
+        p = tl.zeros([BLOCK_N, NW], tl.float32)
+        if CPW == 4:
+            p = _acc_codes2(p, wv, tl.reshape(xb, [NW, 2, 2]), 0, 1, BITS, 2, CODE, lut_ptr, lut_row)
+        elif CPW == 8:
+            p = _acc_codes2(p, wv, tl.reshape(xb, [NW, 2, 2, 2]), 0, 1, BITS, 3, CODE, lut_ptr, lut_row)
+        else:  # 16 codes a word: the second half of the word's activations
+            p = _acc_codes2(p, wv, tl.reshape(xb, [NW, 2, 2, 2]), 0, 1, BITS, 3, CODE, lut_ptr, lut_row)
+            kx2 = kx + 8
+            xb2 = tl.load(x_row + kx2, mask=kx2 < K, other=0.0).to(tl.float32)
+            xsum += tl.sum(xb2, axis=1)
+            p = _acc_codes2(p, wv, tl.reshape(xb2, [NW, 2, 2, 2]), 8, 1, BITS, 3, CODE, lut_ptr, lut_row)
         if CODE == 2:
-            bsum = tl.sum(p, axis=2) * (1 << BITS) - (1 << BITS) * xsum[None, :]
+            pw = p * (1 << BITS) - (1 << BITS) * xsum[None, :]
+        elif CODE <= 1:
+            pw = p * (1 << BITS) - ((1 << BITS) + (1 << (BITS - 1))) * xsum[None, :]
         else:
-            bsum = tl.sum(p, axis=2) * (1 << BITS) - ((1 << BITS) + (1 << (BITS - 1))) * xsum[None, :]
+            pw = p
         if SMODE == 1 or SMODE == 2:
-            bsum = bsum * s
+            pw = pw * s
             if HAS_ZERO:
-                bsum += z * xsum[None, :]
-        acc += bsum
-    y = tl.sum(acc, axis=1)
-    if SMODE == 3:
-        y = y * tl.load(s_ptr + rows_c * stride_sn, mask=rmask, other=0).to(tl.float32)
+                pw += z * xsum[None, :]
+        acc += pw
+    y = tl.sum(acc, axis=1) * _row_scale(s_ptr, rs_ptr, ls_ptr, rows_c, lut_row, rmask, stride_sn,
+                                         SMODE, HAS_RS, HAS_LS)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows_c, mask=rmask, other=0).to(tl.float32)
     tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
+
+
+@triton.jit
+def _acc_codes2(p, wv, x, J0: tl.constexpr, STEP: tl.constexpr, BITS: tl.constexpr, LEVELS: tl.constexpr,
+                CODE: tl.constexpr, lut_ptr, lut_row):
+    """p += v_j(wv) * x_j for a 2-D word tile [BLOCK_N, NW] and activations [NW, 2, ...] whose
+    trailing axes are the bits of the code position j (lowest last); integer codes give
+    v = f (the mantissa form, corrected per word by the caller), others their decoded value."""
+    if LEVELS == 0:
+        if CODE <= 2:
+            p += _mantissa(wv, J0 * BITS, BITS) * x[None, :]
+        else:
+            c = (wv >> (J0 * BITS)) & ((1 << BITS) - 1)
+            p += _decode(c, 0, lut_ptr, lut_row[:, None], BITS, CODE) * x[None, :]
+    else:
+        x0, x1 = tl.split(x)
+        p = _acc_codes2(p, wv, x0, J0, STEP * 2, BITS, LEVELS - 1, CODE, lut_ptr, lut_row)
+        p = _acc_codes2(p, wv, x1, J0 + STEP, STEP * 2, BITS, LEVELS - 1, CODE, lut_ptr, lut_row)
+    return p
 
 
 @triton.jit
@@ -192,7 +218,8 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, rs_ptr, ls_ptr, b_ptr, y_p
                  BITS: tl.constexpr, CODE: tl.constexpr, SMODE: tl.constexpr, HAS_ZERO: tl.constexpr,
                  HAS_RS: tl.constexpr, HAS_LS: tl.constexpr, HAS_BIAS: tl.constexpr, CMUL: tl.constexpr,
                  BB: tl.constexpr, NB_T: tl.constexpr, BLOCK_N: tl.constexpr):
-    """GEMV for every format: byte tiles decoded in column order, x read contiguously."""
+    """GEMV for every format, byte tiles decoded in column order (used where rows are not whole
+    int32 words, e.g. int8 or palettes with K % 4 != 0; _gemv_w_kernel is the fast one)."""
     PER: tl.constexpr = 8 // BITS
     B: tl.constexpr = BB * PER  # codes per scale block (per chunk for per-row formats)
     pid = tl.program_id(0)  # one axis (N / BLOCK_N can pass 65535); m varies fastest, so the
@@ -212,7 +239,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, rs_ptr, ls_ptr, b_ptr, y_p
     if SMODE == 1 or SMODE == 2:
         s_next, z_next = _block_scale(s_ptr, z_ptr, rows_c[:, None], jb[None, :], (jb < nblk)[None, :],
                                       stride_sn, SMODE, HAS_ZERO, CMUL)
-    for blk0 in range(0, nblk, NB_T):  # loads one iteration ahead, as in _gemv_int_kernel
+    for blk0 in range(0, nblk, NB_T):  # loads one iteration ahead
         blk = blk0 + jb
         wv = wv_next.to(tl.int32)
         nbyte = (blk[:, None] + NB_T) * BB + tl.arange(0, BB)[None, :]

@@ -157,8 +157,7 @@ def heuristic(spec: Spec, m: int, k: int, n: int) -> dict:
 
     sm = _sm_count()
     if m <= 4:
-        nb_t = max(1, 128 // spec.bb)
-        return {"path": "gemv", "BLOCK_N": 16, "NB_T": nb_t, "num_warps": 4}
+        return {"path": "gemv", "BLOCK_N": 4, "NB_T": max(1, 1024 // spec.bb), "NW": 256, "num_warps": 4}
     if m <= 256:
         block_m = max(16, min(64, triton.next_power_of_2(m))) if m <= 64 else 128
         block_n = 64 if m <= 64 else 128
@@ -182,7 +181,10 @@ def choose(spec: Spec, m: int, k: int, n: int) -> dict:
 def _fit(cfg: dict, spec: Spec, m: int) -> dict:
     """A table config (sizes in bytes per row per iteration, `KB_T`) made concrete for `spec`."""
     if "KB_T" in cfg:
-        cfg["NB_T"] = max(1, cfg.pop("KB_T") // spec.bb)
+        kbt = cfg.pop("KB_T")
+        cfg["NB_T"] = max(1, kbt // spec.bb)
+        if cfg["path"] == "gemv":
+            cfg["NW"] = max(4, kbt // 4)
     cfg.pop("us", None)
     return cfg
 
@@ -193,11 +195,12 @@ def candidates(spec: Spec, m: int, k: int, n: int) -> list[dict]:
 
     out: list[dict] = []
     if m <= 4:
-        for bn, kbt, nw in ((16, 256, 4), (32, 128, 4), (32, 256, 8), (64, 128, 8), (16, 512, 8), (64, 64, 4),
-                            (8, 512, 4), (32, 64, 4)):
+        for bn, kbt, nw in ((4, 512, 4), (4, 1024, 4), (4, 2048, 4), (8, 512, 4), (8, 1024, 4), (2, 2048, 4),
+                            (2, 1024, 4), (4, 2048, 8), (8, 2048, 8), (16, 512, 4)):
             out.append({"path": "gemv", "BLOCK_N": bn, "KB_T": kbt, "num_warps": nw})
     sm = _sm_count()
     for bn, bm, swap, kbt, nw, st in ((64, 16, True, 64, 4, 3), (128, 16, True, 64, 4, 3), (64, 32, True, 64, 4, 3),
+                                       (128, 16, True, 64, 8, 3), (64, 16, True, 64, 4, 4), (64, 16, True, 128, 8, 3),
                                        (64, 64, True, 64, 4, 3), (128, 64, True, 64, 8, 3),
                                        (128, 128, False, 64, 8, 3), (128, 128, False, 32, 4, 4),
                                        (128, 256, False, 64, 8, 3), (128, 64, False, 64, 4, 3)):
@@ -284,16 +287,17 @@ def run(x2: torch.Tensor, planes: dict[str, torch.Tensor | None], spec: Spec, n:
     ptrs = (s if s is not None else dummy, z if z is not None else dummy, lut if lut is not None else dummy,
             rs if rs is not None else dummy, ls if ls is not None else dummy)
     path = cfg["path"]
-    if path == "gemv" and spec.code <= 2 and kb % 4 == 0 and w.stride(0) % 4 == 0 and w.data_ptr() % 4 == 0 \
-            and rs is None and ls is None:
-        # integer codes: the word-reading GEMV (data plane viewed as int32, 4 bytes a load element)
-        w32 = w.view(torch.int32) if w.is_contiguous() else torch.as_strided(w, w.shape, w.stride()).contiguous().view(torch.int32)
+    if path == "gemv" and kb % 4 == 0 and w.stride(0) % 4 == 0 and w.data_ptr() % 4 == 0:
+        # the word GEMV: data plane viewed as int32, one word (32 / bits codes) per thread and row
+        w32 = w.view(torch.int32) if w.is_contiguous() else w.contiguous().view(torch.int32)
+        nw = cfg.get("NW") or max(4, triton.next_power_of_2(cfg["NB_T"] * spec.bb // 4))
         grid = (m * triton.cdiv(n, cfg["BLOCK_N"]),)
-        _kern()._gemv_int_kernel[grid](x2, w32, ptrs[0], ptrs[1], bias if bias is not None else dummy, y,
-                                       m, n, k, kb // 4, x2.stride(0), w32.stride(0), stride_sn, y.stride(0),
-                                       BITS=spec.bits, CODE=spec.code, SMODE=spec.smode, HAS_ZERO=spec.has_zero,
-                                       HAS_BIAS=bias is not None, CMUL=spec.cmul, WB=spec.bb // 4, NB_T=cfg["NB_T"],
-                                       BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"])
+        _kern()._gemv_w_kernel[grid](x2, w32, *ptrs, bias if bias is not None else dummy, y,
+                                     m, n, k, kb // 4, x2.stride(0), w32.stride(0), stride_sn, y.stride(0), lut_div,
+                                     BITS=spec.bits, CODE=spec.code, SMODE=spec.smode, HAS_ZERO=spec.has_zero,
+                                     HAS_RS=rs is not None, HAS_LS=ls is not None, HAS_BIAS=bias is not None,
+                                     CMUL=spec.cmul, WB=max(1, spec.bb // 4), NW=nw, BLOCK_N=cfg["BLOCK_N"],
+                                     num_warps=cfg["num_warps"])
     elif path == "gemv":
         grid = (m * triton.cdiv(n, cfg["BLOCK_N"]),)
         _kern()._gemv_kernel[grid](x2, w, *ptrs, bias if bias is not None else dummy, y,
