@@ -201,11 +201,11 @@ def candidates(spec: Spec, m: int, k: int, n: int) -> list[dict]:
     sm = _sm_count()
     for bn, bm, swap, kbt, nw, st in ((64, 16, True, 64, 4, 3), (128, 16, True, 64, 4, 3), (64, 32, True, 64, 4, 3),
                                        (128, 16, True, 64, 8, 3), (64, 16, True, 64, 4, 4), (64, 16, True, 128, 8, 3),
+                                       (128, 16, False, 64, 4, 3), (64, 16, False, 64, 4, 3),
                                        (64, 64, True, 64, 4, 3), (128, 64, True, 64, 8, 3),
                                        (128, 128, False, 64, 8, 3), (128, 128, False, 32, 4, 4),
                                        (128, 256, False, 64, 8, 3), (128, 64, False, 64, 4, 3)):
-        if (m <= 4 and bm > 16) or bm > 2 * max(16, m) or (m > 64 and swap) or (m >= 512 and bm < 128) \
-                or (m <= 16 and not swap):
+        if (m <= 4 and bm > 16) or bm > 2 * max(16, m) or (m > 64 and swap) or (m >= 512 and bm < 128):
             continue
         tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
         split = 1
