@@ -187,8 +187,6 @@ def gpu_main(args) -> None:
 
     import triton
 
-    from lowbit.formats import QTensor
-    from lowbit.kernels import PLACEMENT
     from lowbit.kernels import triton_linear as tlin
 
     torch.manual_seed(0)
@@ -260,34 +258,32 @@ def bench_format(name, w, ms, summary, row, tlin, k, n):
     from lowbit.formats import QTensor
     from lowbit.kernels import PLACEMENT
 
-    if True:
-        if True:
-            qt = gpu_weight(name, w)
-            lin = QuantLinear(qt)
-            lin._lowbit_name = f"bench.{name}"
-            spec = tlin.spec_of(qt.fmt)
-            planes = tlin.kernel_planes(qt)
-            ref_w = qt.dequantize(torch.float32)
-            for m in ms:
-                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                cfg = tlin.choose(spec, m, k, n)
-                # correctness: output poisoned with NaN, fresh random input, vs dequantize-then-matmul
-                out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
-                tlin.run(x, planes, spec, n, k, None, out=out)
-                ref = x.float() @ ref_w.T
-                err = float("nan") if not torch.isfinite(out).all() else ((out.float() - ref).norm() / ref.norm()).item()
-                c = copies_for(qt.nbytes)
-                lins = [lin] + [QuantLinear(QTensor({p: v.clone() for p, v in qt.planes.items()}, qt.fmt, qt.shape))
-                                for _ in range(c - 1)]
-                xs = [x.clone() for _ in range(c)]
-                PLACEMENT.clear()
-                with torch.no_grad():
-                    t = graph_time([lambda i=i: lins[i](xs[i]) for i in range(c)])
-                ran = dict(PLACEMENT.get(f"bench.{name}", {}))
-                path = cfg["path"] if ran.get("triton") else ",".join(ran) or "?"
-                row(name, path, t, qt.nbytes, err, m=m)
-                del lins, xs
-            del qt, lin, planes, ref_w
+    qt = gpu_weight(name, w)
+    lin = QuantLinear(qt)
+    lin._lowbit_name = f"bench.{name}"
+    spec = tlin.spec_of(qt.fmt)
+    planes = tlin.kernel_planes(qt)
+    ref_w = qt.dequantize(torch.float32)
+    for m in ms:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        cfg = tlin.choose(spec, m, k, n)
+        # correctness: output poisoned with NaN, fresh random input, vs dequantize-then-matmul
+        out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+        tlin.run(x, planes, spec, n, k, None, out=out)
+        ref = x.float() @ ref_w.T
+        err = float("nan") if not torch.isfinite(out).all() else ((out.float() - ref).norm() / ref.norm()).item()
+        c = copies_for(qt.nbytes)
+        lins = [lin] + [QuantLinear(QTensor({p: v.clone() for p, v in qt.planes.items()}, qt.fmt, qt.shape))
+                        for _ in range(c - 1)]
+        xs = [x.clone() for _ in range(c)]
+        PLACEMENT.clear()
+        with torch.no_grad():
+            t = graph_time([lambda i=i: lins[i](xs[i]) for i in range(c)])
+        ran = dict(PLACEMENT.get(f"bench.{name}", {}))
+        path = cfg["path"] if ran.get("triton") else ",".join(ran) or "?"
+        row(name, path, t, qt.nbytes, err, m=m)
+        del lins, xs
+    del qt, lin, planes, ref_w
 
 
 def gpu_check(names) -> None:
