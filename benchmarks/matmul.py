@@ -53,12 +53,15 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=None)
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=None, help="cpu: torch threads (default: torch's choice)")
     ap.add_argument("--tune", metavar="TABLE.json", help="cuda: measure kernel configs and write the table here")
     ap.add_argument("--log", metavar="FILE.jsonl", help="cuda: also write every row as JSON lines here")
     ap.add_argument("--check", action="store_true", help="cuda: every kernel path vs its reference at odd shapes, then exit")
     args = ap.parse_args()
     if args.device.startswith("cuda"):
         return gpu_main(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.presets = args.presets or ["int8"]
     args.m = args.m or [1, 16]
     args.shapes = args.shapes or ["4096x4096"]
