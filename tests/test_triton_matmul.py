@@ -133,3 +133,9 @@ def test_table_registration_and_unsupported_formats():
     # never chosen on CPU tensors: the interpreter is for tests only
     assert select(lowbit.PRESETS["int4"], "linear", "cpu", shape=(64, 64))[0] != "triton"
     assert tlin.m_bucket(1) == 1 and tlin.m_bucket(17) == 32 and tlin.m_bucket(10**6) == 2048
+
+
+def test_without_triton_the_table_falls_back_to_the_reference(monkeypatch):
+    monkeypatch.setattr(tlin, "HAVE_TRITON", False)
+    assert not tlin.supports(lowbit.PRESETS["int4"], (64, 64))
+    assert select(lowbit.PRESETS["int4"], "linear", "cuda", shape=(64, 64))[0] == "reference"

@@ -39,7 +39,10 @@ from .registry import register
 # Triton is optional and imported on first use: without it lowbit imports and the kernel table
 # simply has no "triton" entries. (Importing it lazily also lets tests set TRITON_INTERPRET=1 before
 # Triton reads it: its own library functions are compiled or interpreted by that setting.)
-HAVE_TRITON = importlib.util.find_spec("triton") is not None
+try:
+    HAVE_TRITON = importlib.util.find_spec("triton") is not None
+except (ImportError, ValueError):  # a broken or blocked installation counts as absent
+    HAVE_TRITON = False
 
 _KMODS: dict[bool, object] = {}
 
