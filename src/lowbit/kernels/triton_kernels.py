@@ -2,29 +2,39 @@
 
 Only imported when Triton is importable (see `triton_linear.py`). The kernels read the planes in
 their stored layout (no repack): the data plane is (N, KB) uint8, row n holding the codes of
-weight row n packed along K, low bits first (formats/packing.py). A weight tile is loaded as a
-3-D block of bytes [BLOCK_N, NB_T, BB]: BLOCK_N rows, NB_T scale blocks of BB bytes each, so every
-thread reads whole 16-byte runs along K (coalesced, vectorised) and the per-block scale is one
-[BLOCK_N, NB_T] load. A byte holds PER = 8 / BITS codes; code i of byte j is column j * PER + i,
-so each code position i is multiplied with the activations at columns j * PER + i (a strided load
-of x, which is tiny and stays in cache) instead of interleaving the decoded weights.
+weight row n packed along K, low bits first (formats/packing.py), so a byte holds PER = 8 / BITS
+codes and code i of byte j is column j * PER + i (an int32 word: CPW = 32 / BITS codes, code j of
+word t is column t * CPW + j).
+
+Tiles. The tile and dequantize kernels load [BLOCK_N, NB_T, BB] bytes: BLOCK_N rows, NB_T scale
+blocks of BB bytes (16-byte runs along K per thread, coalesced), decode each code position and
+join them back into column order (`_values`), so the per-block scale is one [BLOCK_N, NB_T] load
+and the activations are read contiguously. The GEMV works on int32 words instead (see
+`_gemv_w_kernel`: one word and its activations per thread, nothing shared between threads).
 
 Decoding (CODE, all exact in fp32):
     0 symmetric int, offset binary:    v = c - 2^(BITS-1)
-    1 int8 two's complement:           v = c - 256 * (c >= 128)
+    1 int8 two's complement:           v = (c ^ 0x80) - 128
     2 unsigned (affine int):           v = c            (w = v * scale + zero)
-    3 fp4 e2m1: fp16 bits s<<15 | em<<9, value * 2^14 (CMUL)
+       (0-2 without an int-to-float conversion: f = 1 + u / 2^BITS is built by putting the code's
+        bits u into an fp32 mantissa, then v = 2^BITS f - offset; see `_mantissa`)
+    3 fp4 e2m1: fp16 bits s<<15 | em<<9, value * 2^14 (CMUL, folded into the block scale)
     4 fp8 e4m3: fp16 bits s<<15 | em<<7, value * 2^8  (CMUL)
     5 fp8 e5m2: fp16 bits c<<8 (e5m2 is the top byte of an fp16)
     6 palette: v = lut[row // LUT_DIV, c]  (a gather from a table of 2^BITS entries, cached in L1)
 Scales (SMODE): 0 none, 1 float per block, 2 E8M0 per block (2^(s-127): bits s<<23), 3 float per row.
 
 Paths:
-    _gemv_kernel     M small: one program per (row m, BLOCK_N outputs), CUDA-core FMAs, full K.
+    _gemv_w_kernel   M <= 4, rows of whole int32 words: CUDA-core FMAs, full K per program.
+    _gemv_kernel     the same on bytes, for rows that are not whole words (K * bits % 32 != 0).
     _dot_kernel      tensor cores: tiles decoded to the activation dtype and fed to tl.dot; SWAP
                      computes W @ x^T (weights as the wide operand, for small M), split-K with a
                      last-arriving-program reduction (one kernel; counters reset by that program).
     _dequant_kernel  writes the dense weight for a cuBLAS matmul (large M).
+
+Measured limit (H200, see benchmarks/RESULTS.md): all paths decode about 1.7-2 T weights/s; the
+decode is ~8 SASS instructions a weight, mostly on the half-rate INT32 pipe, so the kernels are
+bound by instruction issue rather than by memory bandwidth.
 """
 
 from __future__ import annotations

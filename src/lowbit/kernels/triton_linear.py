@@ -3,7 +3,7 @@
 Registered in the kernel table as backend "triton", device "cuda", for the formats `spec_of`
 accepts: `int8` (per channel), `int4` / `int4-asym` / `int2` (any block whose packed run is a
 power of two of bytes: 32, 64, 128, ...; fp16 / bf16 / fp32 scales), `int4-e8m0`, `int2-e8m0`,
-`mxfp4`, `mxfp8-e4m3`, `mxfp8-e5m2`, `mxint8`, and palettes `lut1` / `lut2` / `lut4` / `lut8` (fp16 or
+`mxfp4`, `mxfp8-e4m3`, `mxfp8-e5m2`, `mxint8`, and palettes `lut2` / `lut4` / `lut8` (fp16 or
 int8 tables, per tensor or per channel group, optional per-channel scale). Other formats keep the
 reference path. The kernels read the stored planes as they are (no repacked copy, nothing added to
 the state dict or the package format).
@@ -12,8 +12,8 @@ Path per call (`choose`): M <= 4 a GEMV (one program per output-row block, CUDA 
 few hundred rows a tensor-core tile kernel (`tl.dot`, split-K with an in-kernel reduction for
 small M); large M dequantizes to the activation dtype once and calls cuBLAS. The choice and the
 tile sizes come from a table measured on the GPU (`triton_table.json`, written by
-`benchmarks/matmul.py --tune`), keyed by (bits, M bucket, K, N), with a heuristic for shapes it
-lacks. The op is a `torch.library` custom op (`lowbit::qlinear`) with a fake implementation, so
+`benchmarks/matmul.py --tune`), keyed by (bits or "*" for any format, M bucket, K, N; sizes in
+bytes so one entry serves every format), with a heuristic for shapes it lacks. The op is a `torch.library` custom op (`lowbit::qlinear`) with a fake implementation, so
 it traces under `torch.compile` and can be captured in CUDA graphs.
 
 Example:
