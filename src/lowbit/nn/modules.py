@@ -13,6 +13,7 @@ from ..formats import Format, QTensor
 from ..kernels import dispatch
 from ..kernels import cpu as _cpu  # noqa: F401  (registers the CPU fast paths)
 from ..kernels import reference as _reference  # noqa: F401  (registers the reference backend)
+from ..kernels import triton_linear as _triton  # noqa: F401  (registers the Triton kernels when Triton imports)
 
 
 class _QuantWeight(nn.Module):

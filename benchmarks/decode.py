@@ -1,0 +1,268 @@
+"""Batch-1 decode tokens/s of a Llama-3-8B-shaped model: bf16 vs lowbit formats, CUDA graphs for all.
+
+    python benchmarks/decode.py                       # bf16, int4, int4-e8m0, mxfp4, int8
+    python benchmarks/decode.py --formats int4-e8m0 --layers 4 --steps 50   # quick look
+
+The model is built from the Llama-3-8B config with random weights (N(0, 0.02), no download):
+hidden 4096, 32 layers, 32 query / 8 key-value heads, MLP 14336, vocabulary 128256, untied
+lm_head, RoPE theta 500000. It is a minimal decoder written here with the modules and shapes of
+transformers' `LlamaForCausalLM` (`layers.N.self_attn.q_proj`, ..., `mlp.down_proj`, `lm_head`) and
+a static KV cache, so that one whole decode step captures in a CUDA graph.
+Every `nn.Linear`, lm_head included, becomes a lowbit `QuantLinear` for the quantized runs (the
+embedding stays bf16: a lookup reads one row). One decode step (all layers, the argmax, the KV
+cache write, the position update) is captured in a CUDA graph and replayed; tokens/s = steps /
+time, after a 128-token random prefix in the cache. Correctness: the first step's logits of every
+lowbit model against the same model run with the reference backend (dequantize, then F.linear).
+`--compile-check` also runs one QuantLinear under `torch.compile(fullgraph=True)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LLAMA3_8B = dict(hidden=4096, inter=14336, layers=32, heads=32, kv_heads=8, vocab=128256, theta=500000.0, eps=1e-5)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, c: dict):
+        super().__init__()
+        h, nh, kvh = c["hidden"], c["heads"], c["kv_heads"]
+        self.nh, self.kvh, self.hd = nh, kvh, h // nh
+        self.q_proj = nn.Linear(h, nh * self.hd, bias=False)
+        self.k_proj = nn.Linear(h, kvh * self.hd, bias=False)
+        self.v_proj = nn.Linear(h, kvh * self.hd, bias=False)
+        self.o_proj = nn.Linear(nh * self.hd, h, bias=False)
+
+    def forward(self, x, cos, sin, pos, k_cache, v_cache, mask):
+        b = x.shape[0]
+        q = self.q_proj(x).view(b, 1, self.nh, self.hd).transpose(1, 2)
+        k = self.k_proj(x).view(b, 1, self.kvh, self.hd).transpose(1, 2)
+        v = self.v_proj(x).view(b, 1, self.kvh, self.hd).transpose(1, 2)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        k_cache.index_copy_(2, pos, k)
+        v_cache.index_copy_(2, pos, v)
+        o = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(o.transpose(1, 2).reshape(b, 1, self.nh * self.hd))
+
+
+def rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class MLP(nn.Module):
+    def __init__(self, c: dict):
+        super().__init__()
+        self.gate_proj = nn.Linear(c["hidden"], c["inter"], bias=False)
+        self.up_proj = nn.Linear(c["hidden"], c["inter"], bias=False)
+        self.down_proj = nn.Linear(c["inter"], c["hidden"], bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Layer(nn.Module):
+    def __init__(self, c: dict):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c["hidden"], c["eps"])
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c["hidden"], c["eps"])
+        self.mlp = MLP(c)
+
+
+class Decoder(nn.Module):
+    """Llama-shaped decoder for one-token steps against a static KV cache (CUDA-graph friendly)."""
+
+    def __init__(self, c: dict, max_len: int):
+        super().__init__()
+        self.c = c
+        self.embed_tokens = nn.Embedding(c["vocab"], c["hidden"])
+        self.layers = nn.ModuleList(Layer(c) for _ in range(c["layers"]))
+        self.norm = RMSNorm(c["hidden"], c["eps"])
+        self.lm_head = nn.Linear(c["hidden"], c["vocab"], bias=False)
+        hd = c["hidden"] // c["heads"]
+        inv = 1.0 / (c["theta"] ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+        ang = torch.outer(torch.arange(max_len, dtype=torch.float32), inv)
+        ang = torch.cat((ang, ang), -1)
+        self.register_buffer("cos", ang.cos(), persistent=False)
+        self.register_buffer("sin", ang.sin(), persistent=False)
+        self.register_buffer("slots", torch.arange(max_len), persistent=False)
+        self.max_len = max_len
+
+    def new_cache(self, batch: int, dtype, device):
+        shape = (len(self.layers), batch, self.c["kv_heads"], self.max_len, self.c["hidden"] // self.c["heads"])
+        return torch.randn(shape, dtype=dtype, device=device) * 0.5, torch.randn(shape, dtype=dtype, device=device) * 0.5
+
+    def step(self, tok, pos, kc, vc):
+        """Logits for token `tok` (B, 1) at position `pos` (1,), writing the KV cache at pos."""
+        x = self.embed_tokens(tok)
+        cos = self.cos[pos].to(x.dtype)[None, None]
+        sin = self.sin[pos].to(x.dtype)[None, None]
+        mask = (self.slots <= pos)[None, None, None, :]
+        for i, layer in enumerate(self.layers):
+            x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, pos, kc[i], vc[i], mask)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.lm_head(self.norm(x))
+
+
+def build(c: dict, max_len: int, device) -> Decoder:
+    with torch.device(device):
+        model = Decoder(c, max_len).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.02)
+    return model.eval()
+
+
+def swap_linears(model: nn.Module, fmt: str | None, originals: dict) -> None:
+    """Every nn.Linear -> QuantLinear(fmt) (fmt None: put the originals back)."""
+    import lowbit
+    from lowbit.nn import QuantLinear
+
+    for name, mod in list(model.named_modules()):
+        for cname, child in list(mod.named_children()):
+            full = f"{name}.{cname}" if name else cname
+            if isinstance(child, nn.Linear) or full in originals:
+                orig = originals.setdefault(full, child)
+                if fmt is None:
+                    setattr(mod, cname, orig)
+                else:
+                    q = QuantLinear(lowbit.quantize_tensor(orig.weight.detach().float(), fmt))
+                    q._lowbit_name = full
+                    setattr(mod, cname, q)
+
+
+def first_logits(model: Decoder, start: int = 128, seed: int = 1):
+    """Logits of one step from a seeded random cache and token, plus the state for more steps."""
+    dev = next(model.parameters()).device
+    torch.manual_seed(seed)
+    kc, vc = model.new_cache(1, torch.bfloat16, dev)
+    tok = torch.randint(0, model.c["vocab"], (1, 1), device=dev)
+    pos = torch.tensor([start], device=dev)
+    with torch.no_grad():
+        first = model.step(tok, pos, kc, vc).float()
+    return first, (tok, pos, kc, vc)
+
+
+def timed_decode(model: Decoder, steps: int, start: int = 128) -> tuple[float, torch.Tensor]:
+    """(tokens/s, logits of the first step) with one step captured in a CUDA graph."""
+    first, (tok, pos, kc, vc) = first_logits(model, start)
+    with torch.no_grad():
+
+        def one():
+            logits = model.step(tok, pos, kc, vc)
+            tok.copy_(logits[:, -1].argmax(-1, keepdim=True))
+            pos.add_(1)
+            return logits
+
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                one()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            one()
+        pos.fill_(start)
+        graph.replay()
+        torch.cuda.synchronize()
+        rates = []
+        for _ in range(3):
+            pos.fill_(start)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                graph.replay()
+            torch.cuda.synchronize()
+            rates.append(steps / (time.perf_counter() - t0))
+        del graph
+    return statistics.median(rates), first
+
+
+def compile_check() -> None:
+    """One QuantLinear under torch.compile(fullgraph=True) vs eager; eager placement must say triton."""
+    import lowbit
+    from lowbit.kernels import PLACEMENT
+    from lowbit.nn import QuantLinear
+
+    q = QuantLinear(lowbit.quantize_tensor(torch.randn(4096, 4096, device="cuda") * 0.02, "int4-e8m0"))
+    q._lowbit_name = "probe"
+    f = torch.compile(q, fullgraph=True)
+    for m in (1, 16):
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+        PLACEMENT.clear()
+        eager = q(x)
+        placed = dict(PLACEMENT["probe"])
+        comp = f(x)
+        rel = ((comp.float() - eager.float()).norm() / eager.float().norm()).item()
+        print(f"torch.compile(fullgraph=True) M={m}: rel diff vs eager {rel:.2e}; eager placement {placed}")
+        assert rel < 1e-3 and placed == {"triton": 1}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--formats", nargs="+", default=["int4", "int4-e8m0", "mxfp4", "int8"])
+    ap.add_argument("--layers", type=int, default=LLAMA3_8B["layers"])
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--compile-check", action="store_true")
+    args = ap.parse_args()
+    import os
+
+    from lowbit.kernels import PLACEMENT
+    from lowbit.kernels.registry import force_backend
+
+    c = dict(LLAMA3_8B, layers=args.layers)
+    torch.manual_seed(0)
+    print(f"{torch.cuda.get_device_name(0)}; torch {torch.__version__}; commit {os.environ.get('LOWBIT_COMMIT', '?')}; "
+          f"Llama-3-8B-shaped decoder, {c['layers']} layers, batch 1, bf16 activations, CUDA graph per step")
+    if args.compile_check:
+        compile_check()
+    model = build(c, max_len=512, device="cuda")
+    n_lin = sum(p.numel() for n, p in model.named_parameters() if n.endswith("proj.weight") or n == "lm_head.weight")
+    rate_bf16, first_bf16 = timed_decode(model, args.steps)
+    print(f"{'model':<12} {'weights GB':>10} {'tok/s':>8} {'x bf16':>7} {'ms/tok':>7}  {'logits rel err':>14}  placement")
+    print(f"{'bf16':<12} {2 * n_lin / 1e9:>10.2f} {rate_bf16:>8.1f} {1.0:>6.2f}x {1e3 / rate_bf16:>7.2f}")
+    originals: dict = {}
+    results = {"bf16": rate_bf16}
+    for fmt in args.formats:
+        swap_linears(model, fmt, originals)
+        qbytes = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if ".weight_" in n or n.startswith("lm_head"))
+        PLACEMENT.clear()
+        rate, first = timed_decode(model, args.steps)
+        placed: dict = {}
+        for counts in PLACEMENT.values():
+            for k, v in counts.items():
+                placed[k] = placed.get(k, 0) + v
+        with force_backend("linear", "reference"):
+            ref, state = first_logits(model)  # the reference twin of the first step, same inputs
+        err = ((first - ref).norm() / ref.norm()).item()
+        del ref, state, first
+        results[fmt] = rate
+        print(f"{fmt:<12} {qbytes / 1e9:>10.2f} {rate:>8.1f} {rate / rate_bf16:>6.2f}x {1e3 / rate:>7.2f}  {err:>14.2e}  "
+              f"{placed}", flush=True)
+        swap_linears(model, None, originals)
+        torch.cuda.empty_cache()
+    print("tokens/s ratios vs bf16: " + ", ".join(f"{k} {v / rate_bf16:.2f}x" for k, v in results.items() if k != "bf16"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,407 @@
+"""Fused `QuantLinear` on CUDA through Triton: decode the stored planes in registers, fp32 accumulation.
+
+Registered in the kernel table as backend "triton", device "cuda", for the formats `spec_of`
+accepts: `int8` (per channel), `int4` / `int4-asym` / `int2` (any block whose packed run is a
+power of two of bytes: 32, 64, 128, ...; fp16 / bf16 / fp32 scales), `int4-e8m0`, `int2-e8m0`,
+`mxfp4`, `mxfp8-e4m3`, `mxfp8-e5m2`, `mxint8`, and palettes `lut2` / `lut4` / `lut8` (fp16 or
+int8 tables, per tensor or per channel group, optional per-channel scale). Other formats keep the
+reference path. The kernels read the stored planes as they are (no repacked copy, nothing added to
+the state dict or the package format).
+
+Path per call (`choose`): M <= 4 a GEMV (one program per output-row block, CUDA cores); up to a
+few hundred rows a tensor-core tile kernel (`tl.dot`, split-K with an in-kernel reduction for
+small M); large M dequantizes to the activation dtype once and calls cuBLAS. The choice and the
+tile sizes come from a table measured on the GPU (`triton_table.json`, written by
+`benchmarks/matmul.py --tune`), keyed by (bits or "*" for any format, M bucket, K, N; sizes in
+bytes so one entry serves every format), with a heuristic for shapes it lacks. The op is a `torch.library` custom op (`lowbit::qlinear`) with a fake implementation, so
+it traces under `torch.compile` and can be captured in CUDA graphs.
+
+Example:
+    >>> import torch, lowbit                                        # doctest: +SKIP
+    >>> from lowbit.nn import QuantLinear
+    >>> q = QuantLinear.from_float(torch.nn.Linear(4096, 4096), "int4-e8m0").cuda()
+    >>> y = q(torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16))   # runs the GEMV kernel
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..formats import Format, QTensor
+from .registry import register
+
+# Triton is optional and imported on first use: without it lowbit imports and the kernel table
+# simply has no "triton" entries. (Importing it lazily also lets tests set TRITON_INTERPRET=1 before
+# Triton reads it: its own library functions are compiled or interpreted by that setting.)
+try:
+    HAVE_TRITON = importlib.util.find_spec("triton") is not None
+except (ImportError, ValueError):  # a broken or blocked installation counts as absent
+    HAVE_TRITON = False
+
+_KMODS: dict[bool, object] = {}
+
+
+def _kern():
+    """The kernels module, compiled for the GPU or, under TRITON_INTERPRET=1, for the interpreter.
+
+    Triton decides at decoration time, so each mode gets its own copy of triton_kernels.py.
+    """
+    interp = _interpreting()
+    mod = _KMODS.get(interp)
+    if mod is None:
+        name = "lowbit.kernels._triton_kernels_" + ("interp" if interp else "jit")
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("triton_kernels.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        _KMODS[interp] = mod
+    return mod
+
+_TABLE_PATH = Path(__file__).with_name("triton_table.json")
+_M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# what the kernels need to know about a format
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Spec:
+    """Kernel constants for one format (see triton_kernels.py for the meaning of CODE / SMODE)."""
+
+    bits: int
+    code: int
+    smode: int
+    has_zero: bool
+    cmul: float
+    bb: int  # bytes per scale block (per-row formats: bytes per chunk)
+
+    def key(self) -> str:
+        return f"{self.bits},{self.code},{self.smode},{int(self.has_zero)},{self.cmul!r},{self.bb}"
+
+    @staticmethod
+    def from_key(s: str) -> "Spec":
+        b, c, sm, z, cm, bb = s.split(",")
+        return Spec(int(b), int(c), int(sm), bool(int(z)), float(cm), int(bb))
+
+
+_MX_CODE = {"fp4_e2m1": (3, 2.0**14), "fp8_e4m3": (4, 2.0**8), "fp8_e5m2": (5, 1.0), "int8": (1, 2.0**-6)}
+
+
+def spec_of(fmt: Format) -> Spec | None:
+    """Kernel constants for `fmt`, or None when no Triton kernel covers it."""
+    bits = fmt.bits
+    if bits not in (2, 4, 8):
+        return None
+    if fmt.family == "lut":
+        return Spec(bits, 6, 0, False, 1.0, 32)
+    if fmt.family == "int":
+        if fmt.block_size is None:
+            if fmt.zero != "none" or fmt.scale_dtype == "e8m0":
+                return None
+            return Spec(bits, 1 if bits == 8 else 0, 3, False, 1.0, 32)
+        code = 2 if fmt.zero == "float" else (1 if bits == 8 else 0)
+        smode = 2 if fmt.scale_dtype == "e8m0" else 1
+        cmul = 1.0
+    elif fmt.family == "mx" and fmt.element in _MX_CODE:
+        code, cmul = _MX_CODE[fmt.element]
+        smode = 2
+    else:
+        return None
+    bb = fmt.block_size * bits // 8
+    if bb < 4 or bb & (bb - 1):  # tl.arange needs a power of two
+        return None
+    return Spec(bits, code, smode, fmt.zero == "float", cmul, bb)
+
+
+def supports(fmt: Format, shape: tuple[int, ...] | None) -> bool:
+    return HAVE_TRITON and spec_of(fmt) is not None and (shape is None or len(shape) == 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# config choice: the measured table, else a heuristic
+# ---------------------------------------------------------------------------------------------
+_table: dict | None = None
+
+
+def _load_table() -> dict:
+    global _table
+    if _table is None:
+        try:
+            _table = json.loads(_TABLE_PATH.read_text()).get("entries", {})
+        except (OSError, ValueError):
+            _table = {}
+    return _table
+
+
+def m_bucket(m: int) -> int:
+    """Smallest bucket >= m (the last bucket takes everything above it)."""
+    for b in _M_BUCKETS:
+        if m <= b:
+            return b
+    return _M_BUCKETS[-1]
+
+
+def table_key(bits: int, m: int, k: int, n: int) -> str:
+    return f"{bits}|{m_bucket(m)}|{k}|{n}"
+
+
+def heuristic(spec: Spec, m: int, k: int, n: int) -> dict:
+    """Config used where the table has no entry (and the tuner's starting point)."""
+    import triton
+
+    sm = _sm_count()
+    if m <= 4:
+        return {"path": "gemv", "BLOCK_N": 4, "NB_T": max(1, 1024 // spec.bb), "NW": 256, "num_warps": 4}
+    if m <= 256:
+        block_m = max(16, min(64, triton.next_power_of_2(m))) if m <= 64 else 128
+        block_n = 64 if m <= 64 else 128
+        nb_t = max(1, 64 // spec.bb)
+        tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+        split = 1
+        while tiles * split < 2 * sm and split < 16 and k // (split * 2) >= 512:
+            split *= 2
+        return {"path": "dot", "BLOCK_N": block_n, "BLOCK_M": block_m, "NB_T": nb_t, "SPLIT_K": split,
+                "SWAP": m <= 64, "num_warps": 4, "num_stages": 3}
+    return {"path": "dequant", "BLOCK_N": 16, "NB_T": max(1, 128 // spec.bb), "num_warps": 4}
+
+
+def choose(spec: Spec, m: int, k: int, n: int) -> dict:
+    """The measured config for this format's bits (or any format's) at (M bucket, K, N), else the heuristic."""
+    table = _load_table()
+    cfg = table.get(table_key(spec.bits, m, k, n)) or table.get(table_key("*", m, k, n))
+    return _fit(dict(cfg), spec, m) if cfg else heuristic(spec, m, k, n)
+
+
+def _fit(cfg: dict, spec: Spec, m: int) -> dict:
+    """A table config (sizes in bytes per row per iteration, `KB_T`) made concrete for `spec`."""
+    if "KB_T" in cfg:
+        kbt = cfg.pop("KB_T")
+        cfg["NB_T"] = max(1, kbt // spec.bb)
+        if cfg["path"] == "gemv":
+            cfg["NW"] = max(4, kbt // 4)
+    cfg.pop("us", None)
+    return cfg
+
+
+def candidates(spec: Spec, m: int, k: int, n: int) -> list[dict]:
+    """Configs the tuner times for one (M, K, N) (`KB_T`: bytes of one weight row per iteration)."""
+    import triton
+
+    out: list[dict] = []
+    if m <= 4:
+        for bn, kbt, nw in ((4, 512, 4), (4, 1024, 4), (4, 2048, 4), (8, 512, 4), (8, 1024, 4), (2, 2048, 4),
+                            (2, 1024, 4), (4, 2048, 8), (8, 2048, 8), (16, 512, 4)):
+            out.append({"path": "gemv", "BLOCK_N": bn, "KB_T": kbt, "num_warps": nw})
+    sm = _sm_count()
+    for bn, bm, swap, kbt, nw, st in ((64, 16, True, 64, 4, 3), (128, 16, True, 64, 4, 3), (64, 32, True, 64, 4, 3),
+                                       (128, 16, True, 64, 8, 3), (64, 16, True, 64, 4, 4), (64, 16, True, 128, 8, 3),
+                                       (128, 16, False, 64, 4, 3), (64, 16, False, 64, 4, 3),
+                                       (64, 64, True, 64, 4, 3), (128, 64, True, 64, 8, 3),
+                                       (128, 128, False, 64, 8, 3), (128, 128, False, 32, 4, 4),
+                                       (128, 256, False, 64, 8, 3), (128, 64, False, 64, 4, 3)):
+        if (m <= 4 and bm > 16) or bm > 2 * max(16, m) or (m > 64 and swap) or (m >= 512 and bm < 128):
+            continue
+        tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
+        split = 1
+        while tiles * split < 2 * sm and split < 16 and k // (split * 2) >= 512:
+            split *= 2
+        for sp in sorted({split, max(1, split // 2), min(16, split * 2)}):
+            out.append({"path": "dot", "BLOCK_N": bn, "BLOCK_M": bm, "KB_T": kbt, "SPLIT_K": sp, "SWAP": swap,
+                        "num_warps": nw, "num_stages": st})
+    if m >= 128:
+        for bn, kbt in ((16, 128), (8, 256), (32, 64)):
+            out.append({"path": "dequant", "BLOCK_N": bn, "KB_T": kbt, "num_warps": 4})
+    return out
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count() -> int:
+    if not torch.cuda.is_available():
+        return 132
+    dev = torch.cuda.current_device()
+    if dev not in _SM_COUNT:
+        _SM_COUNT[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+    return _SM_COUNT[dev]
+
+
+# split-K arrival counters, one zeroed int32 buffer per device (reset to 0 by the kernel itself)
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_N_COUNTERS = 1 << 16
+
+
+def _counters(device: torch.device) -> torch.Tensor:
+    buf = _COUNTERS.get(device)
+    if buf is None:
+        buf = _COUNTERS[device] = torch.zeros(_N_COUNTERS, dtype=torch.int32, device=device)
+    return buf
+
+
+# ---------------------------------------------------------------------------------------------
+# launch
+# ---------------------------------------------------------------------------------------------
+def _dot_dtype(x_dtype: torch.dtype):
+    import triton
+
+    if _interpreting() or x_dtype == torch.float32:
+        return triton.language.float32  # the interpreter's bf16 dot is wrong; fp32 operands are exact there
+    return triton.language.float16 if x_dtype == torch.float16 else triton.language.bfloat16
+
+
+def run(x2: torch.Tensor, planes: dict[str, torch.Tensor | None], spec: Spec, n: int, k: int,
+        bias: torch.Tensor | None, cfg: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """y (M, N) = x2 (M, K) @ W^T (+ bias) for the planes of one weight; `cfg` overrides the table."""
+    import triton
+
+    m = x2.shape[0]
+    w = planes["data"]
+    kb = w.shape[1]
+    cfg = _fit(dict(cfg), spec, m) if cfg else choose(spec, m, k, n)
+    y = out if out is not None else torch.empty(m, n, device=x2.device, dtype=x2.dtype)
+    if m == 0 or n == 0:
+        return y
+    if w.stride(1) != 1:
+        w = w.contiguous()
+    s = planes.get("scale")
+    z = planes.get("zero")
+    lut = planes.get("lut")
+    rs = planes.get("row_scale")
+    ls = planes.get("lut_scale")
+    if s is not None and s.stride(-1) != 1:
+        s = s.contiguous()
+    if z is not None:
+        z = z.contiguous() if z.stride(-1) != 1 else z
+        assert s is not None and z.stride(0) == s.stride(0), "zero and scale planes must share a layout"
+    dummy = w
+    stride_sn = s.stride(0) if s is not None else 0
+    lut_div = planes.get("lut_div", None) or max(n, 1)
+    common = dict(BITS=spec.bits, CODE=spec.code, SMODE=spec.smode, HAS_ZERO=spec.has_zero,
+                  HAS_RS=rs is not None, HAS_LS=ls is not None, CMUL=spec.cmul, BB=spec.bb)
+    ptrs = (s if s is not None else dummy, z if z is not None else dummy, lut if lut is not None else dummy,
+            rs if rs is not None else dummy, ls if ls is not None else dummy)
+    path = cfg["path"]
+    if path == "gemv" and kb % 4 == 0 and w.stride(0) % 4 == 0 and w.data_ptr() % 4 == 0:
+        # the word GEMV: data plane viewed as int32, one word (32 / bits codes) per thread and row
+        w32 = w.view(torch.int32) if w.is_contiguous() else w.contiguous().view(torch.int32)
+        nw = cfg.get("NW") or max(4, triton.next_power_of_2(cfg["NB_T"] * spec.bb // 4))
+        grid = (m * triton.cdiv(n, cfg["BLOCK_N"]),)
+        _kern()._gemv_w_kernel[grid](x2, w32, *ptrs, bias if bias is not None else dummy, y,
+                                     m, n, k, kb // 4, x2.stride(0), w32.stride(0), stride_sn, y.stride(0), lut_div,
+                                     BITS=spec.bits, CODE=spec.code, SMODE=spec.smode, HAS_ZERO=spec.has_zero,
+                                     HAS_RS=rs is not None, HAS_LS=ls is not None, HAS_BIAS=bias is not None,
+                                     CMUL=spec.cmul, WB=max(1, spec.bb // 4), NW=nw, BLOCK_N=cfg["BLOCK_N"],
+                                     num_warps=cfg["num_warps"])
+    elif path == "gemv":
+        grid = (m * triton.cdiv(n, cfg["BLOCK_N"]),)
+        _kern()._gemv_kernel[grid](x2, w, *ptrs, bias if bias is not None else dummy, y,
+                              m, n, k, kb, x2.stride(0), w.stride(0), stride_sn, y.stride(0), lut_div,
+                              HAS_BIAS=bias is not None, NB_T=cfg["NB_T"], BLOCK_N=cfg["BLOCK_N"],
+                              num_warps=cfg["num_warps"], **common)
+    elif path == "dot":
+        nblk = triton.cdiv(kb, spec.bb)
+        split = cfg["SPLIT_K"]
+        nb_t = cfg["NB_T"]
+        bps = triton.cdiv(triton.cdiv(nblk, split), nb_t) * nb_t
+        split = triton.cdiv(nblk, bps)  # no empty splits
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), split)
+        if split > 1 and grid[0] * grid[1] > _N_COUNTERS:
+            split, bps = 1, nblk
+            grid = grid[:2] + (1,)
+        ws = torch.empty(split, m, n, device=x2.device, dtype=torch.float32) if split > 1 else y
+        cnt = _counters(x2.device) if split > 1 else dummy
+        _kern()._dot_kernel[grid](x2, w, *ptrs, bias if bias is not None else dummy, y, ws, cnt,
+                             m, n, k, kb, x2.stride(0), w.stride(0), stride_sn, y.stride(0), lut_div, bps,
+                             HAS_BIAS=bias is not None, NB_T=nb_t, BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"],
+                             SPLIT_K=split, SWAP=bool(cfg["SWAP"]), DOT_DTYPE=_dot_dtype(x2.dtype),
+                             num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3), **common)
+    elif path == "dequant":
+        wd = dequantize(planes, spec, n, k, x2.dtype, cfg)
+        y2 = torch.nn.functional.linear(x2, wd, None if bias is None else bias.to(x2.dtype))
+        if out is not None:
+            out.copy_(y2)
+            return out
+        return y2
+    else:
+        raise ValueError(f"unknown triton path {path!r} in config {cfg}")
+    return y
+
+
+def dequantize(planes: dict, spec: Spec, n: int, k: int, dtype: torch.dtype, cfg: dict | None = None) -> torch.Tensor:
+    """Dense (N, K) weight in `dtype`, decoded by the Triton kernel (one pass over the planes)."""
+    import triton
+
+    cfg = cfg or {"BLOCK_N": 16, "NB_T": max(1, 128 // spec.bb), "num_warps": 4}
+    w = planes["data"]
+    if w.stride(1) != 1:
+        w = w.contiguous()
+    kb = w.shape[1]
+    s, z, lut, rs, ls = (planes.get(p) for p in ("scale", "zero", "lut", "row_scale", "lut_scale"))
+    if s is not None and s.stride(-1) != 1:
+        s = s.contiguous()
+    if z is not None and z.stride(-1) != 1:
+        z = z.contiguous()
+    out = torch.empty(n, k, device=w.device, dtype=dtype)
+    nb_t = cfg["NB_T"]
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(triton.cdiv(kb, spec.bb), nb_t))
+    _kern()._dequant_kernel[grid](w, s if s is not None else w, z if z is not None else w, lut if lut is not None else w,
+                             rs if rs is not None else w, ls if ls is not None else w, out,
+                             n, k, kb, w.stride(0), s.stride(0) if s is not None else 0, out.stride(0),
+                             planes.get("lut_div", None) or max(n, 1),
+                             BITS=spec.bits, CODE=spec.code, SMODE=spec.smode, HAS_ZERO=spec.has_zero,
+                             HAS_RS=rs is not None, HAS_LS=ls is not None, CMUL=spec.cmul, BB=spec.bb,
+                             NB_T=nb_t, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"])
+    return out
+
+
+def kernel_planes(qweight: QTensor) -> dict:
+    """The planes as the kernels take them: palettes' per-channel `scale` is passed as row_scale."""
+    p = qweight.planes
+    if qweight.fmt.family == "lut":
+        return {"data": p["data"], "lut": p["lut"], "lut_scale": p.get("lut_scale"),
+                "row_scale": p.get("scale"), "lut_div": qweight.fmt.group_size or None}
+    return {"data": p["data"], "scale": p.get("scale"), "zero": p.get("zero")}
+
+
+# ---------------------------------------------------------------------------------------------
+# the custom op (torch.compile / CUDA graphs) and the kernel-table entry
+# ---------------------------------------------------------------------------------------------
+if HAVE_TRITON:
+
+    @torch.library.custom_op("lowbit::qlinear", mutates_args=())
+    def qlinear(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor | None, zero: torch.Tensor | None,
+                lut: torch.Tensor | None, lut_scale: torch.Tensor | None, row_scale: torch.Tensor | None,
+                bias: torch.Tensor | None, spec: str, n: int, k: int, lut_div: int) -> torch.Tensor:
+        """y = x @ W^T (+ bias), W given by its planes; x is (..., K), y is (..., N) in x's dtype."""
+        x2 = x.reshape(-1, k)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        planes = {"data": data, "scale": scale, "zero": zero, "lut": lut, "lut_scale": lut_scale,
+                  "row_scale": row_scale, "lut_div": lut_div or None}
+        return run(x2, planes, Spec.from_key(spec), n, k, bias).reshape(*x.shape[:-1], n)
+
+    @qlinear.register_fake
+    def _(x, data, scale, zero, lut, lut_scale, row_scale, bias, spec, n, k, lut_div):
+        return x.new_empty(*x.shape[:-1], n)
+
+    @register("*", "linear", "cuda", "triton", supports=supports)
+    def linear(x: torch.Tensor, qweight: QTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The kernel-table entry: the fused Triton kernel for `qweight` (a format `spec_of` accepts)."""
+        spec = spec_of(qweight.fmt)
+        if spec is None:
+            raise LookupError(f"no Triton kernel for format {qweight.fmt.name!r}")
+        n, k = qweight.shape
+        p = kernel_planes(qweight)
+        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            x = x.float()
+        return qlinear(x, p["data"], p.get("scale"), p.get("zero"), p.get("lut"), p.get("lut_scale"),
+                       p.get("row_scale"), None if bias is None else bias, spec.key(), n, k, p.get("lut_div") or 0)

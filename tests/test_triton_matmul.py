@@ -1,0 +1,141 @@
+"""Triton kernels (backend "triton") against their reference twin, on CPU through TRITON_INTERPRET=1.
+
+Every path (GEMV, tensor-core tiles with and without split-K and operand swap, dequantize for
+cuBLAS) is compared with dequantize-then-F.linear on random planes at odd shapes (M = 1, 3, 33; K
+not a power of two; N not a multiple of the tile), the output poisoned with NaN before each run.
+Shapes are small: the interpreter runs each program in Python.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Triton compiles or interprets its own library functions (tl.sum, ...) according to this variable
+# as it is when Triton is first imported; lowbit imports Triton lazily, so setting it here suffices.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.kernels.registry import select
+
+triton = pytest.importorskip("triton")
+from lowbit.kernels import triton_linear as tlin  # noqa: E402
+
+FORMATS = [
+    "int8", "int4", "int4-asym", "int4-e8m0", "int2-e8m0", "int2", "mxfp4", "mxfp8-e4m3", "mxfp8-e5m2",
+    "mxint8", "lut4", "lut8", "lut2",
+]
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _qweight(preset: str, n: int, k: int, seed: int, **kw) -> lowbit.QTensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    w[:, :3] *= 8  # a few large columns, so blocks get different scales
+    return lowbit.quantize_tensor(w, preset, pad=True, **kw)
+
+
+def _check(qt, x, cfg, bias=None, tol=1e-2):
+    n, k = qt.shape
+    planes = tlin.kernel_planes(qt)
+    spec = tlin.spec_of(qt.fmt)
+    out = torch.full((x.shape[0], n), float("nan"), dtype=x.dtype)  # poisoned: unwritten elements show
+    y = tlin.run(x, planes, spec, n, k, bias, cfg=cfg, out=out)
+    ref = torch.nn.functional.linear(x.float(), qt.dequantize(torch.float32), None if bias is None else bias.float())
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    assert torch.isfinite(y).all(), f"unwritten or non-finite outputs for {qt.fmt.name} {cfg}"
+    rel = ((y.float() - ref).norm() / ref.norm()).item()
+    assert rel <= tol, f"{qt.fmt.name} {cfg}: relative error {rel:.3e}"
+    return rel
+
+
+GEMV = {"path": "gemv", "BLOCK_N": 4, "NB_T": 2, "num_warps": 4}
+DOT_SWAP_SPLIT = {"path": "dot", "BLOCK_N": 16, "BLOCK_M": 16, "NB_T": 2, "SPLIT_K": 3, "SWAP": True, "num_warps": 4}
+DOT_PLAIN = {"path": "dot", "BLOCK_N": 16, "BLOCK_M": 16, "NB_T": 2, "SPLIT_K": 1, "SWAP": False, "num_warps": 4}
+DEQUANT = {"path": "dequant", "BLOCK_N": 8, "NB_T": 2, "num_warps": 4}
+
+
+@pytest.mark.parametrize("preset", FORMATS)
+def test_every_path_matches_dequantize_then_matmul(preset):
+    n, k = 21, 136  # K not a multiple of 32: the planes are padded; N not a multiple of any tile
+    qt = _qweight(preset, n, k, seed=len(preset))
+    g = torch.Generator().manual_seed(7)
+    bias = torch.randn(n, generator=g)
+    for m, cfg in ((1, GEMV), (3, GEMV), (3, DOT_SWAP_SPLIT), (33, DOT_PLAIN), (5, DEQUANT)):
+        x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+        _check(qt, x, cfg, bias=bias if m != 3 else None)
+
+
+@pytest.mark.parametrize("block", [64, 128])
+@pytest.mark.parametrize("scale_dtype", ["bf16", "fp16"])
+def test_int4_block_sizes_and_scale_dtypes(block, scale_dtype):
+    qt = _qweight("int4", 24, 256, seed=block, block_size=block, scale_dtype=scale_dtype)
+    g = torch.Generator().manual_seed(block)
+    for m, cfg in ((1, GEMV), (17, DOT_SWAP_SPLIT)):
+        _check(qt, torch.randn(m, 256, generator=g).to(torch.float16), cfg)
+
+
+def test_grouped_int8_palette_with_channel_scale():
+    qt = _qweight("lut4", 32, 96, seed=3, group_size=8, lut_dtype="int8", per_channel_scale=True)
+    assert set(qt.planes) == {"data", "lut", "lut_scale", "scale"}
+    g = torch.Generator().manual_seed(3)
+    for m, cfg in ((1, GEMV), (4, DOT_SWAP_SPLIT), (2, DEQUANT)):
+        _check(qt, torch.randn(m, 96, generator=g).to(torch.bfloat16), cfg)
+
+
+@pytest.mark.parametrize("preset", ["int8", "lut4"])
+def test_rows_that_are_not_whole_words_take_the_byte_gemv(preset):
+    qt = _qweight(preset, 9, 130, seed=2)  # 130 (int8) or 65 (lut4) bytes a row: not int32 words
+    assert qt.data.shape[1] % 4
+    g = torch.Generator().manual_seed(2)
+    _check(qt, torch.randn(2, 130, generator=g).to(torch.bfloat16), GEMV)
+
+
+def test_heuristic_configs_and_split_counters_reset():
+    qt = _qweight("int4-e8m0", 40, 512, seed=11)
+    spec = tlin.spec_of(qt.fmt)
+    g = torch.Generator().manual_seed(11)
+    for m in (1, 9, 70, 300):
+        cfg = tlin.heuristic(spec, m, 512, 40)
+        x = torch.randn(m, 512, generator=g).to(torch.bfloat16)
+        _check(qt, x, cfg)
+    # the split-K arrival counters are left at zero for the next launch
+    assert int(tlin._counters(torch.device("cpu")).abs().sum()) == 0
+
+
+def test_custom_op_has_a_fake_and_follows_x_shape():
+    qt = _qweight("mxfp4", 16, 64, seed=5)
+    p = tlin.kernel_planes(qt)
+    x = torch.randn(2, 3, 64, dtype=torch.bfloat16)
+    y = torch.ops.lowbit.qlinear(x, p["data"], p["scale"], None, None, None, None, None,
+                                 tlin.spec_of(qt.fmt).key(), 16, 64, 0)
+    assert y.shape == (2, 3, 16)
+    ref = torch.nn.functional.linear(x.float(), qt.dequantize())
+    assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
+    torch.library.opcheck(torch.ops.lowbit.qlinear,
+                          (x, p["data"], p["scale"], None, None, None, None, None, tlin.spec_of(qt.fmt).key(), 16, 64, 0),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_table_registration_and_unsupported_formats():
+    for preset in ("int4", "int4-e8m0", "mxfp4", "int8", "lut4"):
+        assert tlin.supports(lowbit.PRESETS[preset], (64, 64)), preset
+        assert select(lowbit.PRESETS[preset], "linear", "cuda", shape=(64, 64))[0] == "triton"
+    for preset in ("mxfp6-e3m2", "q4_0", "lut3", "lut6"):
+        assert tlin.spec_of(lowbit.PRESETS[preset]) is None
+        assert select(lowbit.PRESETS[preset], "linear", "cuda", shape=(64, 64))[0] == "reference"
+    # never chosen on CPU tensors: the interpreter is for tests only
+    assert select(lowbit.PRESETS["int4"], "linear", "cpu", shape=(64, 64))[0] != "triton"
+    assert tlin.m_bucket(1) == 1 and tlin.m_bucket(17) == 32 and tlin.m_bucket(10**6) == 2048
+
+
+def test_without_triton_the_table_falls_back_to_the_reference(monkeypatch):
+    monkeypatch.setattr(tlin, "HAVE_TRITON", False)
+    assert not tlin.supports(lowbit.PRESETS["int4"], (64, 64))
+    assert select(lowbit.PRESETS["int4"], "linear", "cuda", shape=(64, 64))[0] == "reference"
