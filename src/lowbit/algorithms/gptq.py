@@ -40,7 +40,7 @@ from ..formats.format import Format
 from ..formats.presets import resolve
 from .assemble import from_codes
 from .clip import DEFAULT_ALPHAS, clip_planes
-from .grid import code_grid, encode_params
+from .grid import code_grid, encode_params, masked_grid, nearest_in
 
 
 def gptq(w: torch.Tensor, hessian: torch.Tensor, fmt: "str | Format", *, block: int = 128, damp: float = 0.01,
@@ -113,10 +113,10 @@ def _gptq(w, hessian, fmt, block, damp, act_order, clip, alphas) -> QTensor:
                 params[b] = choose(W1[:, i:i + bsz], importance[col:col + bsz])
             if grids[b] is None:
                 grid, usable = code_grid(params[b], fmt, rows)
-                grids[b] = (grid, torch.where(usable, grid, torch.full_like(grid, float("inf"))))
+                grids[b] = (grid, masked_grid(grid, usable))
             grid, masked = grids[b]
             wcol = W1[:, i:i + 1]
-            c = (wcol - masked).abs_().argmin(1, keepdim=True)  # nearest usable grid value per row
+            c = nearest_in(wcol, masked)  # (rows, 1): nearest usable grid value per row
             q = grid.gather(1, c)
             codes[:, orig] = c[:, 0].to(torch.uint8)
             err = (wcol - q) / U1[i, i]

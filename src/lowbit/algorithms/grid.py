@@ -69,21 +69,25 @@ def code_grid(params: dict[str, torch.Tensor], fmt: Format, rows: int) -> tuple[
     return grid, usable
 
 
+def masked_grid(grid: torch.Tensor, usable: torch.Tensor) -> torch.Tensor:
+    """The grid with unusable codes at +inf, so a nearest-value search never picks them."""
+    return torch.where(usable, grid, torch.full_like(grid, float("inf")))
+
+
+def nearest_in(w: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """int64 codes (rows, cols): per element, the nearest value of its row in `masked` (rows, n)."""
+    return (w[:, :, None] - masked[:, None, :]).abs_().argmin(-1)
+
+
 def nearest_codes(w: torch.Tensor, grid: torch.Tensor, usable: torch.Tensor) -> torch.Tensor:
     """uint8 codes (rows, cols): per element, the usable grid value of its row nearest to it
     (ties to the lower code)."""
-    g = torch.where(usable, grid, torch.full_like(grid, float("inf")))
+    g = masked_grid(grid, usable)
     best = torch.empty(w.shape, dtype=torch.uint8, device=w.device)
     step = max(1, (1 << 22) // max(1, w.shape[0] * grid.shape[1]))  # bound the (rows, step, n) tensor
     for c in range(0, w.shape[1], step):
-        err = (w[:, c:c + step, None] - g[:, None, :]).abs()
-        best[:, c:c + step] = err.argmin(-1).to(torch.uint8)
+        best[:, c:c + step] = nearest_in(w[:, c:c + step], g).to(torch.uint8)
     return best
-
-
-def grid_values(codes: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """The fp32 values of `codes` (rows, cols) in each row's `grid`."""
-    return grid.gather(1, codes.to(torch.int64))
 
 
 def _device(params: dict[str, torch.Tensor]) -> torch.device:

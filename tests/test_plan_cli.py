@@ -1,0 +1,33 @@
+"""`lowbit plan` end to end on the bundled MiniLM: sensitivity table + plot, a recipe that loads,
+a bits target met by the quantized model (measured from the planes, not predicted)."""
+
+import tomllib
+
+import pytest
+
+from lowbit.cli import main
+from lowbit.models import load_source
+from lowbit.quantize import quantize
+from lowbit.recipe import Recipe
+
+
+@pytest.mark.slow
+def test_plan_minilm_meets_bits_target(tmp_path, capsys):
+    out = tmp_path / "plan.toml"
+    assert main(["plan", "minilm", "--candidates", "int8", "int4", "--target-bits", "6", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "bits/weight" in text and "measured after quantizing" in text
+    assert (tmp_path / "plan-sensitivity.csv").read_text().count("\n") > 2 * 30
+    assert (tmp_path / "plan-sensitivity.png").stat().st_size > 1000
+    recipe = Recipe.load(str(out))
+    data = tomllib.loads(out.read_text())
+    assert {v if isinstance(v, str) else v["format"] for v in data["names"].values()} == {"int8", "int4"}
+    src = load_source("minilm")
+    rep = quantize(src.model, recipe, progress=False)
+    planned = [r for r in rep.layers if r["name"] in data["names"]]
+    bits = 8 * sum(r["bytes_after"] for r in planned) / sum(r["shape"][0] * r["shape"][1] for r in planned)
+    assert bits <= 6.0
+    # refusing to overwrite, and a budget that does not fit the task
+    assert main(["plan", "minilm", "--candidates", "int8", "--target-bits", "6", "-o", str(out)]) == 1
+    assert main(["plan", "minilm", "--candidates", "int8", "--max-delta-ppl", "1", "-o", str(tmp_path / "x.toml")]) == 1
+    assert "max_delta_ppl applies to language models" in capsys.readouterr().err
