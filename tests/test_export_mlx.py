@@ -197,3 +197,20 @@ def test_exact_scales_make_the_file_itself_decode_bit_exactly(tmp_path):
         np.testing.assert_array_equal(np.array(got), mod.qweight.dequantize().numpy(), err_msg=name)
         checked += 1
     assert checked == 15  # 14 linear layers + the (tied) embedding
+
+
+def test_cli_exact_scales_flag_writes_fp32_scales(tmp_path):
+    """`lowbit export --to mlx --exact-scales` reaches the exporter: the scales in the file are fp32."""
+    import lowbit
+    from lowbit import package
+    from lowbit.cli import main
+    from safetensors import safe_open
+    from tiny_models import tiny_llama
+
+    m = tiny_llama()
+    lowbit.quantize(m, {"global": "int4", "types": {"Embedding": "none"}}, progress=False)
+    pkg = package.save(m, tmp_path / "pkg")
+    assert main(["export", str(pkg), "--to", "mlx", "-o", str(tmp_path / "mlx"), "--exact-scales"]) == 0
+    with safe_open(str(tmp_path / "mlx" / "model.safetensors"), "np") as f:
+        scales = [f.get_tensor(k).dtype for k in f.keys() if k.endswith(".scales")]
+    assert scales and all(str(d) == "float32" for d in scales)

@@ -316,6 +316,8 @@ def cmd_export(args) -> int:
         extra["seq_len"] = args.seq_len
     if args.to == "coreml" and args.flexible:
         extra["flexible"] = True
+    if args.to == "mlx" and args.exact_scales:
+        extra["exact_scales"] = True
     result = export(args.package, args.to, args.output, force=args.force, **extra)
     rows = result.get("tensors") or result.get("layers") or {}
     t = Table(title=f"lowbit export -> {args.to}: {result.get('path', args.output)}", title_justify="left")
@@ -373,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--to", required=True, choices=["gguf", "mlx", "coreml"])
     e.add_argument("-o", "--output", required=True, help="output file (.gguf) or folder (.mlpackage / MLX folder)")
     e.add_argument("--force", action="store_true", help="replace an existing output")
+    e.add_argument("--exact-scales", action="store_true",
+                   help="MLX only: fp32 scales/biases so mx.dequantize of the file equals lowbit's planes bit for bit "
+                        "(default fp16: exact up to MLX's fp16 arithmetic, smaller)")
     e.add_argument("--tokenizer-pre", help="GGUF only: llama.cpp pre-tokenizer name (e.g. smollm for SmolLM2)")
     e.add_argument("--seq-len", type=int, help="Core ML only: the exported model's sequence length (default 128)")
     e.add_argument("--flexible", action="store_true", help="Core ML only: accept any length 2..--seq-len (not fixed)")
