@@ -14,7 +14,8 @@ from lowbit.recipe import Recipe
 @pytest.mark.slow
 def test_plan_minilm_meets_bits_target(tmp_path, capsys):
     out = tmp_path / "plan.toml"
-    assert main(["plan", "minilm", "--candidates", "int8", "int4", "--target-bits", "6", "-o", str(out)]) == 0
+    assert main(["plan", "minilm", "--candidates", "int8", "int4", "--target-bits", "6", "--sens-batches", "1",
+                 "-o", str(out)]) == 0
     text = capsys.readouterr().out
     assert "bits/weight" in text and "measured after quantizing" in text
     assert (tmp_path / "plan-sensitivity.csv").read_text().count("\n") > 2 * 30

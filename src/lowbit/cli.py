@@ -77,7 +77,8 @@ def cmd_plan(args) -> int:
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
     res = auto_plan(args.source, args.candidates, target_bits=args.target_bits, max_delta_ppl=args.max_delta_ppl,
-                    min_cosine_p1=args.min_cosine_p1, algorithm=args.algorithm, output=out, log=console.print)
+                    min_cosine_p1=args.min_cosine_p1, algorithm=args.algorithm, sens_batches=args.sens_batches,
+                    output=out, log=console.print)
     m = res.validation["metrics"]
     headline = (f"delta ppl {m['delta_ppl_pct']:.2f}%, top-1 {m['top1_agreement']:.3f}, KL mean {m['kl_mean']:.4f}"
                 if "delta_ppl_pct" in m else f"cosine p1 {m['cosine_p1']:.5f}, mean {m['cosine_mean']:.5f}")
@@ -361,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--max-delta-ppl", type=float, help="language models: perplexity budget in percent (smallest plan)")
     budget.add_argument("--min-cosine-p1", type=float, help="embedding models: 1st-percentile cosine budget (smallest plan)")
     pl.add_argument("--algorithm", default="rtn", help="algorithm for the planned recipe (rtn, clip, gptq, awq+gptq, ...)")
+    pl.add_argument("--sens-batches", type=int, default=2, help="calibration batches scored per (layer, format) (default 2)")
     pl.add_argument("-o", "--output", required=True, help="recipe file to write (.toml)")
     pl.add_argument("--force", action="store_true", help="replace an existing output")
 
