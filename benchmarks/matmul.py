@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--threads", type=int, default=None, help="cpu: torch threads (default: torch's choice)")
     ap.add_argument("--tune", metavar="TABLE.json", help="cuda: measure kernel configs and write the table here")
+    ap.add_argument("--tune-paths", nargs="+", default=None, help="--tune: only candidates of these paths")
     ap.add_argument("--log", metavar="FILE.jsonl", help="cuda: also write every row as JSON lines here")
     ap.add_argument("--check", action="store_true", help="cuda: every kernel path vs its reference at odd shapes, then exit")
     args = ap.parse_args()
@@ -293,7 +294,8 @@ def gpu_check(names) -> None:
     """Every path of every format vs dequantize-then-matmul at odd shapes, outputs NaN-poisoned."""
     from lowbit.kernels import triton_linear as tlin
 
-    cfgs = [{"path": "gemv", "BLOCK_N": 4, "KB_T": 256, "num_warps": 4},
+    cfgs = [{"path": "gemv", "BLOCK_N": 4, "KB_T": 256, "num_warps": 4, "fast": False},
+            {"path": "gemv2", "BLOCK_N": 8, "num_warps": 4}, {"path": "gemv2", "BLOCK_N": 2, "num_warps": 8},
             {"path": "dot", "BLOCK_N": 64, "BLOCK_M": 16, "KB_T": 64, "SPLIT_K": 4, "SWAP": True, "num_warps": 4},
             {"path": "dot", "BLOCK_N": 128, "BLOCK_M": 128, "KB_T": 64, "SPLIT_K": 1, "SWAP": False, "num_warps": 8},
             {"path": "dequant", "BLOCK_N": 16, "KB_T": 128, "num_warps": 4}, None]
@@ -368,6 +370,8 @@ def tune(args, shapes, ms, bw) -> None:
             xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(c)]
             best = None
             for cfg in tlin.candidates(spec, m, k, n):
+                if args.tune_paths and cfg["path"] not in args.tune_paths:
+                    continue
                 try:
                     t = graph_time([lambda i=i: tlin.run(xs[i], copies[i], spec, n, k, None, cfg=cfg) for i in range(c)], reps=5)
                 except Exception as e:  # a config that does not compile (shared memory, say) is skipped

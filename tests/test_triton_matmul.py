@@ -55,7 +55,8 @@ def _check(qt, x, cfg, bias=None, tol=1e-2):
     return rel
 
 
-GEMV = {"path": "gemv", "BLOCK_N": 4, "NB_T": 2, "num_warps": 4}
+GEMV = {"path": "gemv", "BLOCK_N": 4, "NB_T": 2, "num_warps": 4, "fast": False}  # the plain-Triton GEMV
+GEMV2 = {"path": "gemv2", "BLOCK_N": 4, "NWG": 2, "num_warps": 1}  # packed-pair GEMV (its fp32 twin here)
 DOT_SWAP_SPLIT = {"path": "dot", "BLOCK_N": 16, "BLOCK_M": 16, "NB_T": 2, "SPLIT_K": 3, "SWAP": True, "num_warps": 4}
 DOT_PLAIN = {"path": "dot", "BLOCK_N": 16, "BLOCK_M": 16, "NB_T": 2, "SPLIT_K": 1, "SWAP": False, "num_warps": 4}
 DEQUANT = {"path": "dequant", "BLOCK_N": 8, "NB_T": 2, "num_warps": 4}
@@ -67,9 +68,40 @@ def test_every_path_matches_dequantize_then_matmul(preset):
     qt = _qweight(preset, n, k, seed=len(preset))
     g = torch.Generator().manual_seed(7)
     bias = torch.randn(n, generator=g)
-    for m, cfg in ((1, GEMV), (3, GEMV), (3, DOT_SWAP_SPLIT), (33, DOT_PLAIN), (5, DEQUANT)):
+    for m, cfg in ((1, GEMV), (3, GEMV), (1, GEMV2), (3, GEMV2), (3, DOT_SWAP_SPLIT), (33, DOT_PLAIN), (5, DEQUANT)):
         x = torch.randn(m, k, generator=g).to(torch.bfloat16)
         _check(qt, x, cfg, bias=bias if m != 3 else None)
+
+
+@pytest.mark.parametrize("preset", ["int4", "int4-asym", "int4-e8m0", "int2-e8m0", "int2", "int8", "mxint8"])
+def test_fast_gemv_covers_integer_codes(preset):
+    """The packed-pair GEMV takes every integer format (2-bit rows of whole words need K % 16 == 0),
+    several iterations along K, scales per block, per 4-word group or per row, zero points, bias."""
+    n, k = 19, 320
+    qt = _qweight(preset, n, k, seed=len(preset) + 1)
+    spec, planes = tlin.spec_of(qt.fmt), tlin.kernel_planes(qt)
+    g = torch.Generator().manual_seed(5)
+    bias = torch.randn(n, generator=g)
+    for m, dt in ((1, torch.bfloat16), (2, torch.float16)):
+        x = torch.randn(m, k, generator=g).to(dt)
+        assert tlin.fast_gemv_ok(spec, x, planes["data"], k, False)
+        _check(qt, x, GEMV2, bias=bias)
+    assert not tlin.fast_gemv_ok(tlin.spec_of(lowbit.PRESETS["mxfp4"]), x, planes["data"], k, False)
+
+
+def test_fast_gemv_asm_is_well_formed():
+    """The generated PTX: one LOP3 per pair of codes and the right operand count (checked on the GPU
+    against dequantize-then-matmul by `benchmarks/matmul.py --check`)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec_ = importlib.util.spec_from_file_location("tg_text", Path(tlin.__file__).with_name("triton_gemv.py"))
+    mod = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(mod)
+    a4, a2 = mod._asm_word(4, False, 8), mod._asm_word(2, True, 2)
+    assert a4.count("lop3.b32") == 4 and a4.count("fma.rn.bf16x2") == 7 and "$5" in a4 and "$6" not in a4
+    assert a2.count("lop3.b32") == 8 and "$9" in a2 and "$10" not in a2
+    assert "0xc188c188" in a4  # -(16 + 8/8) as a bf16 pair: the symmetric offset
 
 
 @pytest.mark.parametrize("block", [64, 128])

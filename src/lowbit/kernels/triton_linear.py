@@ -44,22 +44,23 @@ try:
 except (ImportError, ValueError):  # a broken or blocked installation counts as absent
     HAVE_TRITON = False
 
-_KMODS: dict[bool, object] = {}
+_KMODS: dict[tuple[str, bool], object] = {}
 
 
-def _kern():
-    """The kernels module, compiled for the GPU or, under TRITON_INTERPRET=1, for the interpreter.
+def _kern(module: str = "triton_kernels"):
+    """A kernels module (`triton_kernels` or `triton_gemv`), compiled for the GPU or, under
+    TRITON_INTERPRET=1, for the interpreter.
 
-    Triton decides at decoration time, so each mode gets its own copy of triton_kernels.py.
+    Triton decides at decoration time, so each mode gets its own copy of the module.
     """
     interp = _interpreting()
-    mod = _KMODS.get(interp)
+    mod = _KMODS.get((module, interp))
     if mod is None:
-        name = "lowbit.kernels._triton_kernels_" + ("interp" if interp else "jit")
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("triton_kernels.py"))
+        name = f"lowbit.kernels._{module}_" + ("interp" if interp else "jit")
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{module}.py"))
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
-        _KMODS[interp] = mod
+        _KMODS[(module, interp)] = mod
     return mod
 
 _TABLE_PATH = Path(__file__).with_name("triton_table.json")
@@ -198,6 +199,9 @@ def candidates(spec: Spec, m: int, k: int, n: int) -> list[dict]:
 
     out: list[dict] = []
     if m <= 4:
+        for bn in (2, 4, 8, 16):
+            for nw in (2, 4, 8):
+                out.append({"path": "gemv2", "BLOCK_N": bn, "num_warps": nw})
         for bn, kbt, nw in ((4, 512, 4), (4, 1024, 4), (4, 2048, 4), (8, 512, 4), (8, 1024, 4), (2, 2048, 4),
                             (2, 1024, 4), (4, 2048, 8), (8, 2048, 8), (16, 512, 4)):
             out.append({"path": "gemv", "BLOCK_N": bn, "KB_T": kbt, "num_warps": nw})
@@ -290,6 +294,12 @@ def run(x2: torch.Tensor, planes: dict[str, torch.Tensor | None], spec: Spec, n:
     ptrs = (s if s is not None else dummy, z if z is not None else dummy, lut if lut is not None else dummy,
             rs if rs is not None else dummy, ls if ls is not None else dummy)
     path = cfg["path"]
+    if path in ("gemv", "gemv2") and cfg.get("fast", True) and fast_gemv_ok(spec, x2, w, k, lut is not None):
+        fcfg = cfg if path == "gemv2" else fast_gemv_config(m, k, n)
+        return run_fast_gemv(x2, planes, spec, n, k, bias, y, fcfg)
+    if path == "gemv2":  # a table entry for the fast GEMV, on a format it does not cover
+        cfg = heuristic(spec, 1, k, n)
+        path = cfg["path"]
     if path == "gemv" and kb % 4 == 0 and w.stride(0) % 4 == 0 and w.data_ptr() % 4 == 0:
         # the word GEMV: data plane viewed as int32, one word (32 / bits codes) per thread and row
         w32 = w.view(torch.int32) if w.is_contiguous() else w.contiguous().view(torch.int32)
@@ -333,6 +343,59 @@ def run(x2: torch.Tensor, planes: dict[str, torch.Tensor | None], spec: Spec, n:
         return y2
     else:
         raise ValueError(f"unknown triton path {path!r} in config {cfg}")
+    return y
+
+
+def fast_gemv_ok(spec: Spec, x2: torch.Tensor, w: torch.Tensor, k: int, has_lut: bool) -> bool:
+    """Whether `triton_gemv._gemv_fast_kernel` covers this call: integer codes (not palettes or
+    minifloats), whole int32 words per row with K a multiple of the codes per word, and 16-bit
+    activations for 4 / 2-bit codes (their products are formed in the activation dtype)."""
+    if has_lut or spec.code not in (0, 1, 2) or spec.bits not in (2, 4, 8) or (spec.code == 1) != (spec.bits == 8):
+        return False
+    if spec.bits < 8 and x2.dtype not in (torch.float16, torch.bfloat16) and not _interpreting():
+        return False
+    if spec.smode in (1, 2) and (spec.bb * 8 // spec.bits) % (32 // spec.bits):
+        return False  # a scale block must be whole words
+    return (k % (32 // spec.bits) == 0 and w.shape[1] % 4 == 0 and w.stride(0) % 4 == 0 and w.data_ptr() % 4 == 0
+            and x2.stride(0) % 2 == 0 and x2.data_ptr() % 4 == 0)
+
+
+def fast_gemv_config(m: int, k: int, n: int) -> dict:
+    """Rows per program so that there are >= 3 programs per SM; one group of 4 words per thread."""
+    bn = 8
+    while bn > 1 and m * triton_cdiv(n, bn) < 3 * _sm_count():
+        bn //= 2
+    return {"path": "gemv2", "BLOCK_N": bn, "num_warps": 4}
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def run_fast_gemv(x2, planes, spec: Spec, n: int, k: int, bias, y, cfg: dict) -> torch.Tensor:
+    """y = x2 @ W^T by the packed-pair GEMV (see triton_gemv.py); `fast_gemv_ok` must hold."""
+    m = x2.shape[0]
+    w = planes["data"]
+    w32 = w.view(torch.int32) if w.is_contiguous() else w.contiguous().view(torch.int32)
+    s, z, rs = planes.get("scale"), planes.get("zero"), planes.get("row_scale")
+    if s is not None and s.stride(-1) != 1:
+        s = s.contiguous()
+    if z is not None and z.stride(-1) != 1:
+        z = z.contiguous()
+    cpw = 32 // spec.bits
+    wb = max(1, spec.bb // 4) if spec.smode in (1, 2) else 1
+    smul = spec.cmul * (8.0 if spec.bits < 8 else 1.0)
+    nw = cfg.get("num_warps", 4)
+    nwg = cfg.get("NWG", 32 * nw)
+    bn = cfg["BLOCK_N"]
+    grid = (m * triton_cdiv(n, bn),)
+    _kern("triton_gemv")._gemv_fast_kernel[grid](
+        x2, w32, s if s is not None else w32, z if z is not None else w32, rs if rs is not None else w32,
+        bias if bias is not None else w32, y, m, n, k, w32.shape[1], x2.stride(0), w32.stride(0),
+        s.stride(0) if s is not None else 0, y.stride(0),
+        BITS=spec.bits, SIGNED=spec.code == 0, SMODE=spec.smode, HAS_ZERO=spec.has_zero, HAS_RS=rs is not None,
+        HAS_BIAS=bias is not None, SMUL=smul, F16=x2.dtype == torch.float16, WB=wb, NWG=nwg, BLOCK_N=bn,
+        ASM=not _interpreting(), num_warps=nw, num_stages=1)
     return y
 
 

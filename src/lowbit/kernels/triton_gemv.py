@@ -1,0 +1,273 @@
+"""The fast GEMV (M <= 4): codes decoded two at a time in packed 16-bit registers, by inline PTX.
+
+Only imported when Triton is importable (through `triton_linear._kern`). Why a second GEMV: the
+plain Triton GEMV (`triton_kernels._gemv_w_kernel`) spends about 8 SASS instructions per weight,
+so on an H200 it decodes ~2 T weights/s, well below what the memory delivers for 4-bit codes
+(~8 T weights/s). Here one LOP3 turns two 4-bit codes into two 16-bit floats at once and one
+HFMA2 multiplies both with their activations:
+
+    word w (int32) = 8 codes, code i in bits [4i, 4i+4)        (the stored layout, no repack)
+    LOP3(w >> 4i, 0x000F000F, MAGIC)  -> 16-bit pair (MAGIC + c_i / 8, MAGIC + c_{i+4} / 8)
+    MAGIC = 16.0 in bf16 (0x4180) or 128.0 in fp16 (0x5800): there the unit in the last place is
+    1/8, so the code's bits land in the mantissa as c / 8 exactly. Subtracting MAGIC + off / 8
+    (exact) gives v = (c - off) / 8, in [-1, 2): small, so the products with the activations stay
+    far from 16-bit overflow. The factor 8 goes into the block scale.
+
+A word costs 3 shifts + 4 LOP3 + 4 subtractions + 4 pair FMAs + 3 to widen the pair sum to fp32:
+18 instructions for 8 weights. The activations are paired to match, (x_i, x_{i+4}), once per
+program and reused for all BLOCK_N rows. 2-bit codes work the same way with 8 pairs (i, i+8) a
+word. int8 codes go to fp32 through one PRMT each into an fp32 mantissa (2^23 + c).
+
+Precision: the products of a word are summed in the activation dtype (bf16: 8-bit mantissa) and
+then in fp32; that adds about one 16-bit rounding per word's partial sum to the result.
+
+Under TRITON_INTERPRET=1 (no inline assembly) `ASM=False` selects a plain-Triton twin of the word
+dot product with the same values in fp32; the CI tests run that twin, the GPU runs the assembly.
+
+Formats (CODE as in triton_kernels.py): 4-bit and 2-bit integer codes, symmetric (CODE 0) or
+affine (CODE 2, w = c * s + z), and int8 (CODE 1, two's complement bytes); scales per block
+(fp16 / bf16 / fp32 or E8M0, SMODE 1 / 2) or per row (SMODE 3).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+def _asm_word(bits: int, f16: bool, off: int) -> str:
+    """PTX: $0 (fp32 bits) = sum_i v_i * x_i over the codes of word $1, v = (c - off) / 8;
+    $2.. are the activation pairs (x_i, x_{i + P}) as two 16-bit values in an int32."""
+    pairs = 4 if bits == 4 else 8
+    mask = "0x000F000F" if bits == 4 else "0x00030003"
+    ty = "f16x2" if f16 else "bf16x2"
+    magic16 = 0x5800 if f16 else 0x4180
+    neg16 = (magic16 + off) | 0x8000  # -(MAGIC + off / 8): same exponent, so the bits add
+    one16 = 0x3C00 if f16 else 0x3F80
+    lines = ["{", ".reg .b32 t, v, a, mg, ng, one;",
+             f"mov.b32 mg, {hex(magic16 * 0x10001)};", f"mov.b32 ng, {hex(neg16 * 0x10001)};",
+             f"mov.b32 one, {hex(one16 * 0x10001)};"]
+    lines.append(".reg .f16 l16, h16; .reg .f32 lo, hi;" if f16 else ".reg .b32 lo, hi;")
+    for i in range(pairs):
+        src = "$1"
+        if i:
+            lines.append(f"shr.b32 t, $1, {i * bits};")
+            src = "t"
+        lines.append(f"lop3.b32 v, {src}, {mask}, mg, 0xEA;")  # (src & mask) | magic
+        lines.append(f"fma.rn.{ty} v, v, one, ng;")            # exact: (c - off) / 8
+        lines.append(f"mul.rn.{ty} a, v, $2;" if i == 0 else f"fma.rn.{ty} a, v, ${2 + i}, a;")
+    if f16:
+        lines += ["mov.b32 {l16, h16}, a;", "cvt.f32.f16 lo, l16;", "cvt.f32.f16 hi, h16;", "add.f32 lo, lo, hi;",
+                  "mov.b32 $0, lo;", "}"]
+    else:  # bf16 -> fp32 is the bf16 as the top half of the fp32 bits
+        lines += ["shl.b32 lo, a, 16;", "and.b32 hi, a, 0xFFFF0000;", "add.f32 lo, lo, hi;", "mov.b32 $0, lo;", "}"]
+    return "\n".join(lines)
+
+
+# int8: PRMT builds the fp32 bits 0x4B0000cc = 2^23 + c from byte c of the (offset-binary) word:
+# selector nibbles, low to high: byte c, bytes 4 and 4 (zeros of the magic register), byte 7 (0x4B).
+_ASM_INT8 = """{
+.reg .b32 u, f, acc, mg;
+mov.b32 mg, 0x4B000000;
+xor.b32 u, $1, 0x80808080;
+prmt.b32 f, u, mg, 0x7440;
+sub.f32 f, f, 0f4B000080;
+mul.f32 acc, f, $2;
+prmt.b32 f, u, mg, 0x7441;
+sub.f32 f, f, 0f4B000080;
+fma.rn.f32 acc, f, $3, acc;
+prmt.b32 f, u, mg, 0x7442;
+sub.f32 f, f, 0f4B000080;
+fma.rn.f32 acc, f, $4, acc;
+prmt.b32 f, u, mg, 0x7443;
+sub.f32 f, f, 0f4B000080;
+fma.rn.f32 $0, f, $5, acc;
+}"""
+
+ASM_INT8 = tl.constexpr(_ASM_INT8)
+ASM4_BF16_S = tl.constexpr(_asm_word(4, False, 8))
+ASM4_BF16_U = tl.constexpr(_asm_word(4, False, 0))
+ASM4_F16_S = tl.constexpr(_asm_word(4, True, 8))
+ASM4_F16_U = tl.constexpr(_asm_word(4, True, 0))
+ASM2_BF16_S = tl.constexpr(_asm_word(2, False, 2))
+ASM2_BF16_U = tl.constexpr(_asm_word(2, False, 0))
+ASM2_F16_S = tl.constexpr(_asm_word(2, True, 2))
+ASM2_F16_U = tl.constexpr(_asm_word(2, True, 0))
+
+
+@triton.jit
+def _asm4(w, p0, p1, p2, p3, F16: tl.constexpr, SIGNED: tl.constexpr):
+    if F16:
+        if SIGNED:
+            s: tl.constexpr = ASM4_F16_S
+        else:
+            s: tl.constexpr = ASM4_F16_U
+    else:
+        if SIGNED:
+            s: tl.constexpr = ASM4_BF16_S
+        else:
+            s: tl.constexpr = ASM4_BF16_U
+    r = tl.inline_asm_elementwise(s, "=r,r,r,r,r,r", [w, p0, p1, p2, p3], dtype=tl.int32, is_pure=True, pack=1)
+    return r.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _asm2(w, p0, p1, p2, p3, p4, p5, p6, p7, F16: tl.constexpr, SIGNED: tl.constexpr):
+    if F16:
+        if SIGNED:
+            s: tl.constexpr = ASM2_F16_S
+        else:
+            s: tl.constexpr = ASM2_F16_U
+    else:
+        if SIGNED:
+            s: tl.constexpr = ASM2_BF16_S
+        else:
+            s: tl.constexpr = ASM2_BF16_U
+    r = tl.inline_asm_elementwise(s, "=r,r,r,r,r,r,r,r,r,r", [w, p0, p1, p2, p3, p4, p5, p6, p7],
+                                  dtype=tl.int32, is_pure=True, pack=1)
+    return r.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _lo_pair(a, b):
+    """16-bit pair (low half of a, low half of b)."""
+    return (a & 0xFFFF) | (b << 16)
+
+
+@triton.jit
+def _hi_pair(a, b):
+    """16-bit pair (high half of a, high half of b)."""
+    return ((a >> 16) & 0xFFFF) | (b & -65536)
+
+
+@triton.jit
+def _words_dot(w, x_row, word, K, BITS: tl.constexpr, SIGNED: tl.constexpr, F16: tl.constexpr,
+               ASM: tl.constexpr):
+    """fp32 dot product of each int32 word of `w` [BN, R, C] with its activations: x_row + the
+    code columns of `word` [R, C] (word t holds columns t * 32 / BITS ...). 4 / 2-bit values are
+    (c - off) / 8 (the caller scales by 8); int8 values are c (two's complement)."""
+    CPW: tl.constexpr = 32 // BITS
+    wmask = word * CPW < K
+    if ASM:
+        if BITS == 8:
+            kx = word * 4
+            x0 = tl.load(x_row + kx, mask=wmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)[None]
+            x1 = tl.load(x_row + kx + 1, mask=wmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)[None]
+            x2 = tl.load(x_row + kx + 2, mask=wmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)[None]
+            x3 = tl.load(x_row + kx + 3, mask=wmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)[None]
+            r = tl.inline_asm_elementwise(ASM_INT8, "=r,r,r,r,r,r", [w, x0, x1, x2, x3], dtype=tl.int32,
+                                          is_pure=True, pack=1).to(tl.float32, bitcast=True)
+        else:
+            # the activations as int32: int j of a word holds columns (2j, 2j + 1)
+            xi = x_row.to(tl.pointer_type(tl.int32), bitcast=True) + word * (CPW // 2)
+            q0 = tl.load(xi, mask=wmask, other=0)
+            q1 = tl.load(xi + 1, mask=wmask, other=0)
+            q2 = tl.load(xi + 2, mask=wmask, other=0)
+            q3 = tl.load(xi + 3, mask=wmask, other=0)
+            if BITS == 4:  # pairs (x_i, x_{i+4})
+                r = _asm4(w, _lo_pair(q0, q2)[None], _hi_pair(q0, q2)[None], _lo_pair(q1, q3)[None],
+                          _hi_pair(q1, q3)[None], F16, SIGNED)
+            else:  # 2 bits, pairs (x_i, x_{i+8})
+                q4 = tl.load(xi + 4, mask=wmask, other=0)
+                q5 = tl.load(xi + 5, mask=wmask, other=0)
+                q6 = tl.load(xi + 6, mask=wmask, other=0)
+                q7 = tl.load(xi + 7, mask=wmask, other=0)
+                r = _asm2(w, _lo_pair(q0, q4)[None], _hi_pair(q0, q4)[None], _lo_pair(q1, q5)[None],
+                          _hi_pair(q1, q5)[None], _lo_pair(q2, q6)[None], _hi_pair(q2, q6)[None],
+                          _lo_pair(q3, q7)[None], _hi_pair(q3, q7)[None], F16, SIGNED)
+    else:  # the twin, in fp32
+        r = w.to(tl.float32) * 0.0
+        if BITS == 8:
+            w = w ^ -2139062144  # 0x80808080: two's complement bytes -> offset binary
+        for i in tl.static_range(CPW):
+            c = ((w >> (i * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+            if BITS == 8:
+                v = c - 128.0
+            elif SIGNED:
+                v = (c - (1 << (BITS - 1))) * 0.125
+            else:
+                v = c * 0.125
+            r += v * tl.load(x_row + word * CPW + i, mask=wmask, other=0.0).to(tl.float32)[None]
+    return r
+
+
+@triton.jit
+def _words_xsum(x_row, word, K, BITS: tl.constexpr):
+    """Sum of each word's activations (fp32, [R, C]): the zero-point term of affine codes."""
+    CPW: tl.constexpr = 32 // BITS
+    s = tl.zeros(word.shape, tl.float32)
+    for i in tl.static_range(CPW):
+        s += tl.load(x_row + word * CPW + i, mask=word * CPW < K, other=0.0).to(tl.float32)
+    return s
+
+
+@triton.jit
+def _gemv_fast_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, b_ptr, y_ptr,
+                      M, N, K, KW, stride_xm, stride_wn, stride_sn, stride_ym,
+                      BITS: tl.constexpr, SIGNED: tl.constexpr, SMODE: tl.constexpr, HAS_ZERO: tl.constexpr,
+                      HAS_RS: tl.constexpr, HAS_BIAS: tl.constexpr, SMUL: tl.constexpr, F16: tl.constexpr,
+                      WB: tl.constexpr, NWG: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
+    """y[m, rows] = x[m] @ W[rows]^T for BLOCK_N rows; each thread holds 4 consecutive words
+    (one 16-byte load) of every row, NWG groups of 4 words per iteration, and the activations of
+    those words once for all rows. WB: words per scale block; SMUL: the decode's
+    constant factor (8 for 4 / 2-bit codes) times any format constant, folded into the scales."""
+    pid = tl.program_id(0)
+    pid_m = pid % M
+    pid_n = pid // M
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    rows_c = tl.where(rmask, rows, 0)
+    w_row = w_ptr + rows_c.to(tl.int64) * stride_wn
+    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+    WORDS: tl.constexpr = NWG * 4
+    k_lo = 0
+    k_hi = KW
+    local = tl.arange(0, NWG)[:, None] * 4 + tl.arange(0, 4)[None, :]  # [NWG, 4]
+    acc = tl.zeros([BLOCK_N, NWG], tl.float32)
+    # the words are loaded one iteration ahead (the loop is otherwise bound by memory latency)
+    wv_next = tl.load(w_row[:, None, None] + local[None, :, :], mask=(local < k_hi)[None, :, :], other=0)
+    for w0 in range(k_lo, k_hi, WORDS):
+        word = w0 + local
+        wmask = word < k_hi
+        wv = wv_next
+        nword = word + WORDS
+        wv_next = tl.load(w_row[:, None, None] + nword[None, :, :], mask=(nword < k_hi)[None, :, :], other=0)
+        p = _words_dot(wv, x_row, tl.where(wmask, word, KW), K, BITS, SIGNED, F16, ASM)  # [BLOCK_N, NWG, 4]
+        if SMODE == 1 or SMODE == 2:
+            if WB >= 4:  # one scale per group of 4 words (its block)
+                blk = (w0 // 4 + tl.arange(0, NWG)) * 4 // WB
+                s = tl.load(s_ptr + rows_c[:, None] * stride_sn + blk[None, :], mask=(blk * WB < k_hi)[None, :], other=0)
+                if SMODE == 2:
+                    s = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+                else:
+                    s = s.to(tl.float32)
+                part = tl.sum(p, axis=2) * (s * SMUL)
+                if HAS_ZERO:
+                    z = tl.load(z_ptr + rows_c[:, None] * stride_sn + blk[None, :], mask=(blk * WB < k_hi)[None, :],
+                                other=0).to(tl.float32)
+                    xs = tl.sum(_words_xsum(x_row, tl.where(wmask, word, KW), K, BITS), axis=1)
+                    part += z * xs[None, :]
+                acc += part
+            else:  # a scale per word
+                blk = word // WB
+                s = tl.load(s_ptr + rows_c[:, None, None] * stride_sn + blk[None, :, :], mask=wmask[None, :, :], other=0)
+                if SMODE == 2:
+                    s = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+                else:
+                    s = s.to(tl.float32)
+                part = p * (s * SMUL)
+                if HAS_ZERO:
+                    z = tl.load(z_ptr + rows_c[:, None, None] * stride_sn + blk[None, :, :], mask=wmask[None, :, :],
+                                other=0).to(tl.float32)
+                    part += z * _words_xsum(x_row, tl.where(wmask, word, KW), K, BITS)[None]
+                acc += tl.sum(part, axis=2)
+        else:
+            acc += tl.sum(p, axis=2) * SMUL
+    y = tl.sum(acc, axis=1)
+    if SMODE == 3:
+        y = y * tl.load(s_ptr + rows_c * stride_sn, mask=rmask, other=0).to(tl.float32)
+    if HAS_RS:
+        y = y * tl.load(rs_ptr + rows_c, mask=rmask, other=0).to(tl.float32)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows_c, mask=rmask, other=0).to(tl.float32)
+    tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
