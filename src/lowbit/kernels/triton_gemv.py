@@ -141,41 +141,56 @@ def _hi_pair(a, b):
 
 
 @triton.jit
-def _words_dot(w, x_row, word, K, BITS: tl.constexpr, SIGNED: tl.constexpr, F16: tl.constexpr,
-               ASM: tl.constexpr):
-    """fp32 dot product of each int32 word of `w` [BN, R, C] with its activations: x_row + the
-    code columns of `word` [R, C] (word t holds columns t * 32 / BITS ...). 4 / 2-bit values are
-    (c - off) / 8 (the caller scales by 8); int8 values are c (two's complement)."""
+def _load_x(x_row, word, K, BITS: tl.constexpr, ASM: tl.constexpr):
+    """The activations of the words `word` ([R, C]) as `_words_dot` takes them: 8 int32 tensors
+    (4-bit: pairs (x_i, x_{i+4}) in the first four; 2-bit: pairs (x_i, x_{i+8}); int8: the four
+    activations as fp32 bits). Loaded one iteration ahead by the kernel. Twin (ASM=False): unused."""
     CPW: tl.constexpr = 32 // BITS
     wmask = word * CPW < K
+    if not ASM:
+        z = word * 0
+        return z, z, z, z, z, z, z, z
+    if BITS == 8:
+        kx = word * 4
+        x0 = tl.load(x_row + kx, mask=wmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
+        x1 = tl.load(x_row + kx + 1, mask=wmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
+        x2 = tl.load(x_row + kx + 2, mask=wmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
+        x3 = tl.load(x_row + kx + 3, mask=wmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
+        return x0, x1, x2, x3, x0, x1, x2, x3
+    # the activations as int32: int j of a word holds columns (2j, 2j + 1)
+    xi = x_row.to(tl.pointer_type(tl.int32), bitcast=True) + word * (CPW // 2)
+    q0 = tl.load(xi, mask=wmask, other=0)
+    q1 = tl.load(xi + 1, mask=wmask, other=0)
+    q2 = tl.load(xi + 2, mask=wmask, other=0)
+    q3 = tl.load(xi + 3, mask=wmask, other=0)
+    if BITS == 4:
+        p0, p1, p2, p3 = _lo_pair(q0, q2), _hi_pair(q0, q2), _lo_pair(q1, q3), _hi_pair(q1, q3)
+        return p0, p1, p2, p3, p0, p1, p2, p3
+    q4 = tl.load(xi + 4, mask=wmask, other=0)
+    q5 = tl.load(xi + 5, mask=wmask, other=0)
+    q6 = tl.load(xi + 6, mask=wmask, other=0)
+    q7 = tl.load(xi + 7, mask=wmask, other=0)
+    return (_lo_pair(q0, q4), _hi_pair(q0, q4), _lo_pair(q1, q5), _hi_pair(q1, q5),
+            _lo_pair(q2, q6), _hi_pair(q2, q6), _lo_pair(q3, q7), _hi_pair(q3, q7))
+
+
+@triton.jit
+def _words_dot(w, x0, x1, x2, x3, x4, x5, x6, x7, x_row, word, K, BITS: tl.constexpr, SIGNED: tl.constexpr,
+               F16: tl.constexpr, ASM: tl.constexpr):
+    """fp32 dot product of each int32 word of `w` [BN, R, C] with its activations (x0..x7 from
+    `_load_x`, [R, C]; the twin reads x_row + the code columns of `word` itself). 4 / 2-bit values
+    are (c - off) / 8 (the caller scales by 8); int8 values are c (two's complement)."""
+    CPW: tl.constexpr = 32 // BITS
     if ASM:
         if BITS == 8:
-            kx = word * 4
-            x0 = tl.load(x_row + kx, mask=wmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)[None]
-            x1 = tl.load(x_row + kx + 1, mask=wmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)[None]
-            x2 = tl.load(x_row + kx + 2, mask=wmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)[None]
-            x3 = tl.load(x_row + kx + 3, mask=wmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)[None]
-            r = tl.inline_asm_elementwise(ASM_INT8, "=r,r,r,r,r,r", [w, x0, x1, x2, x3], dtype=tl.int32,
-                                          is_pure=True, pack=1).to(tl.float32, bitcast=True)
+            r = tl.inline_asm_elementwise(ASM_INT8, "=r,r,r,r,r,r", [w, x0[None], x1[None], x2[None], x3[None]],
+                                          dtype=tl.int32, is_pure=True, pack=1).to(tl.float32, bitcast=True)
+        elif BITS == 4:
+            r = _asm4(w, x0[None], x1[None], x2[None], x3[None], F16, SIGNED)
         else:
-            # the activations as int32: int j of a word holds columns (2j, 2j + 1)
-            xi = x_row.to(tl.pointer_type(tl.int32), bitcast=True) + word * (CPW // 2)
-            q0 = tl.load(xi, mask=wmask, other=0)
-            q1 = tl.load(xi + 1, mask=wmask, other=0)
-            q2 = tl.load(xi + 2, mask=wmask, other=0)
-            q3 = tl.load(xi + 3, mask=wmask, other=0)
-            if BITS == 4:  # pairs (x_i, x_{i+4})
-                r = _asm4(w, _lo_pair(q0, q2)[None], _hi_pair(q0, q2)[None], _lo_pair(q1, q3)[None],
-                          _hi_pair(q1, q3)[None], F16, SIGNED)
-            else:  # 2 bits, pairs (x_i, x_{i+8})
-                q4 = tl.load(xi + 4, mask=wmask, other=0)
-                q5 = tl.load(xi + 5, mask=wmask, other=0)
-                q6 = tl.load(xi + 6, mask=wmask, other=0)
-                q7 = tl.load(xi + 7, mask=wmask, other=0)
-                r = _asm2(w, _lo_pair(q0, q4)[None], _hi_pair(q0, q4)[None], _lo_pair(q1, q5)[None],
-                          _hi_pair(q1, q5)[None], _lo_pair(q2, q6)[None], _hi_pair(q2, q6)[None],
-                          _lo_pair(q3, q7)[None], _hi_pair(q3, q7)[None], F16, SIGNED)
+            r = _asm2(w, x0[None], x1[None], x2[None], x3[None], x4[None], x5[None], x6[None], x7[None], F16, SIGNED)
     else:  # the twin, in fp32
+        wmask = word * CPW < K
         r = w.to(tl.float32) * 0.0
         if BITS == 8:
             w = w ^ -2139062144  # 0x80808080: two's complement bytes -> offset binary
@@ -202,15 +217,44 @@ def _words_xsum(x_row, word, K, BITS: tl.constexpr):
 
 
 @triton.jit
+def _scales(s_ptr, z_ptr, rows, stride_sn, word, wmask, gblk, gmask, SMODE: tl.constexpr, HAS_ZERO: tl.constexpr,
+            WB: tl.constexpr):
+    """fp32 (scale, zero) of `rows` for the words `word` [R, 4]: [BN, R] (one per group of 4 words,
+    WB >= 4: blocks `gblk`) or [BN, R, 4] (one per word); (0, 0) for per-row or scale-free formats."""
+    if SMODE == 1 or SMODE == 2:
+        if WB >= 4:
+            offs = rows[:, None] * stride_sn + gblk[None, :]
+            m = gmask[None, :]
+        else:
+            offs = rows[:, None, None] * stride_sn + (word // WB)[None, :, :]
+            m = wmask[None, :, :]
+        s = tl.load(s_ptr + offs, mask=m, other=0)
+        if SMODE == 2:
+            s = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+        else:
+            s = s.to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + offs, mask=m, other=0).to(tl.float32)
+        else:
+            z = s * 0.0
+    else:
+        s = tl.zeros([rows.shape[0], gblk.shape[0]], tl.float32)
+        z = s
+    return s, z
+
+
+@triton.jit
 def _gemv_fast_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, b_ptr, y_ptr,
                       M, N, K, KW, stride_xm, stride_wn, stride_sn, stride_ym,
                       BITS: tl.constexpr, SIGNED: tl.constexpr, SMODE: tl.constexpr, HAS_ZERO: tl.constexpr,
                       HAS_RS: tl.constexpr, HAS_BIAS: tl.constexpr, SMUL: tl.constexpr, F16: tl.constexpr,
-                      WB: tl.constexpr, NWG: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
+                      WB: tl.constexpr, NWG: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr,
+                      PROBE: tl.constexpr = 0):
     """y[m, rows] = x[m] @ W[rows]^T for BLOCK_N rows; each thread holds 4 consecutive words
     (one 16-byte load) of every row, NWG groups of 4 words per iteration, and the activations of
     those words once for all rows. WB: words per scale block; SMUL: the decode's
-    constant factor (8 for 4 / 2-bit codes) times any format constant, folded into the scales."""
+    constant factor (8 for 4 / 2-bit codes) times any format constant, folded into the scales.
+    PROBE (diagnostics only, wrong results): 1 no decode, 2 no scales."""
     pid = tl.program_id(0)
     pid_m = pid % M
     pid_n = pid // M
@@ -224,45 +268,42 @@ def _gemv_fast_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, b_ptr, y_ptr,
     k_hi = KW
     local = tl.arange(0, NWG)[:, None] * 4 + tl.arange(0, 4)[None, :]  # [NWG, 4]
     acc = tl.zeros([BLOCK_N, NWG], tl.float32)
-    # the words are loaded one iteration ahead (the loop is otherwise bound by memory latency)
-    wv_next = tl.load(w_row[:, None, None] + local[None, :, :], mask=(local < k_hi)[None, :, :], other=0)
+    # everything the loop reads (words, activations, scales) is loaded one iteration ahead: the
+    # loop is otherwise bound by the latency of those loads
+    gblk0 = tl.arange(0, NWG) * 4 // WB  # scale block of each group of 4 words (WB >= 4)
+    word = k_lo + local
+    wmask = word < k_hi
+    wv_n = tl.load(w_row[:, None, None] + word[None, :, :], mask=wmask[None, :, :], other=0)
+    x0n, x1n, x2n, x3n, x4n, x5n, x6n, x7n = _load_x(x_row, tl.where(wmask, word, KW), K, BITS, ASM)
+    s_n, z_n = _scales(s_ptr, z_ptr, rows_c, stride_sn, word, wmask, k_lo // WB + gblk0,
+                       (k_lo + tl.arange(0, NWG) * 4) < k_hi, SMODE, HAS_ZERO, WB)
     for w0 in range(k_lo, k_hi, WORDS):
         word = w0 + local
         wmask = word < k_hi
-        wv = wv_next
+        wv, x0, x1, x2, x3, x4, x5, x6, x7, s, z = wv_n, x0n, x1n, x2n, x3n, x4n, x5n, x6n, x7n, s_n, z_n
         nword = word + WORDS
-        wv_next = tl.load(w_row[:, None, None] + nword[None, :, :], mask=(nword < k_hi)[None, :, :], other=0)
-        p = _words_dot(wv, x_row, tl.where(wmask, word, KW), K, BITS, SIGNED, F16, ASM)  # [BLOCK_N, NWG, 4]
-        if SMODE == 1 or SMODE == 2:
-            if WB >= 4:  # one scale per group of 4 words (its block)
-                blk = (w0 // 4 + tl.arange(0, NWG)) * 4 // WB
-                s = tl.load(s_ptr + rows_c[:, None] * stride_sn + blk[None, :], mask=(blk * WB < k_hi)[None, :], other=0)
-                if SMODE == 2:
-                    s = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
-                else:
-                    s = s.to(tl.float32)
-                part = tl.sum(p, axis=2) * (s * SMUL)
-                if HAS_ZERO:
-                    z = tl.load(z_ptr + rows_c[:, None] * stride_sn + blk[None, :], mask=(blk * WB < k_hi)[None, :],
-                                other=0).to(tl.float32)
-                    xs = tl.sum(_words_xsum(x_row, tl.where(wmask, word, KW), K, BITS), axis=1)
-                    part += z * xs[None, :]
-                acc += part
-            else:  # a scale per word
-                blk = word // WB
-                s = tl.load(s_ptr + rows_c[:, None, None] * stride_sn + blk[None, :, :], mask=wmask[None, :, :], other=0)
-                if SMODE == 2:
-                    s = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
-                else:
-                    s = s.to(tl.float32)
-                part = p * (s * SMUL)
-                if HAS_ZERO:
-                    z = tl.load(z_ptr + rows_c[:, None, None] * stride_sn + blk[None, :, :], mask=wmask[None, :, :],
-                                other=0).to(tl.float32)
-                    part += z * _words_xsum(x_row, tl.where(wmask, word, KW), K, BITS)[None]
-                acc += tl.sum(part, axis=2)
+        nmask = nword < k_hi
+        wv_n = tl.load(w_row[:, None, None] + nword[None, :, :], mask=nmask[None, :, :], other=0)
+        x0n, x1n, x2n, x3n, x4n, x5n, x6n, x7n = _load_x(x_row, tl.where(nmask, nword, KW), K, BITS, ASM)
+        s_n, z_n = _scales(s_ptr, z_ptr, rows_c, stride_sn, nword, nmask, (w0 + WORDS) // WB + gblk0,
+                           (w0 + WORDS + tl.arange(0, NWG) * 4) < k_hi, SMODE, HAS_ZERO, WB)
+        if PROBE == 1:
+            p = wv.to(tl.float32)
         else:
+            p = _words_dot(wv, x0, x1, x2, x3, x4, x5, x6, x7, x_row, tl.where(wmask, word, KW), K, BITS,
+                           SIGNED, F16, ASM)  # [BLOCK_N, NWG, 4]
+        if PROBE == 2 or not (SMODE == 1 or SMODE == 2):
             acc += tl.sum(p, axis=2) * SMUL
+        elif WB >= 4:  # one scale per group of 4 words
+            part = tl.sum(p, axis=2) * (s * SMUL)
+            if HAS_ZERO:
+                part += z * tl.sum(_words_xsum(x_row, tl.where(wmask, word, KW), K, BITS), axis=1)[None, :]
+            acc += part
+        else:  # a scale per word
+            part = p * (s * SMUL)
+            if HAS_ZERO:
+                part += z * _words_xsum(x_row, tl.where(wmask, word, KW), K, BITS)[None]
+            acc += tl.sum(part, axis=2)
     y = tl.sum(acc, axis=1)
     if SMODE == 3:
         y = y * tl.load(s_ptr + rows_c * stride_sn, mask=rmask, other=0).to(tl.float32)
