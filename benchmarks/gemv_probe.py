@@ -24,15 +24,15 @@ for preset, shape in (("int4-e8m0", (8192, 8192)), ("int4-e8m0", (4096, 4096)), 
     copies = [{p: (v.clone() if isinstance(v, torch.Tensor) else v) for p, v in tlin.kernel_planes(qt).items()}
               for _ in range(c)]
     xs = [torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _ in range(c)]
-    for bn, nw, st in ((8, 4, 1), (16, 2, 1), (16, 4, 1), (32, 2, 1), (8, 4, 2)):
+    for bn, nw, nwg in ((8, 4, 128), (16, 4, 32), (32, 4, 32), (32, 8, 32), (64, 8, 32)):
         cells = []
         for probe in (0, 1, 2):
-            cfg = {"path": "gemv2", "BLOCK_N": bn, "num_warps": nw, "PROBE": probe, "num_stages": st}
+            cfg = {"path": "gemv2", "BLOCK_N": bn, "num_warps": nw, "NWG": nwg, "PROBE": probe}
             try:
                 t = graph_time([lambda i=i: tlin.run(xs[i], copies[i], spec, n, k, None, cfg=cfg) for i in range(c)], reps=5)
                 cells.append(f"{t:7.1f}")
             except Exception as e:
                 cells.append(f"{type(e).__name__[:7]:>7}")
         gb = qt.nbytes / 1e9
-        print(f"{preset:<10} {n}x{k} BN={bn:<3} warps={nw} stages={st}  us full/nodecode/noscale: {' '.join(cells)}"
+        print(f"{preset:<10} {n}x{k} BN={bn:<3} warps={nw} NWG={nwg}  us full/nodecode/noscale: {' '.join(cells)}"
               f"   (weights {gb * 1e3:.1f} MB)", flush=True)

@@ -292,10 +292,12 @@ def bench_format(name, w, ms, summary, row, tlin, k, n):
 
 def gpu_check(names) -> None:
     """Every path of every format vs dequantize-then-matmul at odd shapes, outputs NaN-poisoned."""
+    import triton
+
     from lowbit.kernels import triton_linear as tlin
 
     cfgs = [{"path": "gemv", "BLOCK_N": 4, "KB_T": 256, "num_warps": 4, "fast": False},
-            {"path": "gemv2", "BLOCK_N": 8, "num_warps": 4}, {"path": "gemv2", "BLOCK_N": 2, "num_warps": 8},
+            {"path": "gemv2", "BLOCK_N": 8, "num_warps": 4}, {"path": "gemv2", "BLOCK_N": 32, "NWG": 32, "num_warps": 4},
             {"path": "dot", "BLOCK_N": 64, "BLOCK_M": 16, "KB_T": 64, "SPLIT_K": 4, "SWAP": True, "num_warps": 4},
             {"path": "dot", "BLOCK_N": 128, "BLOCK_M": 128, "KB_T": 64, "SPLIT_K": 1, "SWAP": False, "num_warps": 8},
             {"path": "dequant", "BLOCK_N": 16, "KB_T": 128, "num_warps": 4}, None]
@@ -316,7 +318,11 @@ def gpu_check(names) -> None:
                     ref = x.float() @ ref_w.T + bias
                     for cfg in cfgs:
                         out = torch.full((m, n), float("nan"), device="cuda", dtype=dt)
-                        tlin.run(x, planes, spec, n, k, bias.to(dt), cfg=cfg, out=out)
+                        try:
+                            tlin.run(x, planes, spec, n, k, bias.to(dt), cfg=cfg, out=out)
+                        except triton.runtime.errors.OutOfResources as e:  # never chosen: the tuner skips it too
+                            print(f"skip {name} {cfg}: {str(e)[:80]}")
+                            continue
                         ok = bool(torch.isfinite(out).all())
                         err = ((out.float() - ref).norm() / ref.norm()).item() if ok else float("inf")
                         worst = max(worst, err)

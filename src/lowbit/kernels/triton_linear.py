@@ -199,9 +199,11 @@ def candidates(spec: Spec, m: int, k: int, n: int) -> list[dict]:
 
     out: list[dict] = []
     if m <= 4:
-        for bn in (2, 4, 8, 16):
-            for nw in (2, 4, 8):
-                out.append({"path": "gemv2", "BLOCK_N": bn, "num_warps": nw})
+        # NWG = 32 * warps: all threads along K (few long iterations); NWG = 32: each warp takes
+        # its own rows and walks the whole row (many short iterations, loads overlap the decode)
+        for bn, nw, nwg in ((4, 4, 128), (8, 2, 64), (8, 4, 128), (16, 2, 64), (8, 2, 32), (16, 4, 32),
+                            (32, 4, 32), (16, 2, 32), (32, 8, 32), (64, 8, 32), (16, 4, 64), (32, 4, 64)):
+            out.append({"path": "gemv2", "BLOCK_N": bn, "NWG": nwg, "num_warps": nw})
         for bn, kbt, nw in ((4, 512, 4), (4, 1024, 4), (4, 2048, 4), (8, 512, 4), (8, 1024, 4), (2, 2048, 4),
                             (2, 1024, 4), (4, 2048, 8), (8, 2048, 8), (16, 512, 4)):
             out.append({"path": "gemv", "BLOCK_N": bn, "KB_T": kbt, "num_warps": nw})
