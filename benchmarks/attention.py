@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from lowbit.attention.reference import attention_reference, dequantize_kv, quantize_kv  # noqa: E402
-from lowbit.attention.triton_decode import decode_attention_triton  # noqa: E402
+from lowbit.attention.triton_decode import decode_attention_triton, token_major  # noqa: E402
 from lowbit.attention.triton_prefill import CONFIGS, flash_attention_triton  # noqa: E402
 
 
@@ -143,8 +143,13 @@ def decode(args, rows: list) -> None:
     print(f"\ndecode: GQA {H}/{HKV}, D = {D}, one query token, {args.dtype} queries; microseconds per call (median, CUDA graph)")
     print(f"{'B':>3} {'S':>6} {'SDPA bf16':>10} {'int8':>8} {'int4':>8} {'int4/tok':>8} {'x int8':>7} {'x int4':>7} "
           f"{'x int4/t':>8} {'err int8':>9} {'err int4':>9} {'err 4/tok':>9}")
-    tune = ([dict(block_n=bn, num_stages=st, int_mma=im) for im in (True, False) for bn in (64, 128) for st in (2, 3, 4)]
-            + [dict(block_n=bn, num_stages=2, swap=True) for bn in (64, 128)]) if args.tune else [{}]
+    if args.tune:  # the token-major fast path: orientation, warps, tile, stages, programs per SM
+        tune = [dict(num_warps=w, block_n=bn, num_stages=st) for w in (1, 2) for bn in (64, 128) for st in (2, 3, 4)]
+        tune += [dict(num_warps=w, block_n=64, num_stages=3, programs_per_sm=p) for w in (1, 2) for p in (8, 32)]
+        tune += [dict(num_warps=1, block_n=64, num_stages=3, int_mma=False),
+                 dict(num_warps=4, block_n=64, num_stages=3, swap=False)]
+    else:
+        tune = [{}]
     for B, S in ((1, 8192), (8, 8192), (32, 4096)):
         kv_bytes = 2 * B * HKV * S * D * 2
         copies = max(2, math.ceil(3 * l2 / kv_bytes))
@@ -173,7 +178,9 @@ def decode(args, rows: list) -> None:
         out = {"kind": "decode", "B": B, "S": S, "sdpa_us": best_sdpa[0], "sdpa_backend": best_sdpa[1]}
         ref_exact = [attention_reference(qs[0].float(), ks[0].float(), vs[0].float())]
         for label, bits, group in (("int8", 8, None), ("int4", 4, 32), ("int4t", 4, None)):
+            # values stored token-major, as LowbitKVCache stores them for the fused kernel
             planes = [(quantize_kv(ks[i], bits, group), quantize_kv(vs[i], bits, group)) for i in range(copies)]
+            planes = [(kp, (token_major(vp[0]), vp[1])) for kp, vp in planes]
             best = (math.inf, None)
             for cfg in tune:
                 def run(i, cfg=cfg):
@@ -181,7 +188,7 @@ def decode(args, rows: list) -> None:
                     return decode_attention_triton(qs[i % copies], kd, ksc, vd, vsc, S, bits=bits, **cfg)
                 try:
                     t = _graph_time_us(run, n_calls)
-                except ValueError:  # a combination the format does not allow (int_mma needs per-token scales)
+                except ValueError:  # a combination the format does not allow (int_mma needs int8 codes)
                     continue
                 except Exception as e:
                     print(f"   {label} {cfg}: {type(e).__name__} {str(e)[:80]}")
