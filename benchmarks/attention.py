@@ -47,8 +47,9 @@ def rel_err(o: torch.Tensor, ref: torch.Tensor) -> float:
 def prefill(args, rows: list) -> None:
     dev, dt = "cuda", getattr(torch, args.dtype)
     H, D = 16, 128
-    tune = [(64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 4), (64, 128, 4, 2), (64, 64, 8, 3), (128, 128, 8, 3),
-            (128, 128, 8, 2, True), (128, 64, 4, 3, True), (64, 64, 4, 3, True)] if args.tune else [CONFIGS[D]]
+    # (config, host-side TMA descriptors)
+    tune = ([(c, True) for c in ((64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 2), (128, 128, 8, 3), (128, 64, 8, 3),
+                                 (128, 64, 4, 3))] + [((64, 64, 4, 3), False)]) if args.tune else [(CONFIGS[D], True)]
     print(f"\nprefill: B*S = 32768 tokens, H = {H}, D = {D}, {args.dtype}; TFLOP/s (median)")
     print(f"{'S':>6} {'causal':>6} {'lowbit':>8} {'FLASH':>8} {'CUDNN':>8} {'x FLASH':>8} {'x CUDNN':>8} {'rel err':>9}  config")
     for S in (1024, 4096, 16384):
@@ -61,7 +62,7 @@ def prefill(args, rows: list) -> None:
             best = None
             for cfg in tune:
                 try:
-                    ms = bench_ms(lambda: flash_attention_triton(q, k, v, causal=causal, config=cfg))
+                    ms = bench_ms(lambda: flash_attention_triton(q, k, v, causal=causal, config=cfg[0], host_desc=cfg[1]))
                 except Exception as e:  # a config that does not fit (shared memory) is skipped, and said
                     print(f"   config {cfg}: {type(e).__name__}: {str(e)[:80]}")
                     continue
@@ -78,7 +79,7 @@ def prefill(args, rows: list) -> None:
                     print(f"   SDPA {name}: unavailable ({str(e)[:60]})")
                     res[name] = float("nan")
             o = torch.full_like(q[:2], float("nan"))
-            flash_attention_triton(q[:2], k[:2], v[:2], causal=causal, config=best[1], out=o)
+            flash_attention_triton(q[:2], k[:2], v[:2], causal=causal, config=best[1][0], host_desc=best[1][1], out=o)
             err = rel_err(o, attention_reference(q[:2].float(), k[:2].float(), v[:2].float(), causal=causal))
             ours = tf(best[0])
             row = {"kind": "prefill", "S": S, "B": B, "causal": causal, "lowbit_tflops": ours, "flash_tflops": res["FLASH"],
