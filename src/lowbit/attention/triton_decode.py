@@ -219,22 +219,17 @@ sub.f16x2 $1, $1, c;
 }""")
 
 _CVT4 = tl.constexpr("""{
-.reg .b32 t0, t1, z, c, m;
-mov.b32 z, 0;
+.reg .b32 w4, c;
 mov.b32 c, 0x64086408;
-mov.b32 m, 0x000F000F;
-prmt.b32 t0, $4, z, 0x5140;
-prmt.b32 t1, $4, z, 0x5342;
-and.b32 $0, t0, m;
-and.b32 $1, t1, m;
-shr.b32 t0, t0, 4;
-shr.b32 t1, t1, 4;
-and.b32 $2, t0, m;
-and.b32 $3, t1, m;
-or.b32 $0, $0, 0x64006400;
-or.b32 $1, $1, 0x64006400;
-or.b32 $2, $2, 0x64006400;
-or.b32 $3, $3, 0x64006400;
+shr.b32 w4, $4, 4;
+prmt.b32 $0, $4, $7, 0x4140;
+prmt.b32 $1, $4, $7, 0x4342;
+prmt.b32 $2, w4, $7, 0x4140;
+prmt.b32 $3, w4, $7, 0x4342;
+and.b32 $0, $0, 0x640F640F;
+and.b32 $1, $1, 0x640F640F;
+and.b32 $2, $2, 0x640F640F;
+and.b32 $3, $3, 0x640F640F;
 sub.f16x2 $0, $0, c;
 sub.f16x2 $1, $1, c;
 sub.f16x2 $2, $2, c;
@@ -264,7 +259,9 @@ def _cvt4(raw, s, INTERP: tl.constexpr):
         hi = ((raw >> 4).to(tl.int32) - 8).to(tl.float32) * s.to(tl.float32)
         return lo, hi
     else:
-        return tl.inline_asm_elementwise(_CVT4, "=r,=r,=r,=r,r,r,r", [raw, s], dtype=(tl.float16, tl.float16),
+        # the last input is the constant 0x64646464 (one register, not one per instance)
+        m = tl.full(raw.shape, 0x64646464, tl.int32)
+        return tl.inline_asm_elementwise(_CVT4, "=r,=r,=r,=r,r,r,r,r,r,r,r", [raw, s, m], dtype=(tl.float16, tl.float16),
                                          is_pure=True, pack=4)
 
 
