@@ -1,15 +1,26 @@
 """Flash-decoding over a quantized KV cache: one new query token against a long int8 / int4 cache.
 
-Stage 1 (`_decode_split`): the cache of each (batch, kv head) is cut into `splits` chunks along
-the sequence; one program per (chunk, batch, kv head) reads its chunk's codes and scales once,
-dequantizes them in registers and runs the online softmax for all the query heads that share the
-kv head (GQA: the group's heads are the rows of one small matrix product). It writes the chunk's
-normalized partial output and its log-sum-exp. Stage 2 (`_decode_reduce`) merges the chunks.
+Stage 1: the cache of each (batch, kv head) is cut into `splits` chunks along the sequence; one
+program per (chunk, batch, kv head) reads its chunk's codes and scales once, dequantizes them in
+registers and runs the online softmax for all the query heads that share the kv head (GQA: the
+group's heads are the rows of one small matrix product). It writes the chunk's normalized partial
+output and its log-sum-exp. Stage 2 (`_decode_reduce`) merges the chunks.
 
 Planes (see `reference.quantize_kv` for the byte layout): data (B, Hkv, cap, D) int8 or
 (B, Hkv, cap, D/2) uint8 (int4, two codes per byte), scale (B, Hkv, cap, D / group) fp16 or
-uint8 E8M0. Per-token scales (group = D) are applied after the QK dot product and folded into
-the softmax weights before the PV product, so the codes go to the tensor cores as they are.
+uint8 E8M0. Two stage-1 kernels:
+
+* `_decode_split_vt`, the fast path (fp16 scales, value codes stored token-major, as
+  `LowbitKVCache` stores them: `token_major`): the P @ V product contracts over the tokens, and
+  from a token-contiguous tile the codes reach the tensor cores through ldmatrix (a d-contiguous
+  8-bit tile would need one shared-memory load per element). Codes become fp16 two per
+  instruction with the magic-number trick (a byte OR 0x6400 read as fp16 is 1024 + byte), never
+  through int -> float conversions. By default the products are transposed (SWAP: the tile's
+  tokens / dims are the MMA's M side, the G query heads of the group its N side, padded to 8
+  rather than 16) and a program is one or two warps, so P stays in registers and the softmax
+  needs no cross-warp reduction. int8 keys go to the int8 tensor cores with q rounded to int8 per
+  row (per-token scales are applied to the scores); int8 value scales are folded into P.
+* `_decode_split`, the generic path (E8M0 scales, d-major values).
 
 Example (GPU):
     >>> from lowbit.attention import decode_attention                    # doctest: +SKIP
