@@ -144,11 +144,12 @@ def decode(args, rows: list) -> None:
     print(f"\ndecode: GQA {H}/{HKV}, D = {D}, one query token, {args.dtype} queries; microseconds per call (median, CUDA graph)")
     print(f"{'B':>3} {'S':>6} {'SDPA bf16':>10} {'int8':>8} {'int4':>8} {'int4/tok':>8} {'x int8':>7} {'x int4':>7} "
           f"{'x int4/t':>8} {'err int8':>9} {'err int4':>9} {'err 4/tok':>9}")
-    if args.tune:  # the token-major fast path: orientation, warps, tile, stages, programs per SM
-        tune = [dict(num_warps=w, block_n=bn, num_stages=st) for w in (1, 2) for bn in (64, 128) for st in (2, 3, 4)]
-        tune += [dict(num_warps=w, block_n=64, num_stages=3, programs_per_sm=p) for w in (1, 2) for p in (8, 32)]
-        tune += [dict(num_warps=1, block_n=64, num_stages=3, int_mma=False),
-                 dict(num_warps=4, block_n=64, num_stages=3, swap=False)]
+    if args.tune:  # the token-major fast path: warps, tile, stages, programs per SM (swap=True)
+        tune = [dict(num_warps=1, block_n=32, num_stages=st, programs_per_sm=p) for st in (2, 3, 4) for p in (8, 16)]
+        tune += [dict(num_warps=1, block_n=16, num_stages=4, programs_per_sm=p) for p in (8, 16)]
+        tune += [dict(num_warps=2, block_n=32, num_stages=3, programs_per_sm=8)]
+        tune += [dict(num_warps=1, block_n=64, num_stages=3, programs_per_sm=p) for p in (4, 8)]
+        tune += [dict(num_warps=2, block_n=128, num_stages=2, programs_per_sm=p) for p in (4, 8, 16)]
     else:
         tune = [{}]
     for B, S in ((1, 8192), (8, 8192), (32, 4096)):

@@ -494,10 +494,12 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
     if fast:
         # defaults: the best of `benchmarks/attention.py --tune` on an H200 at (B, S) = (8, 8192) and (32, 4096)
         swap = True if swap is None else swap
-        bn = block_n or 64
-        num_warps = num_warps or (1 if bits == 8 else 2)
-        num_stages = num_stages or 3
-        programs_per_sm = programs_per_sm or 16
+        if bits == 8:
+            bn, num_warps, num_stages, programs_per_sm = (block_n or 128, num_warps or 2, num_stages or 2,
+                                                          programs_per_sm or 16)
+        else:
+            bn, num_warps, num_stages, programs_per_sm = (block_n or 64, num_warps or 1, num_stages or 3,
+                                                          programs_per_sm or 8)
         if int_mma is None:
             int_mma = bits == 8
         if int_mma and bits != 8:
