@@ -10,7 +10,9 @@ FLASH and the CUDNN backends, medians of `triton.testing.do_bench` in the same r
 error ||o - ref|| / ||ref|| against the fp32 reference twin (on the first 2 sequences).
 Decode: one query token, GQA 32/8 heads, D = 128, (B, S) in {(1, 8192), (8, 8192), (32, 4096)}:
 lowbit's flash-decoding over an int8 cache (one fp16 scale per token per head) and an int4 cache
-(one fp16 scale per 32 values) vs SDPA on a bf16 cache (the fastest of its backends, GQA native).
+(one fp16 scale per 32 values; "int4/tok": one per token) vs SDPA on a bf16 cache (the fastest of
+its backends, GQA native). The value codes are stored token-major, as `LowbitKVCache` stores them
+for the fused kernel (`triton_decode.token_major`).
 Each timed call reads a different cache copy (rotating over enough copies to exceed the L2), and
 the calls are captured in a CUDA graph so launch gaps (Python) do not count for either side.
 """
