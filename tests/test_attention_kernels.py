@@ -119,6 +119,17 @@ def test_decode_token_major_values(gen, bits, group, S, D, swap, int_mma):
     assert _rel(out, ref) < (1e-2 if (int_mma or (int_mma is None and bits == 8)) else TOL)
 
 
+def test_decode_token_major_values_with_e8m0_scales(gen):
+    """E8M0 scales run the generic kernel; token-major value codes are accepted there too."""
+    from lowbit.attention.triton_decode import decode_attention_triton, token_major
+
+    q, k, v = _qkv(gen, 2, 4, 2, 1, 17, 64, DTYPES[0])
+    (kd, ks), (vd, vs) = quantize_kv(k, 8, None, "e8m0"), quantize_kv(v, 8, None, "e8m0")
+    out = decode_attention_triton(q, kd, ks, token_major(vd), vs, 17, bits=8, int_mma=False)
+    ref = attention_reference(q.float(), dequantize_kv(kd, ks, 8, 64), dequantize_kv(vd, vs, 8, 64))
+    assert _rel(out, ref) < TOL
+
+
 def test_int8_cache_close_to_float_cache(gen):
     """The int8 cache (one fp16 scale per token per head) stays within 2e-2 of the float cache."""
     from lowbit.attention.triton_decode import decode_attention_triton

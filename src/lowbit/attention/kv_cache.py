@@ -11,7 +11,7 @@ Two modes, decided per layer when the first tokens arrive:
   like transformers' own quantized caches, so every attention implementation sees the same values.
 In both modes the prompt's own attention (prefill) uses the exact float keys and values.
 
-In fused mode the value codes are stored token-major (the plane (B, Hkv, cap, W) is a view of a
+In fused mode with fp16 scales the value codes are stored token-major (the plane (B, Hkv, cap, W) is a view of a
 (B, Hkv, W, cap) buffer: token stride 1): the decode kernel's P @ V product contracts over the
 tokens and reads its operand straight into the tensor cores from that layout (see
 `triton_decode`). The logical plane, and so `dequantized()` and the reference twins, are unchanged.
@@ -64,13 +64,17 @@ class LowbitKVLayer(DynamicLayer):
 
     def _empty(self, i: int, t: torch.Tensor, cap: int) -> torch.Tensor:
         """An empty plane i (0 k codes, 1 k scales, 2 v codes, 3 v scales) with room for cap tokens."""
-        if i == 2 and self.fused:  # token-major value codes (module docstring)
+        if i == 2 and self._token_major():  # token-major value codes (module docstring)
             return torch.empty(*t.shape[:2], t.shape[3], cap, dtype=t.dtype, device=t.device).transpose(-1, -2)
         return torch.empty(*t.shape[:2], cap, t.shape[3], dtype=t.dtype, device=t.device)
 
+    def _token_major(self) -> bool:
+        """Value codes token-major: fused layers with fp16 scales (the fast decode path's layout)."""
+        return self.fused and self.scale_dtype == "fp16"
+
     def _relayout(self) -> None:
         """Back to the planes' storage order after an op that returns contiguous tensors."""
-        if self.planes is not None and self.fused and self.planes[2].stride(-2) != 1:
+        if self.planes is not None and self._token_major() and self.planes[2].stride(-2) != 1:
             from .triton_decode import token_major
 
             self.planes[2] = token_major(self.planes[2])

@@ -546,7 +546,10 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
             dt = tl.float32
         else:
             dt = tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16
-        assert k_data.stride() == v_data.stride() and k_scale.stride() == v_scale.stride()
+        if v_data.stride() != k_data.stride():  # e.g. token-major values with E8M0 scales: a d-major copy
+            v_data = torch.empty_like(k_data).copy_(v_data)
+        if v_scale.stride() != k_scale.stride():
+            v_scale = torch.empty_like(k_scale).copy_(v_scale)
         _decode_split[(splits, B * Hkv)](
             q, k_data, k_scale, v_data, v_scale, op, lse, kv_start, kv_end,
             q.stride(0), q.stride(1), k_data.stride(0), k_data.stride(1), k_data.stride(2),
