@@ -10,7 +10,9 @@ FLASH and the CUDNN backends, medians of `triton.testing.do_bench` in the same r
 error ||o - ref|| / ||ref|| against the fp32 reference twin (on the first 2 sequences).
 Decode: one query token, GQA 32/8 heads, D = 128, (B, S) in {(1, 8192), (8, 8192), (32, 4096)}:
 lowbit's flash-decoding over an int8 cache (one fp16 scale per token per head) and an int4 cache
-(one fp16 scale per 32 values) vs SDPA on a bf16 cache (the fastest of its backends, GQA native).
+(one fp16 scale per 32 values; "int4/tok": one per token) vs SDPA on a bf16 cache (the fastest of
+its backends, GQA native). The value codes are stored token-major, as `LowbitKVCache` stores them
+for the fused kernel (`triton_decode.token_major`).
 Each timed call reads a different cache copy (rotating over enough copies to exceed the L2), and
 the calls are captured in a CUDA graph so launch gaps (Python) do not count for either side.
 """
@@ -30,7 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from lowbit.attention.reference import attention_reference, dequantize_kv, quantize_kv  # noqa: E402
-from lowbit.attention.triton_decode import decode_attention_triton  # noqa: E402
+from lowbit.attention.triton_decode import decode_attention_triton, token_major  # noqa: E402
 from lowbit.attention.triton_prefill import CONFIGS, flash_attention_triton  # noqa: E402
 
 
@@ -47,8 +49,9 @@ def rel_err(o: torch.Tensor, ref: torch.Tensor) -> float:
 def prefill(args, rows: list) -> None:
     dev, dt = "cuda", getattr(torch, args.dtype)
     H, D = 16, 128
-    tune = [(64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 4), (64, 128, 4, 2), (64, 64, 8, 3), (128, 128, 8, 3),
-            (128, 128, 8, 2, True), (128, 64, 4, 3, True), (64, 64, 4, 3, True)] if args.tune else [CONFIGS[D]]
+    # (config, host-side TMA descriptors)
+    tune = ([(c, True) for c in ((64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 2), (128, 128, 8, 3), (128, 64, 8, 3),
+                                 (128, 64, 4, 3))] + [((64, 64, 4, 3), False)]) if args.tune else [(CONFIGS[D], True)]
     print(f"\nprefill: B*S = 32768 tokens, H = {H}, D = {D}, {args.dtype}; TFLOP/s (median)")
     print(f"{'S':>6} {'causal':>6} {'lowbit':>8} {'FLASH':>8} {'CUDNN':>8} {'x FLASH':>8} {'x CUDNN':>8} {'rel err':>9}  config")
     for S in (1024, 4096, 16384):
@@ -61,7 +64,7 @@ def prefill(args, rows: list) -> None:
             best = None
             for cfg in tune:
                 try:
-                    ms = bench_ms(lambda: flash_attention_triton(q, k, v, causal=causal, config=cfg))
+                    ms = bench_ms(lambda: flash_attention_triton(q, k, v, causal=causal, config=cfg[0], host_desc=cfg[1]))
                 except Exception as e:  # a config that does not fit (shared memory) is skipped, and said
                     print(f"   config {cfg}: {type(e).__name__}: {str(e)[:80]}")
                     continue
@@ -78,7 +81,7 @@ def prefill(args, rows: list) -> None:
                     print(f"   SDPA {name}: unavailable ({str(e)[:60]})")
                     res[name] = float("nan")
             o = torch.full_like(q[:2], float("nan"))
-            flash_attention_triton(q[:2], k[:2], v[:2], causal=causal, config=best[1], out=o)
+            flash_attention_triton(q[:2], k[:2], v[:2], causal=causal, config=best[1][0], host_desc=best[1][1], out=o)
             err = rel_err(o, attention_reference(q[:2].float(), k[:2].float(), v[:2].float(), causal=causal))
             ours = tf(best[0])
             row = {"kind": "prefill", "S": S, "B": B, "causal": causal, "lowbit_tflops": ours, "flash_tflops": res["FLASH"],
@@ -143,8 +146,14 @@ def decode(args, rows: list) -> None:
     print(f"\ndecode: GQA {H}/{HKV}, D = {D}, one query token, {args.dtype} queries; microseconds per call (median, CUDA graph)")
     print(f"{'B':>3} {'S':>6} {'SDPA bf16':>10} {'int8':>8} {'int4':>8} {'int4/tok':>8} {'x int8':>7} {'x int4':>7} "
           f"{'x int4/t':>8} {'err int8':>9} {'err int4':>9} {'err 4/tok':>9}")
-    tune = ([dict(block_n=bn, num_stages=st, int_mma=im) for im in (True, False) for bn in (64, 128) for st in (2, 3, 4)]
-            + [dict(block_n=bn, num_stages=2, swap=True) for bn in (64, 128)]) if args.tune else [{}]
+    if args.tune:  # the token-major fast path: warps, tile, stages, programs per SM (swap=True)
+        tune = [dict(num_warps=1, block_n=32, num_stages=st, programs_per_sm=p) for st in (2, 3, 4) for p in (8, 16)]
+        tune += [dict(num_warps=1, block_n=16, num_stages=4, programs_per_sm=p) for p in (8, 16)]
+        tune += [dict(num_warps=2, block_n=32, num_stages=3, programs_per_sm=8)]
+        tune += [dict(num_warps=1, block_n=64, num_stages=3, programs_per_sm=p) for p in (4, 8)]
+        tune += [dict(num_warps=2, block_n=128, num_stages=2, programs_per_sm=p) for p in (4, 8, 16)]
+    else:
+        tune = [{}]
     for B, S in ((1, 8192), (8, 8192), (32, 4096)):
         kv_bytes = 2 * B * HKV * S * D * 2
         copies = max(2, math.ceil(3 * l2 / kv_bytes))
@@ -173,7 +182,9 @@ def decode(args, rows: list) -> None:
         out = {"kind": "decode", "B": B, "S": S, "sdpa_us": best_sdpa[0], "sdpa_backend": best_sdpa[1]}
         ref_exact = [attention_reference(qs[0].float(), ks[0].float(), vs[0].float())]
         for label, bits, group in (("int8", 8, None), ("int4", 4, 32), ("int4t", 4, None)):
+            # values stored token-major, as LowbitKVCache stores them for the fused kernel
             planes = [(quantize_kv(ks[i], bits, group), quantize_kv(vs[i], bits, group)) for i in range(copies)]
+            planes = [(kp, (token_major(vp[0]), vp[1])) for kp, vp in planes]
             best = (math.inf, None)
             for cfg in tune:
                 def run(i, cfg=cfg):
@@ -181,7 +192,7 @@ def decode(args, rows: list) -> None:
                     return decode_attention_triton(qs[i % copies], kd, ksc, vd, vsc, S, bits=bits, **cfg)
                 try:
                     t = _graph_time_us(run, n_calls)
-                except ValueError:  # a combination the format does not allow (int_mma needs per-token scales)
+                except ValueError:  # a combination the format does not allow (int_mma needs int8 codes)
                     continue
                 except Exception as e:
                     print(f"   {label} {cfg}: {type(e).__name__} {str(e)[:80]}")

@@ -166,3 +166,24 @@ def test_profile_reports_where_attention_ran():
     assert p.attention_placement == {"reference": 2}
     assert not any(name.endswith("self_attn") for name in p.fallbacks)
     assert p.decode_tokens_per_s > 0
+
+
+def test_fused_layer_stores_values_token_major(gen):
+    """A fused layer keeps its value codes token-major (what the fast decode kernel reads), through
+    growth and beam reordering; the logical planes are the same as an unfused layer's."""
+    from lowbit.attention.kv_cache import LowbitKVLayer
+
+    k, v = torch.randn(2, 2, 5, 64, generator=gen), torch.randn(2, 2, 5, 64, generator=gen)
+    plain, fused = LowbitKVLayer(4, 32), LowbitKVLayer(4, 32)
+    for layer in (plain, fused):
+        layer.lazy_initialization(k, v)
+    fused.fused = True  # as on a CUDA GPU with lowbit's attention
+    for i in range(0, 5, 2):  # several appends: the planes grow
+        for layer in (plain, fused):
+            layer._append(k[:, :, i:i + 2], v[:, :, i:i + 2])
+    assert fused.planes[2].stride(-2) == 1 and plain.planes[2].stride(-1) == 1
+    for a, b in zip(plain.planes, fused.planes):
+        assert torch.equal(a[:, :, :5], b[:, :, :5])
+    fused.reorder_cache(torch.tensor([1, 0]))
+    assert fused.planes[2].stride(-2) == 1
+    assert torch.equal(fused.planes[2][:, :, :5], plain.planes[2][[1, 0], :, :5])

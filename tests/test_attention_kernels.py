@@ -93,6 +93,43 @@ def test_decode_matches_dequantized_reference(gen, bits, group, scale_dtype, S, 
         assert _rel(exact, ref) < TOL
 
 
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (4, None)])
+@pytest.mark.parametrize("S,D,swap,int_mma", [(1, 64, True, None), (17, 64, False, None), (130, 64, True, False),
+                                              (130, 128, False, None), (130, 64, True, True)])
+def test_decode_token_major_values(gen, bits, group, S, D, swap, int_mma):
+    """The fast path (fp16 scales, value codes stored token-major): the magic-number fp16 decode of
+    the codes (its plain-Triton twin under the interpreter), both product orientations, padding."""
+    from lowbit.attention.triton_decode import decode_attention_triton, token_major
+
+    if int_mma and bits != 8:
+        pytest.skip("int_mma needs int8 codes")
+    B, H, Hkv, cap = 2, 8, 2, 131
+    q, k, v = _qkv(gen, B, H, Hkv, 1, cap, D, DTYPES[0])
+    (kd, ks), (vd, vs) = quantize_kv(k, bits, group), quantize_kv(v, bits, group)
+    vt = token_major(vd)
+    assert vt.stride(-2) == 1 and torch.equal(vt, vd)
+    start = torch.tensor([0, min(3, S - 1)], dtype=torch.int32)
+    out = decode_attention_triton(q, kd, ks, vt, vs, S, bits=bits, kv_start=start, splits=3 if S > 64 else None,
+                                  swap=swap, int_mma=int_mma)
+    ref = attention_reference(q.float(), dequantize_kv(kd, ks, bits, D)[:, :, :S], dequantize_kv(vd, vs, bits, D)[:, :, :S],
+                              kv_start=start)
+    assert not out.isnan().any()
+    # int8 keys on the int8 tensor cores round q to int8 per row (~5e-3); everything else is exact
+    # up to the fp16 operands
+    assert _rel(out, ref) < (1e-2 if (int_mma or (int_mma is None and bits == 8)) else TOL)
+
+
+def test_decode_token_major_values_with_e8m0_scales(gen):
+    """E8M0 scales run the generic kernel; token-major value codes are accepted there too."""
+    from lowbit.attention.triton_decode import decode_attention_triton, token_major
+
+    q, k, v = _qkv(gen, 2, 4, 2, 1, 17, 64, DTYPES[0])
+    (kd, ks), (vd, vs) = quantize_kv(k, 8, None, "e8m0"), quantize_kv(v, 8, None, "e8m0")
+    out = decode_attention_triton(q, kd, ks, token_major(vd), vs, 17, bits=8, int_mma=False)
+    ref = attention_reference(q.float(), dequantize_kv(kd, ks, 8, 64), dequantize_kv(vd, vs, 8, 64))
+    assert _rel(out, ref) < TOL
+
+
 def test_int8_cache_close_to_float_cache(gen):
     """The int8 cache (one fp16 scale per token per head) stays within 2e-2 of the float cache."""
     from lowbit.attention.triton_decode import decode_attention_triton

@@ -11,6 +11,11 @@ Two modes, decided per layer when the first tokens arrive:
   like transformers' own quantized caches, so every attention implementation sees the same values.
 In both modes the prompt's own attention (prefill) uses the exact float keys and values.
 
+In fused mode with fp16 scales the value codes are stored token-major (the plane (B, Hkv, cap, W) is a view of a
+(B, Hkv, W, cap) buffer: token stride 1): the decode kernel's P @ V product contracts over the
+tokens and reads its operand straight into the tensor cores from that layout (see
+`triton_decode`). The logical plane, and so `dequantized()` and the reference twins, are unchanged.
+
 Example:
     >>> from lowbit.attention import LowbitKVCache                               # doctest: +SKIP
     >>> out = model.generate(**ids, past_key_values=LowbitKVCache("int8", config=model.config))  # doctest: +SKIP
@@ -48,7 +53,7 @@ class LowbitKVLayer(DynamicLayer):
         cap = 0 if self.planes is None else self.planes[0].shape[2]
         if need > cap:  # grow by doubling: appends stay amortized O(1)
             cap = max(need, 2 * cap, 64)
-            grown = [torch.empty(*t.shape[:2], cap, t.shape[3], dtype=t.dtype, device=t.device) for t in new]
+            grown = [self._empty(i, t, cap) for i, t in enumerate(new)]
             if self.planes is not None:
                 for g, old in zip(grown, self.planes):
                     g[:, :, : self.length] = old[:, :, : self.length]
@@ -56,6 +61,23 @@ class LowbitKVLayer(DynamicLayer):
         for plane, t in zip(self.planes, new):
             plane[:, :, self.length: need] = t
         self.length = need
+
+    def _empty(self, i: int, t: torch.Tensor, cap: int) -> torch.Tensor:
+        """An empty plane i (0 k codes, 1 k scales, 2 v codes, 3 v scales) with room for cap tokens."""
+        if i == 2 and self._token_major():  # token-major value codes (module docstring)
+            return torch.empty(*t.shape[:2], t.shape[3], cap, dtype=t.dtype, device=t.device).transpose(-1, -2)
+        return torch.empty(*t.shape[:2], cap, t.shape[3], dtype=t.dtype, device=t.device)
+
+    def _token_major(self) -> bool:
+        """Value codes token-major: fused layers with fp16 scales (the fast decode path's layout)."""
+        return self.fused and self.scale_dtype == "fp16"
+
+    def _relayout(self) -> None:
+        """Back to the planes' storage order after an op that returns contiguous tensors."""
+        if self.planes is not None and self._token_major() and self.planes[2].stride(-2) != 1:
+            from .triton_decode import token_major
+
+            self.planes[2] = token_major(self.planes[2])
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -92,14 +114,17 @@ class LowbitKVLayer(DynamicLayer):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.planes is not None:
             self.planes = [p.index_select(0, beam_idx.to(p.device)) for p in self.planes]
+            self._relayout()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.planes is not None:
             self.planes = [p[indices] for p in self.planes]
+            self._relayout()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.planes is not None:
             self.planes = [p.repeat_interleave(repeats, dim=0) for p in self.planes]
+            self._relayout()
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("LowbitKVCache: cropping (assisted decoding) is not supported; use the float cache")

@@ -1,15 +1,26 @@
 """Flash-decoding over a quantized KV cache: one new query token against a long int8 / int4 cache.
 
-Stage 1 (`_decode_split`): the cache of each (batch, kv head) is cut into `splits` chunks along
-the sequence; one program per (chunk, batch, kv head) reads its chunk's codes and scales once,
-dequantizes them in registers and runs the online softmax for all the query heads that share the
-kv head (GQA: the group's heads are the rows of one small matrix product). It writes the chunk's
-normalized partial output and its log-sum-exp. Stage 2 (`_decode_reduce`) merges the chunks.
+Stage 1: the cache of each (batch, kv head) is cut into `splits` chunks along the sequence; one
+program per (chunk, batch, kv head) reads its chunk's codes and scales once, dequantizes them in
+registers and runs the online softmax for all the query heads that share the kv head (GQA: the
+group's heads are the rows of one small matrix product). It writes the chunk's normalized partial
+output and its log-sum-exp. Stage 2 (`_decode_reduce`) merges the chunks.
 
 Planes (see `reference.quantize_kv` for the byte layout): data (B, Hkv, cap, D) int8 or
 (B, Hkv, cap, D/2) uint8 (int4, two codes per byte), scale (B, Hkv, cap, D / group) fp16 or
-uint8 E8M0. Per-token scales (group = D) are applied after the QK dot product and folded into
-the softmax weights before the PV product, so the codes go to the tensor cores as they are.
+uint8 E8M0. Two stage-1 kernels:
+
+* `_decode_split_vt`, the fast path (fp16 scales, value codes stored token-major, as
+  `LowbitKVCache` stores them: `token_major`): the P @ V product contracts over the tokens, and
+  from a token-contiguous tile the codes reach the tensor cores through ldmatrix (a d-contiguous
+  8-bit tile would need one shared-memory load per element). Codes become fp16 two per
+  instruction with the magic-number trick (a byte OR 0x6400 read as fp16 is 1024 + byte), never
+  through int -> float conversions. By default the products are transposed (SWAP: the tile's
+  tokens / dims are the MMA's M side, the G query heads of the group its N side, padded to 8
+  rather than 16) and a program is one or two warps, so P stays in registers and the softmax
+  needs no cross-warp reduction. int8 keys go to the int8 tensor cores with q rounded to int8 per
+  row (per-token scales are applied to the scores); int8 value scales are folded into P.
+* `_decode_split`, the generic path (E8M0 scales, d-major values).
 
 Example (GPU):
     >>> from lowbit.attention import decode_attention                    # doctest: +SKIP
@@ -197,6 +208,214 @@ def _decode_split(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END,
     tl.store(LSEP + row, lse, mask=offs_g < G)
 
 
+# ---------------------------------------------------------------------------------------------
+# Token-major values ("vt" layout): the fast path
+# ---------------------------------------------------------------------------------------------
+# PV contracts over the tokens, and the tensor cores want each thread's operand pairs consecutive
+# along the contraction: with the value plane stored d-major (token stride 1, i.e. the plane
+# (B, Hkv, cap, W) viewed with strides (., ., 1, cap)), a value tile is K-contiguous in shared
+# memory and reaches the MMA through ldmatrix, where a d-contiguous int8 tile needs one 8-bit
+# shared load per element. The codes are turned into fp16 two at a time with the magic-number
+# trick (byte | 0x6400 read as fp16 is 1024 + byte), never through int -> float conversions.
+
+_CVT8 = tl.constexpr("""{
+.reg .b32 t, m, c;
+xor.b32 t, $2, 0x80808080;
+mov.b32 m, 0x64646464;
+mov.b32 c, 0x64806480;
+prmt.b32 $0, t, m, 0x4140;
+prmt.b32 $1, t, m, 0x4342;
+sub.f16x2 $0, $0, c;
+sub.f16x2 $1, $1, c;
+}""")
+
+_CVT4 = tl.constexpr("""{
+.reg .b32 w4, c;
+mov.b32 c, 0x64086408;
+shr.b32 w4, $4, 4;
+prmt.b32 $0, $4, $7, 0x4140;
+prmt.b32 $1, $4, $7, 0x4342;
+prmt.b32 $2, w4, $7, 0x4140;
+prmt.b32 $3, w4, $7, 0x4342;
+and.b32 $0, $0, 0x640F640F;
+and.b32 $1, $1, 0x640F640F;
+and.b32 $2, $2, 0x640F640F;
+and.b32 $3, $3, 0x640F640F;
+sub.f16x2 $0, $0, c;
+sub.f16x2 $1, $1, c;
+sub.f16x2 $2, $2, c;
+sub.f16x2 $3, $3, c;
+mul.f16x2 $0, $0, $5;
+mul.f16x2 $1, $1, $6;
+mul.f16x2 $2, $2, $5;
+mul.f16x2 $3, $3, $6;
+}""")
+
+
+@triton.jit
+def _cvt8(raw, INTERP: tl.constexpr):
+    """int8 codes -> fp16 (exact): four per 32-bit word, xor 0x80 then byte | 0x6400 minus 1152."""
+    if INTERP:
+        return raw.to(tl.float32)
+    else:
+        return tl.inline_asm_elementwise(_CVT8, "=r,=r,r", [raw], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _cvt4(raw, s, INTERP: tl.constexpr):
+    """int4 bytes -> (low nibbles, high nibbles) as fp16 values (code - 8) * s; s broadcast to raw's
+    shape. Byte j holds elements 2j (low) and 2j+1 (high); the two results keep raw's shape."""
+    if INTERP:
+        lo = ((raw & 0xF).to(tl.int32) - 8).to(tl.float32) * s.to(tl.float32)
+        hi = ((raw >> 4).to(tl.int32) - 8).to(tl.float32) * s.to(tl.float32)
+        return lo, hi
+    else:
+        # the last input is the constant 0x64646464 (one register, not one per instance)
+        m = tl.full(raw.shape, 0x64646464, tl.int32)
+        return tl.inline_asm_elementwise(_CVT4, "=r,=r,=r,=r,r,r,r,r,r,r,r", [raw, s, m], dtype=(tl.float16, tl.float16),
+                                         is_pure=True, pack=4)
+
+
+@triton.jit
+def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END,
+                     stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vw,
+                     stride_sb, stride_sh, stride_sn, H, HKV, SEQ, CHUNK, NSPLIT, qk_scale,
+                     HEAD_D: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_RANGES: tl.constexpr, IMMA: tl.constexpr,
+                     SWAP: tl.constexpr, INTERP: tl.constexpr):
+    """Stage 1 of flash-decoding for fp16 scales and token-major value planes (see above).
+
+    Keys (B, Hkv, cap, W) d-contiguous, values (B, Hkv, W, cap) token-contiguous, W = D (int8) or
+    D/2 (int4: byte j = elements 2j, 2j+1 of the token). int8: one scale per token, applied to the
+    scores (keys) and folded into the probabilities (values, normalized by the tile's largest
+    scale so that fp16 keeps its precision). int4: one scale per GROUP values, applied in the
+    dequantization (one f16x2 multiply per two values).
+    """
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HKV
+    hk = bh % HKV
+    W: tl.constexpr = HEAD_D if BITS == 8 else HEAD_D // 2
+    NG: tl.constexpr = HEAD_D // GROUP
+    GW: tl.constexpr = W // NG
+    STEP: tl.constexpr = 1 if BITS == 8 else 2
+    FT: tl.constexpr = tl.float32 if INTERP else tl.float16
+    offs_g = tl.arange(0, G_PAD)
+    offs_w = tl.arange(0, W)
+    q_rows = Q + b * stride_qb + (hk * G + offs_g[:, None]) * stride_qh
+    q0 = tl.load(q_rows + offs_w[None, :] * STEP, mask=offs_g[:, None] < G, other=0.0).to(tl.float32) * qk_scale
+    if BITS == 4:
+        q1 = tl.load(q_rows + offs_w[None, :] * 2 + 1, mask=offs_g[:, None] < G, other=0.0).to(tl.float32) * qk_scale
+        q1 = q1.to(FT)
+    if IMMA:
+        qs = tl.maximum(tl.max(tl.abs(q0), 1), 1e-30) / 127.0
+        q0 = _round_i8(q0 / qs[:, None], INTERP)
+    else:
+        q0 = q0.to(FT)
+    if HAS_RANGES:
+        kv_start = tl.load(KV_START + b)
+        kv_end = tl.minimum(tl.load(KV_END + b), SEQ)
+    else:
+        kv_start = 0
+        kv_end = SEQ
+    lo = split * CHUNK
+    hi = tl.minimum(lo + CHUNK, kv_end)
+    k_base = KD + b * stride_kb + hk * stride_kh
+    v_base = VD + b * stride_vb + hk * stride_vh
+    s_base = b * stride_sb + hk * stride_sh
+    m_i = tl.full([G_PAD], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([G_PAD], dtype=tl.float32)
+    if SWAP:  # transposed products: the tile's tokens / dims are the M side, the G rows the N side
+        q0 = tl.trans(q0)
+        acc0 = tl.zeros([W, G_PAD], dtype=tl.float32)
+        if BITS == 4:
+            q1 = tl.trans(q1)
+            acc1 = tl.zeros([W, G_PAD], dtype=tl.float32)
+    else:
+        acc0 = tl.zeros([G_PAD, W], dtype=tl.float32)
+        if BITS == 4:
+            acc1 = tl.zeros([G_PAD, W], dtype=tl.float32)
+    offs_ng = tl.arange(0, NG)
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < hi
+        valid = mask_n & (offs_n >= kv_start)
+        kraw = tl.load(k_base + offs_n[:, None] * stride_kn + offs_w[None, :], mask=mask_n[:, None], other=0)
+        vraw = tl.load(v_base + offs_w[:, None] * stride_vw + offs_n[None, :], mask=mask_n[None, :], other=0)
+        # scores s (G_PAD, BLOCK_N), or s^T (BLOCK_N, G_PAD) when SWAP
+        if BITS == 8:
+            sk = tl.load(KS + s_base + offs_n * stride_sn, mask=mask_n, other=0).to(tl.float32)
+            sv = tl.load(VS + s_base + offs_n * stride_sn, mask=mask_n, other=0).to(tl.float32)
+            if SWAP:
+                if IMMA:
+                    st = _idot(kraw, q0, INTERP).to(tl.float32) * (qs[None, :] * sk[:, None])
+                else:
+                    st = tl.dot(_cvt8(kraw, INTERP), q0) * sk[:, None]
+            else:
+                if IMMA:
+                    st = _idot(q0, tl.trans(kraw), INTERP).to(tl.float32) * (qs[:, None] * sk[None, :])
+                else:
+                    st = tl.dot(q0, tl.trans(_cvt8(kraw, INTERP))) * sk[None, :]
+        else:
+            s_off = s_base + offs_n[:, None] * stride_sn + offs_ng[None, :]
+            skg = tl.load(KS + s_off, mask=mask_n[:, None], other=0)  # (BLOCK_N, NG) fp16
+            svg = tl.load(VS + s_off, mask=mask_n[:, None], other=0)
+            skb = tl.broadcast_to(skg[:, :, None], (BLOCK_N, NG, GW)).reshape(BLOCK_N, W)
+            k0, k1 = _cvt4(kraw, skb, INTERP)
+            if SWAP:
+                st = tl.dot(k1, q1, tl.dot(k0, q0))
+            else:
+                st = tl.dot(q1, tl.trans(k1), tl.dot(q0, tl.trans(k0)))
+        if SWAP:
+            st = tl.where(valid[:, None], st, -1.0e30)
+            m_ij = tl.maximum(m_i, tl.max(st, 0))
+            p = tl.math.exp2(st - m_ij[None, :])
+            alpha = tl.math.exp2(m_i - m_ij)
+            l_i = l_i * alpha + tl.sum(p, 0)
+            if BITS == 8:
+                mv = tl.maximum(tl.max(sv, 0), 1e-30)
+                pv = (p * (sv * (1.0 / mv))[:, None]).to(FT)
+                acc0 = acc0 * alpha[None, :] + tl.dot(_cvt8(vraw, INTERP), pv) * mv
+            else:
+                svb = tl.broadcast_to(tl.trans(svg)[:, None, :], (NG, GW, BLOCK_N)).reshape(W, BLOCK_N)
+                v0, v1 = _cvt4(vraw, svb, INTERP)
+                pv = p.to(FT)
+                acc0 = tl.dot(v0, pv, acc0 * alpha[None, :])
+                acc1 = tl.dot(v1, pv, acc1 * alpha[None, :])
+        else:
+            st = tl.where(valid[None, :], st, -1.0e30)
+            m_ij = tl.maximum(m_i, tl.max(st, 1))
+            p = tl.math.exp2(st - m_ij[:, None])
+            alpha = tl.math.exp2(m_i - m_ij)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if BITS == 8:
+                mv = tl.maximum(tl.max(sv, 0), 1e-30)
+                pv = (p * (sv * (1.0 / mv))[None, :]).to(FT)
+                acc0 = acc0 * alpha[:, None] + tl.dot(pv, tl.trans(_cvt8(vraw, INTERP))) * mv
+            else:
+                svb = tl.broadcast_to(tl.trans(svg)[:, None, :], (NG, GW, BLOCK_N)).reshape(W, BLOCK_N)
+                v0, v1 = _cvt4(vraw, svb, INTERP)
+                pv = p.to(FT)
+                acc0 = tl.dot(pv, tl.trans(v0), acc0 * alpha[:, None])
+                acc1 = tl.dot(pv, tl.trans(v1), acc1 * alpha[:, None])
+        m_i = m_ij
+    has = hi > tl.maximum(lo, kv_start)
+    lse = tl.where(has, m_i + tl.math.log2(tl.maximum(l_i, 1e-30)), -1.0e30)
+    inv = 1.0 / tl.maximum(l_i, 1e-30)
+    row = (bh * NSPLIT + split) * G + offs_g
+    if SWAP:
+        row_ok = offs_g[None, :] < G
+        tl.store(OP + row[None, :] * HEAD_D + offs_w[:, None] * STEP, acc0 * inv[None, :], mask=row_ok)
+        if BITS == 4:
+            tl.store(OP + row[None, :] * HEAD_D + offs_w[:, None] * 2 + 1, acc1 * inv[None, :], mask=row_ok)
+    else:
+        row_ok = offs_g[:, None] < G
+        tl.store(OP + row[:, None] * HEAD_D + offs_w[None, :] * STEP, acc0 * inv[:, None], mask=row_ok)
+        if BITS == 4:
+            tl.store(OP + row[:, None] * HEAD_D + offs_w[None, :] * 2 + 1, acc1 * inv[:, None], mask=row_ok)
+    tl.store(LSEP + row, lse, mask=offs_g < G)
+
+
 @triton.jit
 def _decode_reduce(OP, LSEP, O, stride_ob, stride_oh, HKV, NSPLIT,
                    HEAD_D: tl.constexpr, G: tl.constexpr, NS_PAD: tl.constexpr):
@@ -228,14 +447,35 @@ def _num_sms(device: torch.device) -> int:
     return _SMS[idx]
 
 
+def token_major(plane: torch.Tensor) -> torch.Tensor:
+    """The same logical plane (B, Hkv, cap, W) stored d-major (token stride 1): the layout the fast
+    decode path wants for the value codes. Values and indexing are unchanged (a strided view).
+
+    Example:
+        >>> t = token_major(torch.arange(6, dtype=torch.int8).reshape(1, 1, 3, 2))
+        >>> t.stride(), t.tolist()
+        ((6, 6, 1, 3), [[[[0, 1], [2, 3], [4, 5]]]])
+    """
+    return plane.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def is_token_major(plane: torch.Tensor) -> bool:
+    return plane.stride(-2) == 1 and plane.shape[-2] > 1
+
+
 def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torch.Tensor, v_data: torch.Tensor,
                             v_scale: torch.Tensor, seq_len: int, *, bits: int, scale: float | None = None,
                             kv_start: torch.Tensor | None = None, kv_end: torch.Tensor | None = None,
-                            splits: int | None = None, block_n: int = 64, num_warps: int = 4,
-                            num_stages: int | None = None, programs_per_sm: int = 8, swap: bool = False,
-                            int_mma: bool | None = None) -> torch.Tensor:
+                            splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                            num_stages: int | None = None, programs_per_sm: int | None = None, swap: bool | None = None,
+                            int_mma: bool | None = None, g_pad: int | None = None) -> torch.Tensor:
     """Attention of q (B, H, 1, D) over the first `seq_len` tokens of quantized planes
-    (B, Hkv, cap, ...); returns (B, H, 1, D) in q's dtype."""
+    (B, Hkv, cap, ...); returns (B, H, 1, D) in q's dtype.
+
+    Two kernels: with fp16 scales and a token-major value plane (`token_major`, as `LowbitKVCache`
+    stores it) the fast path `_decode_split_vt`; otherwise (E8M0 scales, d-major values) the
+    generic `_decode_split`. Both are followed by `_decode_reduce`.
+    """
     B, H, SQ, D = q.shape
     if SQ != 1:
         raise ValueError(f"decode_attention: one query token per sequence, got {SQ}; use flash_attention")
@@ -249,10 +489,34 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
     if group & (group - 1) or (bits == 4 and group < 32):
         raise ValueError(f"decode_attention: scale group {group} must be a power of two (>= 32 for int4)")
     G = H // Hkv
-    g_pad = max(16, triton.next_power_of_2(G))
-    # defaults: the best of `benchmarks/attention.py --tune` on an H200 at (B, S) = (8, 8192) and (32, 4096)
-    bn = block_n
-    num_stages = num_stages or (3 if bits == 8 else 2)
+    fast = (is_token_major(v_data) and k_scale.dtype == torch.float16 and v_scale.dtype == torch.float16
+            and k_data.stride(-1) == 1 and k_scale.stride() == v_scale.stride() and (bits == 4 or group == D))
+    if fast:
+        # defaults: the best of `benchmarks/attention.py --tune` on an H200 at (B, S) = (8, 8192) and (32, 4096)
+        # (RESULTS.md, 2026-11-24, second decode sweep)
+        swap = True if swap is None else swap
+        if bits == 8:
+            bn, num_warps, num_stages, programs_per_sm = (block_n or 128, num_warps or 2, num_stages or 2,
+                                                          programs_per_sm or 4)
+        else:
+            bn, num_warps, num_stages, programs_per_sm = (block_n or 64, num_warps or 1, num_stages or 3,
+                                                          programs_per_sm or 8)
+        if int_mma is None:
+            int_mma = bits == 8
+        if int_mma and bits != 8:
+            raise ValueError("decode_attention: int_mma on the token-major path needs an int8 cache")
+        g_pad = g_pad or (max(8, triton.next_power_of_2(G)) if swap else max(16, triton.next_power_of_2(G)))
+    else:
+        swap = bool(swap)
+        bn = block_n or 64
+        num_warps = num_warps or 4
+        num_stages = num_stages or (3 if bits == 8 else 2)
+        programs_per_sm = programs_per_sm or 8
+        g_pad = max(16, triton.next_power_of_2(G))
+        if int_mma is None:  # int8 tensor cores for QK^T where the scales allow it (one scale per token)
+            int_mma = group == D and not swap
+        if int_mma and (group != D or swap):
+            raise ValueError("decode_attention: int_mma needs one scale per token per head and swap=False")
     if splits is None:  # enough programs in flight per SM to hide the memory latency
         want = max(1, (programs_per_sm * _num_sms(q.device)) // (B * Hkv))
         splits = max(1, min(want, triton.cdiv(seq_len, 2 * bn)))
@@ -267,23 +531,33 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
         kv_end = (kv_end if kv_end is not None else torch.full((B,), seq_len, dtype=torch.int32, device=dev)).to(dev, torch.int32)
     else:
         kv_start = kv_end = lse
-    if int_mma is None:  # int8 tensor cores for QK^T where the scales allow it (one scale per token)
-        int_mma = group == D and not swap
-    if int_mma and (group != D or swap):
-        raise ValueError("decode_attention: int_mma needs one scale per token per head and swap=False")
-    if _INTERPRET:
-        dt = tl.float32
+    qk_scale = (scale if scale is not None else D ** -0.5) * math.log2(math.e)
+    if fast:
+        _decode_split_vt[(splits, B * Hkv)](
+            q, k_data, k_scale, v_data, v_scale, op, lse, kv_start, kv_end,
+            q.stride(0), q.stride(1), k_data.stride(0), k_data.stride(1), k_data.stride(2),
+            v_data.stride(0), v_data.stride(1), v_data.stride(3),
+            k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
+            H, Hkv, seq_len, chunk, splits, qk_scale,
+            HEAD_D=D, G=G, G_PAD=g_pad, BLOCK_N=bn, BITS=bits, GROUP=group, HAS_RANGES=has_ranges,
+            IMMA=int_mma, SWAP=swap, INTERP=_INTERPRET, num_warps=num_warps, num_stages=num_stages)
     else:
-        dt = tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16
-    assert k_data.stride() == v_data.stride() and k_scale.stride() == v_scale.stride()
-    _decode_split[(splits, B * Hkv)](
-        q, k_data, k_scale, v_data, v_scale, op, lse, kv_start, kv_end,
-        q.stride(0), q.stride(1), k_data.stride(0), k_data.stride(1), k_data.stride(2),
-        k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
-        H, Hkv, seq_len, chunk, splits, (scale if scale is not None else D ** -0.5) * math.log2(math.e),
-        HEAD_D=D, G=G, G_PAD=g_pad, BLOCK_N=bn, BITS=bits, GROUP=group, E8M0=k_scale.dtype == torch.uint8,
-        HAS_RANGES=has_ranges, DT=dt, SWAP=swap, IMMA=int_mma, INTERP=_INTERPRET, num_warps=num_warps,
-        num_stages=num_stages)
+        if _INTERPRET:
+            dt = tl.float32
+        else:
+            dt = tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16
+        if v_data.stride() != k_data.stride():  # e.g. token-major values with E8M0 scales: a d-major copy
+            v_data = torch.empty_like(k_data).copy_(v_data)
+        if v_scale.stride() != k_scale.stride():
+            v_scale = torch.empty_like(k_scale).copy_(v_scale)
+        _decode_split[(splits, B * Hkv)](
+            q, k_data, k_scale, v_data, v_scale, op, lse, kv_start, kv_end,
+            q.stride(0), q.stride(1), k_data.stride(0), k_data.stride(1), k_data.stride(2),
+            k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
+            H, Hkv, seq_len, chunk, splits, qk_scale,
+            HEAD_D=D, G=G, G_PAD=g_pad, BLOCK_N=bn, BITS=bits, GROUP=group, E8M0=k_scale.dtype == torch.uint8,
+            HAS_RANGES=has_ranges, DT=dt, SWAP=swap, IMMA=int_mma, INTERP=_INTERPRET, num_warps=num_warps,
+            num_stages=num_stages)
     o = torch.empty(B, H, 1, D, dtype=q.dtype, device=dev)
     _decode_reduce[(B * H,)](op, lse, o, o.stride(0), o.stride(1), Hkv, splits,
                              HEAD_D=D, G=G, NS_PAD=max(2, triton.next_power_of_2(splits)), num_warps=4)

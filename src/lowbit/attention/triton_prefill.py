@@ -72,7 +72,7 @@ def _fa_fwd(Q, K, V, O, KV_START, KV_END,
             B, H, GROUP, SQ, SK, qk_scale,
             HEAD_D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             CAUSAL: tl.constexpr, HAS_RANGES: tl.constexpr, USE_DESC: tl.constexpr, DOT_DTYPE: tl.constexpr,
-            WS: tl.constexpr):
+            WS: tl.constexpr, HOST_DESC: tl.constexpr = False):
     pid_m = tl.program_id(0)
     if CAUSAL:  # the longest rows first: fewer idle SMs at the end of the launch
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -91,7 +91,14 @@ def _fa_fwd(Q, K, V, O, KV_START, KV_END,
         kv_end = SK
     off_causal = SK - SQ
 
-    if USE_DESC:
+    if HOST_DESC:  # descriptors built once on the host: no per-program descriptor setup
+        q_desc = Q
+        k_desc = K
+        v_desc = V
+        q = q_desc.load([b, h, m0, 0]).reshape(BLOCK_M, D_PAD)
+        k_ptrs = K
+        v_ptrs = V
+    elif USE_DESC:
         q_desc = tl.make_tensor_descriptor(Q, shape=[B, H, SQ, HEAD_D],
                                            strides=[stride_qb, stride_qh, stride_qm, 1],
                                            block_shape=[1, 1, BLOCK_M, D_PAD])
@@ -152,7 +159,9 @@ def _fa_fwd(Q, K, V, O, KV_START, KV_END,
         row_ok = row_ok & (offs_m >= 0)
     l_safe = tl.where(row_ok, l_i, 1.0)
     out = tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0)
-    if USE_DESC:
+    if HOST_DESC:
+        O.store([b, h, m0, 0], out.to(O.dtype).reshape(1, 1, BLOCK_M, D_PAD))
+    elif USE_DESC:
         o_desc = tl.make_tensor_descriptor(O, shape=[B, H, SQ, HEAD_D],
                                            strides=[stride_ob, stride_oh, stride_om, 1],
                                            block_shape=[1, 1, BLOCK_M, D_PAD])
@@ -179,7 +188,7 @@ def _set_allocator() -> None:
 def flash_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                            scale: float | None = None, kv_start: torch.Tensor | None = None,
                            kv_end: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, host_desc: bool = True) -> torch.Tensor:
     """FlashAttention forward: q (B, H, Sq, D), k/v (B, Hkv, Sk, D), any strides with the last one 1.
 
     Returns (B, H, Sq, D) contiguous in q's dtype (or writes `out`, which may be a strided view).
@@ -216,10 +225,21 @@ def flash_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     else:
         kv_start = kv_end = q  # unused
     grid = (triton.cdiv(SQ, bm), B * H)
-    _fa_fwd[grid](q, k, v, o, kv_start, kv_end,
+    host_desc = use_desc and host_desc
+    if host_desc:  # TMA descriptors made here (from the real strides), passed as kernel arguments
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        def desc(t, rows):
+            return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, d_pad])
+
+        qa, ka, va, oa = desc(q, bm), desc(k, bn), desc(v, bn), desc(o, bm)
+    else:
+        qa, ka, va, oa = q, k, v, o
+    _fa_fwd[grid](qa, ka, va, oa, kv_start, kv_end,
                   q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                   v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
                   B, H, H // Hkv, SQ, SK, (scale if scale is not None else D ** -0.5) * math.log2(math.e),
                   HEAD_D=D, D_PAD=d_pad, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, HAS_RANGES=has_ranges,
-                  USE_DESC=use_desc, DOT_DTYPE=dot_dtype, WS=ws, num_warps=warps, num_stages=stages)
+                  USE_DESC=use_desc, DOT_DTYPE=dot_dtype, WS=ws, HOST_DESC=host_desc, num_warps=warps,
+                  num_stages=stages)
     return o
