@@ -237,6 +237,7 @@ def calibrate(model: nn.Module, plan: dict[str, tuple[Format, bool]], batches: l
             params = dict(model.named_parameters())
             for k, v in floats.items():
                 params[k].data.copy_(v)
+                touched.add(k.rsplit(".", 1)[0])  # saved again with later blocks' folds
             result.qtensors.update(qts)
             result.notes.update(notes)
             result.resumed_from = start
