@@ -1,9 +1,15 @@
-"""Where the fast GEMV's time goes (GPU diagnostics): the kernel with parts switched off.
+"""The fast GEMV (path gemv2) config by config, next to bf16 cuBLAS and tinygemm (GPU diagnostics).
 
-PROBE 0 full, 1 no decode (the words summed as floats: memory + loop only), 2 no scale loads,
-3 no activation loads (masked). Same timing method as matmul.py (CUDA graph, copies past L2).
-Run: PYTHONPATH=src python benchmarks/gemv_probe.py
+For each (K, N) shape: bf16 `F.linear` and tinygemm int4 g128 at M=1, then every preset x config
+of `_gemv_fast_kernel` (BLOCK_N rows per program, NWG groups of WPT words per iteration, warps,
+STAGES: 0 = register prefetch, >= 2 = cp.async pipeline), with PROBE 1 (no decode) and 2 (no
+scales) beside the full kernel when `--probe` is given. Same timing method as matmul.py (CUDA
+graph, weight copies past the L2).
+
+Run: PYTHONPATH=src python benchmarks/gemv_probe.py [--presets int4-e8m0 int8] [--probe]
 """
+import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -13,26 +19,75 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import lowbit  # noqa: E402
 from lowbit.kernels import triton_linear as tlin  # noqa: E402
-from matmul import copies_for, graph_time  # noqa: E402
+from matmul import GPU_SHAPES, copies_for, graph_time, tinygemm_weight  # noqa: E402
 
-for preset, shape in (("int4-e8m0", (8192, 8192)), ("int4-e8m0", (4096, 4096)), ("int8", (8192, 8192))):
-    n, k = shape
-    w = (torch.randn(n, k, device="cuda") * 0.02)
-    qt = lowbit.quantize_tensor(w, preset)
-    spec = tlin.spec_of(qt.fmt)
-    c = copies_for(qt.nbytes)
-    copies = [{p: (v.clone() if isinstance(v, torch.Tensor) else v) for p, v in tlin.kernel_planes(qt).items()}
-              for _ in range(c)]
-    xs = [torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _ in range(c)]
-    for bn, nw, nwg in ((8, 4, 128), (16, 4, 32), (32, 4, 32), (32, 8, 32), (64, 8, 32)):
-        cells = []
-        for probe in (0, 1, 2):
-            cfg = {"path": "gemv2", "BLOCK_N": bn, "num_warps": nw, "NWG": nwg, "PROBE": probe}
-            try:
-                t = graph_time([lambda i=i: tlin.run(xs[i], copies[i], spec, n, k, None, cfg=cfg) for i in range(c)], reps=5)
-                cells.append(f"{t:7.1f}")
-            except Exception as e:
-                cells.append(f"{type(e).__name__[:7]:>7}")
-        gb = qt.nbytes / 1e9
-        print(f"{preset:<10} {n}x{k} BN={bn:<3} warps={nw} NWG={nwg}  us full/nodecode/noscale: {' '.join(cells)}"
-              f"   (weights {gb * 1e3:.1f} MB)", flush=True)
+# (BLOCK_N, num_warps, NWG, STAGES, WPT[, SPLIT_K])
+DEFAULT_CONFIGS = [(16, 4, 32, 0, 4), (8, 1, 32, 0, 4), (4, 1, 32, 0, 4),
+                   (32, 4, 32, 0, 2), (16, 2, 32, 0, 2), (8, 1, 32, 0, 2), (16, 1, 16, 0, 2), (16, 1, 32, 0, 2),
+                   (8, 1, 64, 0, 2), (16, 2, 16, 0, 2), (32, 2, 16, 0, 2), (8, 2, 32, 0, 2),
+                   (16, 1, 32, 0, 1), (8, 1, 32, 0, 1), (16, 2, 32, 0, 1), (32, 4, 32, 0, 1),
+                   (8, 1, 32, 3, 2), (16, 1, 16, 3, 2), (16, 2, 32, 3, 2), (8, 1, 32, 4, 2)]
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", nargs="+", default=["int4-e8m0"])
+    ap.add_argument("--shapes", nargs="+", default=GPU_SHAPES, help="KxN")
+    ap.add_argument("--configs", nargs="+", default=None, help="BN,warps,NWG,STAGES,WPT[,SPLIT_K] (default: a grid)")
+    ap.add_argument("--probe", action="store_true", help="also time PROBE 1 (no decode) and 2 (no scales)")
+    args = ap.parse_args()
+    configs = [tuple(map(int, c.split(","))) for c in args.configs] if args.configs else DEFAULT_CONFIGS
+    configs = [c + (1,) * (6 - len(c)) for c in configs]
+    torch.manual_seed(0)
+    for shape in args.shapes:
+        k, n = map(int, shape.split("x"))
+        w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        c = copies_for(n * k * 2)
+        ws, xs = [w] + [w.clone() for _ in range(c - 1)], [x.clone() for _ in range(c)]
+        t_bf16 = graph_time([lambda i=i: torch.nn.functional.linear(xs[i], ws[i]) for i in range(c)])
+        del ws
+        tiny = tinygemm_weight(w)
+        c = copies_for(tiny[0].numel() * 4)
+        tps, xs = [tiny] + [(tiny[0].clone(), tiny[1].clone()) for _ in range(c - 1)], [x.clone() for _ in range(c)]
+        t_tiny = graph_time([lambda i=i: torch._weight_int4pack_mm(xs[i], tps[i][0], 128, tps[i][1]) for i in range(c)])
+        del tps
+        print(f"\nK={k} N={n} M=1: bf16 {t_bf16:.1f} us, tinygemm g128 {t_tiny:.1f} us", flush=True)
+        for preset in args.presets:
+            qt = lowbit.quantize_tensor(w.float(), preset)
+            spec = tlin.spec_of(qt.fmt)
+            c = copies_for(qt.nbytes)
+            copies = [{p: (v.clone() if isinstance(v, torch.Tensor) else v) for p, v in tlin.kernel_planes(qt).items()}
+                      for _ in range(c)]
+            xs = [x.clone() for _ in range(c)]
+            ref = torch.nn.functional.linear(x.float(), qt.dequantize().float())
+            best = None
+            for bn, nw, nwg, st, wpt, sk in configs:
+                cells = []
+                for probe in ((0, 1, 2) if args.probe else (0,)):
+                    cfg = {"path": "gemv2", "BLOCK_N": bn, "num_warps": nw, "NWG": nwg, "STAGES": st, "WPT": wpt,
+                           "SPLIT_K": sk, "PROBE": probe}
+                    try:
+                        t = graph_time([lambda i=i: tlin.run(xs[i], copies[i], spec, n, k, None, cfg=cfg)
+                                        for i in range(c)], reps=5)
+                        cells.append(f"{t:7.1f}")
+                        if probe == 0:
+                            y = tlin.run(x, copies[0], spec, n, k, None, cfg=cfg).float()
+                            err = ((y - ref).norm() / ref.norm()).item()
+                            if best is None or t < best[0]:
+                                best = (t, (bn, nw, nwg, st, wpt, sk))
+                    except Exception as e:  # noqa: BLE001 - a config that does not fit is reported, not fatal
+                        cells.append(f"{type(e).__name__[:7]:>7}")
+                        err = float("nan")
+                print(f"  {preset:<10} BN={bn:<3} warps={nw} NWG={nwg:<3} STAGES={st} WPT={wpt} SPLIT={sk:<2} us {' '.join(cells)}"
+                      f"  x bf16 {t_bf16 / float(cells[0]) if cells[0].strip()[0].isdigit() else 0:5.2f}"
+                      f"  x tiny {t_tiny / float(cells[0]) if cells[0].strip()[0].isdigit() else 0:5.2f}  err {err:.1e}",
+                      flush=True)
+            if best:
+                print(f"  best {preset}: {best[0]:.1f} us {best[1]} = {t_bf16 / best[0]:.2f}x bf16, "
+                      f"{t_tiny / best[0]:.2f}x tinygemm, {qt.nbytes / best[0] / 1e6:.2f} TB/s", flush=True)
+            del copies
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -157,12 +157,14 @@ def _load_x(x_row, word, K, BITS: tl.constexpr, ASM: tl.constexpr):
         x2 = tl.load(x_row + kx + 2, mask=wmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
         x3 = tl.load(x_row + kx + 3, mask=wmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
         return x0, x1, x2, x3, x0, x1, x2, x3
-    # the activations as int32: int j of a word holds columns (2j, 2j + 1)
+    # the activations as int32: int j of a word holds columns (2j, 2j + 1). One 16-byte load per
+    # word, split in registers: four 4-byte loads 16 bytes apart cost four times the L1 wavefronts,
+    # and the L1 (not DRAM) was the limit of this loop (ncu: L1/TEX 90 %, DRAM 33 %)
     xi = x_row.to(tl.pointer_type(tl.int32), bitcast=True) + word * (CPW // 2)
-    q0 = tl.load(xi, mask=wmask, other=0)
-    q1 = tl.load(xi + 1, mask=wmask, other=0)
-    q2 = tl.load(xi + 2, mask=wmask, other=0)
-    q3 = tl.load(xi + 3, mask=wmask, other=0)
+    q = tl.load(xi[:, :, None] + tl.arange(0, 4)[None, None, :], mask=wmask[:, :, None], other=0)
+    qa, qb = tl.split(q.reshape(word.shape[0], word.shape[1], 2, 2))  # ints (0, 2), (1, 3)
+    q0, q2 = tl.split(qa)
+    q1, q3 = tl.split(qb)
     if BITS == 4:
         p0, p1, p2, p3 = _lo_pair(q0, q2), _hi_pair(q0, q2), _lo_pair(q1, q3), _hi_pair(q1, q3)
         return p0, p1, p2, p3, p0, p1, p2, p3
@@ -218,11 +220,12 @@ def _words_xsum(x_row, word, K, BITS: tl.constexpr):
 
 @triton.jit
 def _scales(s_ptr, z_ptr, rows, stride_sn, word, wmask, gblk, gmask, SMODE: tl.constexpr, HAS_ZERO: tl.constexpr,
-            WB: tl.constexpr):
-    """fp32 (scale, zero) of `rows` for the words `word` [R, 4]: [BN, R] (one per group of 4 words,
-    WB >= 4: blocks `gblk`) or [BN, R, 4] (one per word); (0, 0) for per-row or scale-free formats."""
+            WB: tl.constexpr, WPT: tl.constexpr):
+    """fp32 (scale, zero) of `rows` for the words `word` [R, WPT]: [BN, R] (one per group of WPT words
+    when a block holds whole groups: blocks `gblk`) or [BN, R, WPT] (one per word); (0, 0) for per-row
+    or scale-free formats."""
     if SMODE == 1 or SMODE == 2:
-        if WB >= 4:
+        if WB % WPT == 0:
             offs = rows[:, None] * stride_sn + gblk[None, :]
             m = gmask[None, :]
         else:
@@ -244,16 +247,48 @@ def _scales(s_ptr, z_ptr, rows, stride_sn, word, wmask, gblk, gmask, SMODE: tl.c
 
 
 @triton.jit
-def _gemv_fast_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, b_ptr, y_ptr,
-                      M, N, K, KW, stride_xm, stride_wn, stride_sn, stride_ym,
+def _step(wv, x0, x1, x2, x3, x4, x5, x6, x7, s, z, x_row, word, wmask, K, KW, BITS: tl.constexpr,
+          SIGNED: tl.constexpr, SMODE: tl.constexpr, HAS_ZERO: tl.constexpr, SMUL: tl.constexpr, F16: tl.constexpr,
+          WB: tl.constexpr, WPT: tl.constexpr, ASM: tl.constexpr, PROBE: tl.constexpr):
+    """One iteration's scaled partial sums [BLOCK_N, NWG] from its words, activations and scales."""
+    if PROBE == 1:
+        p = wv.to(tl.float32)
+    else:
+        p = _words_dot(wv, x0, x1, x2, x3, x4, x5, x6, x7, x_row, tl.where(wmask, word, KW), K, BITS,
+                       SIGNED, F16, ASM)  # [BLOCK_N, NWG, WPT]
+    if PROBE == 2 or not (SMODE == 1 or SMODE == 2):
+        part = tl.sum(p, axis=2) * SMUL
+    elif WB % WPT == 0:  # one scale per group of WPT words
+        part = tl.sum(p, axis=2) * (s * SMUL)
+        if HAS_ZERO:
+            part += z * tl.sum(_words_xsum(x_row, tl.where(wmask, word, KW), K, BITS), axis=1)[None, :]
+    else:  # a scale per word
+        part = p * (s * SMUL)
+        if HAS_ZERO:
+            part += z * _words_xsum(x_row, tl.where(wmask, word, KW), K, BITS)[None]
+        part = tl.sum(part, axis=2)
+    return part
+
+
+@triton.jit
+def _gemv_fast_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+                      M, N, K, KW, stride_xm, stride_wn, stride_sn, stride_ym, WPS,
                       BITS: tl.constexpr, SIGNED: tl.constexpr, SMODE: tl.constexpr, HAS_ZERO: tl.constexpr,
                       HAS_RS: tl.constexpr, HAS_BIAS: tl.constexpr, SMUL: tl.constexpr, F16: tl.constexpr,
                       WB: tl.constexpr, NWG: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr,
+                      WPT: tl.constexpr = 4, STAGES: tl.constexpr = 0, SPLIT_K: tl.constexpr = 1,
                       PROBE: tl.constexpr = 0):
-    """y[m, rows] = x[m] @ W[rows]^T for BLOCK_N rows; each thread holds 4 consecutive words
-    (one 16-byte load) of every row, NWG groups of 4 words per iteration, and the activations of
-    those words once for all rows. WB: words per scale block; SMUL: the decode's
+    """y[m, rows] = x[m] @ W[rows]^T for BLOCK_N rows; each thread holds WPT consecutive words
+    (4: one 16-byte load) of every row, NWG groups of WPT words per iteration, and the activations
+    of those words once for all rows. WB: words per scale block; SMUL: the decode's
     constant factor (8 for 4 / 2-bit codes) times any format constant, folded into the scales.
+    STAGES: 0 loads one iteration ahead into registers; >= 2 lets Triton's pipeliner copy the
+    planes into shared memory (cp.async) STAGES - 1 iterations ahead, which keeps more bytes in
+    flight per SM without spending registers (the loop is bound by load latency, not issue).
+    SPLIT_K > 1: program (pid, k) takes the words [k * WPS, (k + 1) * WPS) (WPS a multiple of
+    NWG * WPT) and the last program to finish a row block adds the fp32 partial sums from the
+    workspace `ws_ptr` [SPLIT_K, M, N] (arrival counter `cnt_ptr`, reset to 0 by that program):
+    small-N shapes get enough warps in flight without larger, slower programs.
     PROBE (diagnostics only, wrong results): 1 no decode, 2 no scales."""
     pid = tl.program_id(0)
     pid_m = pid % M
@@ -263,52 +298,62 @@ def _gemv_fast_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, b_ptr, y_ptr,
     rows_c = tl.where(rmask, rows, 0)
     w_row = w_ptr + rows_c.to(tl.int64) * stride_wn
     x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
-    WORDS: tl.constexpr = NWG * 4
-    k_lo = 0
-    k_hi = KW
-    local = tl.arange(0, NWG)[:, None] * 4 + tl.arange(0, 4)[None, :]  # [NWG, 4]
+    WORDS: tl.constexpr = NWG * WPT
+    k_lo = tl.program_id(1) * WPS
+    k_hi = tl.minimum(k_lo + WPS, KW)
+    local = tl.arange(0, NWG)[:, None] * WPT + tl.arange(0, WPT)[None, :]  # [NWG, WPT]
     acc = tl.zeros([BLOCK_N, NWG], tl.float32)
-    # everything the loop reads (words, activations, scales) is loaded one iteration ahead: the
-    # loop is otherwise bound by the latency of those loads
-    gblk0 = tl.arange(0, NWG) * 4 // WB  # scale block of each group of 4 words (WB >= 4)
-    word = k_lo + local
-    wmask = word < k_hi
-    wv_n = tl.load(w_row[:, None, None] + word[None, :, :], mask=wmask[None, :, :], other=0)
-    x0n, x1n, x2n, x3n, x4n, x5n, x6n, x7n = _load_x(x_row, tl.where(wmask, word, KW), K, BITS, ASM)
-    s_n, z_n = _scales(s_ptr, z_ptr, rows_c, stride_sn, word, wmask, k_lo // WB + gblk0,
-                       (k_lo + tl.arange(0, NWG) * 4) < k_hi, SMODE, HAS_ZERO, WB)
-    for w0 in range(k_lo, k_hi, WORDS):
-        word = w0 + local
+    gblk0 = tl.arange(0, NWG) * WPT // WB  # scale block of each group of WPT words (WB % WPT == 0)
+    if STAGES >= 2:
+        for w0 in tl.range(k_lo, k_hi, WORDS, num_stages=STAGES):
+            word = w0 + local
+            wmask = word < k_hi
+            wv = tl.load(w_row[:, None, None] + word[None, :, :], mask=wmask[None, :, :], other=0)
+            x0, x1, x2, x3, x4, x5, x6, x7 = _load_x(x_row, tl.where(wmask, word, KW), K, BITS, ASM)
+            s, z = _scales(s_ptr, z_ptr, rows_c, stride_sn, word, wmask, w0 // WB + gblk0,
+                           (w0 + tl.arange(0, NWG) * WPT) < k_hi, SMODE, HAS_ZERO, WB, WPT)
+            acc += _step(wv, x0, x1, x2, x3, x4, x5, x6, x7, s, z, x_row, word, wmask, K, KW, BITS, SIGNED, SMODE,
+                         HAS_ZERO, SMUL, F16, WB, WPT, ASM, PROBE)
+    else:
+        # everything the loop reads (words, activations, scales) is loaded one iteration ahead: the
+        # loop is otherwise bound by the latency of those loads
+        word = k_lo + local
         wmask = word < k_hi
-        wv, x0, x1, x2, x3, x4, x5, x6, x7, s, z = wv_n, x0n, x1n, x2n, x3n, x4n, x5n, x6n, x7n, s_n, z_n
-        nword = word + WORDS
-        nmask = nword < k_hi
-        wv_n = tl.load(w_row[:, None, None] + nword[None, :, :], mask=nmask[None, :, :], other=0)
-        x0n, x1n, x2n, x3n, x4n, x5n, x6n, x7n = _load_x(x_row, tl.where(nmask, nword, KW), K, BITS, ASM)
-        s_n, z_n = _scales(s_ptr, z_ptr, rows_c, stride_sn, nword, nmask, (w0 + WORDS) // WB + gblk0,
-                           (w0 + WORDS + tl.arange(0, NWG) * 4) < k_hi, SMODE, HAS_ZERO, WB)
-        if PROBE == 1:
-            p = wv.to(tl.float32)
-        else:
-            p = _words_dot(wv, x0, x1, x2, x3, x4, x5, x6, x7, x_row, tl.where(wmask, word, KW), K, BITS,
-                           SIGNED, F16, ASM)  # [BLOCK_N, NWG, 4]
-        if PROBE == 2 or not (SMODE == 1 or SMODE == 2):
-            acc += tl.sum(p, axis=2) * SMUL
-        elif WB >= 4:  # one scale per group of 4 words
-            part = tl.sum(p, axis=2) * (s * SMUL)
-            if HAS_ZERO:
-                part += z * tl.sum(_words_xsum(x_row, tl.where(wmask, word, KW), K, BITS), axis=1)[None, :]
-            acc += part
-        else:  # a scale per word
-            part = p * (s * SMUL)
-            if HAS_ZERO:
-                part += z * _words_xsum(x_row, tl.where(wmask, word, KW), K, BITS)[None]
-            acc += tl.sum(part, axis=2)
+        wv_n = tl.load(w_row[:, None, None] + word[None, :, :], mask=wmask[None, :, :], other=0)
+        x0n, x1n, x2n, x3n, x4n, x5n, x6n, x7n = _load_x(x_row, tl.where(wmask, word, KW), K, BITS, ASM)
+        s_n, z_n = _scales(s_ptr, z_ptr, rows_c, stride_sn, word, wmask, k_lo // WB + gblk0,
+                           (k_lo + tl.arange(0, NWG) * WPT) < k_hi, SMODE, HAS_ZERO, WB, WPT)
+        for w0 in range(k_lo, k_hi, WORDS):
+            word = w0 + local
+            wmask = word < k_hi
+            wv, x0, x1, x2, x3, x4, x5, x6, x7, s, z = wv_n, x0n, x1n, x2n, x3n, x4n, x5n, x6n, x7n, s_n, z_n
+            nword = word + WORDS
+            nmask = nword < k_hi
+            wv_n = tl.load(w_row[:, None, None] + nword[None, :, :], mask=nmask[None, :, :], other=0)
+            x0n, x1n, x2n, x3n, x4n, x5n, x6n, x7n = _load_x(x_row, tl.where(nmask, nword, KW), K, BITS, ASM)
+            s_n, z_n = _scales(s_ptr, z_ptr, rows_c, stride_sn, nword, nmask, (w0 + WORDS) // WB + gblk0,
+                               (w0 + WORDS + tl.arange(0, NWG) * WPT) < k_hi, SMODE, HAS_ZERO, WB, WPT)
+            acc += _step(wv, x0, x1, x2, x3, x4, x5, x6, x7, s, z, x_row, word, wmask, K, KW, BITS, SIGNED, SMODE,
+                         HAS_ZERO, SMUL, F16, WB, WPT, ASM, PROBE)
     y = tl.sum(acc, axis=1)
     if SMODE == 3:
         y = y * tl.load(s_ptr + rows_c * stride_sn, mask=rmask, other=0).to(tl.float32)
     if HAS_RS:
         y = y * tl.load(rs_ptr + rows_c, mask=rmask, other=0).to(tl.float32)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rows_c, mask=rmask, other=0).to(tl.float32)
-    tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
+    if SPLIT_K > 1:
+        woffs = pid_m.to(tl.int64) * N + rows
+        tl.store(ws_ptr + tl.program_id(1).to(tl.int64) * M * N + woffs, y, mask=rmask)
+        tl.debug_barrier()
+        seen = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+        if seen == SPLIT_K - 1:
+            y = y * 0.0
+            for sk in range(SPLIT_K):
+                y += tl.load(ws_ptr + sk * M * N + woffs, mask=rmask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                y += tl.load(b_ptr + rows_c, mask=rmask, other=0).to(tl.float32)
+            tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
+            tl.atomic_xchg(cnt_ptr + pid, 0)
+    else:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows_c, mask=rmask, other=0).to(tl.float32)
+        tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)

@@ -204,6 +204,10 @@ def candidates(spec: Spec, m: int, k: int, n: int) -> list[dict]:
         for bn, nw, nwg in ((4, 4, 128), (8, 2, 64), (8, 4, 128), (16, 2, 64), (8, 2, 32), (16, 4, 32),
                             (32, 4, 32), (16, 2, 32), (32, 8, 32), (64, 8, 32), (16, 4, 64), (32, 4, 64)):
             out.append({"path": "gemv2", "BLOCK_N": bn, "NWG": nwg, "num_warps": nw})
+        # planes pipelined through shared memory (cp.async), STAGES - 1 iterations in flight
+        for bn, nw, nwg, st in ((8, 4, 32, 3), (16, 4, 32, 3), (16, 4, 32, 4), (8, 4, 64, 3), (16, 4, 64, 3),
+                                (8, 2, 32, 4), (16, 2, 32, 4), (8, 4, 16, 4), (16, 4, 16, 4), (32, 4, 32, 3)):
+            out.append({"path": "gemv2", "BLOCK_N": bn, "NWG": nwg, "num_warps": nw, "STAGES": st})
         for bn, kbt, nw in ((4, 512, 4), (4, 1024, 4), (4, 2048, 4), (8, 512, 4), (8, 1024, 4), (2, 2048, 4),
                             (2, 1024, 4), (4, 2048, 8), (8, 2048, 8), (16, 512, 4)):
             out.append({"path": "gemv", "BLOCK_N": bn, "KB_T": kbt, "num_warps": nw})
@@ -388,16 +392,28 @@ def run_fast_gemv(x2, planes, spec: Spec, n: int, k: int, bias, y, cfg: dict) ->
     wb = max(1, spec.bb // 4) if spec.smode in (1, 2) else 1
     smul = spec.cmul * (8.0 if spec.bits < 8 else 1.0)
     nw = cfg.get("num_warps", 4)
+    wpt = cfg.get("WPT", 4)
     nwg = cfg.get("NWG", 32 * nw)
     bn = cfg["BLOCK_N"]
-    grid = (m * triton_cdiv(n, bn),)
-    _kern("triton_gemv")._gemv_fast_kernel[grid](
-        x2, w32, s if s is not None else w32, z if z is not None else w32, rs if rs is not None else w32,
-        bias if bias is not None else w32, y, m, n, k, w32.shape[1], x2.stride(0), w32.stride(0),
-        s.stride(0) if s is not None else 0, y.stride(0),
+    kw = w32.shape[1]
+    words = nwg * wpt
+    split = cfg.get("SPLIT_K", 1)
+    wps = triton_cdiv(triton_cdiv(kw, split), words) * words
+    split = triton_cdiv(kw, wps)  # no empty splits
+    rblocks = m * triton_cdiv(n, bn)
+    if split > 1 and (rblocks > _N_COUNTERS or (words % wb and wb % words)):
+        split, wps = 1, kw  # a split must start on a scale block; counters are per row block
+    dummy = w32
+    ws = torch.empty(split, m, n, device=x2.device, dtype=torch.float32) if split > 1 else dummy
+    cnt = _counters(x2.device) if split > 1 else dummy
+    _kern("triton_gemv")._gemv_fast_kernel[(rblocks, split)](
+        x2, w32, s if s is not None else dummy, z if z is not None else dummy, rs if rs is not None else dummy,
+        bias if bias is not None else dummy, y, ws, cnt, m, n, k, kw, x2.stride(0), w32.stride(0),
+        s.stride(0) if s is not None else 0, y.stride(0), wps,
         BITS=spec.bits, SIGNED=spec.code == 0, SMODE=spec.smode, HAS_ZERO=spec.has_zero, HAS_RS=rs is not None,
         HAS_BIAS=bias is not None, SMUL=smul, F16=x2.dtype == torch.float16, WB=wb, NWG=nwg, BLOCK_N=bn,
-        ASM=not _interpreting(), PROBE=cfg.get("PROBE", 0), num_warps=nw, num_stages=cfg.get("num_stages", 1))
+        ASM=not _interpreting(), WPT=wpt, STAGES=cfg.get("STAGES", 0), SPLIT_K=split, PROBE=cfg.get("PROBE", 0),
+        num_warps=nw, num_stages=cfg.get("num_stages", 1))
     return y
 
 
