@@ -6,7 +6,10 @@ STAGES: 0 = register prefetch, >= 2 = cp.async pipeline), with PROBE 1 (no decod
 scales) beside the full kernel when `--probe` is given. Same timing method as matmul.py (CUDA
 graph, weight copies past the L2).
 
-Run: PYTHONPATH=src python benchmarks/gemv_probe.py [--presets int4-e8m0 int8] [--probe]
+With `--m 16 64`: the packed-nibble tensor-core path `dot4` instead (configs BN,BM,NB_T,warps,
+STAGES,SPLIT_K), next to bf16 and the table's current choice at that M.
+
+Run: PYTHONPATH=src python benchmarks/gemv_probe.py [--presets int4-e8m0 int8] [--probe] [--m 16]
 """
 import argparse
 import itertools
@@ -34,7 +37,10 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=GPU_SHAPES, help="KxN")
     ap.add_argument("--configs", nargs="+", default=None, help="BN,warps,NWG,STAGES,WPT[,SPLIT_K] (default: a grid)")
     ap.add_argument("--probe", action="store_true", help="also time PROBE 1 (no decode) and 2 (no scales)")
+    ap.add_argument("--m", type=int, nargs="+", default=None, help="dot4 at these M instead of the GEMV at M=1")
     args = ap.parse_args()
+    if args.m:
+        return dot4_main(args)
     configs = [tuple(map(int, c.split(","))) for c in args.configs] if args.configs else DEFAULT_CONFIGS
     configs = [c + (1,) * (6 - len(c)) for c in configs]
     torch.manual_seed(0)
@@ -86,6 +92,54 @@ def main() -> None:
                 print(f"  best {preset}: {best[0]:.1f} us {best[1]} = {t_bf16 / best[0]:.2f}x bf16, "
                       f"{t_tiny / best[0]:.2f}x tinygemm, {qt.nbytes / best[0] / 1e6:.2f} TB/s", flush=True)
             del copies
+        torch.cuda.empty_cache()
+
+
+DOT4_CONFIGS = [(64, 16, 2, 4, 3, 1), (64, 16, 4, 4, 3, 1), (128, 16, 4, 4, 3, 1), (64, 16, 2, 4, 3, 2),
+                (128, 16, 2, 4, 3, 2), (64, 16, 4, 4, 4, 2), (128, 16, 4, 8, 3, 1), (64, 32, 2, 4, 3, 1),
+                (128, 32, 2, 4, 3, 1), (128, 64, 2, 4, 3, 1), (128, 64, 4, 8, 3, 1), (64, 64, 2, 4, 3, 1)]
+
+
+def dot4_main(args) -> None:
+    configs = [tuple(map(int, c.split(","))) for c in args.configs] if args.configs else DOT4_CONFIGS
+    torch.manual_seed(0)
+    for shape in args.shapes:
+        k, n = map(int, shape.split("x"))
+        w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
+        c = copies_for(n * k * 2)
+        ws = [w] + [w.clone() for _ in range(c - 1)]
+        for preset in args.presets:
+            qt = lowbit.quantize_tensor(w.float(), preset)
+            spec = tlin.spec_of(qt.fmt)
+            cq = copies_for(qt.nbytes)
+            copies = [{p: (v.clone() if isinstance(v, torch.Tensor) else v) for p, v in tlin.kernel_planes(qt).items()}
+                      for _ in range(cq)]
+            for m in args.m:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                xs = [x.clone() for _ in range(max(c, cq))]
+                t_bf16 = graph_time([lambda i=i: torch.nn.functional.linear(xs[i], ws[i]) for i in range(c)])
+                t_cur = graph_time([lambda i=i: tlin.run(xs[i], copies[i], spec, n, k, None) for i in range(cq)])
+                ref = torch.nn.functional.linear(x.float(), qt.dequantize().float())
+                print(f"\nK={k} N={n} M={m} {preset}: bf16 {t_bf16:.1f} us, table's choice "
+                      f"{tlin.choose(spec, m, k, n)['path']} {t_cur:.1f} us ({t_bf16 / t_cur:.2f}x)", flush=True)
+                best = None
+                for bn, bm, nbt, nw, st, sk in configs:
+                    cfg = {"path": "dot4", "BLOCK_N": bn, "BLOCK_M": bm, "NB_T": nbt, "num_warps": nw, "STAGES": st,
+                           "SPLIT_K": sk}
+                    try:
+                        t = graph_time([lambda i=i: tlin.run(xs[i], copies[i], spec, n, k, None, cfg=cfg)
+                                        for i in range(cq)], reps=5)
+                        y = tlin.run(x, copies[0], spec, n, k, None, cfg=cfg).float()
+                        err = ((y - ref).norm() / ref.norm()).item()
+                        best = min(best or (t, cfg), (t, cfg), key=lambda r: r[0])
+                        print(f"  dot4 BN={bn:<3} BM={bm:<3} NB_T={nbt} warps={nw} STAGES={st} SPLIT={sk}  {t:7.1f} us"
+                              f"  x bf16 {t_bf16 / t:5.2f}  err {err:.1e}", flush=True)
+                    except Exception as e:  # noqa: BLE001 - a config that does not fit is reported, not fatal
+                        print(f"  dot4 {cfg}: {type(e).__name__} {str(e)[:100]}", flush=True)
+                if best:
+                    print(f"  best dot4 {preset} M={m}: {best[0]:.1f} us = {t_bf16 / best[0]:.2f}x bf16 {best[1]}", flush=True)
+            del copies
+        del ws
         torch.cuda.empty_cache()
 
 

@@ -303,8 +303,10 @@ def run(x2: torch.Tensor, planes: dict[str, torch.Tensor | None], spec: Spec, n:
     if path in ("gemv", "gemv2") and cfg.get("fast", True) and fast_gemv_ok(spec, x2, w, k, lut is not None):
         fcfg = cfg if path == "gemv2" else fast_gemv_config(m, k, n)
         return run_fast_gemv(x2, planes, spec, n, k, bias, y, fcfg)
-    if path == "gemv2":  # a table entry for the fast GEMV, on a format it does not cover
-        cfg = heuristic(spec, 1, k, n)
+    if path == "dot4" and dot4_ok(spec, x2, lut is not None):
+        return run_dot4(x2, planes, spec, n, k, bias, y, cfg)
+    if path in ("gemv2", "dot4"):  # a table entry for a fast path, on a format it does not cover
+        cfg = heuristic(spec, m if path == "dot4" else 1, k, n)
         path = cfg["path"]
     if path == "gemv" and kb % 4 == 0 and w.stride(0) % 4 == 0 and w.data_ptr() % 4 == 0:
         # the word GEMV: data plane viewed as int32, one word (32 / bits codes) per thread and row
@@ -414,6 +416,48 @@ def run_fast_gemv(x2, planes, spec: Spec, n: int, k: int, bias, y, cfg: dict) ->
         HAS_BIAS=bias is not None, SMUL=smul, F16=x2.dtype == torch.float16, WB=wb, NWG=nwg, BLOCK_N=bn,
         ASM=not _interpreting(), WPT=wpt, STAGES=cfg.get("STAGES", 0), SPLIT_K=split, PROBE=cfg.get("PROBE", 0),
         num_warps=nw, num_stages=cfg.get("num_stages", 1))
+    return y
+
+
+def dot4_ok(spec: Spec, x2: torch.Tensor, has_lut: bool) -> bool:
+    """Whether `triton_dot4._dot4_kernel` covers this call: 4-bit integer codes with block scales
+    and 16-bit activations (the codes are decoded into the activation dtype)."""
+    return (not has_lut and spec.bits == 4 and spec.code in (0, 2) and spec.smode in (1, 2)
+            and (x2.dtype in (torch.float16, torch.bfloat16) or _interpreting()))
+
+
+def run_dot4(x2, planes, spec: Spec, n: int, k: int, bias, y, cfg: dict) -> torch.Tensor:
+    """y = x2 @ W^T by the packed-nibble tensor-core kernel (see triton_dot4.py); `dot4_ok` must hold."""
+    import triton
+
+    m = x2.shape[0]
+    w = planes["data"]
+    if w.stride(1) != 1:
+        w = w.contiguous()
+    s, z = planes["scale"], planes.get("zero")
+    if s.stride(-1) != 1:
+        s = s.contiguous()
+    if z is not None and z.stride(-1) != 1:
+        z = z.contiguous()
+    kb = w.shape[1]
+    nblk = triton.cdiv(kb, spec.bb)
+    nb_t = cfg.get("NB_T", 1)
+    split = cfg.get("SPLIT_K", 1)
+    bps = triton.cdiv(triton.cdiv(nblk, split), nb_t) * nb_t
+    split = triton.cdiv(nblk, bps)  # no empty splits
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), split)
+    if split > 1 and grid[0] * grid[1] > _N_COUNTERS:
+        bps, grid = nblk, grid[:2] + (1,)
+        split = 1
+    ws = torch.empty(split, m, n, device=x2.device, dtype=torch.float32) if split > 1 else y
+    cnt = _counters(x2.device) if split > 1 else w
+    _kern("triton_dot4")._dot4_kernel[grid](
+        x2, w, s, z if z is not None else w, bias if bias is not None else w, y, ws, cnt,
+        m, n, k, kb, x2.stride(0), w.stride(0), s.stride(0), y.stride(0), bps,
+        SIGNED=spec.code == 0, SMODE=spec.smode, HAS_ZERO=spec.has_zero, HAS_BIAS=bias is not None,
+        SMUL=spec.cmul * 8.0, BB=spec.bb, NB_T=nb_t, BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"],
+        SPLIT_K=split, STAGES=cfg.get("STAGES", 3), F16=x2.dtype == torch.float16, ASM=not _interpreting(),
+        DOT_DTYPE=_dot_dtype(x2.dtype), num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
     return y
 
 
