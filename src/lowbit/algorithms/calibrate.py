@@ -129,17 +129,29 @@ def _with_hidden(inputs: list[tuple[tuple, dict]], hidden: list[torch.Tensor]) -
     return out
 
 
-def _collect_stats(block: nn.Module, names: dict[str, nn.Module], inputs, n_sample: int) -> tuple[dict[str, LayerStats], dict[str, int]]:
-    """Per layer: input statistics, and an id of the input tensor it read (layers reading the same
-    tensor, like q/k/v, share an id and so a Hessian)."""
+def _collect_stats(block: nn.Module, names: dict[str, nn.Module], inputs, n_sample: int) -> tuple[dict[str, LayerStats], dict[str, tuple]]:
+    """Per layer: input statistics, and a label of the input tensor(s) it read: layers reading
+    the same tensor in every batch (like q/k/v) get equal labels and so may share a Hessian.
+
+    A tensor is recognised by its address (plus shape, strides, dtype), and every input seen in a
+    batch is kept alive until that batch's forward ends: otherwise a freed input's address can be
+    reused by a later, different input of the same forward (the post-attention norm's output at
+    the input norm's old address), which stacked gate/up with q/k/v under q's Hessian whenever
+    the allocator happened to reuse it -- a result that depended on the heap's history."""
     acc: dict[str, list] = {}
-    source: dict[str, int] = {}
+    seen: dict[str, list[tuple]] = {}  # this batch: layer -> its inputs' keys, in call order
+    alive: list[torch.Tensor] = []     # this batch's inputs: no address is reused while they live
+    labels: dict[str, list] = {}
     handles = []
 
     def make(name):
         def hook(_mod, args):
-            source.setdefault(name, args[0].data_ptr())
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+            inp = args[0]
+            alive.append(inp)
+            key = ((inp.device, inp.data_ptr(), inp.dtype, tuple(inp.shape), inp.stride()) if inp.numel()
+                   else (name, len(alive)))  # empty tensors may all report address 0: never alias them
+            seen.setdefault(name, []).append(key)
+            x = inp.detach().reshape(-1, inp.shape[-1]).to(torch.float32)
             if name not in acc:
                 acc[name] = [torch.zeros(x.shape[1], x.shape[1], device=x.device), 0, []]
             a = acc[name]
@@ -153,10 +165,17 @@ def _collect_stats(block: nn.Module, names: dict[str, nn.Module], inputs, n_samp
     for name, mod in names.items():
         handles.append(mod.register_forward_pre_hook(make(name)))
     try:
-        _run_block(block, inputs)
+        for inp in inputs:
+            _run_block(block, [inp])
+            first: dict[tuple, str] = {}  # this batch's input keys -> first layer that read them
+            for n in names:
+                labels.setdefault(n, []).append(first.setdefault(tuple(seen[n]), n) if n in seen else None)
+            seen.clear()
+            alive.clear()
     finally:
         for h in handles:
             h.remove()
+    source = {n: tuple(lab) for n, lab in labels.items() if n in acc}
     return {n: LayerStats(h / max(1, c), torch.cat(s), c) for n, (h, c, s) in acc.items()}, source
 
 
@@ -253,7 +272,7 @@ def calibrate(model: nn.Module, plan: dict[str, tuple[Format, bool]], batches: l
                     awq_names = {n for n in names if "awq" in algorithm_for(n)}
                     _apply_awq(model, block, prefix, awq_names, fmts, stats, result.notes, touched)
                 originals = {}
-                for group in _stack_groups(names, plan, algorithm_for, source):
+                for group in _stack_groups(names, plan, algorithm_for, source, stats):
                     n0 = group[0]
                     fmt, pad = plan[n0]
                     ws = [_weight(names[n]) for n in group]
@@ -289,18 +308,27 @@ def calibrate(model: nn.Module, plan: dict[str, tuple[Format, bool]], batches: l
     return result
 
 
-def _stack_groups(names, plan, algorithm_for, source) -> list[list[str]]:
+def _stack_groups(names, plan, algorithm_for, source, stats) -> list[list[str]]:
     """Layers to quantize in one stacked sweep: same input tensor, format, padding and algorithm
-    (block formats only; a palette's table is per tensor, so palettes are never stacked)."""
-    groups: dict[tuple, list[str]] = {}
+    (block formats only; a palette's table is per tensor, so palettes are never stacked), and a
+    bitwise equal Hessian -- the sweep uses the first layer's Hessian for all, so this is exactly
+    the condition for stacking to be right (it also splits layers that read one buffer which the
+    block overwrote in place between the reads)."""
+    groups: dict[tuple, list[list[str]]] = {}
     for n in names:
         fmt, pad = plan[n]
         alg = algorithm_for(n)
         if fmt.family == "lut" or alg == "rtn" or n not in source:
-            groups[("single", n)] = [n]
+            groups[("single", n)] = [[n]]
+            continue
+        subs = groups.setdefault((source[n], fmt, pad, alg), [])
+        for sub in subs:
+            if torch.equal(stats[sub[0]].hessian, stats[n].hessian):
+                sub.append(n)
+                break
         else:
-            groups.setdefault((source[n], fmt, pad, alg), []).append(n)
-    return list(groups.values())
+            subs.append([n])
+    return [sub for subs in groups.values() for sub in subs]
 
 
 class _progress:
