@@ -56,6 +56,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="cpu: torch threads (default: torch's choice)")
     ap.add_argument("--tune", metavar="TABLE.json", help="cuda: measure kernel configs and write the table here")
     ap.add_argument("--tune-paths", nargs="+", default=None, help="--tune: only candidates of these paths")
+    ap.add_argument("--tune-preset", default="int4-e8m0",
+                    help="--tune: weights of this preset; int4-e8m0 writes keys for every format ('*'), "
+                         "another preset keys for its bit width only")
     ap.add_argument("--log", metavar="FILE.jsonl", help="cuda: also write every row as JSON lines here")
     ap.add_argument("--check", action="store_true", help="cuda: every kernel path vs its reference at odd shapes, then exit")
     args = ap.parse_args()
@@ -356,7 +359,8 @@ def print_summary(rows) -> None:
 
 def tune(args, shapes, ms, bw) -> None:
     """Time candidate configs per (M bucket, K, N) on int4-e8m0 weights; write the fastest to the table
-    (keys '*|M|K|N': the configs count bytes, so they serve every format)."""
+    (keys '*|M|K|N': the configs count bytes, so they serve every format). With another
+    `--tune-preset` the keys are 'BITS|M|K|N', which `choose` prefers for formats of those bits."""
     import json
     import os
 
@@ -366,7 +370,7 @@ def tune(args, shapes, ms, bw) -> None:
     for shape in shapes:
         k, n = map(int, shape.split("x"))
         w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
-        qt = lowbit.quantize_tensor(w.float(), "int4-e8m0")
+        qt = lowbit.quantize_tensor(w.float(), args.tune_preset)
         spec = tlin.spec_of(qt.fmt)
         c = copies_for(qt.nbytes)
         copies = [tlin.kernel_planes(qt)] + [
@@ -386,7 +390,10 @@ def tune(args, shapes, ms, bw) -> None:
                 print(f"  K={k} N={n} M={m} {t:8.1f} us  {cfg}", flush=True)
                 if best is None or t < best[0]:
                     best = (t, cfg)
-            entries[f"*|{tlin.m_bucket(m)}|{k}|{n}"] = dict(best[1], us=round(best[0], 2))
+            if best is None:
+                continue
+            key = "*" if args.tune_preset == "int4-e8m0" else str(spec.bits)
+            entries[f"{key}|{tlin.m_bucket(m)}|{k}|{n}"] = dict(best[1], us=round(best[0], 2))
             print(f"best K={k} N={n} M={m}: {best[0]:.1f} us {best[1]}", flush=True)
         del copies, qt, w
     try:  # merge: entries measured now replace those of the same key, the others are kept

@@ -10,11 +10,12 @@ PTX block per 4 bytes (8 codes):
     fma   v, v, 1, -(MAGIC + off/8) -> exact pair ((lo(b0) - off) / 8, (lo(b1) - off) / 8)
 
 (the high nibbles the same after a 4-bit shift; MAGIC = 16.0 in bf16 or 128.0 in fp16, where the
-unit in the last place is 1/8, as in triton_gemv.py). 12 instructions for 8 weights, and the values
-are exact in the MMA dtype. The low and high nibble tiles are joined back into column order and
-fed to `tl.dot` one scale block at a time; the block's scale multiplies the fp32 partial product
-(a [BLOCK_N, BLOCK_M] FMA), so scales never round in 16 bits. Weights are the wide operand (W @ x^T,
-BLOCK_N rows by BLOCK_M activations), split-K with the last-arriving program reducing.
+unit in the last place is 1/8, as in triton_gemv.py). 16 instructions for 8 weights; the (c - off) / 8
+are exact in the MMA dtype; one more pair FMA applies the block's scale (times 8) and zero point,
+rounding once to the weight in the MMA dtype (as dequantize-then-cast would). The low and high
+nibble tiles are joined back into column order and fed to one `tl.dot` per iteration (NB_T scale
+blocks), accumulating in fp32. Weights are the wide operand (W @ x^T, BLOCK_N rows by BLOCK_M
+activations), split-K with the last-arriving program reducing.
 
 Under TRITON_INTERPRET=1 (no inline assembly) `ASM=False` decodes the nibbles with plain Triton in
 fp32 (the interpreter's bf16 dot is wrong, so DOT_DTYPE is fp32 there).
@@ -30,8 +31,9 @@ import triton.language as tl
 
 
 def _asm_nibbles(f16: bool, off: int) -> str:
-    """PTX: $0, $1 = the low nibbles of the 4 bytes in $4 as 16-bit (c - off) / 8, two per register
-    (byte 0 in the low half of $0); $2, $3 = the high nibbles."""
+    """PTX: $0, $1 = the low nibbles of the 4 bytes in $4 as 16-bit ((c - off) / 8) * s + z, two per
+    register (byte 0 in the low half of $0); $2, $3 = the high nibbles. $5, $6 hold the scales of
+    the 4 bytes as pairs (bytes 0-1, 2-3), $7, $8 the zero points."""
     magic16 = 0x5800 if f16 else 0x4180
     neg16 = (magic16 + off) | 0x8000  # -(MAGIC + off / 8): same exponent, so the bits add
     one16 = 0x3C00 if f16 else 0x3F80
@@ -39,13 +41,15 @@ def _asm_nibbles(f16: bool, off: int) -> str:
     lines = ["{", ".reg .b32 t, u, v, mg, ng, one;",
              f"mov.b32 mg, {hex(magic16 * 0x10001)};", f"mov.b32 ng, {hex(neg16 * 0x10001)};",
              f"mov.b32 one, {hex(one16 * 0x10001)};"]
-    for out_lo, out_hi, sel in (("$0", "$2", "0x4140"), ("$1", "$3", "0x4342")):
+    for out_lo, out_hi, sel, sc, zp in (("$0", "$2", "0x4140", "$5", "$7"), ("$1", "$3", "0x4342", "$6", "$8")):
         lines += [f"prmt.b32 t, $4, 0, {sel};",            # two bytes, one per 16-bit half
                   "shr.b32 u, t, 4;",
                   "lop3.b32 v, t, 0x000F000F, mg, 0xEA;",  # (t & mask) | magic
-                  f"fma.rn.{ty} {out_lo}, v, one, ng;",
+                  f"fma.rn.{ty} v, v, one, ng;",           # exact (c - off) / 8
+                  f"fma.rn.{ty} {out_lo}, v, {sc}, {zp};",  # one rounding: the weight in 16 bits
                   "lop3.b32 v, u, 0x000F000F, mg, 0xEA;",
-                  f"fma.rn.{ty} {out_hi}, v, one, ng;"]
+                  f"fma.rn.{ty} v, v, one, ng;",
+                  f"fma.rn.{ty} {out_hi}, v, {sc}, {zp};"]
     lines.append("}")
     return "\n".join(lines)
 
@@ -57,28 +61,29 @@ NIB_F16_U = tl.constexpr(_asm_nibbles(True, 0))
 
 
 @triton.jit
-def _nibbles(b, F16: tl.constexpr, SIGNED: tl.constexpr, ASM: tl.constexpr, DT: tl.constexpr):
-    """(low, high) nibble values (c - off) / 8 of the uint8 tile `b`, in DT (off = 8 if SIGNED)."""
+def _nibbles(b, sc, zp, F16: tl.constexpr, SIGNED: tl.constexpr, ASM: tl.constexpr, DT: tl.constexpr):
+    """(low, high) nibble weights ((c - off) / 8) * sc + zp of the uint8 tile `b` in DT (off = 8 if
+    SIGNED); `sc`, `zp`: DT tiles of b's shape (the block's scale times 8, its zero point)."""
     if ASM:
         if F16:
             if SIGNED:
                 s: tl.constexpr = NIB_F16_S
             else:
                 s: tl.constexpr = NIB_F16_U
-            lo, hi = tl.inline_asm_elementwise(s, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
-                                               is_pure=True, pack=4)
+            lo, hi = tl.inline_asm_elementwise(s, "=r,=r,=r,=r,r,r,r,r,r", [b, sc, zp],
+                                               dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
         else:
             if SIGNED:
                 s: tl.constexpr = NIB_BF16_S
             else:
                 s: tl.constexpr = NIB_BF16_U
-            lo, hi = tl.inline_asm_elementwise(s, "=r,=r,=r,=r,r", [b], dtype=(tl.bfloat16, tl.bfloat16),
-                                               is_pure=True, pack=4)
+            lo, hi = tl.inline_asm_elementwise(s, "=r,=r,=r,=r,r,r,r,r,r", [b, sc, zp],
+                                               dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
     else:
         bi = b.to(tl.int32)
         off: tl.constexpr = 8 if SIGNED else 0
-        lo = ((bi & 15) - off).to(tl.float32) * 0.125
-        hi = ((bi >> 4) - off).to(tl.float32) * 0.125
+        lo = ((bi & 15) - off).to(tl.float32) * 0.125 * sc.to(tl.float32) + zp.to(tl.float32)
+        hi = ((bi >> 4) - off).to(tl.float32) * 0.125 * sc.to(tl.float32) + zp.to(tl.float32)
     return lo.to(DT), hi.to(DT)
 
 
@@ -90,8 +95,8 @@ def _dot4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                  BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr, F16: tl.constexpr,
                  ASM: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """y[ms, rows] = x[ms] @ W[rows]^T: BLOCK_N weight rows x BLOCK_M activation rows, NB_T scale
-    blocks of BB bytes per iteration (each its own load, decode and tl.dot), blocks
-    [pid_k * blocks_per_split, ...) of K; SMUL: the decode's 8 times the format constant."""
+    blocks of BB bytes per iteration, blocks [pid_k * blocks_per_split, ...) of K; SMUL: the
+    decode's 8 times the format constant."""
     BK: tl.constexpr = 2 * BB  # codes per scale block
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -113,25 +118,26 @@ def _dot4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     # this split's end as column / byte limits (blocks past blk_hi read nothing)
     k_lim = tl.minimum(K, blk_hi * BK)
     kb_lim = tl.minimum(KB, blk_hi * BB)
+    jb = tl.arange(0, NB_T)
     for blk0 in tl.range(blk_lo, blk_hi, NB_T, num_stages=STAGES):
-        for j in tl.static_range(NB_T):
-            blk = blk0 + j
-            byte = blk * BB + tl.arange(0, BB)
-            b = tl.load(w_row[:, None] + byte[None, :], mask=(byte < kb_lim)[None, :], other=0)
-            lo, hi = _nibbles(b, F16, SIGNED, ASM, DOT_DTYPE)
-            wv = tl.join(lo, hi).reshape(BLOCK_N, BK)  # byte j holds columns 2j (low) and 2j + 1
-            kk = blk * BK + tl.arange(0, BK)
-            xt = tl.load(x_rows[None, :] + kk[:, None], mask=(kk < k_lim)[:, None] & mmask[None, :], other=0.0)
-            part = tl.dot(wv, xt.to(DOT_DTYPE))
-            s = tl.load(s_row + blk, mask=rmask & (rows * 0 + blk < blk_hi), other=0)
-            if SMODE == 2:
-                s = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
-            else:
-                s = s.to(tl.float32)
-            acc += part * (s * SMUL)[:, None]
-            if HAS_ZERO:
-                z = tl.load(z_row + blk, mask=rmask & (rows * 0 + blk < blk_hi), other=0).to(tl.float32)
-                acc += z[:, None] * tl.sum(xt.to(tl.float32), axis=0)[None, :]
+        blk = blk0 + jb
+        bmask = (rows * 0 + blk0)[:, None] + jb[None, :] < blk_hi  # [BLOCK_N, NB_T]
+        byte = blk[:, None] * BB + tl.arange(0, BB)[None, :]  # [NB_T, BB]
+        b = tl.load(w_row[:, None, None] + byte[None, :, :], mask=(byte < kb_lim)[None, :, :], other=0)
+        s = tl.load(s_row[:, None] + blk[None, :], mask=bmask, other=0)
+        if SMODE == 2:
+            s = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+        s = (s.to(tl.float32) * SMUL).to(DOT_DTYPE)
+        if HAS_ZERO:
+            z = tl.load(z_row[:, None] + blk[None, :], mask=bmask, other=0).to(DOT_DTYPE)
+        else:
+            z = s * 0
+        lo, hi = _nibbles(b, tl.broadcast_to(s[:, :, None], [BLOCK_N, NB_T, BB]),
+                          tl.broadcast_to(z[:, :, None], [BLOCK_N, NB_T, BB]), F16, SIGNED, ASM, DOT_DTYPE)
+        wv = tl.join(lo, hi).reshape(BLOCK_N, NB_T * BK)  # byte j holds columns 2j (low) and 2j + 1
+        kk = blk0 * BK + tl.arange(0, NB_T * BK)
+        xt = tl.load(x_rows[None, :] + kk[:, None], mask=(kk < k_lim)[:, None] & mmask[None, :], other=0.0)
+        acc = tl.dot(wv, xt.to(DOT_DTYPE), acc)
     offs = ms_c.to(tl.int64)[None, :] * stride_ym + rows[:, None]
     omask = rmask[:, None] & mmask[None, :]
     if SPLIT_K > 1:

@@ -199,19 +199,27 @@ def candidates(spec: Spec, m: int, k: int, n: int) -> list[dict]:
 
     out: list[dict] = []
     if m <= 4:
-        # NWG = 32 * warps: all threads along K (few long iterations); NWG = 32: each warp takes
-        # its own rows and walks the whole row (many short iterations, loads overlap the decode)
-        for bn, nw, nwg in ((4, 4, 128), (8, 2, 64), (8, 4, 128), (16, 2, 64), (8, 2, 32), (16, 4, 32),
-                            (32, 4, 32), (16, 2, 32), (32, 8, 32), (64, 8, 32), (16, 4, 64), (32, 4, 64)):
-            out.append({"path": "gemv2", "BLOCK_N": bn, "NWG": nwg, "num_warps": nw})
-        # planes pipelined through shared memory (cp.async), STAGES - 1 iterations in flight
-        for bn, nw, nwg, st in ((8, 4, 32, 3), (16, 4, 32, 3), (16, 4, 32, 4), (8, 4, 64, 3), (16, 4, 64, 3),
-                                (8, 2, 32, 4), (16, 2, 32, 4), (8, 4, 16, 4), (16, 4, 16, 4), (32, 4, 32, 3)):
-            out.append({"path": "gemv2", "BLOCK_N": bn, "NWG": nwg, "num_warps": nw, "STAGES": st})
+        # (BLOCK_N, warps, NWG, WPT, SPLIT_K). One-warp programs of few rows win (H200, benchmarks/
+        # gemv_probe.py): no cross-warp exchange of the activations and many warps per SM. 4-bit
+        # codes: 4 words (16 bytes) per thread and row; int8: 1 word per thread and row over 8 rows
+        # (the activations then cost a quarter of the weights' L1 traffic), K split 2-8 ways
+        for bn, nw, nwg, wpt, sk in ((4, 1, 32, 4, 1), (4, 2, 64, 4, 1), (4, 4, 128, 4, 1), (4, 1, 64, 4, 1),
+                                     (16, 4, 32, 4, 1), (2, 1, 32, 4, 1), (4, 1, 32, 4, 2), (8, 1, 32, 2, 2),
+                                     (8, 1, 32, 1, 4), (8, 1, 32, 1, 2), (8, 1, 32, 1, 8), (16, 1, 32, 1, 4),
+                                     (4, 1, 32, 1, 4), (8, 2, 64, 1, 4)):
+            out.append({"path": "gemv2", "BLOCK_N": bn, "NWG": nwg, "num_warps": nw, "WPT": wpt, "SPLIT_K": sk})
         for bn, kbt, nw in ((4, 512, 4), (4, 1024, 4), (4, 2048, 4), (8, 512, 4), (8, 1024, 4), (2, 2048, 4),
                             (2, 1024, 4), (4, 2048, 8), (8, 2048, 8), (16, 512, 4)):
             out.append({"path": "gemv", "BLOCK_N": bn, "KB_T": kbt, "num_warps": nw})
     sm = _sm_count()
+    if 4 < m <= 256:  # the packed-nibble tensor-core path (4-bit integer codes only)
+        for bn, bm, kbt, nw, st, sk in ((64, 16, 64, 4, 3, 1), (128, 16, 64, 4, 3, 1), (64, 16, 64, 4, 3, 2),
+                                        (128, 16, 64, 4, 3, 2), (64, 16, 128, 4, 3, 2), (128, 16, 32, 4, 4, 2),
+                                        (64, 32, 64, 4, 3, 1), (128, 32, 64, 4, 3, 1), (128, 64, 64, 8, 3, 1),
+                                        (64, 64, 64, 4, 3, 1), (128, 128, 64, 8, 3, 1), (128, 64, 32, 4, 4, 1)):
+            if bm <= 2 * max(16, m):
+                out.append({"path": "dot4", "BLOCK_N": bn, "BLOCK_M": bm, "KB_T": kbt, "num_warps": nw,
+                            "STAGES": st, "SPLIT_K": sk})
     for bn, bm, swap, kbt, nw, st in ((64, 16, True, 64, 4, 3), (128, 16, True, 64, 4, 3), (64, 32, True, 64, 4, 3),
                                        (128, 16, True, 64, 8, 3), (64, 16, True, 64, 4, 4), (64, 16, True, 128, 8, 3),
                                        (128, 16, False, 64, 4, 3), (64, 16, False, 64, 4, 3),
