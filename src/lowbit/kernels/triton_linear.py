@@ -309,7 +309,7 @@ def run(x2: torch.Tensor, planes: dict[str, torch.Tensor | None], spec: Spec, n:
             rs if rs is not None else dummy, ls if ls is not None else dummy)
     path = cfg["path"]
     if path in ("gemv", "gemv2") and cfg.get("fast", True) and fast_gemv_ok(spec, x2, w, k, lut is not None):
-        fcfg = cfg if path == "gemv2" else fast_gemv_config(m, k, n)
+        fcfg = cfg if path == "gemv2" else fast_gemv_config(m, k, n, spec.bits)
         return run_fast_gemv(x2, planes, spec, n, k, bias, y, fcfg)
     if path == "dot4" and dot4_ok(spec, x2, lut is not None):
         return run_dot4(x2, planes, spec, n, k, bias, y, cfg)
@@ -376,12 +376,14 @@ def fast_gemv_ok(spec: Spec, x2: torch.Tensor, w: torch.Tensor, k: int, has_lut:
             and x2.stride(0) % 2 == 0 and x2.data_ptr() % 4 == 0)
 
 
-def fast_gemv_config(m: int, k: int, n: int) -> dict:
-    """Rows per program so that there are >= 3 programs per SM; one group of 4 words per thread."""
-    bn = 8
-    while bn > 1 and m * triton_cdiv(n, bn) < 3 * _sm_count():
-        bn //= 2
-    return {"path": "gemv2", "BLOCK_N": bn, "num_warps": 4}
+def fast_gemv_config(m: int, k: int, n: int, bits: int = 4) -> dict:
+    """Untuned shapes: the configs that won most often on the H200 (benchmarks/gemv_probe.py):
+    one-warp programs of 4 rows, 16 bytes per thread and row for 4 / 2-bit codes; int8 8 rows of
+    one word per thread, K split 4 ways when that leaves fewer than 8 programs per SM."""
+    if bits == 8:
+        split = 4 if m * triton_cdiv(n, 8) < 8 * _sm_count() else 1
+        return {"path": "gemv2", "BLOCK_N": 8, "NWG": 32, "WPT": 1, "SPLIT_K": split, "num_warps": 1}
+    return {"path": "gemv2", "BLOCK_N": 4, "NWG": 32, "WPT": 4, "num_warps": 1}
 
 
 def triton_cdiv(a: int, b: int) -> int:
