@@ -149,12 +149,12 @@ def decode(args, rows: list) -> None:
     if args.tune:  # the token-major fast path (swap=True): warps, tile, stages, programs per SM, fused merge
         def mk(w, bn, st, pp, fused=True, **kw):
             return dict(num_warps=w, block_n=bn, num_stages=st, programs_per_sm=pp, fused=fused, **kw)
-        tune = {"int8": [mk(2, 128, 2, 4, False), mk(2, 128, 2, 4), mk(2, 128, 2, 8), mk(2, 128, 3, 4), mk(1, 64, 3, 8),
-                         mk(1, 64, 4, 4), mk(4, 128, 2, 4), mk(2, 64, 3, 8)],
-                "int4": [mk(1, 64, 3, 8, False), mk(1, 64, 3, 8), mk(1, 16, 4, 16), mk(1, 32, 3, 8)],
-                "int4t": [mk(1, 64, 3, 8, False), mk(1, 64, 3, 8), mk(1, 64, 4, 8), mk(2, 128, 3, 4), mk(2, 128, 2, 8),
-                          mk(1, 32, 4, 8), mk(1, 64, 3, 8, int_mma=True), mk(1, 64, 4, 8, int_mma=True),
-                          mk(2, 128, 3, 4, int_mma=True), mk(2, 128, 2, 8, int_mma=True)]}
+        tune = {"int8": [mk(2, 128, 2, 4), mk(2, 128, 2, 4, False), mk(2, 128, 2, 3), mk(2, 128, 2, 5), mk(1, 64, 2, 8),
+                         mk(1, 64, 3, 6), mk(1, 128, 2, 6), mk(2, 128, 2, 4, None)],
+                "int4": [mk(1, 64, 3, 8), mk(1, 64, 3, 8, False), mk(1, 64, 3, 10), mk(1, 64, 3, 8, None)],
+                "int4t": [mk(1, 64, 3, 8), mk(1, 64, 3, 8, False), mk(1, 64, 3, 6), mk(1, 64, 3, 10), mk(1, 64, 3, 12),
+                          mk(1, 64, 2, 10), mk(1, 64, 2, 12), mk(1, 128, 2, 8), mk(1, 64, 3, 8, int_mma=True),
+                          mk(1, 64, 2, 10, int_mma=True), mk(2, 128, 3, 4, int_mma=True), mk(1, 64, 3, 8, None)]}
     else:
         tune = {"int8": [{}], "int4": [{}], "int4t": [{}]}
     for B, S in ((1, 8192), (8, 8192), (32, 4096)):
@@ -183,6 +183,12 @@ def decode(args, rows: list) -> None:
             if t < best_sdpa[0]:
                 best_sdpa = (t, name)
         out = {"kind": "decode", "B": B, "S": S, "sdpa_us": best_sdpa[0], "sdpa_backend": best_sdpa[1]}
+        if args.tune:  # what reading the int4/tok planes' bytes costs at all here: a torch sum over as many bytes
+            nbytes = B * HKV * S * (D + 4)
+            bufs = [torch.randn(nbytes // 2, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(copies)]
+            out["read_floor_us"] = _graph_time_us(lambda i: bufs[i % copies].sum(dtype=torch.float32), n_calls)
+            print(f"   read floor: torch sum over {nbytes / 1e6:.1f} MB: {out['read_floor_us']:.1f} us")
+            del bufs
         ref_exact = [attention_reference(qs[0].float(), ks[0].float(), vs[0].float())]
         for label, bits, group in (("int8", 8, None), ("int4", 4, 32), ("int4t", 4, None)):
             # values stored token-major, as LowbitKVCache stores them for the fused kernel

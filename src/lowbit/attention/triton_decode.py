@@ -692,7 +692,8 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
     o = torch.empty(B, H, 1, D, dtype=q.dtype, device=dev)
     ns_pad = max(2, triton.next_power_of_2(splits))
     if fast:
-        fused = True if fused is None else fused
+        if fused is None:  # one launch; with many splits the separate merge kernel is faster (RESULTS.md)
+            fused = splits <= 16
         g_p2 = triton.next_power_of_2(G)
         # partial rows merged per step in `_merge_last`: about 64 fp32 registers per thread
         ns_step = min(ns_pad, max(1, 1 << ((2048 * num_warps) // (g_p2 * D)).bit_length() - 1))
