@@ -647,13 +647,13 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
             and k_data.stride(-1) == 1 and k_scale.stride() == v_scale.stride() and (bits == 4 or group == D))
     if fast:
         # defaults: the best of `benchmarks/attention.py --tune` on an H200 at (B, S) = (8, 8192) and (32, 4096)
-        # (RESULTS.md, 2026-11-24, second decode sweep)
+        # (RESULTS.md, 2026-11-24: int8 and int4 per 32 values from the issue6b sweep, int4 per token from issue6c's)
         swap = True if swap is None else swap
         if bits == 8:
             bn, num_warps, num_stages, programs_per_sm = (block_n or 128, num_warps or 2, num_stages or 2,
                                                           programs_per_sm or 4)
         elif group == D:
-            bn, num_warps, num_stages, programs_per_sm = (block_n or 64, num_warps or 1, num_stages or 3,
+            bn, num_warps, num_stages, programs_per_sm = (block_n or 128, num_warps or 1, num_stages or 2,
                                                           programs_per_sm or 8)
         else:
             bn, num_warps, num_stages, programs_per_sm = (block_n or 64, num_warps or 1, num_stages or 3,
