@@ -19,7 +19,9 @@ uint8 E8M0. Two stage-1 kernels:
   tokens / dims are the MMA's M side, the G query heads of the group its N side, padded to 8
   rather than 16) and a program is one or two warps, so P stays in registers and the softmax
   needs no cross-warp reduction. int8 keys go to the int8 tensor cores with q rounded to int8 per
-  row (per-token scales are applied to the scores); int8 value scales are folded into P.
+  row; per-token scales (int8, int4 with GROUP == D) are applied to the scores and folded into P,
+  and the codes' constant offsets from the magic numbers are taken off after each product.
+  With few splits the merge runs at the end of stage 1 (`fused`, `_merge_last`).
 * `_decode_split`, the generic path (E8M0 scales, d-major values).
 
 Example (GPU):
@@ -469,7 +471,8 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
             elif IMMA:
                 k0, k1 = _nib4i(kraw, INTERP)
                 if SWAP:
-                    st = ((_idot(k0, q0, INTERP) + _idot(k1, q1, INTERP)).to(tl.float32) - qoff[None, :]) * (qs[None, :] * sk[:, None])
+                    st = ((_idot(k0, q0, INTERP) + _idot(k1, q1, INTERP)).to(tl.float32)
+                          - qoff[None, :]) * (qs[None, :] * sk[:, None])
                 else:
                     st = ((_idot(q0, tl.trans(k0), INTERP) + _idot(q1, tl.trans(k1), INTERP)).to(tl.float32)
                           - qoff[:, None]) * (qs[:, None] * sk[None, :])
