@@ -146,14 +146,17 @@ def decode(args, rows: list) -> None:
     print(f"\ndecode: GQA {H}/{HKV}, D = {D}, one query token, {args.dtype} queries; microseconds per call (median, CUDA graph)")
     print(f"{'B':>3} {'S':>6} {'SDPA bf16':>10} {'int8':>8} {'int4':>8} {'int4/tok':>8} {'x int8':>7} {'x int4':>7} "
           f"{'x int4/t':>8} {'err int8':>9} {'err int4':>9} {'err 4/tok':>9}")
-    if args.tune:  # the token-major fast path: warps, tile, stages, programs per SM (swap=True)
-        tune = [dict(num_warps=1, block_n=32, num_stages=st, programs_per_sm=p) for st in (2, 3, 4) for p in (8, 16)]
-        tune += [dict(num_warps=1, block_n=16, num_stages=4, programs_per_sm=p) for p in (8, 16)]
-        tune += [dict(num_warps=2, block_n=32, num_stages=3, programs_per_sm=8)]
-        tune += [dict(num_warps=1, block_n=64, num_stages=3, programs_per_sm=p) for p in (4, 8)]
-        tune += [dict(num_warps=2, block_n=128, num_stages=2, programs_per_sm=p) for p in (4, 8, 16)]
+    if args.tune:  # the token-major fast path (swap=True): warps, tile, stages, programs per SM, fused merge
+        def mk(w, bn, st, pp, fused=True, **kw):
+            return dict(num_warps=w, block_n=bn, num_stages=st, programs_per_sm=pp, fused=fused, **kw)
+        tune = {"int8": [mk(2, 128, 2, 4), mk(2, 128, 2, 4, False), mk(2, 128, 2, 3), mk(2, 128, 2, 5), mk(1, 64, 2, 8),
+                         mk(1, 64, 3, 6), mk(1, 128, 2, 6), mk(2, 128, 2, 4, None)],
+                "int4": [mk(1, 64, 3, 8), mk(1, 64, 3, 8, False), mk(1, 64, 3, 10), mk(1, 64, 3, 8, None)],
+                "int4t": [mk(1, 64, 3, 8), mk(1, 64, 3, 8, False), mk(1, 64, 3, 6), mk(1, 64, 3, 10), mk(1, 64, 3, 12),
+                          mk(1, 64, 2, 10), mk(1, 64, 2, 12), mk(1, 128, 2, 8), mk(1, 64, 3, 8, int_mma=True),
+                          mk(1, 64, 2, 10, int_mma=True), mk(2, 128, 3, 4, int_mma=True), mk(1, 64, 3, 8, None)]}
     else:
-        tune = [{}]
+        tune = {"int8": [{}], "int4": [{}], "int4t": [{}]}
     for B, S in ((1, 8192), (8, 8192), (32, 4096)):
         kv_bytes = 2 * B * HKV * S * D * 2
         copies = max(2, math.ceil(3 * l2 / kv_bytes))
@@ -180,13 +183,19 @@ def decode(args, rows: list) -> None:
             if t < best_sdpa[0]:
                 best_sdpa = (t, name)
         out = {"kind": "decode", "B": B, "S": S, "sdpa_us": best_sdpa[0], "sdpa_backend": best_sdpa[1]}
+        if args.tune:  # what reading the int4/tok planes' bytes costs at all here: a torch sum over as many bytes
+            nbytes = B * HKV * S * (D + 4)
+            bufs = [torch.randn(nbytes // 2, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(copies)]
+            out["read_floor_us"] = _graph_time_us(lambda i: bufs[i % copies].sum(dtype=torch.float32), n_calls)
+            print(f"   read floor: torch sum over {nbytes / 1e6:.1f} MB: {out['read_floor_us']:.1f} us")
+            del bufs
         ref_exact = [attention_reference(qs[0].float(), ks[0].float(), vs[0].float())]
         for label, bits, group in (("int8", 8, None), ("int4", 4, 32), ("int4t", 4, None)):
             # values stored token-major, as LowbitKVCache stores them for the fused kernel
             planes = [(quantize_kv(ks[i], bits, group), quantize_kv(vs[i], bits, group)) for i in range(copies)]
             planes = [(kp, (token_major(vp[0]), vp[1])) for kp, vp in planes]
             best = (math.inf, None)
-            for cfg in tune:
+            for cfg in tune[label]:
                 def run(i, cfg=cfg):
                     (kd, ksc), (vd, vsc) = planes[i % copies]
                     return decode_attention_triton(qs[i % copies], kd, ksc, vd, vsc, S, bits=bits, **cfg)

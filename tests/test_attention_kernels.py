@@ -93,16 +93,20 @@ def test_decode_matches_dequantized_reference(gen, bits, group, scale_dtype, S, 
         assert _rel(exact, ref) < TOL
 
 
-@pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (4, None)])
-@pytest.mark.parametrize("S,D,swap,int_mma", [(1, 64, True, None), (17, 64, False, None), (130, 64, True, False),
-                                              (130, 128, False, None), (130, 64, True, True)])
+_TM_SHAPES = [(1, 64, True, None), (17, 64, False, None), (130, 64, True, False), (130, 128, False, None),
+              (130, 64, True, True)]
+
+
+@pytest.mark.parametrize("bits,group,S,D,swap,int_mma",
+                         [(b, g, *c) for b, g in ((8, None), (4, 32), (4, None)) for c in _TM_SHAPES
+                          if not (c[3] and g is not None)]  # int_mma needs one scale per token
+                         + [(4, None, 130, 64, False, True), (4, None, 17, 128, True, True)])
 def test_decode_token_major_values(gen, bits, group, S, D, swap, int_mma):
     """The fast path (fp16 scales, value codes stored token-major): the magic-number fp16 decode of
-    the codes (its plain-Triton twin under the interpreter), both product orientations, padding."""
+    the codes with offsets taken off after the products (their plain-Triton twins under the
+    interpreter), int4 codes on the int8 tensor cores, both product orientations, padding."""
     from lowbit.attention.triton_decode import decode_attention_triton, token_major
 
-    if int_mma and bits != 8:
-        pytest.skip("int_mma needs int8 codes")
     B, H, Hkv, cap = 2, 8, 2, 131
     q, k, v = _qkv(gen, B, H, Hkv, 1, cap, D, DTYPES[0])
     (kd, ks), (vd, vs) = quantize_kv(k, bits, group), quantize_kv(v, bits, group)
@@ -117,6 +121,30 @@ def test_decode_token_major_values(gen, bits, group, S, D, swap, int_mma):
     # int8 keys on the int8 tensor cores round q to int8 per row (~5e-3); everything else is exact
     # up to the fp16 operands
     assert _rel(out, ref) < (1e-2 if (int_mma or (int_mma is None and bits == 8)) else TOL)
+
+
+@pytest.mark.parametrize("bits,group,int_mma", [(8, None, None), (4, None, None), (4, None, True), (4, 32, None)])
+@pytest.mark.parametrize("S,splits", [(130, 3), (130, 1), (1000, 9)])
+def test_decode_fused_merge(gen, bits, group, int_mma, S, splits):
+    """Stage 2 inside stage 1 (the last program of each (batch, kv head) merges the partials through
+    an arrival counter) gives the two-kernel result; repeated calls reuse the reset counters."""
+    from lowbit.attention.triton_decode import decode_attention_triton, token_major
+
+    B, H, Hkv, D = 3, 8, 2, 64
+    q, k, v = _qkv(gen, B, H, Hkv, 1, S, D, DTYPES[0])
+    (kd, ks), (vd, vs) = quantize_kv(k, bits, group), quantize_kv(v, bits, group)
+    vt = token_major(vd)
+    start = torch.tensor([0, 3, 40], dtype=torch.int32)
+    ref = attention_reference(q.float(), dequantize_kv(kd, ks, bits, D), dequantize_kv(vd, vs, bits, D), kv_start=start)
+    two = decode_attention_triton(q, kd, ks, vt, vs, S, bits=bits, kv_start=start, splits=splits, int_mma=int_mma,
+                                  fused=False)
+    tol = 1e-2 if (int_mma or (int_mma is None and bits == 8)) else TOL
+    assert _rel(two, ref) < tol
+    for _ in range(3):
+        one = decode_attention_triton(q, kd, ks, vt, vs, S, bits=bits, kv_start=start, splits=splits, int_mma=int_mma,
+                                      fused=True)
+        assert not one.isnan().any()
+        assert _rel(one, two) < (1e-6 if not CUDA else 5e-3)
 
 
 def test_decode_token_major_values_with_e8m0_scales(gen):

@@ -19,7 +19,9 @@ uint8 E8M0. Two stage-1 kernels:
   tokens / dims are the MMA's M side, the G query heads of the group its N side, padded to 8
   rather than 16) and a program is one or two warps, so P stays in registers and the softmax
   needs no cross-warp reduction. int8 keys go to the int8 tensor cores with q rounded to int8 per
-  row (per-token scales are applied to the scores); int8 value scales are folded into P.
+  row; per-token scales (int8, int4 with GROUP == D) are applied to the scores and folded into P,
+  and the codes' constant offsets from the magic numbers are taken off after each product.
+  With few splits the merge runs at the end of stage 1 (`fused`, `_merge_last`).
 * `_decode_split`, the generic path (E8M0 scales, d-major values).
 
 Example (GPU):
@@ -219,15 +221,13 @@ def _decode_split(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END,
 # trick (byte | 0x6400 read as fp16 is 1024 + byte), never through int -> float conversions.
 
 _CVT8 = tl.constexpr("""{
-.reg .b32 t, m, c;
+.reg .b32 t, m;
 xor.b32 t, $2, 0x80808080;
 mov.b32 m, 0x64646464;
-mov.b32 c, 0x64806480;
 prmt.b32 $0, t, m, 0x4140;
 prmt.b32 $1, t, m, 0x4342;
-sub.f16x2 $0, $0, c;
-sub.f16x2 $1, $1, c;
 }""")
+# int8 code c -> fp16 1152 + c: the 1152 is taken off after the product (`OFF8`), not per value
 
 _CVT4 = tl.constexpr("""{
 .reg .b32 w4, c;
@@ -252,13 +252,62 @@ mul.f16x2 $3, $3, $6;
 }""")
 
 
+_NIB4 = tl.constexpr("""{
+.reg .b32 l, h;
+and.b32 l, $4, 0x0F0F0F0F;
+and.b32 h, $4, 0xF0F0F0F0;
+prmt.b32 $0, l, $5, 0x4140;
+prmt.b32 $1, l, $5, 0x4342;
+prmt.b32 $2, h, $5, 0x4140;
+prmt.b32 $3, h, $5, 0x4342;
+}""")
+# int4 byte u (low nibble c0 + 8, high nibble c1 + 8) -> fp16 (1024 + c0 + 8, 1024 + 16 (c1 + 8)):
+# three instructions per two values, with no per-value offset or scale; `_nib4` says how to undo them.
+
+
 @triton.jit
 def _cvt8(raw, INTERP: tl.constexpr):
-    """int8 codes -> fp16 (exact): four per 32-bit word, xor 0x80 then byte | 0x6400 minus 1152."""
-    if INTERP:
-        return raw.to(tl.float32)
+    """int8 codes c -> c + OFF8 as fp16 (exact): four per 32-bit word (xor 0x80, then byte | 0x6400 is
+    1024 + 128 + c). Products with these values are corrected by OFF8 times the other operand's sum
+    (OFF8 = 1152, 128 for the twin)."""
+    if INTERP:  # the twin: a smaller offset, exact in fp32, so the correction is exercised on CPU too
+        return raw.to(tl.float32) + 128.0
     else:
         return tl.inline_asm_elementwise(_CVT8, "=r,=r,r", [raw], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _nib4(raw, INTERP: tl.constexpr):
+    """int4 bytes (B, low nibble c0 + 8, high nibble c1 + 8) -> (lo, hi) fp16 tiles of raw's shape with
+    lo = c0 + OFF_LO, hi = (c1 + OFF_HI) / HI_MUL (see `_nib4_consts`): the offsets and the factor are
+    undone once per product, through the other operand, instead of once per value. OFF_LO, OFF_HI,
+    HI_MUL = 1032, 72, 1/16 (8, 8, 1/16 for the twin): value_lo = lo - OFF_LO, value_hi = hi * HI_MUL - OFF_HI."""
+    if INTERP:  # the twin: codes + 8 and 16 (codes + 8), exact in fp32
+        lo = (raw & 0xF).to(tl.float32)
+        hi = (raw & 0xF0).to(tl.float32)
+        return lo, hi
+    else:
+        m = tl.full(raw.shape, 0x64646464, tl.int32)  # one register, not one per instance
+        return tl.inline_asm_elementwise(_NIB4, "=r,=r,=r,=r,r,r,r,r,r", [raw, m], dtype=(tl.float16, tl.float16),
+                                         is_pure=True, pack=4)
+
+
+_NIB4I = tl.constexpr("""{
+.reg .b32 t;
+and.b32 $0, $2, 0x0F0F0F0F;
+shr.u32 t, $2, 4;
+and.b32 $1, t, 0x0F0F0F0F;
+}""")
+
+
+@triton.jit
+def _nib4i(raw, INTERP: tl.constexpr):
+    """int4 bytes -> (c0 + 8, c1 + 8) as int8 tiles of raw's shape (for the int8 tensor cores), four
+    bytes per 32-bit word in three instructions."""
+    if INTERP:
+        return (raw & 0xF).to(tl.int8), (raw >> 4).to(tl.int8)
+    else:
+        return tl.inline_asm_elementwise(_NIB4I, "=r,=r,r", [raw], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
 
 
 @triton.jit
@@ -277,19 +326,59 @@ def _cvt4(raw, s, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END,
+def _merge_last(OP, LSEP, O, CNT, bh, b, hk, stride_ob, stride_oh, NSPLIT,
+                HEAD_D: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, NS_PAD: tl.constexpr,
+                NS_STEP: tl.constexpr):
+    """Stage 2 inside stage 1 (`FUSED`): the program that finishes last among the NSPLIT programs of
+    one (batch, kv head) merges their partial outputs, so no second kernel is launched. The counter
+    is reset by that program, ready for the next call in stream order."""
+    tl.debug_barrier()  # every thread's partial stores precede the release below (CTA barrier)
+    done = tl.atomic_add(CNT + bh, 1, sem="acq_rel", scope="gpu")
+    if done == NSPLIT - 1:
+        tl.store(CNT + bh, 0)
+        offs_g = tl.arange(0, G_P2)
+        offs_s = tl.arange(0, NS_PAD)
+        offs_d = tl.arange(0, HEAD_D)
+        g_ok = offs_g < G
+        rows = (bh * NSPLIT + offs_s[:, None]) * G + offs_g[None, :]
+        lse = tl.load(LSEP + rows, mask=(offs_s[:, None] < NSPLIT) & g_ok[None, :], other=-1.0e30, cache_modifier=".cg")
+        mx = tl.max(lse, 0)
+        den = tl.sum(tl.where(lse > -1.0e29, tl.math.exp2(lse - mx[None, :]), 0.0), 0)
+        acc = tl.zeros([G_P2, HEAD_D], dtype=tl.float32)
+        offs_c = tl.arange(0, NS_STEP)
+        for s0 in tl.range(0, NSPLIT, NS_STEP):  # NS_STEP partials of the G heads at a time
+            ss = s0 + offs_c
+            rc = (bh * NSPLIT + ss[:, None]) * G + offs_g[None, :]
+            ok = (ss[:, None] < NSPLIT) & g_ok[None, :]
+            lc = tl.load(LSEP + rc, mask=ok, other=-1.0e30, cache_modifier=".cg")
+            w = tl.where(lc > -1.0e29, tl.math.exp2(lc - mx[None, :]), 0.0)
+            o = tl.load(OP + rc[:, :, None] * HEAD_D + offs_d[None, None, :], mask=ok[:, :, None], other=0.0,
+                        cache_modifier=".cg")
+            acc += tl.sum(o * w[:, :, None], 0)
+        res = acc / tl.maximum(den, 1e-30)[:, None]
+        h = hk * G + offs_g
+        tl.store(O + b * stride_ob + h[:, None] * stride_oh + offs_d[None, :], res.to(O.dtype.element_ty),
+                 mask=g_ok[:, None])
+
+
+@triton.jit
+def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
                      stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vw,
-                     stride_sb, stride_sh, stride_sn, H, HKV, SEQ, CHUNK, NSPLIT, qk_scale,
+                     stride_sb, stride_sh, stride_sn, stride_ob, stride_oh, H, HKV, SEQ, CHUNK, NSPLIT, qk_scale,
                      HEAD_D: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_RANGES: tl.constexpr, IMMA: tl.constexpr,
-                     SWAP: tl.constexpr, INTERP: tl.constexpr):
+                     SWAP: tl.constexpr, FUSED: tl.constexpr, G_P2: tl.constexpr, NS_PAD: tl.constexpr,
+                     NS_STEP: tl.constexpr, INTERP: tl.constexpr):
     """Stage 1 of flash-decoding for fp16 scales and token-major value planes (see above).
 
     Keys (B, Hkv, cap, W) d-contiguous, values (B, Hkv, W, cap) token-contiguous, W = D (int8) or
-    D/2 (int4: byte j = elements 2j, 2j+1 of the token). int8: one scale per token, applied to the
-    scores (keys) and folded into the probabilities (values, normalized by the tile's largest
-    scale so that fp16 keeps its precision). int4: one scale per GROUP values, applied in the
-    dequantization (one f16x2 multiply per two values).
+    D/2 (int4: byte j = elements 2j, 2j+1 of the token). One scale per token (int8, and int4 with
+    GROUP == HEAD_D): applied to the scores (keys) and folded into the probabilities (values,
+    normalized by the tile's largest scale so that fp16 keeps its precision); the codes go to the
+    tensor cores with a constant offset (`_cvt8`, `_nib4`) that is taken off after each product
+    through the sum of the other operand. int4 with one scale per GROUP < HEAD_D values: applied in
+    the dequantization (`_cvt4`, one f16x2 multiply per two values). FUSED: stage 2 runs at the end
+    of the last program of each (batch, kv head) (`_merge_last`).
     """
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -300,18 +389,40 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END,
     GW: tl.constexpr = W // NG
     STEP: tl.constexpr = 1 if BITS == 8 else 2
     FT: tl.constexpr = tl.float32 if INTERP else tl.float16
+    PT: tl.constexpr = GROUP == HEAD_D  # one scale per token
+    OFF8: tl.constexpr = 128.0 if INTERP else 1152.0  # `_cvt8`
+    OFF_LO: tl.constexpr = 8.0 if INTERP else 1032.0  # `_nib4`
+    OFF_HI: tl.constexpr = 8.0 if INTERP else 72.0
+    HI_MUL: tl.constexpr = 0.0625
     offs_g = tl.arange(0, G_PAD)
     offs_w = tl.arange(0, W)
     q_rows = Q + b * stride_qb + (hk * G + offs_g[:, None]) * stride_qh
     q0 = tl.load(q_rows + offs_w[None, :] * STEP, mask=offs_g[:, None] < G, other=0.0).to(tl.float32) * qk_scale
     if BITS == 4:
         q1 = tl.load(q_rows + offs_w[None, :] * 2 + 1, mask=offs_g[:, None] < G, other=0.0).to(tl.float32) * qk_scale
-        q1 = q1.to(FT)
-    if IMMA:
-        qs = tl.maximum(tl.max(tl.abs(q0), 1), 1e-30) / 127.0
+    if IMMA:  # q rounded to int8 per row (scale qs); the cache codes go to the int8 tensor cores
+        qa = tl.max(tl.abs(q0), 1)
+        if BITS == 4:
+            qa = tl.maximum(qa, tl.max(tl.abs(q1), 1))
+        qs = tl.maximum(qa, 1e-30) / 127.0
         q0 = _round_i8(q0 / qs[:, None], INTERP)
+        if BITS == 4:
+            q1 = _round_i8(q1 / qs[:, None], INTERP)
     else:
         q0 = q0.to(FT)
+        if BITS == 4:
+            if PT:  # the high nibbles come 16x larger from `_nib4`
+                q1 = q1 * HI_MUL
+            q1 = q1.to(FT)
+    # what the codes' offsets add to each score, per query row (from q as the products see it)
+    if BITS == 4 and PT and IMMA:  # codes + 8 from `_nib4i`
+        qoff = 8.0 * (tl.sum(q0.to(tl.float32), 1) + tl.sum(q1.to(tl.float32), 1))
+    elif BITS == 4 and PT:
+        qoff = OFF_LO * tl.sum(q0.to(tl.float32), 1) + (OFF_HI / HI_MUL) * tl.sum(q1.to(tl.float32), 1)
+    elif BITS == 8 and not IMMA:
+        qoff = OFF8 * tl.sum(q0.to(tl.float32), 1)
+    else:
+        qoff = tl.zeros([G_PAD], dtype=tl.float32)
     if HAS_RANGES:
         kv_start = tl.load(KV_START + b)
         kv_end = tl.minimum(tl.load(KV_END + b), SEQ)
@@ -343,19 +454,34 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END,
         kraw = tl.load(k_base + offs_n[:, None] * stride_kn + offs_w[None, :], mask=mask_n[:, None], other=0)
         vraw = tl.load(v_base + offs_w[:, None] * stride_vw + offs_n[None, :], mask=mask_n[None, :], other=0)
         # scores s (G_PAD, BLOCK_N), or s^T (BLOCK_N, G_PAD) when SWAP
-        if BITS == 8:
+        if PT:
             sk = tl.load(KS + s_base + offs_n * stride_sn, mask=mask_n, other=0).to(tl.float32)
             sv = tl.load(VS + s_base + offs_n * stride_sn, mask=mask_n, other=0).to(tl.float32)
-            if SWAP:
-                if IMMA:
-                    st = _idot(kraw, q0, INTERP).to(tl.float32) * (qs[None, :] * sk[:, None])
+            if BITS == 8:
+                if SWAP:
+                    if IMMA:
+                        st = _idot(kraw, q0, INTERP).to(tl.float32) * (qs[None, :] * sk[:, None])
+                    else:
+                        st = (tl.dot(_cvt8(kraw, INTERP), q0) - qoff[None, :]) * sk[:, None]
                 else:
-                    st = tl.dot(_cvt8(kraw, INTERP), q0) * sk[:, None]
+                    if IMMA:
+                        st = _idot(q0, tl.trans(kraw), INTERP).to(tl.float32) * (qs[:, None] * sk[None, :])
+                    else:
+                        st = (tl.dot(q0, tl.trans(_cvt8(kraw, INTERP))) - qoff[:, None]) * sk[None, :]
+            elif IMMA:
+                k0, k1 = _nib4i(kraw, INTERP)
+                if SWAP:
+                    st = ((_idot(k0, q0, INTERP) + _idot(k1, q1, INTERP)).to(tl.float32)
+                          - qoff[None, :]) * (qs[None, :] * sk[:, None])
+                else:
+                    st = ((_idot(q0, tl.trans(k0), INTERP) + _idot(q1, tl.trans(k1), INTERP)).to(tl.float32)
+                          - qoff[:, None]) * (qs[:, None] * sk[None, :])
             else:
-                if IMMA:
-                    st = _idot(q0, tl.trans(kraw), INTERP).to(tl.float32) * (qs[:, None] * sk[None, :])
+                k0, k1 = _nib4(kraw, INTERP)
+                if SWAP:
+                    st = (tl.dot(k1, q1, tl.dot(k0, q0)) - qoff[None, :]) * sk[:, None]
                 else:
-                    st = tl.dot(q0, tl.trans(_cvt8(kraw, INTERP))) * sk[None, :]
+                    st = (tl.dot(q1, tl.trans(k1), tl.dot(q0, tl.trans(k0))) - qoff[:, None]) * sk[None, :]
         else:
             s_off = s_base + offs_n[:, None] * stride_sn + offs_ng[None, :]
             skg = tl.load(KS + s_off, mask=mask_n[:, None], other=0)  # (BLOCK_N, NG) fp16
@@ -372,10 +498,16 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END,
             p = tl.math.exp2(st - m_ij[None, :])
             alpha = tl.math.exp2(m_i - m_ij)
             l_i = l_i * alpha + tl.sum(p, 0)
-            if BITS == 8:
+            if PT:  # p' = p * sv / mv in fp16; the codes' offset times sum(p') is taken off
                 mv = tl.maximum(tl.max(sv, 0), 1e-30)
                 pv = (p * (sv * (1.0 / mv))[:, None]).to(FT)
-                acc0 = acc0 * alpha[None, :] + tl.dot(_cvt8(vraw, INTERP), pv) * mv
+                psum = tl.sum(pv.to(tl.float32), 0)[None, :]
+                if BITS == 8:
+                    acc0 = acc0 * alpha[None, :] + (tl.dot(_cvt8(vraw, INTERP), pv) - OFF8 * psum) * mv
+                else:
+                    v0, v1 = _nib4(vraw, INTERP)
+                    acc0 = acc0 * alpha[None, :] + (tl.dot(v0, pv) - OFF_LO * psum) * mv
+                    acc1 = acc1 * alpha[None, :] + (tl.dot(v1, pv) * HI_MUL - OFF_HI * psum) * mv
             else:
                 svb = tl.broadcast_to(tl.trans(svg)[:, None, :], (NG, GW, BLOCK_N)).reshape(W, BLOCK_N)
                 v0, v1 = _cvt4(vraw, svb, INTERP)
@@ -388,10 +520,16 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END,
             p = tl.math.exp2(st - m_ij[:, None])
             alpha = tl.math.exp2(m_i - m_ij)
             l_i = l_i * alpha + tl.sum(p, 1)
-            if BITS == 8:
+            if PT:
                 mv = tl.maximum(tl.max(sv, 0), 1e-30)
                 pv = (p * (sv * (1.0 / mv))[None, :]).to(FT)
-                acc0 = acc0 * alpha[:, None] + tl.dot(pv, tl.trans(_cvt8(vraw, INTERP))) * mv
+                psum = tl.sum(pv.to(tl.float32), 1)[:, None]
+                if BITS == 8:
+                    acc0 = acc0 * alpha[:, None] + (tl.dot(pv, tl.trans(_cvt8(vraw, INTERP))) - OFF8 * psum) * mv
+                else:
+                    v0, v1 = _nib4(vraw, INTERP)
+                    acc0 = acc0 * alpha[:, None] + (tl.dot(pv, tl.trans(v0)) - OFF_LO * psum) * mv
+                    acc1 = acc1 * alpha[:, None] + (tl.dot(pv, tl.trans(v1)) * HI_MUL - OFF_HI * psum) * mv
             else:
                 svb = tl.broadcast_to(tl.trans(svg)[:, None, :], (NG, GW, BLOCK_N)).reshape(W, BLOCK_N)
                 v0, v1 = _cvt4(vraw, svb, INTERP)
@@ -414,6 +552,8 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END,
         if BITS == 4:
             tl.store(OP + row[:, None] * HEAD_D + offs_w[None, :] * 2 + 1, acc1 * inv[:, None], mask=row_ok)
     tl.store(LSEP + row, lse, mask=offs_g < G)
+    if FUSED:
+        _merge_last(OP, LSEP, O, CNT, bh, b, hk, stride_ob, stride_oh, NSPLIT, HEAD_D, G, G_P2, NS_PAD, NS_STEP)
 
 
 @triton.jit
@@ -447,6 +587,22 @@ def _num_sms(device: torch.device) -> int:
     return _SMS[idx]
 
 
+_CNT: dict[tuple, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """n zeroed int32 arrival counters for the fused merge, one buffer per (device, stream): each
+    call leaves them at zero again (the last program of a group resets its counter), so calls in
+    one stream can share them, CUDA-graph replays included. Calls running concurrently on one
+    stream's buffer are not supported (they cannot happen in stream order)."""
+    key = (str(device), torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    buf = _CNT.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _CNT[key] = buf
+    return buf
+
+
 def token_major(plane: torch.Tensor) -> torch.Tensor:
     """The same logical plane (B, Hkv, cap, W) stored d-major (token stride 1): the layout the fast
     decode path wants for the value codes. Values and indexing are unchanged (a strided view).
@@ -468,13 +624,14 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
                             kv_start: torch.Tensor | None = None, kv_end: torch.Tensor | None = None,
                             splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                             num_stages: int | None = None, programs_per_sm: int | None = None, swap: bool | None = None,
-                            int_mma: bool | None = None, g_pad: int | None = None) -> torch.Tensor:
+                            int_mma: bool | None = None, g_pad: int | None = None, fused: bool | None = None) -> torch.Tensor:
     """Attention of q (B, H, 1, D) over the first `seq_len` tokens of quantized planes
     (B, Hkv, cap, ...); returns (B, H, 1, D) in q's dtype.
 
     Two kernels: with fp16 scales and a token-major value plane (`token_major`, as `LowbitKVCache`
     stores it) the fast path `_decode_split_vt`; otherwise (E8M0 scales, d-major values) the
-    generic `_decode_split`. Both are followed by `_decode_reduce`.
+    generic `_decode_split`. Stage 2 is `_decode_reduce`, or, on the fast path with `fused`, the
+    last program of each (batch, kv head) inside stage 1 (no second launch; see `_merge_last`).
     """
     B, H, SQ, D = q.shape
     if SQ != 1:
@@ -493,18 +650,21 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
             and k_data.stride(-1) == 1 and k_scale.stride() == v_scale.stride() and (bits == 4 or group == D))
     if fast:
         # defaults: the best of `benchmarks/attention.py --tune` on an H200 at (B, S) = (8, 8192) and (32, 4096)
-        # (RESULTS.md, 2026-11-24, second decode sweep)
+        # (RESULTS.md, 2026-11-24: int8 and int4 per 32 values from the issue6b sweep, int4 per token from issue6c's)
         swap = True if swap is None else swap
         if bits == 8:
             bn, num_warps, num_stages, programs_per_sm = (block_n or 128, num_warps or 2, num_stages or 2,
                                                           programs_per_sm or 4)
+        elif group == D:
+            bn, num_warps, num_stages, programs_per_sm = (block_n or 128, num_warps or 1, num_stages or 2,
+                                                          programs_per_sm or 8)
         else:
             bn, num_warps, num_stages, programs_per_sm = (block_n or 64, num_warps or 1, num_stages or 3,
                                                           programs_per_sm or 8)
         if int_mma is None:
             int_mma = bits == 8
-        if int_mma and bits != 8:
-            raise ValueError("decode_attention: int_mma on the token-major path needs an int8 cache")
+        if int_mma and group != D:
+            raise ValueError("decode_attention: int_mma on the token-major path needs one scale per token")
         g_pad = g_pad or (max(8, triton.next_power_of_2(G)) if swap else max(16, triton.next_power_of_2(G)))
     else:
         swap = bool(swap)
@@ -532,15 +692,25 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
     else:
         kv_start = kv_end = lse
     qk_scale = (scale if scale is not None else D ** -0.5) * math.log2(math.e)
+    o = torch.empty(B, H, 1, D, dtype=q.dtype, device=dev)
+    ns_pad = max(2, triton.next_power_of_2(splits))
     if fast:
+        if fused is None:  # one launch; with many splits the separate merge kernel is faster (RESULTS.md)
+            fused = splits <= 16
+        g_p2 = triton.next_power_of_2(G)
+        # partial rows merged per step in `_merge_last`: about 64 fp32 registers per thread
+        ns_step = min(ns_pad, max(1, 1 << ((2048 * num_warps) // (g_p2 * D)).bit_length() - 1))
         _decode_split_vt[(splits, B * Hkv)](
-            q, k_data, k_scale, v_data, v_scale, op, lse, kv_start, kv_end,
+            q, k_data, k_scale, v_data, v_scale, op, lse, kv_start, kv_end, o, _counters(dev, B * Hkv) if fused else lse,
             q.stride(0), q.stride(1), k_data.stride(0), k_data.stride(1), k_data.stride(2),
             v_data.stride(0), v_data.stride(1), v_data.stride(3),
-            k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
+            k_scale.stride(0), k_scale.stride(1), k_scale.stride(2), o.stride(0), o.stride(1),
             H, Hkv, seq_len, chunk, splits, qk_scale,
             HEAD_D=D, G=G, G_PAD=g_pad, BLOCK_N=bn, BITS=bits, GROUP=group, HAS_RANGES=has_ranges,
-            IMMA=int_mma, SWAP=swap, INTERP=_INTERPRET, num_warps=num_warps, num_stages=num_stages)
+            IMMA=int_mma, SWAP=swap, FUSED=fused, G_P2=g_p2, NS_PAD=ns_pad, NS_STEP=ns_step, INTERP=_INTERPRET,
+            num_warps=num_warps, num_stages=num_stages)
+        if fused:
+            return o
     else:
         if _INTERPRET:
             dt = tl.float32
@@ -558,7 +728,6 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
             HEAD_D=D, G=G, G_PAD=g_pad, BLOCK_N=bn, BITS=bits, GROUP=group, E8M0=k_scale.dtype == torch.uint8,
             HAS_RANGES=has_ranges, DT=dt, SWAP=swap, IMMA=int_mma, INTERP=_INTERPRET, num_warps=num_warps,
             num_stages=num_stages)
-    o = torch.empty(B, H, 1, D, dtype=q.dtype, device=dev)
     _decode_reduce[(B * H,)](op, lse, o, o.stride(0), o.stride(1), Hkv, splits,
-                             HEAD_D=D, G=G, NS_PAD=max(2, triton.next_power_of_2(splits)), num_warps=4)
+                             HEAD_D=D, G=G, NS_PAD=ns_pad, num_warps=4)
     return o
