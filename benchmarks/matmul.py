@@ -301,6 +301,11 @@ def gpu_check(names) -> None:
 
     cfgs = [{"path": "gemv", "BLOCK_N": 4, "KB_T": 256, "num_warps": 4, "fast": False},
             {"path": "gemv2", "BLOCK_N": 8, "num_warps": 4}, {"path": "gemv2", "BLOCK_N": 32, "NWG": 32, "num_warps": 4},
+            {"path": "gemv2", "BLOCK_N": 4, "NWG": 32, "WPT": 4, "num_warps": 1},
+            {"path": "gemv2", "BLOCK_N": 8, "NWG": 64, "WPT": 1, "SPLIT_K": 4, "num_warps": 2},
+            {"path": "gemv2", "BLOCK_N": 8, "NWG": 32, "WPT": 2, "SPLIT_K": 2, "STAGES": 3, "num_warps": 1},
+            {"path": "dot4", "BLOCK_N": 64, "BLOCK_M": 16, "KB_T": 64, "SPLIT_K": 4, "num_warps": 4},
+            {"path": "dot4", "BLOCK_N": 128, "BLOCK_M": 64, "KB_T": 64, "SPLIT_K": 1, "num_warps": 8},
             {"path": "dot", "BLOCK_N": 64, "BLOCK_M": 16, "KB_T": 64, "SPLIT_K": 4, "SWAP": True, "num_warps": 4},
             {"path": "dot", "BLOCK_N": 128, "BLOCK_M": 128, "KB_T": 64, "SPLIT_K": 1, "SWAP": False, "num_warps": 8},
             {"path": "dequant", "BLOCK_N": 16, "KB_T": 128, "num_warps": 4}, None]
