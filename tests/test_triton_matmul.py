@@ -193,3 +193,54 @@ def test_without_triton_the_table_falls_back_to_the_reference(monkeypatch):
     monkeypatch.setattr(tlin, "HAVE_TRITON", False)
     assert not tlin.supports(lowbit.PRESETS["int4"], (64, 64))
     assert select(lowbit.PRESETS["int4"], "linear", "cuda", shape=(64, 64))[0] == "reference"
+
+
+_GEMV_MOD = None
+
+
+def _pairs_probe_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(x_ptr, out_ptr, xs_ptr, K, BITS: tl.constexpr, F16: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
+        word = tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
+        x0, x1, x2, x3, x4, x5, x6, x7, xs = _GEMV_MOD._load_x(x_ptr, word, K, BITS, F16, True, True)
+        n = R * C
+        tl.store(out_ptr + word, x0)
+        tl.store(out_ptr + n + word, x1)
+        tl.store(out_ptr + 2 * n + word, x2)
+        tl.store(out_ptr + 3 * n + word, x3)
+        tl.store(out_ptr + 4 * n + word, x4)
+        tl.store(out_ptr + 5 * n + word, x5)
+        tl.store(out_ptr + 6 * n + word, x6)
+        tl.store(out_ptr + 7 * n + word, x7)
+        tl.store(xs_ptr + word, xs)
+
+    return probe
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fast_gemv_activation_pairs(bits, dtype):
+    """`_load_x` with ASM=True (plain loads and splits, so the interpreter runs it): word w's pair i
+    holds activations (i, i + P) of the word as two 16-bit floats (P = 4 for 4-bit codes, 8 for
+    2-bit), low half first, and the word's activation sum; the GPU asm consumes exactly this."""
+    global _GEMV_MOD
+    _GEMV_MOD = tlin._kern("triton_gemv")  # the interpreter's copy of the module
+    probe = _pairs_probe_kernel()
+    cpw, r, c = 32 // bits, 2, 4
+    words = r * c
+    k = words * cpw - cpw  # the last word past K (rows are whole words): its activations read as 0
+    x = torch.randn(k, generator=torch.Generator().manual_seed(bits)).to(dtype)
+    out = torch.zeros(8, words, dtype=torch.int32)
+    xs = torch.zeros(words)
+    probe[(1,)](x, out, xs, k, BITS=bits, F16=dtype == torch.float16, R=r, C=c)
+    xp = torch.cat([x, torch.zeros(words * cpw - k, dtype=dtype)]).view(torch.int16).to(torch.int32) & 0xFFFF
+    half = cpw // 2
+    for w in range(words):
+        for i in range(8 if bits == 2 else 4):
+            lo, hi = xp[w * cpw + i], xp[w * cpw + i + half]
+            assert out[i, w].item() & 0xFFFFFFFF == (lo | (hi << 16)).item() & 0xFFFFFFFF, (w, i)
+        want = torch.cat([x, torch.zeros(words * cpw - k, dtype=dtype)])[w * cpw:(w + 1) * cpw].float().sum()
+        assert abs(xs[w].item() - want.item()) < 1e-4

@@ -141,39 +141,63 @@ def _hi_pair(a, b):
 
 
 @triton.jit
-def _load_x(x_row, word, K, BITS: tl.constexpr, ASM: tl.constexpr):
+def _half_sums(q, F16: tl.constexpr):
+    """fp32 sum of the two 16-bit floats in each int32 of `q`."""
+    if F16:
+        lo = (q & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = ((q >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:  # bf16 -> fp32 is the bf16 as the top half of the fp32 bits
+        lo = (q << 16).to(tl.float32, bitcast=True)
+        hi = (q & -65536).to(tl.float32, bitcast=True)
+    return lo + hi
+
+
+@triton.jit
+def _load_x(x_row, word, K, BITS: tl.constexpr, F16: tl.constexpr, HAS_ZERO: tl.constexpr, ASM: tl.constexpr):
     """The activations of the words `word` ([R, C]) as `_words_dot` takes them: 8 int32 tensors
     (4-bit: pairs (x_i, x_{i+4}) in the first four; 2-bit: pairs (x_i, x_{i+8}); int8: the four
-    activations as fp32 bits). Loaded one iteration ahead by the kernel. Twin (ASM=False): unused."""
+    activations as fp32 bits), and each word's activation sum (fp32, for zero points; 0 unless
+    HAS_ZERO). Loaded one iteration ahead by the kernel. Twin (ASM=False): unused."""
     CPW: tl.constexpr = 32 // BITS
     wmask = word * CPW < K
     if not ASM:
         z = word * 0
-        return z, z, z, z, z, z, z, z
+        return z, z, z, z, z, z, z, z, z.to(tl.float32)
     if BITS == 8:
         kx = word * 4
         x0 = tl.load(x_row + kx, mask=wmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
         x1 = tl.load(x_row + kx + 1, mask=wmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
         x2 = tl.load(x_row + kx + 2, mask=wmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
         x3 = tl.load(x_row + kx + 3, mask=wmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
-        return x0, x1, x2, x3, x0, x1, x2, x3
-    # the activations as int32: int j of a word holds columns (2j, 2j + 1). One 16-byte load per
-    # word, split in registers: four 4-byte loads 16 bytes apart cost four times the L1 wavefronts,
-    # and the L1 (not DRAM) was the limit of this loop (ncu: L1/TEX 90 %, DRAM 33 %)
-    xi = x_row.to(tl.pointer_type(tl.int32), bitcast=True) + word * (CPW // 2)
-    q = tl.load(xi[:, :, None] + tl.arange(0, 4)[None, None, :], mask=wmask[:, :, None], other=0)
-    qa, qb = tl.split(q.reshape(word.shape[0], word.shape[1], 2, 2))  # ints (0, 2), (1, 3)
-    q0, q2 = tl.split(qa)
-    q1, q3 = tl.split(qb)
+        return x0, x1, x2, x3, x0, x1, x2, x3, word * 0.0
+    # the activations as int32: int j of a word holds columns (2j, 2j + 1). One vector load per
+    # word (16 bytes for 4-bit codes, 32 for 2-bit), split in registers: 4-byte loads 16 bytes
+    # apart cost four times the L1 wavefronts, and the L1 (not DRAM) was the limit of this loop
+    # (ncu: L1/TEX 90 %, DRAM 33 %)
+    NI: tl.constexpr = CPW // 2
+    xi = x_row.to(tl.pointer_type(tl.int32), bitcast=True) + word * NI
+    q = tl.load(xi[:, :, None] + tl.arange(0, NI)[None, None, :], mask=wmask[:, :, None], other=0)
+    if HAS_ZERO:
+        xs = tl.sum(_half_sums(q, F16), axis=2)
+    else:
+        xs = word * 0.0
+    R: tl.constexpr = word.shape[0]
+    C: tl.constexpr = word.shape[1]
     if BITS == 4:
+        qa, qb = tl.split(q.reshape(R, C, 2, 2))  # ints (0, 2), (1, 3)
+        q0, q2 = tl.split(qa)
+        q1, q3 = tl.split(qb)
         p0, p1, p2, p3 = _lo_pair(q0, q2), _hi_pair(q0, q2), _lo_pair(q1, q3), _hi_pair(q1, q3)
-        return p0, p1, p2, p3, p0, p1, p2, p3
-    q4 = tl.load(xi + 4, mask=wmask, other=0)
-    q5 = tl.load(xi + 5, mask=wmask, other=0)
-    q6 = tl.load(xi + 6, mask=wmask, other=0)
-    q7 = tl.load(xi + 7, mask=wmask, other=0)
+        return p0, p1, p2, p3, p0, p1, p2, p3, xs
+    qe, qo = tl.split(q.reshape(R, C, 2, 2, 2))  # int j = 4a + 2b + c: c = 0 / 1
+    qe0, qe1 = tl.split(qe)  # j = 4a, 4a + 2
+    qo0, qo1 = tl.split(qo)  # j = 4a + 1, 4a + 3
+    q0, q4 = tl.split(qe0)
+    q2, q6 = tl.split(qe1)
+    q1, q5 = tl.split(qo0)
+    q3, q7 = tl.split(qo1)
     return (_lo_pair(q0, q4), _hi_pair(q0, q4), _lo_pair(q1, q5), _hi_pair(q1, q5),
-            _lo_pair(q2, q6), _hi_pair(q2, q6), _lo_pair(q3, q7), _hi_pair(q3, q7))
+            _lo_pair(q2, q6), _hi_pair(q2, q6), _lo_pair(q3, q7), _hi_pair(q3, q7), xs)
 
 
 @triton.jit
@@ -247,10 +271,13 @@ def _scales(s_ptr, z_ptr, rows, stride_sn, word, wmask, gblk, gmask, SMODE: tl.c
 
 
 @triton.jit
-def _step(wv, x0, x1, x2, x3, x4, x5, x6, x7, s, z, x_row, word, wmask, K, KW, BITS: tl.constexpr,
+def _step(wv, x0, x1, x2, x3, x4, x5, x6, x7, xs, s, z, x_row, word, wmask, K, KW, BITS: tl.constexpr,
           SIGNED: tl.constexpr, SMODE: tl.constexpr, HAS_ZERO: tl.constexpr, SMUL: tl.constexpr, F16: tl.constexpr,
           WB: tl.constexpr, WPT: tl.constexpr, ASM: tl.constexpr, PROBE: tl.constexpr):
-    """One iteration's scaled partial sums [BLOCK_N, NWG] from its words, activations and scales."""
+    """One iteration's scaled partial sums [BLOCK_N, NWG] from its words, activations (and their
+    sums per word, `xs`, for zero points; the twin recomputes them) and scales."""
+    if HAS_ZERO and not ASM:
+        xs = _words_xsum(x_row, tl.where(wmask, word, KW), K, BITS)
     if PROBE == 1:
         p = wv.to(tl.float32)
     else:
@@ -261,11 +288,11 @@ def _step(wv, x0, x1, x2, x3, x4, x5, x6, x7, s, z, x_row, word, wmask, K, KW, B
     elif WB % WPT == 0:  # one scale per group of WPT words
         part = tl.sum(p, axis=2) * (s * SMUL)
         if HAS_ZERO:
-            part += z * tl.sum(_words_xsum(x_row, tl.where(wmask, word, KW), K, BITS), axis=1)[None, :]
+            part += z * tl.sum(xs, axis=1)[None, :]
     else:  # a scale per word
         part = p * (s * SMUL)
         if HAS_ZERO:
-            part += z * _words_xsum(x_row, tl.where(wmask, word, KW), K, BITS)[None]
+            part += z * xs[None]
         part = tl.sum(part, axis=2)
     return part
 
@@ -309,10 +336,10 @@ def _gemv_fast_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, b_ptr, y_ptr, ws_ptr, 
             word = w0 + local
             wmask = word < k_hi
             wv = tl.load(w_row[:, None, None] + word[None, :, :], mask=wmask[None, :, :], other=0)
-            x0, x1, x2, x3, x4, x5, x6, x7 = _load_x(x_row, tl.where(wmask, word, KW), K, BITS, ASM)
+            x0, x1, x2, x3, x4, x5, x6, x7, xs = _load_x(x_row, tl.where(wmask, word, KW), K, BITS, F16, HAS_ZERO, ASM)
             s, z = _scales(s_ptr, z_ptr, rows_c, stride_sn, word, wmask, w0 // WB + gblk0,
                            (w0 + tl.arange(0, NWG) * WPT) < k_hi, SMODE, HAS_ZERO, WB, WPT)
-            acc += _step(wv, x0, x1, x2, x3, x4, x5, x6, x7, s, z, x_row, word, wmask, K, KW, BITS, SIGNED, SMODE,
+            acc += _step(wv, x0, x1, x2, x3, x4, x5, x6, x7, xs, s, z, x_row, word, wmask, K, KW, BITS, SIGNED, SMODE,
                          HAS_ZERO, SMUL, F16, WB, WPT, ASM, PROBE)
     else:
         # everything the loop reads (words, activations, scales) is loaded one iteration ahead: the
@@ -320,20 +347,22 @@ def _gemv_fast_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, b_ptr, y_ptr, ws_ptr, 
         word = k_lo + local
         wmask = word < k_hi
         wv_n = tl.load(w_row[:, None, None] + word[None, :, :], mask=wmask[None, :, :], other=0)
-        x0n, x1n, x2n, x3n, x4n, x5n, x6n, x7n = _load_x(x_row, tl.where(wmask, word, KW), K, BITS, ASM)
+        x0n, x1n, x2n, x3n, x4n, x5n, x6n, x7n, xsn = _load_x(x_row, tl.where(wmask, word, KW), K, BITS, F16, HAS_ZERO,
+                                                                ASM)
         s_n, z_n = _scales(s_ptr, z_ptr, rows_c, stride_sn, word, wmask, k_lo // WB + gblk0,
                            (k_lo + tl.arange(0, NWG) * WPT) < k_hi, SMODE, HAS_ZERO, WB, WPT)
         for w0 in range(k_lo, k_hi, WORDS):
             word = w0 + local
             wmask = word < k_hi
-            wv, x0, x1, x2, x3, x4, x5, x6, x7, s, z = wv_n, x0n, x1n, x2n, x3n, x4n, x5n, x6n, x7n, s_n, z_n
+            wv, x0, x1, x2, x3, x4, x5, x6, x7, xs, s, z = wv_n, x0n, x1n, x2n, x3n, x4n, x5n, x6n, x7n, xsn, s_n, z_n
             nword = word + WORDS
             nmask = nword < k_hi
             wv_n = tl.load(w_row[:, None, None] + nword[None, :, :], mask=nmask[None, :, :], other=0)
-            x0n, x1n, x2n, x3n, x4n, x5n, x6n, x7n = _load_x(x_row, tl.where(nmask, nword, KW), K, BITS, ASM)
+            x0n, x1n, x2n, x3n, x4n, x5n, x6n, x7n, xsn = _load_x(x_row, tl.where(nmask, nword, KW), K, BITS, F16,
+                                                                    HAS_ZERO, ASM)
             s_n, z_n = _scales(s_ptr, z_ptr, rows_c, stride_sn, nword, nmask, (w0 + WORDS) // WB + gblk0,
                                (w0 + WORDS + tl.arange(0, NWG) * WPT) < k_hi, SMODE, HAS_ZERO, WB, WPT)
-            acc += _step(wv, x0, x1, x2, x3, x4, x5, x6, x7, s, z, x_row, word, wmask, K, KW, BITS, SIGNED, SMODE,
+            acc += _step(wv, x0, x1, x2, x3, x4, x5, x6, x7, xs, s, z, x_row, word, wmask, K, KW, BITS, SIGNED, SMODE,
                          HAS_ZERO, SMUL, F16, WB, WPT, ASM, PROBE)
     y = tl.sum(acc, axis=1)
     if SMODE == 3:
