@@ -77,7 +77,7 @@ def test_every_path_matches_dequantize_then_matmul(preset):
         _check(qt, x, cfg, bias=bias if m != 3 else None)
 
 
-@pytest.mark.parametrize("preset", ["int4", "int4-asym", "int4-e8m0", "int2-e8m0", "int2", "int8", "mxint8"])
+@pytest.mark.parametrize("preset", ["int4", "int4-asym", "int4-e8m0", "int2-e8m0", "int2", "int8", "mxint8", "mxfp4"])
 def test_fast_gemv_covers_integer_codes(preset):
     """The packed-pair GEMV takes every integer format (2-bit rows of whole words need K % 16 == 0),
     several iterations along K, scales per block, per 4-word group or per row, zero points, bias."""
@@ -91,7 +91,7 @@ def test_fast_gemv_covers_integer_codes(preset):
         assert tlin.fast_gemv_ok(spec, x, planes["data"], k, False)
         for cfg in GEMV2_VARIANTS:
             _check(qt, x, cfg, bias=bias)
-    assert not tlin.fast_gemv_ok(tlin.spec_of(lowbit.PRESETS["mxfp4"]), x, planes["data"], k, False)
+    assert not tlin.fast_gemv_ok(tlin.spec_of(lowbit.PRESETS["mxfp8-e4m3"]), x, planes["data"], k, False)
 
 
 @pytest.mark.parametrize("preset", ["int4", "int4-asym", "int4-e8m0"])

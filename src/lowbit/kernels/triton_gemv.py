@@ -25,8 +25,9 @@ Under TRITON_INTERPRET=1 (no inline assembly) `ASM=False` selects a plain-Triton
 dot product with the same values in fp32; the CI tests run that twin, the GPU runs the assembly.
 
 Formats (CODE as in triton_kernels.py): 4-bit and 2-bit integer codes, symmetric (CODE 0) or
-affine (CODE 2, w = c * s + z), and int8 (CODE 1, two's complement bytes); scales per block
-(fp16 / bf16 / fp32 or E8M0, SMODE 1 / 2) or per row (SMODE 3).
+affine (CODE 2, w = c * s + z), int8 (CODE 1, two's complement bytes) and fp4 e2m1 (CODE 3, FP4:
+two PRMT table lookups per word, see `_asm_word_fp4`); scales per block (fp16 / bf16 / fp32 or
+E8M0, SMODE 1 / 2) or per row (SMODE 3).
 """
 
 from __future__ import annotations
@@ -64,6 +65,41 @@ def _asm_word(bits: int, f16: bool, off: int) -> str:
     return "\n".join(lines)
 
 
+def _asm_word_fp4(f16: bool) -> str:
+    """PTX: $0 (fp32 bits) = sum_i v_i * x_i over the 8 fp4 (e2m1) codes of word $1, v = value / 2.
+
+    e2m1 magnitudes times 2 are the integers 0, 1, 2, 3, 4, 6, 8, 12: one PRMT looks up four of
+    them at once, the codes' 3-bit magnitude fields serving as its byte selectors into an 8-byte
+    table. A second PRMT pairs codes (i, i + 4) as bytes in the two 16-bit halves (selector 8 reads
+    the top bit of a table byte, always 0: a zero byte). OR MAGIC (32.0 in bf16 / 256.0 in fp16,
+    unit 1/4) and an exact subtraction give |value| / 2; the sign bits (3 and 19 of the shifted
+    word) go to bits 15 and 31 by one LOP3 (v ^ (w & 0x80008000))."""
+    ty = "f16x2" if f16 else "bf16x2"
+    magic16 = 0x5C00 if f16 else 0x4200
+    one16 = 0x3C00 if f16 else 0x3F80
+    lines = ["{", ".reg .b32 s0, s1, m0, m1, t, v, sg, a, mg, ng, one, lo, hi;",
+             f"mov.b32 mg, {hex(magic16 * 0x10001)};", f"mov.b32 ng, {hex((magic16 | 0x8000) * 0x10001)};",
+             f"mov.b32 one, {hex(one16 * 0x10001)};", "mov.b32 lo, 0x03020100;", "mov.b32 hi, 0x0C080604;",
+             "and.b32 s0, $1, 0x7777;", "shr.b32 s1, $1, 16;", "and.b32 s1, s1, 0x7777;",
+             "prmt.b32 m0, lo, hi, s0;", "prmt.b32 m1, lo, hi, s1;"]  # |2 * value| of codes 0-3, 4-7
+    if f16:
+        lines.append(".reg .f16 l16, h16; .reg .f32 flo, fhi;")
+    for i in range(4):
+        sel = i | (8 << 4) | ((4 + i) << 8) | (8 << 12)
+        lines += [f"prmt.b32 t, m0, m1, {hex(sel)};",     # (|c_i|, 0, |c_(i+4)|, 0) as bytes
+                  "or.b32 v, t, mg;",
+                  f"fma.rn.{ty} v, v, one, ng;"]          # exact |value| / 2
+        lines.append(f"shl.b32 sg, $1, {12 - 4 * i};" if i < 3 else "mov.b32 sg, $1;")
+        lines.append("lop3.b32 v, v, sg, 0x80008000, 0x78;")  # v ^ (sg & sign bits)
+        lines.append(f"mul.rn.{ty} a, v, $2;" if i == 0 else f"fma.rn.{ty} a, v, ${2 + i}, a;")
+    if f16:
+        lines += ["mov.b32 {l16, h16}, a;", "cvt.f32.f16 flo, l16;", "cvt.f32.f16 fhi, h16;",
+                  "add.f32 flo, flo, fhi;", "mov.b32 $0, flo;", "}"]
+    else:
+        lines += ["shl.b32 lo, a, 16;", "and.b32 hi, a, 0xFFFF0000;", "add.f32 lo, lo, hi;", "mov.b32 $0, lo;", "}"]
+    return "\n".join(lines)
+
+
 # int8: PRMT builds the fp32 bits 0x4B0000cc = 2^23 + c from byte c of the (offset-binary) word:
 # selector nibbles, low to high: byte c, bytes 4 and 4 (zeros of the magic register), byte 7 (0x4B).
 _ASM_INT8 = """{
@@ -89,6 +125,8 @@ ASM4_BF16_S = tl.constexpr(_asm_word(4, False, 8))
 ASM4_BF16_U = tl.constexpr(_asm_word(4, False, 0))
 ASM4_F16_S = tl.constexpr(_asm_word(4, True, 8))
 ASM4_F16_U = tl.constexpr(_asm_word(4, True, 0))
+ASM_FP4_BF16 = tl.constexpr(_asm_word_fp4(False))
+ASM_FP4_F16 = tl.constexpr(_asm_word_fp4(True))
 ASM2_BF16_S = tl.constexpr(_asm_word(2, False, 2))
 ASM2_BF16_U = tl.constexpr(_asm_word(2, False, 0))
 ASM2_F16_S = tl.constexpr(_asm_word(2, True, 2))
@@ -183,26 +221,28 @@ def _load_x(x_row, word, K, BITS: tl.constexpr, F16: tl.constexpr, HAS_ZERO: tl.
         xs = word * 0.0
     R: tl.constexpr = word.shape[0]
     C: tl.constexpr = word.shape[1]
-    if BITS == 4:
+    if BITS == 4:  # (one return per branch: the JIT compiles the statements after a static return)
         qa, qb = tl.split(q.reshape(R, C, 2, 2))  # ints (0, 2), (1, 3)
         q0, q2 = tl.split(qa)
         q1, q3 = tl.split(qb)
         p0, p1, p2, p3 = _lo_pair(q0, q2), _hi_pair(q0, q2), _lo_pair(q1, q3), _hi_pair(q1, q3)
-        return p0, p1, p2, p3, p0, p1, p2, p3, xs
-    qe, qo = tl.split(q.reshape(R, C, 2, 2, 2))  # int j = 4a + 2b + c: c = 0 / 1
-    qe0, qe1 = tl.split(qe)  # j = 4a, 4a + 2
-    qo0, qo1 = tl.split(qo)  # j = 4a + 1, 4a + 3
-    q0, q4 = tl.split(qe0)
-    q2, q6 = tl.split(qe1)
-    q1, q5 = tl.split(qo0)
-    q3, q7 = tl.split(qo1)
-    return (_lo_pair(q0, q4), _hi_pair(q0, q4), _lo_pair(q1, q5), _hi_pair(q1, q5),
-            _lo_pair(q2, q6), _hi_pair(q2, q6), _lo_pair(q3, q7), _hi_pair(q3, q7), xs)
+        p4, p5, p6, p7 = p0, p1, p2, p3
+    else:
+        qe, qo = tl.split(q.reshape(R, C, 2, 2, 2))  # int j = 4a + 2b + c: c = 0 / 1
+        qe0, qe1 = tl.split(qe)  # j = 4a, 4a + 2
+        qo0, qo1 = tl.split(qo)  # j = 4a + 1, 4a + 3
+        q0, q4 = tl.split(qe0)
+        q2, q6 = tl.split(qe1)
+        q1, q5 = tl.split(qo0)
+        q3, q7 = tl.split(qo1)
+        p0, p1, p2, p3 = _lo_pair(q0, q4), _hi_pair(q0, q4), _lo_pair(q1, q5), _hi_pair(q1, q5)
+        p4, p5, p6, p7 = _lo_pair(q2, q6), _hi_pair(q2, q6), _lo_pair(q3, q7), _hi_pair(q3, q7)
+    return p0, p1, p2, p3, p4, p5, p6, p7, xs
 
 
 @triton.jit
 def _words_dot(w, x0, x1, x2, x3, x4, x5, x6, x7, x_row, word, K, BITS: tl.constexpr, SIGNED: tl.constexpr,
-               F16: tl.constexpr, ASM: tl.constexpr):
+               F16: tl.constexpr, ASM: tl.constexpr, FP4: tl.constexpr = False):
     """fp32 dot product of each int32 word of `w` [BN, R, C] with its activations (x0..x7 from
     `_load_x`, [R, C]; the twin reads x_row + the code columns of `word` itself). 4 / 2-bit values
     are (c - off) / 8 (the caller scales by 8); int8 values are c (two's complement)."""
@@ -211,6 +251,13 @@ def _words_dot(w, x0, x1, x2, x3, x4, x5, x6, x7, x_row, word, K, BITS: tl.const
         if BITS == 8:
             r = tl.inline_asm_elementwise(ASM_INT8, "=r,r,r,r,r,r", [w, x0[None], x1[None], x2[None], x3[None]],
                                           dtype=tl.int32, is_pure=True, pack=1).to(tl.float32, bitcast=True)
+        elif FP4:
+            if F16:
+                r = tl.inline_asm_elementwise(ASM_FP4_F16, "=r,r,r,r,r,r", [w, x0[None], x1[None], x2[None], x3[None]],
+                                              dtype=tl.int32, is_pure=True, pack=1).to(tl.float32, bitcast=True)
+            else:
+                r = tl.inline_asm_elementwise(ASM_FP4_BF16, "=r,r,r,r,r,r", [w, x0[None], x1[None], x2[None], x3[None]],
+                                              dtype=tl.int32, is_pure=True, pack=1).to(tl.float32, bitcast=True)
         elif BITS == 4:
             r = _asm4(w, x0[None], x1[None], x2[None], x3[None], F16, SIGNED)
         else:
@@ -221,8 +268,14 @@ def _words_dot(w, x0, x1, x2, x3, x4, x5, x6, x7, x_row, word, K, BITS: tl.const
         if BITS == 8:
             w = w ^ -2139062144  # 0x80808080: two's complement bytes -> offset binary
         for i in tl.static_range(CPW):
-            c = ((w >> (i * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
-            if BITS == 8:
+            ci = (w >> (i * BITS)) & ((1 << BITS) - 1)
+            c = ci.to(tl.float32)
+            if FP4:  # e2m1, halved like the asm: sign, exponent e (bias 1), one mantissa bit
+                e = (ci >> 1) & 3
+                mag = tl.where(e == 0, (ci & 1).to(tl.float32) * 0.5,
+                               tl.math.exp2((e - 1).to(tl.float32)) * (1.0 + (ci & 1).to(tl.float32) * 0.5))
+                v = tl.where((ci & 8) != 0, -mag, mag) * 0.5
+            elif BITS == 8:
                 v = c - 128.0
             elif SIGNED:
                 v = (c - (1 << (BITS - 1))) * 0.125
@@ -273,7 +326,7 @@ def _scales(s_ptr, z_ptr, rows, stride_sn, word, wmask, gblk, gmask, SMODE: tl.c
 @triton.jit
 def _step(wv, x0, x1, x2, x3, x4, x5, x6, x7, xs, s, z, x_row, word, wmask, K, KW, BITS: tl.constexpr,
           SIGNED: tl.constexpr, SMODE: tl.constexpr, HAS_ZERO: tl.constexpr, SMUL: tl.constexpr, F16: tl.constexpr,
-          WB: tl.constexpr, WPT: tl.constexpr, ASM: tl.constexpr, PROBE: tl.constexpr):
+          WB: tl.constexpr, WPT: tl.constexpr, ASM: tl.constexpr, PROBE: tl.constexpr, FP4: tl.constexpr):
     """One iteration's scaled partial sums [BLOCK_N, NWG] from its words, activations (and their
     sums per word, `xs`, for zero points; the twin recomputes them) and scales."""
     if HAS_ZERO and not ASM:
@@ -282,7 +335,7 @@ def _step(wv, x0, x1, x2, x3, x4, x5, x6, x7, xs, s, z, x_row, word, wmask, K, K
         p = wv.to(tl.float32)
     else:
         p = _words_dot(wv, x0, x1, x2, x3, x4, x5, x6, x7, x_row, tl.where(wmask, word, KW), K, BITS,
-                       SIGNED, F16, ASM)  # [BLOCK_N, NWG, WPT]
+                       SIGNED, F16, ASM, FP4)  # [BLOCK_N, NWG, WPT]
     if PROBE == 2 or not (SMODE == 1 or SMODE == 2):
         part = tl.sum(p, axis=2) * SMUL
     elif WB % WPT == 0:  # one scale per group of WPT words
@@ -304,7 +357,7 @@ def _gemv_fast_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, b_ptr, y_ptr, ws_ptr, 
                       HAS_RS: tl.constexpr, HAS_BIAS: tl.constexpr, SMUL: tl.constexpr, F16: tl.constexpr,
                       WB: tl.constexpr, NWG: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr,
                       WPT: tl.constexpr = 4, STAGES: tl.constexpr = 0, SPLIT_K: tl.constexpr = 1,
-                      PROBE: tl.constexpr = 0):
+                      FP4: tl.constexpr = False, PROBE: tl.constexpr = 0):
     """y[m, rows] = x[m] @ W[rows]^T for BLOCK_N rows; each thread holds WPT consecutive words
     (4: one 16-byte load) of every row, NWG groups of WPT words per iteration, and the activations
     of those words once for all rows. WB: words per scale block; SMUL: the decode's
@@ -340,7 +393,7 @@ def _gemv_fast_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, b_ptr, y_ptr, ws_ptr, 
             s, z = _scales(s_ptr, z_ptr, rows_c, stride_sn, word, wmask, w0 // WB + gblk0,
                            (w0 + tl.arange(0, NWG) * WPT) < k_hi, SMODE, HAS_ZERO, WB, WPT)
             acc += _step(wv, x0, x1, x2, x3, x4, x5, x6, x7, xs, s, z, x_row, word, wmask, K, KW, BITS, SIGNED, SMODE,
-                         HAS_ZERO, SMUL, F16, WB, WPT, ASM, PROBE)
+                         HAS_ZERO, SMUL, F16, WB, WPT, ASM, PROBE, FP4)
     else:
         # everything the loop reads (words, activations, scales) is loaded one iteration ahead: the
         # loop is otherwise bound by the latency of those loads
@@ -363,7 +416,7 @@ def _gemv_fast_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, b_ptr, y_ptr, ws_ptr, 
             s_n, z_n = _scales(s_ptr, z_ptr, rows_c, stride_sn, nword, nmask, (w0 + WORDS) // WB + gblk0,
                                (w0 + WORDS + tl.arange(0, NWG) * WPT) < k_hi, SMODE, HAS_ZERO, WB, WPT)
             acc += _step(wv, x0, x1, x2, x3, x4, x5, x6, x7, xs, s, z, x_row, word, wmask, K, KW, BITS, SIGNED, SMODE,
-                         HAS_ZERO, SMUL, F16, WB, WPT, ASM, PROBE)
+                         HAS_ZERO, SMUL, F16, WB, WPT, ASM, PROBE, FP4)
     y = tl.sum(acc, axis=1)
     if SMODE == 3:
         y = y * tl.load(s_ptr + rows_c * stride_sn, mask=rmask, other=0).to(tl.float32)
