@@ -198,45 +198,47 @@ def _load_x(x_row, word, K, BITS: tl.constexpr, F16: tl.constexpr, HAS_ZERO: tl.
     HAS_ZERO). Loaded one iteration ahead by the kernel. Twin (ASM=False): unused."""
     CPW: tl.constexpr = 32 // BITS
     wmask = word * CPW < K
+    # (one return at the end: the JIT compiles the statements after a static return too)
     if not ASM:
-        z = word * 0
-        return z, z, z, z, z, z, z, z, z.to(tl.float32)
-    if BITS == 8:
+        p0 = word * 0
+        p1, p2, p3, p4, p5, p6, p7, xs = p0, p0, p0, p0, p0, p0, p0, p0.to(tl.float32)
+    elif BITS == 8:
         kx = word * 4
-        x0 = tl.load(x_row + kx, mask=wmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
-        x1 = tl.load(x_row + kx + 1, mask=wmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
-        x2 = tl.load(x_row + kx + 2, mask=wmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
-        x3 = tl.load(x_row + kx + 3, mask=wmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
-        return x0, x1, x2, x3, x0, x1, x2, x3, word * 0.0
-    # the activations as int32: int j of a word holds columns (2j, 2j + 1). One vector load per
-    # word (16 bytes for 4-bit codes, 32 for 2-bit), split in registers: 4-byte loads 16 bytes
-    # apart cost four times the L1 wavefronts, and the L1 (not DRAM) was the limit of this loop
-    # (ncu: L1/TEX 90 %, DRAM 33 %)
-    NI: tl.constexpr = CPW // 2
-    xi = x_row.to(tl.pointer_type(tl.int32), bitcast=True) + word * NI
-    q = tl.load(xi[:, :, None] + tl.arange(0, NI)[None, None, :], mask=wmask[:, :, None], other=0)
-    if HAS_ZERO:
-        xs = tl.sum(_half_sums(q, F16), axis=2)
+        p0 = tl.load(x_row + kx, mask=wmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
+        p1 = tl.load(x_row + kx + 1, mask=wmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
+        p2 = tl.load(x_row + kx + 2, mask=wmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
+        p3 = tl.load(x_row + kx + 3, mask=wmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
+        p4, p5, p6, p7, xs = p0, p1, p2, p3, word * 0.0
     else:
-        xs = word * 0.0
-    R: tl.constexpr = word.shape[0]
-    C: tl.constexpr = word.shape[1]
-    if BITS == 4:  # (one return per branch: the JIT compiles the statements after a static return)
-        qa, qb = tl.split(q.reshape(R, C, 2, 2))  # ints (0, 2), (1, 3)
-        q0, q2 = tl.split(qa)
-        q1, q3 = tl.split(qb)
-        p0, p1, p2, p3 = _lo_pair(q0, q2), _hi_pair(q0, q2), _lo_pair(q1, q3), _hi_pair(q1, q3)
-        p4, p5, p6, p7 = p0, p1, p2, p3
-    else:
-        qe, qo = tl.split(q.reshape(R, C, 2, 2, 2))  # int j = 4a + 2b + c: c = 0 / 1
-        qe0, qe1 = tl.split(qe)  # j = 4a, 4a + 2
-        qo0, qo1 = tl.split(qo)  # j = 4a + 1, 4a + 3
-        q0, q4 = tl.split(qe0)
-        q2, q6 = tl.split(qe1)
-        q1, q5 = tl.split(qo0)
-        q3, q7 = tl.split(qo1)
-        p0, p1, p2, p3 = _lo_pair(q0, q4), _hi_pair(q0, q4), _lo_pair(q1, q5), _hi_pair(q1, q5)
-        p4, p5, p6, p7 = _lo_pair(q2, q6), _hi_pair(q2, q6), _lo_pair(q3, q7), _hi_pair(q3, q7)
+        # the activations as int32: int j of a word holds columns (2j, 2j + 1). One vector load per
+        # word (16 bytes for 4-bit codes, 32 for 2-bit), split in registers: 4-byte loads 16 bytes
+        # apart cost four times the L1 wavefronts, and the L1 (not DRAM) was the limit of this loop
+        # (ncu: L1/TEX 90 %, DRAM 33 %)
+        NI: tl.constexpr = CPW // 2
+        xi = x_row.to(tl.pointer_type(tl.int32), bitcast=True) + word * NI
+        q = tl.load(xi[:, :, None] + tl.arange(0, NI)[None, None, :], mask=wmask[:, :, None], other=0)
+        if HAS_ZERO:
+            xs = tl.sum(_half_sums(q, F16), axis=2)
+        else:
+            xs = word * 0.0
+        R: tl.constexpr = word.shape[0]
+        C: tl.constexpr = word.shape[1]
+        if BITS == 4:
+            qa, qb = tl.split(q.reshape(R, C, 2, 2))  # ints (0, 2), (1, 3)
+            q0, q2 = tl.split(qa)
+            q1, q3 = tl.split(qb)
+            p0, p1, p2, p3 = _lo_pair(q0, q2), _hi_pair(q0, q2), _lo_pair(q1, q3), _hi_pair(q1, q3)
+            p4, p5, p6, p7 = p0, p1, p2, p3
+        else:
+            qe, qo = tl.split(q.reshape(R, C, 2, 2, 2))  # int j = 4a + 2b + c: c = 0 / 1
+            qe0, qe1 = tl.split(qe)  # j = 4a, 4a + 2
+            qo0, qo1 = tl.split(qo)  # j = 4a + 1, 4a + 3
+            q0, q4 = tl.split(qe0)
+            q2, q6 = tl.split(qe1)
+            q1, q5 = tl.split(qo0)
+            q3, q7 = tl.split(qo1)
+            p0, p1, p2, p3 = _lo_pair(q0, q4), _hi_pair(q0, q4), _lo_pair(q1, q5), _hi_pair(q1, q5)
+            p4, p5, p6, p7 = _lo_pair(q2, q6), _hi_pair(q2, q6), _lo_pair(q3, q7), _hi_pair(q3, q7)
     return p0, p1, p2, p3, p4, p5, p6, p7, xs
 
 
