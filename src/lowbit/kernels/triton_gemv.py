@@ -167,25 +167,15 @@ def _asm2(w, p0, p1, p2, p3, p4, p5, p6, p7, F16: tl.constexpr, SIGNED: tl.const
 
 
 @triton.jit
-def _lo_pair(a, b, PAIR_ASM: tl.constexpr):
+def _lo_pair(a, b):
     """16-bit pair (low half of a, low half of b)."""
-    if PAIR_ASM:  # bytes a0 a1 b0 b1
-        r = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x5410;", "=r,r,r", [a, b], dtype=tl.int32,
-                                      is_pure=True, pack=1)
-    else:
-        r = (a & 0xFFFF) | (b << 16)
-    return r
+    return (a & 0xFFFF) | (b << 16)
 
 
 @triton.jit
-def _hi_pair(a, b, PAIR_ASM: tl.constexpr):
+def _hi_pair(a, b):
     """16-bit pair (high half of a, high half of b)."""
-    if PAIR_ASM:  # bytes a2 a3 b2 b3
-        r = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7632;", "=r,r,r", [a, b], dtype=tl.int32,
-                                      is_pure=True, pack=1)
-    else:
-        r = ((a >> 16) & 0xFFFF) | (b & -65536)
-    return r
+    return ((a >> 16) & 0xFFFF) | (b & -65536)
 
 
 @triton.jit
@@ -201,18 +191,13 @@ def _half_sums(q, F16: tl.constexpr):
 
 
 @triton.jit
-def _load_x(x_row, word, K, BITS: tl.constexpr, F16: tl.constexpr, HAS_ZERO: tl.constexpr, ASM: tl.constexpr,
-            EVEN: tl.constexpr = False, PAIR_ASM: tl.constexpr = False):
+def _load_x(x_row, word, K, BITS: tl.constexpr, F16: tl.constexpr, HAS_ZERO: tl.constexpr, ASM: tl.constexpr):
     """The activations of the words `word` ([R, C]) as `_words_dot` takes them: 8 int32 tensors
     (4-bit: pairs (x_i, x_{i+4}) in the first four; 2-bit: pairs (x_i, x_{i+8}); int8: the four
     activations as fp32 bits), and each word's activation sum (fp32, for zero points; 0 unless
-    HAS_ZERO). Loaded one iteration ahead by the kernel. Twin (ASM=False): unused. EVEN: every word
-    is inside K (no masks); PAIR_ASM: pairs by PRMT (one instruction each; not under the interpreter)."""
+    HAS_ZERO). Loaded one iteration ahead by the kernel. Twin (ASM=False): unused."""
     CPW: tl.constexpr = 32 // BITS
-    if EVEN:
-        wmask = tl.full(word.shape, 1, tl.int1)
-    else:
-        wmask = word * CPW < K
+    wmask = word * CPW < K
     # (one return at the end: the JIT compiles the statements after a static return too)
     if not ASM:
         p0 = word * 0
@@ -242,8 +227,7 @@ def _load_x(x_row, word, K, BITS: tl.constexpr, F16: tl.constexpr, HAS_ZERO: tl.
             qa, qb = tl.split(q.reshape(R, C, 2, 2))  # ints (0, 2), (1, 3)
             q0, q2 = tl.split(qa)
             q1, q3 = tl.split(qb)
-            p0, p1 = _lo_pair(q0, q2, PAIR_ASM), _hi_pair(q0, q2, PAIR_ASM)
-            p2, p3 = _lo_pair(q1, q3, PAIR_ASM), _hi_pair(q1, q3, PAIR_ASM)
+            p0, p1, p2, p3 = _lo_pair(q0, q2), _hi_pair(q0, q2), _lo_pair(q1, q3), _hi_pair(q1, q3)
             p4, p5, p6, p7 = p0, p1, p2, p3
         else:
             qe, qo = tl.split(q.reshape(R, C, 2, 2, 2))  # int j = 4a + 2b + c: c = 0 / 1
@@ -253,10 +237,8 @@ def _load_x(x_row, word, K, BITS: tl.constexpr, F16: tl.constexpr, HAS_ZERO: tl.
             q2, q6 = tl.split(qe1)
             q1, q5 = tl.split(qo0)
             q3, q7 = tl.split(qo1)
-            p0, p1 = _lo_pair(q0, q4, PAIR_ASM), _hi_pair(q0, q4, PAIR_ASM)
-            p2, p3 = _lo_pair(q1, q5, PAIR_ASM), _hi_pair(q1, q5, PAIR_ASM)
-            p4, p5 = _lo_pair(q2, q6, PAIR_ASM), _hi_pair(q2, q6, PAIR_ASM)
-            p6, p7 = _lo_pair(q3, q7, PAIR_ASM), _hi_pair(q3, q7, PAIR_ASM)
+            p0, p1, p2, p3 = _lo_pair(q0, q4), _hi_pair(q0, q4), _lo_pair(q1, q5), _hi_pair(q1, q5)
+            p4, p5, p6, p7 = _lo_pair(q2, q6), _hi_pair(q2, q6), _lo_pair(q3, q7), _hi_pair(q3, q7)
     return p0, p1, p2, p3, p4, p5, p6, p7, xs
 
 
@@ -377,7 +359,7 @@ def _gemv_fast_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, b_ptr, y_ptr, ws_ptr, 
                       HAS_RS: tl.constexpr, HAS_BIAS: tl.constexpr, SMUL: tl.constexpr, F16: tl.constexpr,
                       WB: tl.constexpr, NWG: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr,
                       WPT: tl.constexpr = 4, STAGES: tl.constexpr = 0, SPLIT_K: tl.constexpr = 1,
-                      FP4: tl.constexpr = False, EVEN: tl.constexpr = False, PROBE: tl.constexpr = 0):
+                      FP4: tl.constexpr = False, PROBE: tl.constexpr = 0):
     """y[m, rows] = x[m] @ W[rows]^T for BLOCK_N rows; each thread holds WPT consecutive words
     (4: one 16-byte load) of every row, NWG groups of WPT words per iteration, and the activations
     of those words once for all rows. WB: words per scale block; SMUL: the decode's
@@ -417,40 +399,24 @@ def _gemv_fast_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, b_ptr, y_ptr, ws_ptr, 
     else:
         # everything the loop reads (words, activations, scales) is loaded one iteration ahead: the
         # loop is otherwise bound by the latency of those loads
-        # EVEN (every iteration is whole words inside K): no masks; the prefetch after the last
-        # iteration re-reads the last block (clamped base) instead of reading past the row
         word = k_lo + local
-        if EVEN:
-            wmask = tl.full(word.shape, 1, tl.int1)
-            gmask = tl.full([NWG], 1, tl.int1)
-        else:
-            wmask = word < k_hi
-            gmask = (k_lo + tl.arange(0, NWG) * WPT) < k_hi
+        wmask = word < k_hi
         wv_n = tl.load(w_row[:, None, None] + word[None, :, :], mask=wmask[None, :, :], other=0)
         x0n, x1n, x2n, x3n, x4n, x5n, x6n, x7n, xsn = _load_x(x_row, tl.where(wmask, word, KW), K, BITS, F16, HAS_ZERO,
-                                                              ASM, EVEN, ASM)
-        s_n, z_n = _scales(s_ptr, z_ptr, rows_c, stride_sn, word, wmask, k_lo // WB + gblk0, gmask, SMODE, HAS_ZERO,
-                           WB, WPT)
+                                                                ASM)
+        s_n, z_n = _scales(s_ptr, z_ptr, rows_c, stride_sn, word, wmask, k_lo // WB + gblk0,
+                           (k_lo + tl.arange(0, NWG) * WPT) < k_hi, SMODE, HAS_ZERO, WB, WPT)
         for w0 in range(k_lo, k_hi, WORDS):
             word = w0 + local
+            wmask = word < k_hi
             wv, x0, x1, x2, x3, x4, x5, x6, x7, xs, s, z = wv_n, x0n, x1n, x2n, x3n, x4n, x5n, x6n, x7n, xsn, s_n, z_n
-            if EVEN:
-                wmask = tl.full(word.shape, 1, tl.int1)
-                nbase = tl.minimum(w0 + WORDS, k_hi - WORDS)
-                nword = nbase + local
-                nmask = wmask
-                ngmask = tl.full([NWG], 1, tl.int1)
-            else:
-                wmask = word < k_hi
-                nbase = w0 + WORDS
-                nword = word + WORDS
-                nmask = nword < k_hi
-                ngmask = (nbase + tl.arange(0, NWG) * WPT) < k_hi
+            nword = word + WORDS
+            nmask = nword < k_hi
             wv_n = tl.load(w_row[:, None, None] + nword[None, :, :], mask=nmask[None, :, :], other=0)
             x0n, x1n, x2n, x3n, x4n, x5n, x6n, x7n, xsn = _load_x(x_row, tl.where(nmask, nword, KW), K, BITS, F16,
-                                                                  HAS_ZERO, ASM, EVEN, ASM)
-            s_n, z_n = _scales(s_ptr, z_ptr, rows_c, stride_sn, nword, nmask, nbase // WB + gblk0, ngmask, SMODE,
-                               HAS_ZERO, WB, WPT)
+                                                                    HAS_ZERO, ASM)
+            s_n, z_n = _scales(s_ptr, z_ptr, rows_c, stride_sn, nword, nmask, (w0 + WORDS) // WB + gblk0,
+                               (w0 + WORDS + tl.arange(0, NWG) * WPT) < k_hi, SMODE, HAS_ZERO, WB, WPT)
             acc += _step(wv, x0, x1, x2, x3, x4, x5, x6, x7, xs, s, z, x_row, word, wmask, K, KW, BITS, SIGNED, SMODE,
                          HAS_ZERO, SMUL, F16, WB, WPT, ASM, PROBE, FP4)
     y = tl.sum(acc, axis=1)

@@ -429,7 +429,6 @@ def run_fast_gemv(x2, planes, spec: Spec, n: int, k: int, bias, y, cfg: dict) ->
         BITS=spec.bits, SIGNED=spec.code == 0, SMODE=spec.smode, HAS_ZERO=spec.has_zero, HAS_RS=rs is not None,
         HAS_BIAS=bias is not None, SMUL=smul, F16=x2.dtype == torch.float16, WB=wb, NWG=nwg, BLOCK_N=bn,
         ASM=not _interpreting(), WPT=wpt, STAGES=cfg.get("STAGES", 0), SPLIT_K=split, FP4=spec.code == 3,
-        EVEN=kw % words == 0 and kw >= words,
         PROBE=cfg.get("PROBE", 0),
         num_warps=nw, num_stages=cfg.get("num_stages", 1))
     return y
