@@ -26,7 +26,7 @@ dot product with the same values in fp32; the CI tests run that twin, the GPU ru
 
 Formats (CODE as in triton_kernels.py): 4-bit and 2-bit integer codes, symmetric (CODE 0) or
 affine (CODE 2, w = c * s + z), int8 (CODE 1, two's complement bytes) and fp4 e2m1 (CODE 3, FP4:
-two PRMT table lookups per word, see `_asm_word_fp4`); scales per block (fp16 / bf16 / fp32 or
+PRMT table lookups, see `_asm_word_fp4`); scales per block (fp16 / bf16 / fp32 or
 E8M0, SMODE 1 / 2) or per row (SMODE 3).
 """
 
@@ -65,38 +65,57 @@ def _asm_word(bits: int, f16: bool, off: int) -> str:
     return "\n".join(lines)
 
 
-def _asm_word_fp4(f16: bool) -> str:
-    """PTX: $0 (fp32 bits) = sum_i v_i * x_i over the 8 fp4 (e2m1) codes of word $1, v = value / 2.
+def _fp4_tables(f16: bool) -> tuple[str, str, str, str]:
+    """The four 32-bit PRMT tables of `_asm_word_fp4` (hex): low bytes of the 16-bit magnitudes
+    0, .5, 1, 1.5 and 2, 3, 4, 6, then their high bytes."""
+    return (("0x0", "0x0", "0x3e3c3800", "0x46444240") if f16 else
+            ("0xc0800000", "0xc0804000", "0x3f3f3f00", "0x40404040"))
 
-    e2m1 magnitudes times 2 are the integers 0, 1, 2, 3, 4, 6, 8, 12: one PRMT looks up four of
-    them at once, the codes' 3-bit magnitude fields serving as its byte selectors into an 8-byte
-    table. A second PRMT pairs codes (i, i + 4) as bytes in the two 16-bit halves (selector 8 reads
-    the top bit of a table byte, always 0: a zero byte). OR MAGIC (32.0 in bf16 / 256.0 in fp16,
-    unit 1/4) and an exact subtraction give |value| / 2; the sign bits (3 and 19 of the shifted
-    word) go to bits 15 and 31 by one LOP3 (v ^ (w & 0x80008000))."""
+
+def _asm_word_fp4(f16: bool) -> str:
+    """PTX: $0 (fp32 bits) = sum_i v_i * x_i over the 8 fp4 (e2m1) codes of word $1; $2..$5 are the
+    activations as they lie in memory, pairs (x_2j, x_2j+1) = the codes of byte j.
+
+    The e2m1 magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6 are exact 16-bit floats; a PRMT with the codes'
+    3-bit magnitude fields as byte selectors looks up four at once in an 8-byte table, one PRMT for
+    the low bytes of the 16-bit values and one for the high bytes (fp16: the low bytes are all 0).
+    A third PRMT interleaves them into the pair of byte j, and a fourth, in its sign-replicate mode
+    (selector bit 3), turns the two sign bits of byte j (bits 3 and 7; the first after a 4-bit
+    shift of the word) into 0x00 / 0xFF bytes at the pair's sign positions: one LOP3 applies them.
+    24 instructions for 8 weights, none of them an integer-to-float conversion."""
     ty = "f16x2" if f16 else "bf16x2"
-    magic16 = 0x5C00 if f16 else 0x4200
-    one16 = 0x3C00 if f16 else 0x3F80
-    lines = ["{", ".reg .b32 s0, s1, m0, m1, t, v, sg, a, mg, ng, one, lo, hi;",
-             f"mov.b32 mg, {hex(magic16 * 0x10001)};", f"mov.b32 ng, {hex((magic16 | 0x8000) * 0x10001)};",
-             f"mov.b32 one, {hex(one16 * 0x10001)};", "mov.b32 lo, 0x03020100;", "mov.b32 hi, 0x0C080604;",
+    # 16-bit patterns of the magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6 (index = e2m1 bits without sign)
+    vals = [0x0000, 0x3800, 0x3C00, 0x3E00, 0x4000, 0x4200, 0x4400, 0x4600] if f16 else \
+        [0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0]
+    lo = [v & 0xFF for v in vals]
+    hi = [v >> 8 for v in vals]
+
+    def word(bs):  # 4 bytes, byte 0 lowest
+        return hex(bs[0] | bs[1] << 8 | bs[2] << 16 | bs[3] << 24)
+
+    # the tables ($6..$9: low bytes 0-3, 4-7, high bytes 0-3, 4-7) come in as operands so that
+    # they stay in registers across the loop instead of being rebuilt for every word
+    assert [int(t, 16) for t in _fp4_tables(f16)] == [int(word(lo[:4]), 16), int(word(lo[4:]), 16),
+                                                       int(word(hi[:4]), 16), int(word(hi[4:]), 16)]
+    lines = ["{", ".reg .b32 s0, s1, l0, h0, l1, h1, w4, v, m, a, flo, fhi;",
              "and.b32 s0, $1, 0x7777;", "shr.b32 s1, $1, 16;", "and.b32 s1, s1, 0x7777;",
-             "prmt.b32 m0, lo, hi, s0;", "prmt.b32 m1, lo, hi, s1;"]  # |2 * value| of codes 0-3, 4-7
+             "prmt.b32 l0, $6, $7, s0;", "prmt.b32 h0, $8, $9, s0;",   # codes 0-3: low / high bytes
+             "prmt.b32 l1, $6, $7, s1;", "prmt.b32 h1, $8, $9, s1;",   # codes 4-7
+             "shl.b32 w4, $1, 4;"]                                     # low-nibble signs to bit 7
+    for j in range(4):
+        src_l, src_h = ("l0", "h0") if j < 2 else ("l1", "h1")
+        pair_sel = "0x5140" if j % 2 == 0 else "0x7362"
+        sign_sel = hex(j | (8 | j) << 4 | j << 8 | (8 | (4 + j)) << 12)
+        lines += [f"prmt.b32 v, {src_l}, {src_h}, {pair_sel};",   # |code 2j|, |code 2j+1|
+                  f"prmt.b32 m, w4, $1, {sign_sel};",             # their signs as 0x00 / 0xFF bytes
+                  "lop3.b32 v, v, m, 0x80008000, 0x78;",           # v ^ (m & sign bits)
+                  f"mul.rn.{ty} a, v, $2;" if j == 0 else f"fma.rn.{ty} a, v, ${2 + j}, a;"]
     if f16:
-        lines.append(".reg .f16 l16, h16; .reg .f32 flo, fhi;")
-    for i in range(4):
-        sel = i | (8 << 4) | ((4 + i) << 8) | (8 << 12)
-        lines += [f"prmt.b32 t, m0, m1, {hex(sel)};",     # (|c_i|, 0, |c_(i+4)|, 0) as bytes
-                  "or.b32 v, t, mg;",
-                  f"fma.rn.{ty} v, v, one, ng;"]          # exact |value| / 2
-        lines.append(f"shl.b32 sg, $1, {12 - 4 * i};" if i < 3 else "mov.b32 sg, $1;")
-        lines.append("lop3.b32 v, v, sg, 0x80008000, 0x78;")  # v ^ (sg & sign bits)
-        lines.append(f"mul.rn.{ty} a, v, $2;" if i == 0 else f"fma.rn.{ty} a, v, ${2 + i}, a;")
-    if f16:
-        lines += ["mov.b32 {l16, h16}, a;", "cvt.f32.f16 flo, l16;", "cvt.f32.f16 fhi, h16;",
+        lines += [".reg .f16 l16, h16;", "mov.b32 {l16, h16}, a;", "cvt.f32.f16 flo, l16;", "cvt.f32.f16 fhi, h16;",
                   "add.f32 flo, flo, fhi;", "mov.b32 $0, flo;", "}"]
     else:
-        lines += ["shl.b32 lo, a, 16;", "and.b32 hi, a, 0xFFFF0000;", "add.f32 lo, lo, hi;", "mov.b32 $0, lo;", "}"]
+        lines += ["shl.b32 flo, a, 16;", "and.b32 fhi, a, 0xFFFF0000;", "add.f32 flo, flo, fhi;",
+                  "mov.b32 $0, flo;", "}"]
     return "\n".join(lines)
 
 
@@ -127,6 +146,11 @@ ASM4_F16_S = tl.constexpr(_asm_word(4, True, 8))
 ASM4_F16_U = tl.constexpr(_asm_word(4, True, 0))
 ASM_FP4_BF16 = tl.constexpr(_asm_word_fp4(False))
 ASM_FP4_F16 = tl.constexpr(_asm_word_fp4(True))
+# the tables as the int32 operands `_words_dot` passes (bf16, fp16)
+_FP4_OPERANDS = ((-1065353216, -1065336832, 0x3F3F3F00, 0x40404040), (0, 0, 0x3E3C3800, 0x46444240))
+assert all([v & 0xFFFFFFFF for v in ops] == [int(t, 16) for t in _fp4_tables(f16)]
+           for ops, f16 in zip(_FP4_OPERANDS, (False, True)))
+
 ASM2_BF16_S = tl.constexpr(_asm_word(2, False, 2))
 ASM2_BF16_U = tl.constexpr(_asm_word(2, False, 0))
 ASM2_F16_S = tl.constexpr(_asm_word(2, True, 2))
@@ -191,10 +215,11 @@ def _half_sums(q, F16: tl.constexpr):
 
 
 @triton.jit
-def _load_x(x_row, word, K, BITS: tl.constexpr, F16: tl.constexpr, HAS_ZERO: tl.constexpr, ASM: tl.constexpr):
+def _load_x(x_row, word, K, BITS: tl.constexpr, F16: tl.constexpr, HAS_ZERO: tl.constexpr, ASM: tl.constexpr,
+            FP4: tl.constexpr = False):
     """The activations of the words `word` ([R, C]) as `_words_dot` takes them: 8 int32 tensors
-    (4-bit: pairs (x_i, x_{i+4}) in the first four; 2-bit: pairs (x_i, x_{i+8}); int8: the four
-    activations as fp32 bits), and each word's activation sum (fp32, for zero points; 0 unless
+    (4-bit: pairs (x_i, x_{i+4}) in the first four; fp4: (x_2j, x_2j+1), as in memory; 2-bit: pairs
+    (x_i, x_{i+8}); int8: the four activations as fp32 bits), and each word's activation sum (fp32, for zero points; 0 unless
     HAS_ZERO). Loaded one iteration ahead by the kernel. Twin (ASM=False): unused."""
     CPW: tl.constexpr = 32 // BITS
     wmask = word * CPW < K
@@ -227,7 +252,10 @@ def _load_x(x_row, word, K, BITS: tl.constexpr, F16: tl.constexpr, HAS_ZERO: tl.
             qa, qb = tl.split(q.reshape(R, C, 2, 2))  # ints (0, 2), (1, 3)
             q0, q2 = tl.split(qa)
             q1, q3 = tl.split(qb)
-            p0, p1, p2, p3 = _lo_pair(q0, q2), _hi_pair(q0, q2), _lo_pair(q1, q3), _hi_pair(q1, q3)
+            if FP4:
+                p0, p1, p2, p3 = q0, q1, q2, q3
+            else:
+                p0, p1, p2, p3 = _lo_pair(q0, q2), _hi_pair(q0, q2), _lo_pair(q1, q3), _hi_pair(q1, q3)
             p4, p5, p6, p7 = p0, p1, p2, p3
         else:
             qe, qo = tl.split(q.reshape(R, C, 2, 2, 2))  # int j = 4a + 2b + c: c = 0 / 1
@@ -254,11 +282,16 @@ def _words_dot(w, x0, x1, x2, x3, x4, x5, x6, x7, x_row, word, K, BITS: tl.const
             r = tl.inline_asm_elementwise(ASM_INT8, "=r,r,r,r,r,r", [w, x0[None], x1[None], x2[None], x3[None]],
                                           dtype=tl.int32, is_pure=True, pack=1).to(tl.float32, bitcast=True)
         elif FP4:
+            z = w * 0
             if F16:
-                r = tl.inline_asm_elementwise(ASM_FP4_F16, "=r,r,r,r,r,r", [w, x0[None], x1[None], x2[None], x3[None]],
+                r = tl.inline_asm_elementwise(ASM_FP4_F16, "=r,r,r,r,r,r,r,r,r,r",
+                                              [w, x0[None], x1[None], x2[None], x3[None], z + 0, z + 0,
+                                               z + 0x3E3C3800, z + 0x46444240],
                                               dtype=tl.int32, is_pure=True, pack=1).to(tl.float32, bitcast=True)
             else:
-                r = tl.inline_asm_elementwise(ASM_FP4_BF16, "=r,r,r,r,r,r", [w, x0[None], x1[None], x2[None], x3[None]],
+                r = tl.inline_asm_elementwise(ASM_FP4_BF16, "=r,r,r,r,r,r,r,r,r,r",
+                                              [w, x0[None], x1[None], x2[None], x3[None], z - 1065353216,
+                                               z - 1065336832, z + 0x3F3F3F00, z + 0x40404040],
                                               dtype=tl.int32, is_pure=True, pack=1).to(tl.float32, bitcast=True)
         elif BITS == 4:
             r = _asm4(w, x0[None], x1[None], x2[None], x3[None], F16, SIGNED)
@@ -272,11 +305,11 @@ def _words_dot(w, x0, x1, x2, x3, x4, x5, x6, x7, x_row, word, K, BITS: tl.const
         for i in tl.static_range(CPW):
             ci = (w >> (i * BITS)) & ((1 << BITS) - 1)
             c = ci.to(tl.float32)
-            if FP4:  # e2m1, halved like the asm: sign, exponent e (bias 1), one mantissa bit
+            if FP4:  # e2m1: sign, exponent e (bias 1), one mantissa bit
                 e = (ci >> 1) & 3
                 mag = tl.where(e == 0, (ci & 1).to(tl.float32) * 0.5,
                                tl.math.exp2((e - 1).to(tl.float32)) * (1.0 + (ci & 1).to(tl.float32) * 0.5))
-                v = tl.where((ci & 8) != 0, -mag, mag) * 0.5
+                v = tl.where((ci & 8) != 0, -mag, mag)
             elif BITS == 8:
                 v = c - 128.0
             elif SIGNED:
@@ -391,7 +424,7 @@ def _gemv_fast_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, b_ptr, y_ptr, ws_ptr, 
             word = w0 + local
             wmask = word < k_hi
             wv = tl.load(w_row[:, None, None] + word[None, :, :], mask=wmask[None, :, :], other=0)
-            x0, x1, x2, x3, x4, x5, x6, x7, xs = _load_x(x_row, tl.where(wmask, word, KW), K, BITS, F16, HAS_ZERO, ASM)
+            x0, x1, x2, x3, x4, x5, x6, x7, xs = _load_x(x_row, tl.where(wmask, word, KW), K, BITS, F16, HAS_ZERO, ASM, FP4)
             s, z = _scales(s_ptr, z_ptr, rows_c, stride_sn, word, wmask, w0 // WB + gblk0,
                            (w0 + tl.arange(0, NWG) * WPT) < k_hi, SMODE, HAS_ZERO, WB, WPT)
             acc += _step(wv, x0, x1, x2, x3, x4, x5, x6, x7, xs, s, z, x_row, word, wmask, K, KW, BITS, SIGNED, SMODE,
@@ -403,7 +436,7 @@ def _gemv_fast_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, b_ptr, y_ptr, ws_ptr, 
         wmask = word < k_hi
         wv_n = tl.load(w_row[:, None, None] + word[None, :, :], mask=wmask[None, :, :], other=0)
         x0n, x1n, x2n, x3n, x4n, x5n, x6n, x7n, xsn = _load_x(x_row, tl.where(wmask, word, KW), K, BITS, F16, HAS_ZERO,
-                                                                ASM)
+                                                                ASM, FP4)
         s_n, z_n = _scales(s_ptr, z_ptr, rows_c, stride_sn, word, wmask, k_lo // WB + gblk0,
                            (k_lo + tl.arange(0, NWG) * WPT) < k_hi, SMODE, HAS_ZERO, WB, WPT)
         for w0 in range(k_lo, k_hi, WORDS):
@@ -414,7 +447,7 @@ def _gemv_fast_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, b_ptr, y_ptr, ws_ptr, 
             nmask = nword < k_hi
             wv_n = tl.load(w_row[:, None, None] + nword[None, :, :], mask=nmask[None, :, :], other=0)
             x0n, x1n, x2n, x3n, x4n, x5n, x6n, x7n, xsn = _load_x(x_row, tl.where(nmask, nword, KW), K, BITS, F16,
-                                                                    HAS_ZERO, ASM)
+                                                                    HAS_ZERO, ASM, FP4)
             s_n, z_n = _scales(s_ptr, z_ptr, rows_c, stride_sn, nword, nmask, (w0 + WORDS) // WB + gblk0,
                                (w0 + WORDS + tl.arange(0, NWG) * WPT) < k_hi, SMODE, HAS_ZERO, WB, WPT)
             acc += _step(wv, x0, x1, x2, x3, x4, x5, x6, x7, xs, s, z, x_row, word, wmask, K, KW, BITS, SIGNED, SMODE,

@@ -404,9 +404,9 @@ def run_fast_gemv(x2, planes, spec: Spec, n: int, k: int, bias, y, cfg: dict) ->
         z = z.contiguous()
     cpw = 32 // spec.bits
     wb = max(1, spec.bb // 4) if spec.smode in (1, 2) else 1
-    # the decode's constant: 4 / 2-bit integers come out as (c - off) / 8, fp4 as value / 2 (its
+    # the decode's constant: 4 / 2-bit integers come out as (c - off) / 8, fp4 as its value (its
     # `cmul` belongs to the fp16 bit-placement decode of triton_kernels.py, not to this one)
-    smul = 2.0 if spec.code == 3 else spec.cmul * (8.0 if spec.bits < 8 else 1.0)
+    smul = 1.0 if spec.code == 3 else spec.cmul * (8.0 if spec.bits < 8 else 1.0)
     nw = cfg.get("num_warps", 4)
     wpt = cfg.get("WPT", 4)
     nwg = cfg.get("NWG", 32 * nw)
