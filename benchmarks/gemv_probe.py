@@ -1,9 +1,9 @@
 """The fast GEMV (path gemv2) config by config, next to bf16 cuBLAS and tinygemm (GPU diagnostics).
 
 For each (K, N) shape: bf16 `F.linear` and tinygemm int4 g128 at M=1, then every preset x config
-of `_gemv_fast_kernel` (BLOCK_N rows per program, NWG groups of WPT words per iteration, warps,
-STAGES: 0 = register prefetch, >= 2 = cp.async pipeline), with PROBE 1 (no decode) and 2 (no
-scales) beside the full kernel when `--probe` is given. Same timing method as matmul.py (CUDA
+of `_gemv_fast_kernel` (BLOCK_N rows per program, warps, NWG groups of WPT words per iteration,
+K split SPLIT_K ways), with PROBE 1 (no decode) and 2 (no scales) beside the full kernel when
+`--probe` is given. Same timing method as matmul.py (CUDA
 graph, weight copies past the L2).
 
 With `--m 16 64`: the packed-nibble tensor-core path `dot4` instead (configs BN,BM,NB_T,warps,
@@ -24,25 +24,22 @@ import lowbit  # noqa: E402
 from lowbit.kernels import triton_linear as tlin  # noqa: E402
 from matmul import GPU_SHAPES, copies_for, graph_time, tinygemm_weight  # noqa: E402
 
-# (BLOCK_N, num_warps, NWG, STAGES, WPT[, SPLIT_K])
-DEFAULT_CONFIGS = [(16, 4, 32, 0, 4), (8, 1, 32, 0, 4), (4, 1, 32, 0, 4),
-                   (32, 4, 32, 0, 2), (16, 2, 32, 0, 2), (8, 1, 32, 0, 2), (16, 1, 16, 0, 2), (16, 1, 32, 0, 2),
-                   (8, 1, 64, 0, 2), (16, 2, 16, 0, 2), (32, 2, 16, 0, 2), (8, 2, 32, 0, 2),
-                   (16, 1, 32, 0, 1), (8, 1, 32, 0, 1), (16, 2, 32, 0, 1), (32, 4, 32, 0, 1),
-                   (8, 1, 32, 3, 2), (16, 1, 16, 3, 2), (16, 2, 32, 3, 2), (8, 1, 32, 4, 2)]
+# (BLOCK_N, num_warps, NWG, WPT[, SPLIT_K])
+DEFAULT_CONFIGS = [(4, 1, 32, 4), (4, 2, 64, 4), (2, 1, 32, 4), (8, 1, 32, 4), (16, 4, 32, 4), (4, 1, 32, 4, 2),
+                   (8, 1, 32, 2, 2), (8, 1, 32, 1, 4), (16, 1, 32, 1, 4), (16, 2, 64, 1, 4), (8, 1, 32, 1, 8)]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=["int4-e8m0"])
     ap.add_argument("--shapes", nargs="+", default=GPU_SHAPES, help="KxN")
-    ap.add_argument("--configs", nargs="+", default=None, help="BN,warps,NWG,STAGES,WPT[,SPLIT_K] (default: a grid)")
+    ap.add_argument("--configs", nargs="+", default=None, help="BN,warps,NWG,WPT[,SPLIT_K] (default: a grid)")
     ap.add_argument("--probe", action="store_true", help="also time PROBE 1 (no decode) and 2 (no scales)")
     ap.add_argument("--m", type=int, nargs="+", default=None, help="dot4 at these M instead of the GEMV at M=1")
     args = ap.parse_args()
     if args.m:
         return dot4_main(args)
     configs = [tuple(map(int, c.split(","))) for c in args.configs] if args.configs else DEFAULT_CONFIGS
-    configs = [c + (1,) * (6 - len(c)) for c in configs]
+    configs = [c + (1,) * (5 - len(c)) for c in configs]
     torch.manual_seed(0)
     for shape in args.shapes:
         k, n = map(int, shape.split("x"))
@@ -67,11 +64,11 @@ def main() -> None:
             xs = [x.clone() for _ in range(c)]
             ref = torch.nn.functional.linear(x.float(), qt.dequantize().float())
             best = None
-            for bn, nw, nwg, st, wpt, sk in configs:
+            for bn, nw, nwg, wpt, sk in configs:
                 cells = []
                 for probe in ((0, 1, 2) if args.probe else (0,)):
-                    cfg = {"path": "gemv2", "BLOCK_N": bn, "num_warps": nw, "NWG": nwg, "STAGES": st, "WPT": wpt,
-                           "SPLIT_K": sk, "PROBE": probe}
+                    cfg = {"path": "gemv2", "BLOCK_N": bn, "num_warps": nw, "NWG": nwg, "WPT": wpt, "SPLIT_K": sk,
+                           "PROBE": probe}
                     try:
                         t = graph_time([lambda i=i: tlin.run(xs[i], copies[i], spec, n, k, None, cfg=cfg)
                                         for i in range(c)], reps=5)
@@ -80,11 +77,11 @@ def main() -> None:
                             y = tlin.run(x, copies[0], spec, n, k, None, cfg=cfg).float()
                             err = ((y - ref).norm() / ref.norm()).item()
                             if best is None or t < best[0]:
-                                best = (t, (bn, nw, nwg, st, wpt, sk))
+                                best = (t, (bn, nw, nwg, wpt, sk))
                     except Exception as e:  # noqa: BLE001 - a config that does not fit is reported, not fatal
                         cells.append(f"{type(e).__name__[:7]:>7}")
                         err = float("nan")
-                print(f"  {preset:<10} BN={bn:<3} warps={nw} NWG={nwg:<3} STAGES={st} WPT={wpt} SPLIT={sk:<2} us {' '.join(cells)}"
+                print(f"  {preset:<10} BN={bn:<3} warps={nw} NWG={nwg:<3} WPT={wpt} SPLIT={sk:<2} us {' '.join(cells)}"
                       f"  x bf16 {t_bf16 / float(cells[0]) if cells[0].strip()[0].isdigit() else 0:5.2f}"
                       f"  x tiny {t_tiny / float(cells[0]) if cells[0].strip()[0].isdigit() else 0:5.2f}  err {err:.1e}",
                       flush=True)

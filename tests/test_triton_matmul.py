@@ -58,8 +58,8 @@ def _check(qt, x, cfg, bias=None, tol=1e-2):
 GEMV = {"path": "gemv", "BLOCK_N": 4, "NB_T": 2, "num_warps": 4, "fast": False}  # the plain-Triton GEMV
 GEMV2 = {"path": "gemv2", "BLOCK_N": 4, "NWG": 2, "num_warps": 1}  # packed-pair GEMV (its fp32 twin here)
 # its layouts: words per thread (WPT; blocks of 32 4-bit codes are 4 words, so WPT 8 puts two scale
-# blocks in one group and takes the per-word scale branch) and the cp.async pipeline (STAGES)
-GEMV2_VARIANTS = [GEMV2, dict(GEMV2, WPT=2, STAGES=3), dict(GEMV2, WPT=1, NWG=4), dict(GEMV2, WPT=8, BLOCK_N=2),
+# blocks in one group and takes the per-word scale branch)
+GEMV2_VARIANTS = [GEMV2, dict(GEMV2, WPT=2), dict(GEMV2, WPT=1, NWG=4), dict(GEMV2, WPT=8, BLOCK_N=2),
                   dict(GEMV2, SPLIT_K=3), dict(GEMV2, WPT=2, NWG=4, SPLIT_K=2)]  # split K: last program reduces
 DOT_SWAP_SPLIT = {"path": "dot", "BLOCK_N": 16, "BLOCK_M": 16, "NB_T": 2, "SPLIT_K": 3, "SWAP": True, "num_warps": 4}
 DOT_PLAIN = {"path": "dot", "BLOCK_N": 16, "BLOCK_M": 16, "NB_T": 2, "SPLIT_K": 1, "SWAP": False, "num_warps": 4}

@@ -391,15 +391,14 @@ def _gemv_fast_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, b_ptr, y_ptr, ws_ptr, 
                       BITS: tl.constexpr, SIGNED: tl.constexpr, SMODE: tl.constexpr, HAS_ZERO: tl.constexpr,
                       HAS_RS: tl.constexpr, HAS_BIAS: tl.constexpr, SMUL: tl.constexpr, F16: tl.constexpr,
                       WB: tl.constexpr, NWG: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr,
-                      WPT: tl.constexpr = 4, STAGES: tl.constexpr = 0, SPLIT_K: tl.constexpr = 1,
+                      WPT: tl.constexpr = 4, SPLIT_K: tl.constexpr = 1,
                       FP4: tl.constexpr = False, PROBE: tl.constexpr = 0):
     """y[m, rows] = x[m] @ W[rows]^T for BLOCK_N rows; each thread holds WPT consecutive words
     (4: one 16-byte load) of every row, NWG groups of WPT words per iteration, and the activations
     of those words once for all rows. WB: words per scale block; SMUL: the decode's
     constant factor (8 for 4 / 2-bit codes) times any format constant, folded into the scales.
-    STAGES: 0 loads one iteration ahead into registers; >= 2 lets Triton's pipeliner copy the
-    planes into shared memory (cp.async) STAGES - 1 iterations ahead, which keeps more bytes in
-    flight per SM without spending registers (the loop is bound by load latency, not issue).
+    Words, activations and scales are loaded one iteration ahead into registers (Triton's cp.async
+    pipeline, tried as an option, was 1.6-2.4x slower here: benchmarks/RESULTS.md).
     SPLIT_K > 1: program (pid, k) takes the words [k * WPS, (k + 1) * WPS) (WPS a multiple of
     NWG * WPT) and the last program to finish a row block adds the fp32 partial sums from the
     workspace `ws_ptr` [SPLIT_K, M, N] (arrival counter `cnt_ptr`, reset to 0 by that program):
@@ -419,39 +418,28 @@ def _gemv_fast_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, b_ptr, y_ptr, ws_ptr, 
     local = tl.arange(0, NWG)[:, None] * WPT + tl.arange(0, WPT)[None, :]  # [NWG, WPT]
     acc = tl.zeros([BLOCK_N, NWG], tl.float32)
     gblk0 = tl.arange(0, NWG) * WPT // WB  # scale block of each group of WPT words (WB % WPT == 0)
-    if STAGES >= 2:
-        for w0 in tl.range(k_lo, k_hi, WORDS, num_stages=STAGES):
-            word = w0 + local
-            wmask = word < k_hi
-            wv = tl.load(w_row[:, None, None] + word[None, :, :], mask=wmask[None, :, :], other=0)
-            x0, x1, x2, x3, x4, x5, x6, x7, xs = _load_x(x_row, tl.where(wmask, word, KW), K, BITS, F16, HAS_ZERO, ASM, FP4)
-            s, z = _scales(s_ptr, z_ptr, rows_c, stride_sn, word, wmask, w0 // WB + gblk0,
-                           (w0 + tl.arange(0, NWG) * WPT) < k_hi, SMODE, HAS_ZERO, WB, WPT)
-            acc += _step(wv, x0, x1, x2, x3, x4, x5, x6, x7, xs, s, z, x_row, word, wmask, K, KW, BITS, SIGNED, SMODE,
-                         HAS_ZERO, SMUL, F16, WB, WPT, ASM, PROBE, FP4)
-    else:
-        # everything the loop reads (words, activations, scales) is loaded one iteration ahead: the
-        # loop is otherwise bound by the latency of those loads
-        word = k_lo + local
+    # everything the loop reads (words, activations, scales) is loaded one iteration ahead: the
+    # loop is otherwise bound by the latency of those loads
+    word = k_lo + local
+    wmask = word < k_hi
+    wv_n = tl.load(w_row[:, None, None] + word[None, :, :], mask=wmask[None, :, :], other=0)
+    x0n, x1n, x2n, x3n, x4n, x5n, x6n, x7n, xsn = _load_x(x_row, tl.where(wmask, word, KW), K, BITS, F16, HAS_ZERO,
+                                                            ASM, FP4)
+    s_n, z_n = _scales(s_ptr, z_ptr, rows_c, stride_sn, word, wmask, k_lo // WB + gblk0,
+                       (k_lo + tl.arange(0, NWG) * WPT) < k_hi, SMODE, HAS_ZERO, WB, WPT)
+    for w0 in range(k_lo, k_hi, WORDS):
+        word = w0 + local
         wmask = word < k_hi
-        wv_n = tl.load(w_row[:, None, None] + word[None, :, :], mask=wmask[None, :, :], other=0)
-        x0n, x1n, x2n, x3n, x4n, x5n, x6n, x7n, xsn = _load_x(x_row, tl.where(wmask, word, KW), K, BITS, F16, HAS_ZERO,
-                                                                ASM, FP4)
-        s_n, z_n = _scales(s_ptr, z_ptr, rows_c, stride_sn, word, wmask, k_lo // WB + gblk0,
-                           (k_lo + tl.arange(0, NWG) * WPT) < k_hi, SMODE, HAS_ZERO, WB, WPT)
-        for w0 in range(k_lo, k_hi, WORDS):
-            word = w0 + local
-            wmask = word < k_hi
-            wv, x0, x1, x2, x3, x4, x5, x6, x7, xs, s, z = wv_n, x0n, x1n, x2n, x3n, x4n, x5n, x6n, x7n, xsn, s_n, z_n
-            nword = word + WORDS
-            nmask = nword < k_hi
-            wv_n = tl.load(w_row[:, None, None] + nword[None, :, :], mask=nmask[None, :, :], other=0)
-            x0n, x1n, x2n, x3n, x4n, x5n, x6n, x7n, xsn = _load_x(x_row, tl.where(nmask, nword, KW), K, BITS, F16,
-                                                                    HAS_ZERO, ASM, FP4)
-            s_n, z_n = _scales(s_ptr, z_ptr, rows_c, stride_sn, nword, nmask, (w0 + WORDS) // WB + gblk0,
-                               (w0 + WORDS + tl.arange(0, NWG) * WPT) < k_hi, SMODE, HAS_ZERO, WB, WPT)
-            acc += _step(wv, x0, x1, x2, x3, x4, x5, x6, x7, xs, s, z, x_row, word, wmask, K, KW, BITS, SIGNED, SMODE,
-                         HAS_ZERO, SMUL, F16, WB, WPT, ASM, PROBE, FP4)
+        wv, x0, x1, x2, x3, x4, x5, x6, x7, xs, s, z = wv_n, x0n, x1n, x2n, x3n, x4n, x5n, x6n, x7n, xsn, s_n, z_n
+        nword = word + WORDS
+        nmask = nword < k_hi
+        wv_n = tl.load(w_row[:, None, None] + nword[None, :, :], mask=nmask[None, :, :], other=0)
+        x0n, x1n, x2n, x3n, x4n, x5n, x6n, x7n, xsn = _load_x(x_row, tl.where(nmask, nword, KW), K, BITS, F16,
+                                                                HAS_ZERO, ASM, FP4)
+        s_n, z_n = _scales(s_ptr, z_ptr, rows_c, stride_sn, nword, nmask, (w0 + WORDS) // WB + gblk0,
+                           (w0 + WORDS + tl.arange(0, NWG) * WPT) < k_hi, SMODE, HAS_ZERO, WB, WPT)
+        acc += _step(wv, x0, x1, x2, x3, x4, x5, x6, x7, xs, s, z, x_row, word, wmask, K, KW, BITS, SIGNED, SMODE,
+                     HAS_ZERO, SMUL, F16, WB, WPT, ASM, PROBE, FP4)
     y = tl.sum(acc, axis=1)
     if SMODE == 3:
         y = y * tl.load(s_ptr + rows_c * stride_sn, mask=rmask, other=0).to(tl.float32)

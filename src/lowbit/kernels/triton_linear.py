@@ -364,8 +364,8 @@ def run(x2: torch.Tensor, planes: dict[str, torch.Tensor | None], spec: Spec, n:
 
 def fast_gemv_ok(spec: Spec, x2: torch.Tensor, w: torch.Tensor, k: int, has_lut: bool) -> bool:
     """Whether `triton_gemv._gemv_fast_kernel` covers this call: integer codes or fp4 e2m1 (not
-    palettes or 8-bit minifloats), whole int32 words per row with K a multiple of the codes per word, and 16-bit
-    activations for 4 / 2-bit codes (their products are formed in the activation dtype)."""
+    palettes or 8-bit minifloats), whole int32 words per row with K a multiple of the codes per
+    word, and 16-bit activations for 4 / 2-bit codes (their products are formed in that dtype)."""
     if has_lut or spec.code not in (0, 1, 2, 3) or spec.bits not in (2, 4, 8) or (spec.code == 1) != (spec.bits == 8):
         return False
     if spec.code == 3 and spec.bits != 4:
@@ -402,7 +402,6 @@ def run_fast_gemv(x2, planes, spec: Spec, n: int, k: int, bias, y, cfg: dict) ->
         s = s.contiguous()
     if z is not None and z.stride(-1) != 1:
         z = z.contiguous()
-    cpw = 32 // spec.bits
     wb = max(1, spec.bb // 4) if spec.smode in (1, 2) else 1
     # the decode's constant: 4 / 2-bit integers come out as (c - off) / 8, fp4 as its value (its
     # `cmul` belongs to the fp16 bit-placement decode of triton_kernels.py, not to this one)
@@ -428,8 +427,7 @@ def run_fast_gemv(x2, planes, spec: Spec, n: int, k: int, bias, y, cfg: dict) ->
         s.stride(0) if s is not None else 0, y.stride(0), wps,
         BITS=spec.bits, SIGNED=spec.code == 0, SMODE=spec.smode, HAS_ZERO=spec.has_zero, HAS_RS=rs is not None,
         HAS_BIAS=bias is not None, SMUL=smul, F16=x2.dtype == torch.float16, WB=wb, NWG=nwg, BLOCK_N=bn,
-        ASM=not _interpreting(), WPT=wpt, STAGES=cfg.get("STAGES", 0), SPLIT_K=split, FP4=spec.code == 3,
-        PROBE=cfg.get("PROBE", 0),
+        ASM=not _interpreting(), WPT=wpt, SPLIT_K=split, FP4=spec.code == 3, PROBE=cfg.get("PROBE", 0),
         num_warps=nw, num_stages=cfg.get("num_stages", 1))
     return y
 
