@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import lowbit
@@ -28,6 +28,9 @@ def cases(draw):
 
 @SETTINGS
 @given(cases())
+# an fp16 scale in the subnormal range that rounded up 8 %: the largest code was 6, not 7, and
+# re-quantizing picked a smaller scale (found by hypothesis in CI; fixed in formats/linear.py)
+@example(("int4", 32, 1, 31, torch.float32, 0, -6.0))
 def test_round_trip_is_bounded_and_requantization_is_exact(case):
     preset, block, rows, cols, dtype, seed, log_scale = case
     fmt = lowbit.PRESETS[preset]

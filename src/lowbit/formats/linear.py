@@ -51,6 +51,14 @@ def encode(w: torch.Tensor, fmt: Format, **_: object) -> dict[str, torch.Tensor]
             scale = scales.e8m0_encode(scales.e8m0_exponent(amax, emax, float(qmax), fmt.scale_rounding))
         else:
             scale = scales.encode_float(amax / qmax, fmt.scale_dtype)
+            # Where rounding moved the scale up by so much that the largest value no longer reaches
+            # qmax (fp16 subnormals below 6.1e-5 are steps of 2^-24), re-quantizing the output
+            # would pick another scale; the next stored value below keeps qmax reachable (the
+            # largest value saturates by less than one step). Normal scales never take this branch.
+            s0 = scales.decode_float(scale)
+            short = elements.round_magnitude(_divide(amax, s0), fmt.element_rounding) < qmax
+            lower = scales.step_down(scale, fmt.scale_dtype)
+            scale = torch.where(short & (amax > 0) & (scales.decode_float(lower) > 0), lower, scale)
         s = scales.decode_scale(scale, fmt.scale_dtype).unsqueeze(-1)
         q = _divide(blocks, s)
         mag = elements.round_magnitude(q.abs(), fmt.element_rounding).clamp(max=qmax)

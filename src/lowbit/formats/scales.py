@@ -36,6 +36,18 @@ def decode_float(plane: torch.Tensor) -> torch.Tensor:
     return plane.to(torch.float32)
 
 
+def step_down(plane: torch.Tensor, scale_dtype: str) -> torch.Tensor:
+    """The next stored value toward zero of each positive scale in `plane` (fp16 / bf16: one unit in
+    the last place; fp32 scales keep 16 significant bits, so one unit is 0x80 in the fp32 bits).
+
+        >>> step_down(torch.tensor([3.5763e-07], dtype=torch.float16), "fp16").item()  # 6 -> 5 x 2^-24
+        2.980232238769531e-07
+    """
+    if scale_dtype == "fp32":
+        return (plane.contiguous().view(torch.int32) - 0x80).view(torch.float32)
+    return (plane.contiguous().view(torch.int16) - 1).view(plane.dtype)
+
+
 def e8m0_to_fp32(codes: torch.Tensor) -> torch.Tensor:
     """2^(code - 127) as fp32, exact, including the subnormal 2^-127 for code 0."""
     c = codes.to(torch.int32)
