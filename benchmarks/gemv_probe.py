@@ -28,6 +28,12 @@ from matmul import GPU_SHAPES, copies_for, graph_time, tinygemm_weight  # noqa: 
 DEFAULT_CONFIGS = [(4, 1, 32, 4), (4, 2, 64, 4), (2, 1, 32, 4), (8, 1, 32, 4), (16, 4, 32, 4), (4, 1, 32, 4, 2),
                    (8, 1, 32, 2, 2), (8, 1, 32, 1, 4), (16, 1, 32, 1, 4), (16, 2, 64, 1, 4), (8, 1, 32, 1, 8)]
 
+def plane_copies(qt) -> list[dict]:
+    """Enough copies of the kernel planes of `qt` that cycling through them reads device memory."""
+    return [{p: (v.clone() if isinstance(v, torch.Tensor) else v) for p, v in tlin.kernel_planes(qt).items()}
+            for _ in range(copies_for(qt.nbytes))]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=["int4-e8m0"])
@@ -58,9 +64,8 @@ def main() -> None:
         for preset in args.presets:
             qt = lowbit.quantize_tensor(w.float(), preset)
             spec = tlin.spec_of(qt.fmt)
-            c = copies_for(qt.nbytes)
-            copies = [{p: (v.clone() if isinstance(v, torch.Tensor) else v) for p, v in tlin.kernel_planes(qt).items()}
-                      for _ in range(c)]
+            copies = plane_copies(qt)
+            c = len(copies)
             xs = [x.clone() for _ in range(c)]
             ref = torch.nn.functional.linear(x.float(), qt.dequantize().float())
             best = None
@@ -108,9 +113,8 @@ def dot4_main(args) -> None:
         for preset in args.presets:
             qt = lowbit.quantize_tensor(w.float(), preset)
             spec = tlin.spec_of(qt.fmt)
-            cq = copies_for(qt.nbytes)
-            copies = [{p: (v.clone() if isinstance(v, torch.Tensor) else v) for p, v in tlin.kernel_planes(qt).items()}
-                      for _ in range(cq)]
+            copies = plane_copies(qt)
+            cq = len(copies)
             for m in args.m:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 xs = [x.clone() for _ in range(max(c, cq))]
