@@ -54,30 +54,18 @@ def _asm_nibbles(f16: bool, off: int) -> str:
     return "\n".join(lines)
 
 
-NIB_BF16_S = tl.constexpr(_asm_nibbles(False, 8))
-NIB_BF16_U = tl.constexpr(_asm_nibbles(False, 0))
-NIB_F16_S = tl.constexpr(_asm_nibbles(True, 8))
-NIB_F16_U = tl.constexpr(_asm_nibbles(True, 0))
-
-
 @triton.jit
-def _nibbles(b, sc, zp, F16: tl.constexpr, SIGNED: tl.constexpr, ASM: tl.constexpr, DT: tl.constexpr):
+def _nibbles(b, sc, zp, F16: tl.constexpr, SIGNED: tl.constexpr, ASM: tl.constexpr, DT: tl.constexpr,
+             NIB_ASM: tl.constexpr):
     """(low, high) nibble weights ((c - off) / 8) * sc + zp of the uint8 tile `b` in DT (off = 8 if
-    SIGNED); `sc`, `zp`: DT tiles of b's shape (the block's scale times 8, its zero point)."""
+    SIGNED); `sc`, `zp`: DT tiles of b's shape (the block's scale times 8, its zero point); NIB_ASM:
+    `_asm_nibbles(F16, off)`, chosen by the host."""
     if ASM:
         if F16:
-            if SIGNED:
-                s: tl.constexpr = NIB_F16_S
-            else:
-                s: tl.constexpr = NIB_F16_U
-            lo, hi = tl.inline_asm_elementwise(s, "=r,=r,=r,=r,r,r,r,r,r", [b, sc, zp],
+            lo, hi = tl.inline_asm_elementwise(NIB_ASM, "=r,=r,=r,=r,r,r,r,r,r", [b, sc, zp],
                                                dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
         else:
-            if SIGNED:
-                s: tl.constexpr = NIB_BF16_S
-            else:
-                s: tl.constexpr = NIB_BF16_U
-            lo, hi = tl.inline_asm_elementwise(s, "=r,=r,=r,=r,r,r,r,r,r", [b, sc, zp],
+            lo, hi = tl.inline_asm_elementwise(NIB_ASM, "=r,=r,=r,=r,r,r,r,r,r", [b, sc, zp],
                                                dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
     else:
         bi = b.to(tl.int32)
@@ -93,7 +81,7 @@ def _dot4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                  SIGNED: tl.constexpr, SMODE: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SMUL: tl.constexpr, BB: tl.constexpr, NB_T: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr, F16: tl.constexpr,
-                 ASM: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                 ASM: tl.constexpr, DOT_DTYPE: tl.constexpr, NIB_ASM: tl.constexpr = ""):
     """y[ms, rows] = x[ms] @ W[rows]^T: BLOCK_N weight rows x BLOCK_M activation rows, NB_T scale
     blocks of BB bytes per iteration, blocks [pid_k * blocks_per_split, ...) of K; SMUL: the
     decode's 8 times the format constant."""
@@ -133,7 +121,8 @@ def _dot4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
         else:
             z = s * 0
         lo, hi = _nibbles(b, tl.broadcast_to(s[:, :, None], [BLOCK_N, NB_T, BB]),
-                          tl.broadcast_to(z[:, :, None], [BLOCK_N, NB_T, BB]), F16, SIGNED, ASM, DOT_DTYPE)
+                          tl.broadcast_to(z[:, :, None], [BLOCK_N, NB_T, BB]), F16, SIGNED, ASM, DOT_DTYPE,
+                          NIB_ASM)
         wv = tl.join(lo, hi).reshape(BLOCK_N, NB_T * BK)  # byte j holds columns 2j (low) and 2j + 1
         kk = blk0 * BK + tl.arange(0, NB_T * BK)
         xt = tl.load(x_rows[None, :] + kk[:, None], mask=(kk < k_lim)[:, None] & mmask[None, :], other=0.0)

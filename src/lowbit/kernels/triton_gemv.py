@@ -139,55 +139,21 @@ sub.f32 f, f, 0f4B000080;
 fma.rn.f32 $0, f, $5, acc;
 }"""
 
-ASM_INT8 = tl.constexpr(_ASM_INT8)
-ASM4_BF16_S = tl.constexpr(_asm_word(4, False, 8))
-ASM4_BF16_U = tl.constexpr(_asm_word(4, False, 0))
-ASM4_F16_S = tl.constexpr(_asm_word(4, True, 8))
-ASM4_F16_U = tl.constexpr(_asm_word(4, True, 0))
-ASM_FP4_BF16 = tl.constexpr(_asm_word_fp4(False))
-ASM_FP4_F16 = tl.constexpr(_asm_word_fp4(True))
 # the tables as the int32 operands `_words_dot` passes (bf16, fp16)
 _FP4_OPERANDS = ((-1065353216, -1065336832, 0x3F3F3F00, 0x40404040), (0, 0, 0x3E3C3800, 0x46444240))
 assert all([v & 0xFFFFFFFF for v in ops] == [int(t, 16) for t in _fp4_tables(f16)]
            for ops, f16 in zip(_FP4_OPERANDS, (False, True)))
 
-ASM2_BF16_S = tl.constexpr(_asm_word(2, False, 2))
-ASM2_BF16_U = tl.constexpr(_asm_word(2, False, 0))
-ASM2_F16_S = tl.constexpr(_asm_word(2, True, 2))
-ASM2_F16_U = tl.constexpr(_asm_word(2, True, 0))
 
-
-@triton.jit
-def _asm4(w, p0, p1, p2, p3, F16: tl.constexpr, SIGNED: tl.constexpr):
-    if F16:
-        if SIGNED:
-            s: tl.constexpr = ASM4_F16_S
-        else:
-            s: tl.constexpr = ASM4_F16_U
-    else:
-        if SIGNED:
-            s: tl.constexpr = ASM4_BF16_S
-        else:
-            s: tl.constexpr = ASM4_BF16_U
-    r = tl.inline_asm_elementwise(s, "=r,r,r,r,r,r", [w, p0, p1, p2, p3], dtype=tl.int32, is_pure=True, pack=1)
-    return r.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _asm2(w, p0, p1, p2, p3, p4, p5, p6, p7, F16: tl.constexpr, SIGNED: tl.constexpr):
-    if F16:
-        if SIGNED:
-            s: tl.constexpr = ASM2_F16_S
-        else:
-            s: tl.constexpr = ASM2_F16_U
-    else:
-        if SIGNED:
-            s: tl.constexpr = ASM2_BF16_S
-        else:
-            s: tl.constexpr = ASM2_BF16_U
-    r = tl.inline_asm_elementwise(s, "=r,r,r,r,r,r,r,r,r,r", [w, p0, p1, p2, p3, p4, p5, p6, p7],
-                                  dtype=tl.int32, is_pure=True, pack=1)
-    return r.to(tl.float32, bitcast=True)
+def word_asm(bits: int, fp4: bool, f16: bool, signed: bool) -> str:
+    """The PTX of one word's dot product for these codes and activations (the host picks it and
+    passes it as the kernel's WORD_ASM constexpr): int8, fp4, or 4 / 2-bit integers with their
+    offset (8 / 2 when signed)."""
+    if bits == 8:
+        return _ASM_INT8
+    if fp4:
+        return _asm_word_fp4(f16)
+    return _asm_word(bits, f16, (1 << (bits - 1)) if signed else 0)
 
 
 @triton.jit
@@ -219,8 +185,9 @@ def _load_x(x_row, word, K, BITS: tl.constexpr, F16: tl.constexpr, HAS_ZERO: tl.
             FP4: tl.constexpr = False):
     """The activations of the words `word` ([R, C]) as `_words_dot` takes them: 8 int32 tensors
     (4-bit: pairs (x_i, x_{i+4}) in the first four; fp4: (x_2j, x_2j+1), as in memory; 2-bit: pairs
-    (x_i, x_{i+8}); int8: the four activations as fp32 bits), and each word's activation sum (fp32, for zero points; 0 unless
-    HAS_ZERO). Loaded one iteration ahead by the kernel. Twin (ASM=False): unused."""
+    (x_i, x_{i+8}); int8: the four activations as fp32 bits), and each word's activation sum (fp32,
+    for zero points; 0 unless HAS_ZERO). Loaded one iteration ahead by the kernel. Twin (ASM=False):
+    unused."""
     CPW: tl.constexpr = 32 // BITS
     wmask = word * CPW < K
     # (one return at the end: the JIT compiles the statements after a static return too)
@@ -272,31 +239,30 @@ def _load_x(x_row, word, K, BITS: tl.constexpr, F16: tl.constexpr, HAS_ZERO: tl.
 
 @triton.jit
 def _words_dot(w, x0, x1, x2, x3, x4, x5, x6, x7, x_row, word, K, BITS: tl.constexpr, SIGNED: tl.constexpr,
-               F16: tl.constexpr, ASM: tl.constexpr, FP4: tl.constexpr = False):
+               F16: tl.constexpr, ASM: tl.constexpr, FP4: tl.constexpr, WORD_ASM: tl.constexpr):
     """fp32 dot product of each int32 word of `w` [BN, R, C] with its activations (x0..x7 from
-    `_load_x`, [R, C]; the twin reads x_row + the code columns of `word` itself). 4 / 2-bit values
-    are (c - off) / 8 (the caller scales by 8); int8 values are c (two's complement)."""
+    `_load_x`, [R, C]; the twin reads x_row + the code columns of `word` itself) by the PTX
+    `WORD_ASM` (`word_asm`). 4 / 2-bit values are (c - off) / 8 (the caller scales by 8); int8
+    values are c (two's complement); fp4 values are exact."""
     CPW: tl.constexpr = 32 // BITS
     if ASM:
-        if BITS == 8:
-            r = tl.inline_asm_elementwise(ASM_INT8, "=r,r,r,r,r,r", [w, x0[None], x1[None], x2[None], x3[None]],
-                                          dtype=tl.int32, is_pure=True, pack=1).to(tl.float32, bitcast=True)
-        elif FP4:
+        if FP4:  # + the four lookup tables as operands (they stay in registers across the loop)
             z = w * 0
             if F16:
-                r = tl.inline_asm_elementwise(ASM_FP4_F16, "=r,r,r,r,r,r,r,r,r,r",
-                                              [w, x0[None], x1[None], x2[None], x3[None], z + 0, z + 0,
-                                               z + 0x3E3C3800, z + 0x46444240],
-                                              dtype=tl.int32, is_pure=True, pack=1).to(tl.float32, bitcast=True)
+                t0, t1, t2, t3 = z + 0, z + 0, z + 0x3E3C3800, z + 0x46444240
             else:
-                r = tl.inline_asm_elementwise(ASM_FP4_BF16, "=r,r,r,r,r,r,r,r,r,r",
-                                              [w, x0[None], x1[None], x2[None], x3[None], z - 1065353216,
-                                               z - 1065336832, z + 0x3F3F3F00, z + 0x40404040],
-                                              dtype=tl.int32, is_pure=True, pack=1).to(tl.float32, bitcast=True)
-        elif BITS == 4:
-            r = _asm4(w, x0[None], x1[None], x2[None], x3[None], F16, SIGNED)
-        else:
-            r = _asm2(w, x0[None], x1[None], x2[None], x3[None], x4[None], x5[None], x6[None], x7[None], F16, SIGNED)
+                t0, t1, t2, t3 = z - 1065353216, z - 1065336832, z + 0x3F3F3F00, z + 0x40404040
+            r = tl.inline_asm_elementwise(WORD_ASM, "=r,r,r,r,r,r,r,r,r,r",
+                                          [w, x0[None], x1[None], x2[None], x3[None], t0, t1, t2, t3],
+                                          dtype=tl.int32, is_pure=True, pack=1)
+        elif BITS == 2:
+            r = tl.inline_asm_elementwise(WORD_ASM, "=r,r,r,r,r,r,r,r,r,r",
+                                          [w, x0[None], x1[None], x2[None], x3[None], x4[None], x5[None], x6[None],
+                                           x7[None]], dtype=tl.int32, is_pure=True, pack=1)
+        else:  # int8, 4-bit integers
+            r = tl.inline_asm_elementwise(WORD_ASM, "=r,r,r,r,r,r", [w, x0[None], x1[None], x2[None], x3[None]],
+                                          dtype=tl.int32, is_pure=True, pack=1)
+        r = r.to(tl.float32, bitcast=True)
     else:  # the twin, in fp32
         wmask = word * CPW < K
         r = w.to(tl.float32) * 0.0
@@ -361,7 +327,8 @@ def _scales(s_ptr, z_ptr, rows, stride_sn, word, wmask, gblk, gmask, SMODE: tl.c
 @triton.jit
 def _step(wv, x0, x1, x2, x3, x4, x5, x6, x7, xs, s, z, x_row, word, wmask, K, KW, BITS: tl.constexpr,
           SIGNED: tl.constexpr, SMODE: tl.constexpr, HAS_ZERO: tl.constexpr, SMUL: tl.constexpr, F16: tl.constexpr,
-          WB: tl.constexpr, WPT: tl.constexpr, ASM: tl.constexpr, PROBE: tl.constexpr, FP4: tl.constexpr):
+          WB: tl.constexpr, WPT: tl.constexpr, ASM: tl.constexpr, PROBE: tl.constexpr, FP4: tl.constexpr,
+          WORD_ASM: tl.constexpr):
     """One iteration's scaled partial sums [BLOCK_N, NWG] from its words, activations (and their
     sums per word, `xs`, for zero points; the twin recomputes them) and scales."""
     if HAS_ZERO and not ASM:
@@ -370,7 +337,7 @@ def _step(wv, x0, x1, x2, x3, x4, x5, x6, x7, xs, s, z, x_row, word, wmask, K, K
         p = wv.to(tl.float32)
     else:
         p = _words_dot(wv, x0, x1, x2, x3, x4, x5, x6, x7, x_row, tl.where(wmask, word, KW), K, BITS,
-                       SIGNED, F16, ASM, FP4)  # [BLOCK_N, NWG, WPT]
+                       SIGNED, F16, ASM, FP4, WORD_ASM)  # [BLOCK_N, NWG, WPT]
     if PROBE == 2 or not (SMODE == 1 or SMODE == 2):
         part = tl.sum(p, axis=2) * SMUL
     elif WB % WPT == 0:  # one scale per group of WPT words
@@ -392,7 +359,7 @@ def _gemv_fast_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, b_ptr, y_ptr, ws_ptr, 
                       HAS_RS: tl.constexpr, HAS_BIAS: tl.constexpr, SMUL: tl.constexpr, F16: tl.constexpr,
                       WB: tl.constexpr, NWG: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr,
                       WPT: tl.constexpr = 4, SPLIT_K: tl.constexpr = 1,
-                      FP4: tl.constexpr = False, PROBE: tl.constexpr = 0):
+                      FP4: tl.constexpr = False, WORD_ASM: tl.constexpr = "", PROBE: tl.constexpr = 0):
     """y[m, rows] = x[m] @ W[rows]^T for BLOCK_N rows; each thread holds WPT consecutive words
     (4: one 16-byte load) of every row, NWG groups of WPT words per iteration, and the activations
     of those words once for all rows. WB: words per scale block; SMUL: the decode's
@@ -439,7 +406,7 @@ def _gemv_fast_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, b_ptr, y_ptr, ws_ptr, 
         s_n, z_n = _scales(s_ptr, z_ptr, rows_c, stride_sn, nword, nmask, (w0 + WORDS) // WB + gblk0,
                            (w0 + WORDS + tl.arange(0, NWG) * WPT) < k_hi, SMODE, HAS_ZERO, WB, WPT)
         acc += _step(wv, x0, x1, x2, x3, x4, x5, x6, x7, xs, s, z, x_row, word, wmask, K, KW, BITS, SIGNED, SMODE,
-                     HAS_ZERO, SMUL, F16, WB, WPT, ASM, PROBE, FP4)
+                     HAS_ZERO, SMUL, F16, WB, WPT, ASM, PROBE, FP4, WORD_ASM)
     y = tl.sum(acc, axis=1)
     if SMODE == 3:
         y = y * tl.load(s_ptr + rows_c * stride_sn, mask=rmask, other=0).to(tl.float32)

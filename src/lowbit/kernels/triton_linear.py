@@ -421,13 +421,16 @@ def run_fast_gemv(x2, planes, spec: Spec, n: int, k: int, bias, y, cfg: dict) ->
     dummy = w32
     ws = torch.empty(split, m, n, device=x2.device, dtype=torch.float32) if split > 1 else dummy
     cnt = _counters(x2.device) if split > 1 else dummy
-    _kern("triton_gemv")._gemv_fast_kernel[(rblocks, split)](
+    gemv = _kern("triton_gemv")
+    gemv._gemv_fast_kernel[(rblocks, split)](
         x2, w32, s if s is not None else dummy, z if z is not None else dummy, rs if rs is not None else dummy,
         bias if bias is not None else dummy, y, ws, cnt, m, n, k, kw, x2.stride(0), w32.stride(0),
         s.stride(0) if s is not None else 0, y.stride(0), wps,
         BITS=spec.bits, SIGNED=spec.code == 0, SMODE=spec.smode, HAS_ZERO=spec.has_zero, HAS_RS=rs is not None,
         HAS_BIAS=bias is not None, SMUL=smul, F16=x2.dtype == torch.float16, WB=wb, NWG=nwg, BLOCK_N=bn,
-        ASM=not _interpreting(), WPT=wpt, SPLIT_K=split, FP4=spec.code == 3, PROBE=cfg.get("PROBE", 0),
+        ASM=not _interpreting(), WPT=wpt, SPLIT_K=split, FP4=spec.code == 3,
+        WORD_ASM=gemv.word_asm(spec.bits, spec.code == 3, x2.dtype == torch.float16, spec.code == 0),
+        PROBE=cfg.get("PROBE", 0),
         num_warps=nw, num_stages=cfg.get("num_stages", 1))
     return y
 
@@ -464,13 +467,16 @@ def run_dot4(x2, planes, spec: Spec, n: int, k: int, bias, y, cfg: dict) -> torc
         split = 1
     ws = torch.empty(split, m, n, device=x2.device, dtype=torch.float32) if split > 1 else y
     cnt = _counters(x2.device) if split > 1 else w
-    _kern("triton_dot4")._dot4_kernel[grid](
+    dot4 = _kern("triton_dot4")
+    dot4._dot4_kernel[grid](
         x2, w, s, z if z is not None else w, bias if bias is not None else w, y, ws, cnt,
         m, n, k, kb, x2.stride(0), w.stride(0), s.stride(0), y.stride(0), bps,
         SIGNED=spec.code == 0, SMODE=spec.smode, HAS_ZERO=spec.has_zero, HAS_BIAS=bias is not None,
         SMUL=spec.cmul * 8.0, BB=spec.bb, NB_T=nb_t, BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"],
         SPLIT_K=split, STAGES=cfg.get("STAGES", 3), F16=x2.dtype == torch.float16, ASM=not _interpreting(),
-        DOT_DTYPE=_dot_dtype(x2.dtype), num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
+        DOT_DTYPE=_dot_dtype(x2.dtype),
+        NIB_ASM=dot4._asm_nibbles(x2.dtype == torch.float16, 8 if spec.code == 0 else 0),
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
     return y
 
 
