@@ -14,7 +14,8 @@ lowbit's flash-decoding over an int8 cache (one fp16 scale per token per head) a
 its backends, GQA native). The value codes are stored token-major, as `LowbitKVCache` stores them
 for the fused kernel (`triton_decode.token_major`).
 Each timed call reads a different cache copy (rotating over enough copies to exceed the L2), and
-the calls are captured in a CUDA graph so launch gaps (Python) do not count for either side.
+the calls are captured in a CUDA graph so launch gaps (Python) do not count for either side; SDPA and
+lowbit are timed in interleaved rounds (median of 3), after a short warm-up of the GPU.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import json
 import math
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -139,24 +141,41 @@ def _graph_time_us(fn, n_calls: int, reps: int = 20) -> float:
     return statistics.median(times)
 
 
+def _warm_up(dev: str, dt: torch.dtype, seconds: float = 0.5) -> None:
+    """Keep the GPU busy for a moment first, so that the first rows are not timed at idle clocks
+    (plain runs used to read 3-10% slower than the same kernels later in a --tune sweep)."""
+    a = torch.randn(8192, 8192, device=dev, dtype=dt)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ a
+    torch.cuda.synchronize()
+
+
 def decode(args, rows: list) -> None:
+    """Decode rows. Every timed candidate (SDPA's backends, lowbit's configs) is timed in ROUNDS
+    interleaved rounds and its median kept, so a drift of the GPU's state during the run (clocks,
+    what ran before) cannot favour whichever side happened to be timed first; the float references
+    for the error columns are computed after all timing."""
     dev, dt = "cuda", getattr(torch, args.dtype)
     H, HKV, D = 32, 8, 128
+    rounds = 3
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    print(f"\ndecode: GQA {H}/{HKV}, D = {D}, one query token, {args.dtype} queries; microseconds per call (median, CUDA graph)")
+    print(f"\ndecode: GQA {H}/{HKV}, D = {D}, one query token, {args.dtype} queries; microseconds per call "
+          f"(median of {rounds} interleaved rounds, CUDA graph)")
     print(f"{'B':>3} {'S':>6} {'SDPA bf16':>10} {'int8':>8} {'int4':>8} {'int4/tok':>8} {'x int8':>7} {'x int4':>7} "
           f"{'x int4/t':>8} {'err int8':>9} {'err int4':>9} {'err 4/tok':>9}")
     if args.tune:  # the token-major fast path (swap=True): warps, tile, stages, programs per SM, fused merge
         def mk(w, bn, st, pp, fused=True, **kw):
             return dict(num_warps=w, block_n=bn, num_stages=st, programs_per_sm=pp, fused=fused, **kw)
-        tune = {"int8": [mk(2, 128, 2, 4), mk(2, 128, 2, 4, False), mk(2, 128, 2, 3), mk(2, 128, 2, 5), mk(1, 64, 2, 8),
-                         mk(1, 64, 3, 6), mk(1, 128, 2, 6), mk(2, 128, 2, 4, None)],
-                "int4": [mk(1, 64, 3, 8), mk(1, 64, 3, 8, False), mk(1, 64, 3, 10), mk(1, 64, 3, 8, None)],
-                "int4t": [mk(1, 64, 3, 8), mk(1, 64, 3, 8, False), mk(1, 64, 3, 6), mk(1, 64, 3, 10), mk(1, 64, 3, 12),
-                          mk(1, 64, 2, 10), mk(1, 64, 2, 12), mk(1, 128, 2, 8), mk(1, 64, 3, 8, int_mma=True),
-                          mk(1, 64, 2, 10, int_mma=True), mk(2, 128, 3, 4, int_mma=True), mk(1, 64, 3, 8, None)]}
+        tune = {"int8": [{}, mk(2, 128, 2, 4, False), mk(2, 128, 3, 2), mk(2, 128, 2, 3), mk(2, 128, 2, 5),
+                         mk(1, 64, 2, 8), mk(1, 64, 3, 6), mk(1, 128, 2, 6)],
+                "int4": [{}, mk(1, 64, 3, 8, False), mk(1, 64, 3, 10), mk(1, 128, 3, 4)],
+                "int4t": [{}, mk(1, 128, 3, 4, False), mk(1, 128, 4, 4), mk(1, 128, 3, 3), mk(1, 128, 3, 6),
+                          mk(1, 64, 3, 8), mk(1, 64, 4, 4), mk(1, 128, 2, 8), mk(1, 64, 3, 8, int_mma=True),
+                          mk(2, 128, 3, 4, int_mma=True)]}
     else:
         tune = {"int8": [{}], "int4": [{}], "int4t": [{}]}
+    _warm_up(dev, dt)
     for B, S in ((1, 8192), (8, 8192), (32, 4096)):
         kv_bytes = 2 * B * HKV * S * D * 2
         copies = max(2, math.ceil(3 * l2 / kv_bytes))
@@ -165,67 +184,78 @@ def decode(args, rows: list) -> None:
         vs = [torch.randn(B, HKV, S, D, device=dev, dtype=dt, generator=g) for _ in range(copies)]
         qs = [torch.randn(B, H, 1, D, device=dev, dtype=dt, generator=g) for _ in range(copies)]
         n_calls = 4 * copies
-        best_sdpa = (math.inf, None)
-        for name, be in (("default", None), ("FLASH", SDPBackend.FLASH_ATTENTION), ("EFFICIENT", SDPBackend.EFFICIENT_ATTENTION),
-                         ("CUDNN", SDPBackend.CUDNN_ATTENTION), ("MATH", SDPBackend.MATH)):
+        cands = {}  # (side, name) -> fn(i); the MATH backend is left out (never the fastest, and huge)
+        for name, be in (("default", None), ("FLASH", SDPBackend.FLASH_ATTENTION),
+                         ("EFFICIENT", SDPBackend.EFFICIENT_ATTENTION), ("CUDNN", SDPBackend.CUDNN_ATTENTION)):
             def run(i, be=be):
                 if be is None:
                     return F.scaled_dot_product_attention(qs[i % copies], ks[i % copies], vs[i % copies], enable_gqa=True)
                 with sdpa_kernel([be]):
                     return F.scaled_dot_product_attention(qs[i % copies], ks[i % copies], vs[i % copies], enable_gqa=True)
-            try:
-                t = _graph_time_us(run, n_calls)
-            except Exception as e:
-                print(f"   SDPA {name}: {type(e).__name__} {str(e)[:60]}")
-                continue
-            if args.tune:
-                print(f"   SDPA {name}: {t:.1f} us")
-            if t < best_sdpa[0]:
-                best_sdpa = (t, name)
-        out = {"kind": "decode", "B": B, "S": S, "sdpa_us": best_sdpa[0], "sdpa_backend": best_sdpa[1]}
+            cands[("sdpa", name)] = run
+        formats = {"int8": (8, None), "int4": (4, 32), "int4t": (4, None)}
+        planes = {}
+        for label, (bits, group) in formats.items():
+            # values stored token-major, as LowbitKVCache stores them for the fused kernel
+            pl = [(quantize_kv(ks[i], bits, group), quantize_kv(vs[i], bits, group)) for i in range(copies)]
+            planes[label] = [(kp, (token_major(vp[0]), vp[1])) for kp, vp in pl]
+            for j, cfg in enumerate(tune[label]):
+                def run(i, cfg=cfg, label=label, bits=bits):
+                    (kd, ksc), (vd, vsc) = planes[label][i % copies]
+                    return decode_attention_triton(qs[i % copies], kd, ksc, vd, vsc, S, bits=bits, **cfg)
+                cands[(label, j)] = run
+        times: dict = {key: [] for key in cands}
+        for _ in range(rounds if not args.tune else 1):
+            for key, fn in cands.items():
+                if times[key] is None:
+                    continue
+                try:
+                    times[key].append(_graph_time_us(fn, n_calls))
+                except ValueError:  # a combination the format does not allow
+                    times[key] = None
+                except Exception as e:
+                    if key[0] == "sdpa" or args.tune:
+                        print(f"   {key}: {type(e).__name__} {str(e)[:80]}")
+                    times[key] = None
+        med = {key: statistics.median(t) for key, t in times.items() if t}
+        if args.tune:  # the sweep was one round: time the best of each side again, interleaved
+            best = [min((k for k in med if k[0] == side), key=med.get) for side in ("sdpa", *formats)]
+            for key in best:
+                times[key] = []
+            for _ in range(rounds):
+                for key in best:
+                    times[key].append(_graph_time_us(cands[key], n_calls))
+            for key, t in sorted(med.items(), key=lambda kv: (kv[0][0], kv[1])):
+                print(f"   {key[0]} {key[1] if key[0] == 'sdpa' else tune[key[0]][key[1]]}: {t:.1f} us")
+            med.update({key: statistics.median(times[key]) for key in best})
+        sd_key = min((k for k in med if k[0] == "sdpa"), key=med.get)
+        out = {"kind": "decode", "B": B, "S": S, "sdpa_us": med[sd_key], "sdpa_backend": sd_key[1], "rounds": rounds}
         if args.tune:  # what reading the int4/tok planes' bytes costs at all here: a torch sum over as many bytes
             nbytes = B * HKV * S * (D + 4)
             bufs = [torch.randn(nbytes // 2, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(copies)]
             out["read_floor_us"] = _graph_time_us(lambda i: bufs[i % copies].sum(dtype=torch.float32), n_calls)
             print(f"   read floor: torch sum over {nbytes / 1e6:.1f} MB: {out['read_floor_us']:.1f} us")
             del bufs
-        ref_exact = [attention_reference(qs[0].float(), ks[0].float(), vs[0].float())]
-        for label, bits, group in (("int8", 8, None), ("int4", 4, 32), ("int4t", 4, None)):
-            # values stored token-major, as LowbitKVCache stores them for the fused kernel
-            planes = [(quantize_kv(ks[i], bits, group), quantize_kv(vs[i], bits, group)) for i in range(copies)]
-            planes = [(kp, (token_major(vp[0]), vp[1])) for kp, vp in planes]
-            best = (math.inf, None)
-            for cfg in tune[label]:
-                def run(i, cfg=cfg):
-                    (kd, ksc), (vd, vsc) = planes[i % copies]
-                    return decode_attention_triton(qs[i % copies], kd, ksc, vd, vsc, S, bits=bits, **cfg)
-                try:
-                    t = _graph_time_us(run, n_calls)
-                except ValueError:  # a combination the format does not allow (int_mma needs int8 codes)
-                    continue
-                except Exception as e:
-                    print(f"   {label} {cfg}: {type(e).__name__} {str(e)[:80]}")
-                    continue
-                if args.tune:
-                    print(f"   {label} {cfg}: {t:.1f} us")
-                if t < best[0]:
-                    best = (t, cfg)
-            (kd, ksc), (vd, vsc) = planes[0]
-            o = decode_attention_triton(qs[0], kd, ksc, vd, vsc, S, bits=bits, **best[1])
-            err_exact = rel_err(o, ref_exact[0])
+        ref_exact = attention_reference(qs[0].float(), ks[0].float(), vs[0].float())
+        for label, (bits, group) in formats.items():
+            key = min((k for k in med if k[0] == label), key=med.get)
+            cfg = tune[label][key[1]]
+            (kd, ksc), (vd, vsc) = planes[label][0]
+            o = decode_attention_triton(qs[0], kd, ksc, vd, vsc, S, bits=bits, **cfg)
             ref_q = attention_reference(qs[0].float(), dequantize_kv(kd, ksc, bits, D), dequantize_kv(vd, vsc, bits, D))
-            out[f"{label}_us"], out[f"{label}_config"] = best
-            out[f"{label}_err_vs_float_cache"] = err_exact
+            out[f"{label}_us"], out[f"{label}_config"] = med[key], cfg
+            out[f"{label}_rounds_us"] = times[key]
+            out[f"{label}_err_vs_float_cache"] = rel_err(o, ref_exact)
             out[f"{label}_err_vs_dequantized"] = rel_err(o, ref_q)
-            del planes
+        out["sdpa_rounds_us"] = times[sd_key]
         rows.append(out)
         print(f"{B:>3} {S:>6} {out['sdpa_us']:>10.1f} {out['int8_us']:>8.1f} {out['int4_us']:>8.1f} {out['int4t_us']:>8.1f} "
               f"{out['sdpa_us'] / out['int8_us']:>6.2f}x {out['sdpa_us'] / out['int4_us']:>6.2f}x "
               f"{out['sdpa_us'] / out['int4t_us']:>7.2f}x {out['int8_err_vs_float_cache']:>9.2e} "
               f"{out['int4_err_vs_float_cache']:>9.2e} {out['int4t_err_vs_float_cache']:>9.2e}")
-        print(f"     SDPA backend {best_sdpa[1]}; configs int8 {out['int8_config']} int4 {out['int4_config']} "
+        print(f"     SDPA backend {sd_key[1]}; configs int8 {out['int8_config']} int4 {out['int4_config']} "
               f"int4/tok {out['int4t_config']}")
-        del ks, vs, qs
+        del ks, vs, qs, planes, cands
         torch.cuda.empty_cache()
 
 

@@ -147,6 +147,27 @@ def test_decode_fused_merge(gen, bits, group, int_mma, S, splits):
         assert _rel(one, two) < (1e-6 if not CUDA else 5e-3)
 
 
+@pytest.mark.parametrize("bits,group", [(8, None), (4, None), (4, 32)])
+def test_decode_ignores_tokens_past_the_length(gen, bits, group):
+    """Planes with room for more tokens than `seq_len` (a cache's spare capacity): the fast path reads
+    whole tiles up to the capacity, and what lies past the length (random codes, NaN / inf scales)
+    must get no weight."""
+    from lowbit.attention.triton_decode import decode_attention_triton, token_major
+
+    B, H, Hkv, D, S, cap = 2, 8, 2, 64, 131, 192
+    q, k, v = _qkv(gen, B, H, Hkv, 1, cap, D, DTYPES[0])
+    (kd, ks), (vd, vs) = quantize_kv(k, bits, group), quantize_kv(v, bits, group)
+    ks[:, :, S:] = float("nan")
+    vs[:, :, S:] = float("inf")
+    vt = token_major(vd)
+    ref = attention_reference(q.float(), dequantize_kv(kd[:, :, :S], ks[:, :, :S], bits, D),
+                              dequantize_kv(vd[:, :, :S], vs[:, :, :S], bits, D))
+    for splits in (1, 3):
+        out = decode_attention_triton(q, kd, ks, vt, vs, S, bits=bits, splits=splits, block_n=32)
+        assert out.isfinite().all()
+        assert _rel(out, ref) < (1e-2 if bits == 8 else TOL)
+
+
 def test_decode_token_major_values_with_e8m0_scales(gen):
     """E8M0 scales run the generic kernel; token-major value codes are accepted there too."""
     from lowbit.attention.triton_decode import decode_attention_triton, token_major

@@ -51,8 +51,9 @@ class LowbitKVLayer(DynamicLayer):
         n = k.shape[-2]
         need = self.length + n
         cap = 0 if self.planes is None else self.planes[0].shape[2]
-        if need > cap:  # grow by doubling: appends stay amortized O(1)
-            cap = max(need, 2 * cap, 64)
+        if need > cap:  # grow by doubling: appends stay amortized O(1); a multiple of 64 tokens keeps the
+            # fused decode's tile loads 16 bytes wide (`triton_decode`, CAP)
+            cap = -(-max(need, 2 * cap, 64) // 64) * 64
             grown = [self._empty(i, t, cap) for i, t in enumerate(new)]
             if self.planes is not None:
                 for g, old in zip(grown, self.planes):

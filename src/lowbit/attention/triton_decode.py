@@ -341,20 +341,31 @@ def _merge_last(OP, LSEP, O, CNT, bh, b, hk, stride_ob, stride_oh, NSPLIT,
         offs_d = tl.arange(0, HEAD_D)
         g_ok = offs_g < G
         rows = (bh * NSPLIT + offs_s[:, None]) * G + offs_g[None, :]
-        lse = tl.load(LSEP + rows, mask=(offs_s[:, None] < NSPLIT) & g_ok[None, :], other=-1.0e30, cache_modifier=".cg")
-        mx = tl.max(lse, 0)
-        den = tl.sum(tl.where(lse > -1.0e29, tl.math.exp2(lse - mx[None, :]), 0.0), 0)
-        acc = tl.zeros([G_P2, HEAD_D], dtype=tl.float32)
-        offs_c = tl.arange(0, NS_STEP)
-        for s0 in tl.range(0, NSPLIT, NS_STEP):  # NS_STEP partials of the G heads at a time
-            ss = s0 + offs_c
-            rc = (bh * NSPLIT + ss[:, None]) * G + offs_g[None, :]
-            ok = (ss[:, None] < NSPLIT) & g_ok[None, :]
-            lc = tl.load(LSEP + rc, mask=ok, other=-1.0e30, cache_modifier=".cg")
-            w = tl.where(lc > -1.0e29, tl.math.exp2(lc - mx[None, :]), 0.0)
-            o = tl.load(OP + rc[:, :, None] * HEAD_D + offs_d[None, None, :], mask=ok[:, :, None], other=0.0,
+        if NS_STEP >= NS_PAD:  # one pass: the scores and the partial rows are loaded together
+            ok = (offs_s[:, None] < NSPLIT) & g_ok[None, :]
+            lse = tl.load(LSEP + rows, mask=ok, other=-1.0e30, cache_modifier=".cg")
+            o = tl.load(OP + rows[:, :, None] * HEAD_D + offs_d[None, None, :], mask=ok[:, :, None], other=0.0,
                         cache_modifier=".cg")
-            acc += tl.sum(o * w[:, :, None], 0)
+            mx = tl.max(lse, 0)
+            w = tl.where(lse > -1.0e29, tl.math.exp2(lse - mx[None, :]), 0.0)
+            den = tl.sum(w, 0)
+            acc = tl.sum(o * w[:, :, None], 0)
+        else:
+            lse = tl.load(LSEP + rows, mask=(offs_s[:, None] < NSPLIT) & g_ok[None, :], other=-1.0e30,
+                          cache_modifier=".cg")
+            mx = tl.max(lse, 0)
+            den = tl.sum(tl.where(lse > -1.0e29, tl.math.exp2(lse - mx[None, :]), 0.0), 0)
+            acc = tl.zeros([G_P2, HEAD_D], dtype=tl.float32)
+            offs_c = tl.arange(0, NS_STEP)
+            for s0 in tl.range(0, NSPLIT, NS_STEP):  # NS_STEP partials of the G heads at a time
+                ss = s0 + offs_c
+                rc = (bh * NSPLIT + ss[:, None]) * G + offs_g[None, :]
+                ok = (ss[:, None] < NSPLIT) & g_ok[None, :]
+                lc = tl.load(LSEP + rc, mask=ok, other=-1.0e30, cache_modifier=".cg")
+                w = tl.where(lc > -1.0e29, tl.math.exp2(lc - mx[None, :]), 0.0)
+                o = tl.load(OP + rc[:, :, None] * HEAD_D + offs_d[None, None, :], mask=ok[:, :, None], other=0.0,
+                            cache_modifier=".cg")
+                acc += tl.sum(o * w[:, :, None], 0)
         res = acc / tl.maximum(den, 1e-30)[:, None]
         h = hk * G + offs_g
         tl.store(O + b * stride_ob + h[:, None] * stride_oh + offs_d[None, :], res.to(O.dtype.element_ty),
@@ -364,7 +375,7 @@ def _merge_last(OP, LSEP, O, CNT, bh, b, hk, stride_ob, stride_oh, NSPLIT,
 @triton.jit
 def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
                      stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vw,
-                     stride_sb, stride_sh, stride_sn, stride_ob, stride_oh, H, HKV, SEQ, CHUNK, NSPLIT, qk_scale,
+                     stride_sb, stride_sh, stride_sn, stride_ob, stride_oh, H, HKV, SEQ, CAP, CHUNK, NSPLIT, qk_scale,
                      HEAD_D: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_RANGES: tl.constexpr, IMMA: tl.constexpr,
                      SWAP: tl.constexpr, FUSED: tl.constexpr, G_P2: tl.constexpr, NS_PAD: tl.constexpr,
@@ -451,12 +462,18 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < hi
         valid = mask_n & (offs_n >= kv_start)
-        kraw = tl.load(k_base + offs_n[:, None] * stride_kn + offs_w[None, :], mask=mask_n[:, None], other=0)
-        vraw = tl.load(v_base + offs_w[:, None] * stride_vw + offs_n[None, :], mask=mask_n[None, :], other=0)
+        # the code tiles are read up to the planes' capacity CAP, not to hi: a multiple of 16 there keeps
+        # the token-contiguous value loads 16 bytes wide (masked at hi they fell apart into byte loads
+        # whenever the length was not a multiple of 16, i.e. in most decode steps); the extra tokens
+        # get no weight: their scores are masked and their scales are set to 0
+        in_cap = offs_n < CAP
+        kraw = tl.load(k_base + offs_n[:, None] * stride_kn + offs_w[None, :], mask=in_cap[:, None], other=0)
+        vraw = tl.load(v_base + offs_w[:, None] * stride_vw + offs_n[None, :], mask=in_cap[None, :], other=0)
         # scores s (G_PAD, BLOCK_N), or s^T (BLOCK_N, G_PAD) when SWAP
         if PT:
-            sk = tl.load(KS + s_base + offs_n * stride_sn, mask=mask_n, other=0).to(tl.float32)
-            sv = tl.load(VS + s_base + offs_n * stride_sn, mask=mask_n, other=0).to(tl.float32)
+            # scales, too, are loaded to CAP (wide, pipelined loads) and zeroed past hi (NaN-safe)
+            sk = tl.where(mask_n, tl.load(KS + s_base + offs_n * stride_sn, mask=in_cap, other=0).to(tl.float32), 0.0)
+            sv = tl.where(mask_n, tl.load(VS + s_base + offs_n * stride_sn, mask=in_cap, other=0).to(tl.float32), 0.0)
             if BITS == 8:
                 if SWAP:
                     if IMMA:
@@ -484,8 +501,8 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
                     st = (tl.dot(q1, tl.trans(k1), tl.dot(q0, tl.trans(k0))) - qoff[:, None]) * sk[None, :]
         else:
             s_off = s_base + offs_n[:, None] * stride_sn + offs_ng[None, :]
-            skg = tl.load(KS + s_off, mask=mask_n[:, None], other=0)  # (BLOCK_N, NG) fp16
-            svg = tl.load(VS + s_off, mask=mask_n[:, None], other=0)
+            skg = tl.where(mask_n[:, None], tl.load(KS + s_off, mask=in_cap[:, None], other=0), 0.0).to(tl.float16)
+            svg = tl.where(mask_n[:, None], tl.load(VS + s_off, mask=in_cap[:, None], other=0), 0.0).to(tl.float16)
             skb = tl.broadcast_to(skg[:, :, None], (BLOCK_N, NG, GW)).reshape(BLOCK_N, W)
             k0, k1 = _cvt4(kraw, skb, INTERP)
             if SWAP:
@@ -650,14 +667,15 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
             and k_data.stride(-1) == 1 and k_scale.stride() == v_scale.stride() and (bits == 4 or group == D))
     if fast:
         # defaults: the best of `benchmarks/attention.py --tune` on an H200 at (B, S) = (8, 8192) and (32, 4096)
-        # (RESULTS.md, 2026-11-24: int8 and int4 per 32 values from the issue6b sweep, int4 per token from issue6c's)
+        # (RESULTS.md, 2026-11-24: int8 and int4 per 32 values from the issue6b sweep, int4 per token from the
+        # session-13 sweep: fewer programs with deeper pipelines, 1 / 128 / 3 / 4, over issue6c's 1 / 128 / 2 / 8)
         swap = True if swap is None else swap
         if bits == 8:
             bn, num_warps, num_stages, programs_per_sm = (block_n or 128, num_warps or 2, num_stages or 2,
                                                           programs_per_sm or 4)
         elif group == D:
-            bn, num_warps, num_stages, programs_per_sm = (block_n or 128, num_warps or 1, num_stages or 2,
-                                                          programs_per_sm or 8)
+            bn, num_warps, num_stages, programs_per_sm = (block_n or 128, num_warps or 1, num_stages or 3,
+                                                          programs_per_sm or 4)
         else:
             bn, num_warps, num_stages, programs_per_sm = (block_n or 64, num_warps or 1, num_stages or 3,
                                                           programs_per_sm or 8)
@@ -698,14 +716,14 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
         if fused is None:  # one launch; with many splits the separate merge kernel is faster (RESULTS.md)
             fused = splits <= 16
         g_p2 = triton.next_power_of_2(G)
-        # partial rows merged per step in `_merge_last`: about 64 fp32 registers per thread
-        ns_step = min(ns_pad, max(1, 1 << ((2048 * num_warps) // (g_p2 * D)).bit_length() - 1))
+        # partial rows merged per step in `_merge_last`: about 128 fp32 registers per thread
+        ns_step = min(ns_pad, max(1, 1 << ((4096 * num_warps) // (g_p2 * D)).bit_length() - 1))
         _decode_split_vt[(splits, B * Hkv)](
             q, k_data, k_scale, v_data, v_scale, op, lse, kv_start, kv_end, o, _counters(dev, B * Hkv) if fused else lse,
             q.stride(0), q.stride(1), k_data.stride(0), k_data.stride(1), k_data.stride(2),
             v_data.stride(0), v_data.stride(1), v_data.stride(3),
             k_scale.stride(0), k_scale.stride(1), k_scale.stride(2), o.stride(0), o.stride(1),
-            H, Hkv, seq_len, chunk, splits, qk_scale,
+            H, Hkv, seq_len, k_data.shape[2], chunk, splits, qk_scale,
             HEAD_D=D, G=G, G_PAD=g_pad, BLOCK_N=bn, BITS=bits, GROUP=group, HAS_RANGES=has_ranges,
             IMMA=int_mma, SWAP=swap, FUSED=fused, G_P2=g_p2, NS_PAD=ns_pad, NS_STEP=ns_step, INTERP=_INTERPRET,
             num_warps=num_warps, num_stages=num_stages)
