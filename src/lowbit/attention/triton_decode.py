@@ -501,8 +501,10 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
                     st = (tl.dot(q1, tl.trans(k1), tl.dot(q0, tl.trans(k0))) - qoff[:, None]) * sk[None, :]
         else:
             s_off = s_base + offs_n[:, None] * stride_sn + offs_ng[None, :]
-            skg = tl.where(mask_n[:, None], tl.load(KS + s_off, mask=in_cap[:, None], other=0), 0.0).to(tl.float16)
-            svg = tl.where(mask_n[:, None], tl.load(VS + s_off, mask=in_cap[:, None], other=0), 0.0).to(tl.float16)
+            # (masked at hi: loaded to CAP and zeroed with a select, this path went from 43 to 61 us at
+            # (B, S) = (8, 8192) on an H200)
+            skg = tl.load(KS + s_off, mask=mask_n[:, None], other=0)  # (BLOCK_N, NG) fp16
+            svg = tl.load(VS + s_off, mask=mask_n[:, None], other=0)
             skb = tl.broadcast_to(skg[:, :, None], (BLOCK_N, NG, GW)).reshape(BLOCK_N, W)
             k0, k1 = _cvt4(kraw, skb, INTERP)
             if SWAP:
@@ -667,12 +669,12 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
             and k_data.stride(-1) == 1 and k_scale.stride() == v_scale.stride() and (bits == 4 or group == D))
     if fast:
         # defaults: the best of `benchmarks/attention.py --tune` on an H200 at (B, S) = (8, 8192) and (32, 4096)
-        # (RESULTS.md, 2026-11-24: int8 and int4 per 32 values from the issue6b sweep, int4 per token from the
-        # session-13 sweep: fewer programs with deeper pipelines, 1 / 128 / 3 / 4, over issue6c's 1 / 128 / 2 / 8)
+        # (RESULTS.md, 2026-11-24: int4 per 32 values from the issue6b sweep; int8 and int4 per token from the
+        # session-13 sweeps: fewer programs with deeper pipelines, 2 / 128 / 3 / 2 and 1 / 128 / 3 / 4)
         swap = True if swap is None else swap
         if bits == 8:
-            bn, num_warps, num_stages, programs_per_sm = (block_n or 128, num_warps or 2, num_stages or 2,
-                                                          programs_per_sm or 4)
+            bn, num_warps, num_stages, programs_per_sm = (block_n or 128, num_warps or 2, num_stages or 3,
+                                                          programs_per_sm or 2)
         elif group == D:
             bn, num_warps, num_stages, programs_per_sm = (block_n or 128, num_warps or 1, num_stages or 3,
                                                           programs_per_sm or 4)
