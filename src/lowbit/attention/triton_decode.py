@@ -83,6 +83,31 @@ def _idot(a, b, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _store_partial(OP, LSEP, acc0, acc1, m_i, l_i, has, row0, HEAD_D: tl.constexpr, G: tl.constexpr,
+                   G_PAD: tl.constexpr, W: tl.constexpr, STEP: tl.constexpr, SWAP: tl.constexpr):
+    """A stage-1 program's result: the normalized partial output of its G query rows (rows row0 ..
+    row0 + G - 1 of OP; int8: acc0 holds all D columns, STEP 1; int4: acc0 / acc1 the even / odd
+    columns, STEP 2) and their log2-sum-exp (-1e30 where the chunk had no valid token, so the merge
+    gives it weight 0). acc0 / acc1 are (W, G_PAD) with SWAP, (G_PAD, W) without."""
+    lse = tl.where(has, m_i + tl.math.log2(tl.maximum(l_i, 1e-30)), -1.0e30)
+    inv = 1.0 / tl.maximum(l_i, 1e-30)
+    offs_g = tl.arange(0, G_PAD)
+    offs_w = tl.arange(0, W)
+    row = row0 + offs_g  # only the G real rows are stored
+    if SWAP:
+        row_ok = offs_g[None, :] < G
+        tl.store(OP + row[None, :] * HEAD_D + offs_w[:, None] * STEP, acc0 * inv[None, :], mask=row_ok)
+        if STEP == 2:
+            tl.store(OP + row[None, :] * HEAD_D + offs_w[:, None] * 2 + 1, acc1 * inv[None, :], mask=row_ok)
+    else:
+        row_ok = offs_g[:, None] < G
+        tl.store(OP + row[:, None] * HEAD_D + offs_w[None, :] * STEP, acc0 * inv[:, None], mask=row_ok)
+        if STEP == 2:
+            tl.store(OP + row[:, None] * HEAD_D + offs_w[None, :] * 2 + 1, acc1 * inv[:, None], mask=row_ok)
+    tl.store(LSEP + row, lse, mask=offs_g < G)
+
+
+@triton.jit
 def _decode_split(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END,
                   stride_qb, stride_qh, stride_db, stride_dh, stride_dn, stride_sb, stride_sh, stride_sn,
                   H, HKV, SEQ, CHUNK, NSPLIT, qk_scale,
@@ -194,20 +219,10 @@ def _decode_split(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END,
         m_i = m_ij
     # empty chunk (past the end, or all padding): lse = -1e30 so the merge gives it weight 0
     has = hi > tl.maximum(lo, kv_start)
-    lse = tl.where(has, m_i + tl.math.log2(tl.maximum(l_i, 1e-30)), -1.0e30)
-    inv = 1.0 / tl.maximum(l_i, 1e-30)
-    row = (bh * NSPLIT + split) * G + offs_g  # only the G real rows are stored
-    if SWAP:
-        row_ok = offs_g[None, :] < G
-        tl.store(OP + row[None, :] * HEAD_D + offs_w[:, None] * STEP, acc0 * inv[None, :], mask=row_ok)
-        if BITS == 4:
-            tl.store(OP + row[None, :] * HEAD_D + offs_w[:, None] * 2 + 1, acc1 * inv[None, :], mask=row_ok)
+    if BITS == 4:
+        _store_partial(OP, LSEP, acc0, acc1, m_i, l_i, has, (bh * NSPLIT + split) * G, HEAD_D, G, G_PAD, W, STEP, SWAP)
     else:
-        row_ok = offs_g[:, None] < G
-        tl.store(OP + row[:, None] * HEAD_D + offs_w[None, :] * STEP, acc0 * inv[:, None], mask=row_ok)
-        if BITS == 4:
-            tl.store(OP + row[:, None] * HEAD_D + offs_w[None, :] * 2 + 1, acc1 * inv[:, None], mask=row_ok)
-    tl.store(LSEP + row, lse, mask=offs_g < G)
+        _store_partial(OP, LSEP, acc0, acc0, m_i, l_i, has, (bh * NSPLIT + split) * G, HEAD_D, G, G_PAD, W, STEP, SWAP)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -557,20 +572,10 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
                 acc1 = tl.dot(pv, tl.trans(v1), acc1 * alpha[:, None])
         m_i = m_ij
     has = hi > tl.maximum(lo, kv_start)
-    lse = tl.where(has, m_i + tl.math.log2(tl.maximum(l_i, 1e-30)), -1.0e30)
-    inv = 1.0 / tl.maximum(l_i, 1e-30)
-    row = (bh * NSPLIT + split) * G + offs_g
-    if SWAP:
-        row_ok = offs_g[None, :] < G
-        tl.store(OP + row[None, :] * HEAD_D + offs_w[:, None] * STEP, acc0 * inv[None, :], mask=row_ok)
-        if BITS == 4:
-            tl.store(OP + row[None, :] * HEAD_D + offs_w[:, None] * 2 + 1, acc1 * inv[None, :], mask=row_ok)
+    if BITS == 4:
+        _store_partial(OP, LSEP, acc0, acc1, m_i, l_i, has, (bh * NSPLIT + split) * G, HEAD_D, G, G_PAD, W, STEP, SWAP)
     else:
-        row_ok = offs_g[:, None] < G
-        tl.store(OP + row[:, None] * HEAD_D + offs_w[None, :] * STEP, acc0 * inv[:, None], mask=row_ok)
-        if BITS == 4:
-            tl.store(OP + row[:, None] * HEAD_D + offs_w[None, :] * 2 + 1, acc1 * inv[:, None], mask=row_ok)
-    tl.store(LSEP + row, lse, mask=offs_g < G)
+        _store_partial(OP, LSEP, acc0, acc0, m_i, l_i, has, (bh * NSPLIT + split) * G, HEAD_D, G, G_PAD, W, STEP, SWAP)
     if FUSED:
         _merge_last(OP, LSEP, O, CNT, bh, b, hk, stride_ob, stride_oh, NSPLIT, HEAD_D, G, G_P2, NS_PAD, NS_STEP)
 

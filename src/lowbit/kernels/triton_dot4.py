@@ -29,6 +29,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from lowbit.kernels.triton_modes import kernel_module
+
+# the split-K epilogue, compiled in this module's mode
+split_k_total = kernel_module("triton_split_k").split_k_total
+
 
 def _asm_nibbles(f16: bool, off: int) -> str:
     """PTX: $0, $1 = the low nibbles of the 4 bytes in $4 as 16-bit ((c - off) / 8) * s + z, two per
@@ -129,23 +134,12 @@ def _dot4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
         acc = tl.dot(wv, xt.to(DOT_DTYPE), acc)
     offs = ms_c.to(tl.int64)[None, :] * stride_ym + rows[:, None]
     omask = rmask[:, None] & mmask[None, :]
-    if SPLIT_K > 1:
-        # fp32 partial sums to the workspace [SPLIT_K, M, N]; the last program on this tile adds
-        # them, writes y and resets its counter (same scheme as triton_kernels._dot_kernel)
-        woffs = ms_c[None, :] * N + rows[:, None]
-        tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + woffs, acc, mask=omask)
-        tl.debug_barrier()
+    last = True
+    if SPLIT_K > 1:  # fp32 partials to the workspace; the last program on this tile writes y
         tile = pid_m * tl.num_programs(0) + pid_n
-        seen = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-        if seen == SPLIT_K - 1:
-            acc = acc * 0.0
-            for sk in range(SPLIT_K):
-                acc += tl.load(ws_ptr + sk * M * N + woffs, mask=omask, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + rows_c, mask=rmask, other=0).to(tl.float32)[:, None]
-            tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=omask)
-            tl.atomic_xchg(cnt_ptr + tile, 0)
-    else:
+        last, acc = split_k_total(ws_ptr, cnt_ptr, acc, ms_c[None, :] * N + rows[:, None], omask, pid_k, tile, M * N,
+                                  SPLIT_K)
+    if last:
         if HAS_BIAS:
             acc += tl.load(b_ptr + rows_c, mask=rmask, other=0).to(tl.float32)[:, None]
         tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=omask)

@@ -35,6 +35,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from lowbit.kernels.triton_modes import kernel_module
+
+# the split-K epilogue, compiled in this module's mode
+split_k_total = kernel_module("triton_split_k").split_k_total
+
 
 def _asm_word(bits: int, f16: bool, off: int) -> str:
     """PTX: $0 (fp32 bits) = sum_i v_i * x_i over the codes of word $1, v = (c - off) / 8;
@@ -412,20 +417,11 @@ def _gemv_fast_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, b_ptr, y_ptr, ws_ptr, 
         y = y * tl.load(s_ptr + rows_c * stride_sn, mask=rmask, other=0).to(tl.float32)
     if HAS_RS:
         y = y * tl.load(rs_ptr + rows_c, mask=rmask, other=0).to(tl.float32)
-    if SPLIT_K > 1:
-        woffs = pid_m.to(tl.int64) * N + rows
-        tl.store(ws_ptr + tl.program_id(1).to(tl.int64) * M * N + woffs, y, mask=rmask)
-        tl.debug_barrier()
-        seen = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
-        if seen == SPLIT_K - 1:
-            y = y * 0.0
-            for sk in range(SPLIT_K):
-                y += tl.load(ws_ptr + sk * M * N + woffs, mask=rmask, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                y += tl.load(b_ptr + rows_c, mask=rmask, other=0).to(tl.float32)
-            tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
-            tl.atomic_xchg(cnt_ptr + pid, 0)
-    else:
+    last = True
+    if SPLIT_K > 1:  # fp32 partials to the workspace; the last program on these rows writes y
+        last, y = split_k_total(ws_ptr, cnt_ptr, y, pid_m.to(tl.int64) * N + rows, rmask, tl.program_id(1), pid,
+                                M * N, SPLIT_K)
+    if last:
         if HAS_BIAS:
             y += tl.load(b_ptr + rows_c, mask=rmask, other=0).to(tl.float32)
         tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)

@@ -42,6 +42,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from lowbit.kernels.triton_modes import kernel_module
+
+# the split-K epilogue, compiled in this module's mode
+split_k_total = kernel_module("triton_split_k").split_k_total
+
 
 @triton.jit
 def _mantissa(t, pos: tl.constexpr, BITS: tl.constexpr):
@@ -347,26 +352,11 @@ def _dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, rs_ptr, ls_ptr, b_ptr, y_pt
         offs = ms_c.to(tl.int64)[:, None] * stride_ym + rows[None, :]
         omask = mmask[:, None] & rmask[None, :]
         woffs = ms_c[:, None] * N + rows[None, :]
-    if SPLIT_K > 1:
-        # Partial sums go to the fp32 workspace [SPLIT_K, M, N]; the program that arrives last on
-        # this output tile (atomic counter) adds them up, writes the output and resets the
-        # counter to 0, so the next launch (or CUDA-graph replay) finds it zeroed.
-        tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + woffs, out, mask=omask)
-        tl.debug_barrier()
+    last = True
+    if SPLIT_K > 1:  # fp32 partials to the workspace; the last program on this tile writes y
         tile = pid_m * tl.num_programs(0) + pid_n
-        seen = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-        if seen == SPLIT_K - 1:
-            out = out * 0.0
-            for sk in range(SPLIT_K):
-                out += tl.load(ws_ptr + sk * M * N + woffs, mask=omask, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                if SWAP:
-                    out += tl.load(b_ptr + rows_c, mask=rmask, other=0).to(tl.float32)[:, None]
-                else:
-                    out += tl.load(b_ptr + rows_c, mask=rmask, other=0).to(tl.float32)[None, :]
-            tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=omask)
-            tl.atomic_xchg(cnt_ptr + tile, 0)
-    else:
+        last, out = split_k_total(ws_ptr, cnt_ptr, out, woffs, omask, pid_k, tile, M * N, SPLIT_K)
+    if last:
         if HAS_BIAS:
             if SWAP:
                 out += tl.load(b_ptr + rows_c, mask=rmask, other=0).to(tl.float32)[:, None]

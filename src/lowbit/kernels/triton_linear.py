@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +34,7 @@ import torch
 
 from ..formats import Format, QTensor
 from .registry import register
+from .triton_modes import interpreting, kernel_module
 
 # Triton is optional and imported on first use: without it lowbit imports and the kernel table
 # simply has no "triton" entries. (Importing it lazily also lets tests set TRITON_INTERPRET=1 before
@@ -44,31 +44,19 @@ try:
 except (ImportError, ValueError):  # a broken or blocked installation counts as absent
     HAVE_TRITON = False
 
-_KMODS: dict[tuple[str, bool], object] = {}
-
 
 def _kern(module: str = "triton_kernels"):
-    """A kernels module (`triton_kernels` or `triton_gemv`), compiled for the GPU or, under
-    TRITON_INTERPRET=1, for the interpreter.
+    """A kernels module (`triton_kernels`, `triton_gemv`, `triton_dot4`) for the current mode (GPU
+    or interpreter): `triton_modes.kernel_module`."""
+    return kernel_module(module)
 
-    Triton decides at decoration time, so each mode gets its own copy of the module.
-    """
-    interp = _interpreting()
-    mod = _KMODS.get((module, interp))
-    if mod is None:
-        name = f"lowbit.kernels._{module}_" + ("interp" if interp else "jit")
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{module}.py"))
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        _KMODS[(module, interp)] = mod
-    return mod
 
 _TABLE_PATH = Path(__file__).with_name("triton_table.json")
 _M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return interpreting()
 
 
 # ---------------------------------------------------------------------------------------------
