@@ -83,6 +83,20 @@ def _idot(a, b, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _chunk_bounds(KV_START, KV_END, b, split, SEQ, CHUNK, HAS_RANGES: tl.constexpr):
+    """(kv_start, lo, hi): sequence b's first valid key (0 without ranges) and the token range
+    [lo, hi) of chunk `split`, clipped to the sequence's end (kv_end, or SEQ)."""
+    if HAS_RANGES:
+        kv_start = tl.load(KV_START + b)
+        kv_end = tl.minimum(tl.load(KV_END + b), SEQ)
+    else:
+        kv_start = 0
+        kv_end = SEQ
+    lo = split * CHUNK
+    return kv_start, lo, tl.minimum(lo + CHUNK, kv_end)
+
+
+@triton.jit
 def _store_partial(OP, LSEP, acc0, acc1, m_i, l_i, has, row0, HEAD_D: tl.constexpr, G: tl.constexpr,
                    G_PAD: tl.constexpr, W: tl.constexpr, STEP: tl.constexpr, SWAP: tl.constexpr):
     """A stage-1 program's result: the normalized partial output of its G query rows (rows row0 ..
@@ -143,14 +157,7 @@ def _decode_split(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END,
         q0 = q0.to(DT)
         if BITS == 4:
             q1 = q1.to(DT)
-    if HAS_RANGES:
-        kv_start = tl.load(KV_START + b)
-        kv_end = tl.minimum(tl.load(KV_END + b), SEQ)
-    else:
-        kv_start = 0
-        kv_end = SEQ
-    lo = split * CHUNK
-    hi = tl.minimum(lo + CHUNK, kv_end)
+    kv_start, lo, hi = _chunk_bounds(KV_START, KV_END, b, split, SEQ, CHUNK, HAS_RANGES)
     offs_s = tl.arange(0, NG)
     base_d = b * stride_db + hk * stride_dh
     base_s = b * stride_sb + hk * stride_sh
@@ -449,14 +456,7 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
         qoff = OFF8 * tl.sum(q0.to(tl.float32), 1)
     else:
         qoff = tl.zeros([G_PAD], dtype=tl.float32)
-    if HAS_RANGES:
-        kv_start = tl.load(KV_START + b)
-        kv_end = tl.minimum(tl.load(KV_END + b), SEQ)
-    else:
-        kv_start = 0
-        kv_end = SEQ
-    lo = split * CHUNK
-    hi = tl.minimum(lo + CHUNK, kv_end)
+    kv_start, lo, hi = _chunk_bounds(KV_START, KV_END, b, split, SEQ, CHUNK, HAS_RANGES)
     k_base = KD + b * stride_kb + hk * stride_kh
     v_base = VD + b * stride_vb + hk * stride_vh
     s_base = b * stride_sb + hk * stride_sh
