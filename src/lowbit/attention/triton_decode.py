@@ -473,8 +473,7 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
         if BITS == 4:
             acc1 = tl.zeros([G_PAD, W], dtype=tl.float32)
     offs_ng = tl.arange(0, NG)
-    csum = tl.zeros([G_PAD], dtype=tl.float32)  # SWAP and PT: see the value product below
-    mv_run = 1.0
+    mv_run = 1.0  # SWAP and PT: the value accumulators' unit (see the value product below)
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < hi
@@ -537,18 +536,20 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
             if PT:  # p' = p * sv / mv in fp16 (mv: the tile's largest scale, for fp16's precision)
                 mv = tl.maximum(tl.max(sv, 0), 1e-30)
                 pv = (p * (sv * (1.0 / mv))[:, None]).to(FT)
-                # the accumulators count in units of the latest tile's mv and still hold the codes'
-                # offsets (times csum, the running sum of p'): one rescale per element and the product
-                # added by the tensor cores; offsets and units are settled once, after the loop
+                # the accumulators count in units of the latest tile's mv (acc1: 16x, as `_nib4`'s
+                # high nibbles): the rescale goes into the tensor cores' accumulator, and the codes'
+                # offset times sum(p') comes off right after each product (deferred past the loop,
+                # int8's error vs the float cache rose from 1.1e-2 to 2.7e-2 at (32, 4096) on an
+                # H200: the offsets' sum grows with the tokens, and fp32 cancels it badly)
                 r = alpha * (mv_run / mv)
-                csum = csum * r + tl.sum(pv.to(tl.float32), 0)
+                psum = tl.sum(pv.to(tl.float32), 0)[None, :]
                 mv_run = mv
                 if BITS == 8:
-                    acc0 = tl.dot(_cvt8(vraw, INTERP), pv, acc0 * r[None, :])
+                    acc0 = tl.dot(_cvt8(vraw, INTERP), pv, acc0 * r[None, :]) - OFF8 * psum
                 else:
                     v0, v1 = _nib4(vraw, INTERP)
-                    acc0 = tl.dot(v0, pv, acc0 * r[None, :])
-                    acc1 = tl.dot(v1, pv, acc1 * r[None, :])
+                    acc0 = tl.dot(v0, pv, acc0 * r[None, :]) - OFF_LO * psum
+                    acc1 = tl.dot(v1, pv, acc1 * r[None, :]) - (OFF_HI / HI_MUL) * psum
             else:
                 svb = tl.broadcast_to(tl.trans(svg)[:, None, :], (NG, GW, BLOCK_N)).reshape(W, BLOCK_N)
                 v0, v1 = _cvt4(vraw, svb, INTERP)
@@ -579,12 +580,10 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
                 acc1 = tl.dot(pv, tl.trans(v1), acc1 * alpha[:, None])
         m_i = m_ij
     has = hi > tl.maximum(lo, kv_start)
-    if SWAP and PT:  # the value products' offsets and units (see the loop)
-        if BITS == 8:
-            acc0 = (acc0 - OFF8 * csum[None, :]) * mv_run
-        else:
-            acc0 = (acc0 - OFF_LO * csum[None, :]) * mv_run
-            acc1 = (acc1 * HI_MUL - OFF_HI * csum[None, :]) * mv_run
+    if SWAP and PT:  # the value accumulators' unit (see the loop)
+        acc0 = acc0 * mv_run
+        if BITS == 4:
+            acc1 = acc1 * (HI_MUL * mv_run)
     if BITS == 4:
         _store_partial(OP, LSEP, acc0, acc1, m_i, l_i, has, (bh * NSPLIT + split) * G, HEAD_D, G, G_PAD, W, STEP, SWAP)
     else:
