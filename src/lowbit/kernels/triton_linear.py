@@ -55,8 +55,7 @@ _TABLE_PATH = Path(__file__).with_name("triton_table.json")
 _M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
-def _interpreting() -> bool:
-    return interpreting()
+_interpreting = interpreting  # TRITON_INTERPRET=1: kernels run in Triton's interpreter (triton_modes)
 
 
 # ---------------------------------------------------------------------------------------------
