@@ -104,21 +104,31 @@ def _store_partial(OP, LSEP, acc0, acc1, m_i, l_i, has, row0, HEAD_D: tl.constex
     columns, STEP 2) and their log2-sum-exp (-1e30 where the chunk had no valid token, so the merge
     gives it weight 0). acc0 / acc1 are (W, G_PAD) with SWAP, (G_PAD, W) without."""
     lse = tl.where(has, m_i + tl.math.log2(tl.maximum(l_i, 1e-30)), -1.0e30)
-    inv = 1.0 / tl.maximum(l_i, 1e-30)
+    offs_g = tl.arange(0, G_PAD)
+    _store_rows(OP + row0 * HEAD_D, HEAD_D, acc0, acc1, 1.0 / tl.maximum(l_i, 1e-30), G, G_PAD, W, STEP, SWAP)
+    tl.store(LSEP + row0 + offs_g, lse, mask=offs_g < G)
+
+
+@triton.jit
+def _store_rows(P, row_stride, acc0, acc1, inv, G: tl.constexpr, G_PAD: tl.constexpr, W: tl.constexpr,
+                STEP: tl.constexpr, SWAP: tl.constexpr):
+    """Rows g < G of P (row g at P + g * row_stride, in P's element type) = the accumulators times
+    inv[g] (see `_store_partial` for acc0 / acc1 and STEP)."""
     offs_g = tl.arange(0, G_PAD)
     offs_w = tl.arange(0, W)
-    row = row0 + offs_g  # only the G real rows are stored
+    ty = P.dtype.element_ty
     if SWAP:
+        ptr = P + offs_g[None, :] * row_stride + offs_w[:, None] * STEP
         row_ok = offs_g[None, :] < G
-        tl.store(OP + row[None, :] * HEAD_D + offs_w[:, None] * STEP, acc0 * inv[None, :], mask=row_ok)
+        tl.store(ptr, (acc0 * inv[None, :]).to(ty), mask=row_ok)
         if STEP == 2:
-            tl.store(OP + row[None, :] * HEAD_D + offs_w[:, None] * 2 + 1, acc1 * inv[None, :], mask=row_ok)
+            tl.store(ptr + 1, (acc1 * inv[None, :]).to(ty), mask=row_ok)
     else:
+        ptr = P + offs_g[:, None] * row_stride + offs_w[None, :] * STEP
         row_ok = offs_g[:, None] < G
-        tl.store(OP + row[:, None] * HEAD_D + offs_w[None, :] * STEP, acc0 * inv[:, None], mask=row_ok)
+        tl.store(ptr, (acc0 * inv[:, None]).to(ty), mask=row_ok)
         if STEP == 2:
-            tl.store(OP + row[:, None] * HEAD_D + offs_w[None, :] * 2 + 1, acc1 * inv[:, None], mask=row_ok)
-    tl.store(LSEP + row, lse, mask=offs_g < G)
+            tl.store(ptr + 1, (acc1 * inv[:, None]).to(ty), mask=row_ok)
 
 
 @triton.jit
@@ -401,7 +411,7 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
                      HEAD_D: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_RANGES: tl.constexpr, IMMA: tl.constexpr,
                      SWAP: tl.constexpr, FUSED: tl.constexpr, G_P2: tl.constexpr, NS_PAD: tl.constexpr,
-                     NS_STEP: tl.constexpr, INTERP: tl.constexpr):
+                     NS_STEP: tl.constexpr, INTERP: tl.constexpr, DIRECT: tl.constexpr = False):
     """Stage 1 of flash-decoding for fp16 scales and token-major value planes (see above).
 
     Keys (B, Hkv, cap, W) d-contiguous, values (B, Hkv, W, cap) token-contiguous, W = D (int8) or
@@ -411,7 +421,8 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
     tensor cores with a constant offset (`_cvt8`, `_nib4`) that is taken off after each product
     through the sum of the other operand. int4 with one scale per GROUP < HEAD_D values: applied in
     the dequantization (`_cvt4`, one f16x2 multiply per two values). FUSED: stage 2 runs at the end
-    of the last program of each (batch, kv head) (`_merge_last`).
+    of the last program of each (batch, kv head) (`_merge_last`). DIRECT (one chunk per (batch, kv
+    head)): the program writes the output rows itself, no partials, no merge.
     """
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -584,11 +595,17 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
         acc0 = acc0 * mv_run
         if BITS == 4:
             acc1 = acc1 * (HI_MUL * mv_run)
-    if BITS == 4:
+    if DIRECT:  # one chunk per (batch, kv head): the normalized rows are the output (0 without a valid token)
+        inv = tl.where(has, 1.0 / tl.maximum(l_i, 1e-30), 0.0)
+        if BITS == 4:
+            _store_rows(O + b * stride_ob + hk * G * stride_oh, stride_oh, acc0, acc1, inv, G, G_PAD, W, STEP, SWAP)
+        else:
+            _store_rows(O + b * stride_ob + hk * G * stride_oh, stride_oh, acc0, acc0, inv, G, G_PAD, W, STEP, SWAP)
+    elif BITS == 4:
         _store_partial(OP, LSEP, acc0, acc1, m_i, l_i, has, (bh * NSPLIT + split) * G, HEAD_D, G, G_PAD, W, STEP, SWAP)
     else:
         _store_partial(OP, LSEP, acc0, acc0, m_i, l_i, has, (bh * NSPLIT + split) * G, HEAD_D, G, G_PAD, W, STEP, SWAP)
-    if FUSED:
+    if FUSED and not DIRECT:
         _merge_last(OP, LSEP, O, CNT, bh, b, hk, stride_ob, stride_oh, NSPLIT, HEAD_D, G, G_P2, NS_PAD, NS_STEP)
 
 
@@ -745,7 +762,7 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
             H, Hkv, seq_len, k_data.shape[2], chunk, splits, qk_scale,
             HEAD_D=D, G=G, G_PAD=g_pad, BLOCK_N=bn, BITS=bits, GROUP=group, HAS_RANGES=has_ranges,
             IMMA=int_mma, SWAP=swap, FUSED=fused, G_P2=g_p2, NS_PAD=ns_pad, NS_STEP=ns_step, INTERP=_INTERPRET,
-            num_warps=num_warps, num_stages=num_stages)
+            DIRECT=fused and splits == 1, num_warps=num_warps, num_stages=num_stages)
         if fused:
             return o
     else:
