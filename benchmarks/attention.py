@@ -51,9 +51,12 @@ def rel_err(o: torch.Tensor, ref: torch.Tensor) -> float:
 def prefill(args, rows: list) -> None:
     dev, dt = "cuda", getattr(torch, args.dtype)
     H, D = 16, 128
-    # (config, host-side TMA descriptors); config = (BLOCK_M, BLOCK_N, warps, stages[, warp_specialize])
+    # (config, host-side TMA descriptors); config = (BLOCK_M, BLOCK_N, warps, stages[, warp_specialize, lazy])
     tune = ([(c, True) for c in ((64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 2), (128, 128, 8, 3), (128, 64, 8, 3),
-                                 (128, 64, 4, 3))] + [((64, 64, 4, 3), False)]) if args.tune else [(CONFIGS[D], True)]
+                                 (128, 64, 4, 3), (64, 64, 4, 3, False, 8.0), (64, 64, 4, 4, False, 8.0),
+                                 (64, 128, 4, 2, False, 8.0), (128, 128, 8, 3, False, 8.0), (128, 64, 8, 3, False, 8.0),
+                                 (128, 128, 8, 2, False, 8.0))]
+            if args.tune else [(CONFIGS[D], True)])
     print(f"\nprefill: B*S = 32768 tokens, H = {H}, D = {D}, {args.dtype}; TFLOP/s (median)")
     print(f"{'S':>6} {'causal':>6} {'lowbit':>8} {'FLASH':>8} {'CUDNN':>8} {'x FLASH':>8} {'x CUDNN':>8} {'rel err':>9}  config")
     for S in (1024, 4096, 16384):
@@ -167,12 +170,12 @@ def decode(args, rows: list) -> None:
     if args.tune:  # the token-major fast path (swap=True): warps, tile, stages, programs per SM, fused merge
         def mk(w, bn, st, pp, fused=True, **kw):
             return dict(num_warps=w, block_n=bn, num_stages=st, programs_per_sm=pp, fused=fused, **kw)
-        dyn = [dict(dynamic=f, dynamic_tiles=t) for f, t in ((0.15, 2), (0.25, 2), (0.25, 1), (0.4, 4))]
-        tune = {"int8": [{}, mk(2, 128, 2, 4, False), mk(2, 128, 2, 3), mk(1, 64, 3, 6)]
-                        + [mk(2, 128, 3, 2, **d) for d in dyn] + [mk(2, 128, 3, 2, None, **dyn[1])],
-                "int4": [{}, mk(1, 64, 3, 8, False), mk(1, 64, 3, 10)] + [mk(1, 64, 3, 8, **d) for d in dyn[:2]],
-                "int4t": [{}, mk(1, 128, 3, 4, False), mk(1, 128, 4, 4), mk(1, 128, 3, 3), mk(1, 64, 3, 8),
-                          mk(1, 128, 2, 8)] + [mk(1, 128, 3, 4, **d) for d in dyn] + [mk(1, 128, 3, 4, None, **dyn[1])]}
+        tune = {"int8": [{}, mk(2, 128, 2, 4, False), mk(2, 128, 3, 2), mk(2, 128, 2, 3), mk(2, 128, 2, 5),
+                         mk(1, 64, 2, 8), mk(1, 64, 3, 6), mk(1, 128, 2, 6)],
+                "int4": [{}, mk(1, 64, 3, 8, False), mk(1, 64, 3, 10), mk(1, 128, 3, 4)],
+                "int4t": [{}, mk(1, 128, 3, 4, False), mk(1, 128, 4, 4), mk(1, 128, 3, 3), mk(1, 128, 3, 6),
+                          mk(1, 64, 3, 8), mk(1, 64, 4, 4), mk(1, 128, 2, 8), mk(1, 64, 3, 8, int_mma=True),
+                          mk(2, 128, 3, 4, int_mma=True)]}
     else:
         tune = {"int8": [{}], "int4": [{}], "int4t": [{}]}
     _warm_up(dev, dt)

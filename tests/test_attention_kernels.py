@@ -73,6 +73,27 @@ def test_prefill_rows_without_keys_are_zero(gen):
     assert _rel(out, ref) < TOL
 
 
+@pytest.mark.parametrize("grow", [False, True])
+def test_prefill_lazy_rescale_matches_reference(gen, grow):
+    """Lazy rescaling (config's 6th field): the maxima move only past the threshold. With `grow` the
+    keys get larger along the sequence, so the running maxima jump by more than 2^8 between tiles
+    (the rescale path); without it they stay within it (the stale-maximum path). Padding ranges too."""
+    from lowbit.attention.triton_prefill import flash_attention_triton
+
+    q, k, v = _qkv(gen, 3, 4, 2, 45, 130, 64, DTYPES[0])
+    if grow:
+        k = k * torch.linspace(0.2, 6.0, 130, device=k.device, dtype=torch.float32)[:, None].to(k.dtype)
+    start = torch.tensor([0, 5, 70], dtype=torch.int32)
+    end = torch.tensor([130, 128, 101], dtype=torch.int32)
+    for causal in (True, False):
+        out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=DEV)
+        flash_attention_triton(q, k, v, causal=causal, kv_start=start, kv_end=end, config=(16, 16, 4, 2, False, 8.0),
+                               out=out)
+        ref = attention_reference(q.float(), k.float(), v.float(), causal=causal, kv_start=start, kv_end=end)
+        assert not out.isnan().any()
+        assert _rel(out, ref) < TOL
+
+
 @pytest.mark.parametrize("bits,group,scale_dtype", [(8, None, "fp16"), (8, 32, "e8m0"), (4, 32, "fp16"), (4, None, "e8m0")])
 @pytest.mark.parametrize("S,swap", [(1, False), (17, True), (130, False), (130, True)])
 def test_decode_matches_dequantized_reference(gen, bits, group, scale_dtype, S, swap):
@@ -145,30 +166,6 @@ def test_decode_fused_merge(gen, bits, group, int_mma, S, splits):
                                       fused=True)
         assert not one.isnan().any()
         assert _rel(one, two) < (1e-6 if not CUDA else 5e-3)
-
-
-@pytest.mark.parametrize("bits,group", [(8, None), (4, None), (4, 32)])
-@pytest.mark.parametrize("S,splits,dynamic,tiles,fused", [(130, 2, 0.5, 1, True), (1000, 3, 0.3, 2, None),
-                                                          (1000, 2, 0.9, 1, False), (75, 1, 0.5, 1, True)])
-def test_decode_dynamic_chunks(gen, bits, group, S, splits, dynamic, tiles, fused):
-    """Chunks claimed at run time (`dynamic`): the same result as fixed chunks, padding ranges
-    included, and the claim counter is back at 0 after every call (three calls in a row)."""
-    from lowbit.attention.triton_decode import _counters, decode_attention_triton, token_major
-
-    B, H, Hkv, D = 3, 8, 2, 64
-    q, k, v = _qkv(gen, B, H, Hkv, 1, S, D, DTYPES[0])
-    (kd, ks), (vd, vs) = quantize_kv(k, bits, group), quantize_kv(v, bits, group)
-    vt = token_major(vd)
-    start = torch.tensor([0, 3, 40], dtype=torch.int32)
-    end = torch.tensor([S, S - 7, 60], dtype=torch.int32)
-    fixed = decode_attention_triton(q, kd, ks, vt, vs, S, bits=bits, kv_start=start, kv_end=end, splits=splits,
-                                    block_n=32, fused=False)
-    for _ in range(3):
-        out = decode_attention_triton(q, kd, ks, vt, vs, S, bits=bits, kv_start=start, kv_end=end, splits=splits,
-                                      block_n=32, fused=fused, dynamic=dynamic, dynamic_tiles=tiles)
-        assert not out.isnan().any()
-        assert _rel(out, fixed) < (1e-6 if not CUDA else 5e-3)
-        assert int(_counters(out.device, B * Hkv + 1)[: B * Hkv + 1].abs().sum()) == 0
 
 
 @pytest.mark.parametrize("bits,group", [(8, None), (4, None), (4, 32)])

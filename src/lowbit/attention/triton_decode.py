@@ -83,17 +83,16 @@ def _idot(a, b, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _chunk_bounds(KV_START, KV_END, b, split, SEQ, CHUNK, HAS_RANGES: tl.constexpr, BASE=0):
+def _chunk_bounds(KV_START, KV_END, b, split, SEQ, CHUNK, HAS_RANGES: tl.constexpr):
     """(kv_start, lo, hi): sequence b's first valid key (0 without ranges) and the token range
-    [lo, hi) of chunk `split` (chunks of CHUNK tokens from BASE), clipped to the sequence's end
-    (kv_end, or SEQ)."""
+    [lo, hi) of chunk `split`, clipped to the sequence's end (kv_end, or SEQ)."""
     if HAS_RANGES:
         kv_start = tl.load(KV_START + b)
         kv_end = tl.minimum(tl.load(KV_END + b), SEQ)
     else:
         kv_start = 0
         kv_end = SEQ
-    lo = BASE + split * CHUNK
+    lo = split * CHUNK
     return kv_start, lo, tl.minimum(lo + CHUNK, kv_end)
 
 
@@ -412,8 +411,7 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
                      HEAD_D: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_RANGES: tl.constexpr, IMMA: tl.constexpr,
                      SWAP: tl.constexpr, FUSED: tl.constexpr, G_P2: tl.constexpr, NS_PAD: tl.constexpr,
-                     NS_STEP: tl.constexpr, INTERP: tl.constexpr, DIRECT: tl.constexpr = False,
-                     DLO=0, DCHUNK=1, ND=0, DYN: tl.constexpr = False):
+                     NS_STEP: tl.constexpr, INTERP: tl.constexpr, DIRECT: tl.constexpr = False):
     """Stage 1 of flash-decoding for fp16 scales and token-major value planes (see above).
 
     Keys (B, Hkv, cap, W) d-contiguous, values (B, Hkv, W, cap) token-contiguous, W = D (int8) or
@@ -425,54 +423,11 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
     the dequantization (`_cvt4`, one f16x2 multiply per two values). FUSED: stage 2 runs at the end
     of the last program of each (batch, kv head) (`_merge_last`). DIRECT (one chunk per (batch, kv
     head)): the program writes the output rows itself, no partials, no merge.
-
-    DYN: the chunks of the grid (CHUNK tokens each) cover the tokens below DLO; the rest of every
-    sequence is cut into ND chunks of DCHUNK tokens that the programs claim from a global counter
-    (CNT[B * HKV]) once their own chunk is done, so that programs that stream faster take more of
-    them: the launch no longer ends with the slowest program's fixed share. Each chunk, static or
-    claimed, leaves one partial (NSPLIT = grid splits + ND per (batch, kv head)). The last program to
-    find the counter exhausted sets it back to 0 for the next call.
     """
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HKV
-    kv_start, lo, hi = _chunk_bounds(KV_START, KV_END, b, split, SEQ, CHUNK, HAS_RANGES)
-    _vt_attend(Q, KD, KS, VD, VS, OP, LSEP, O, CNT,
-               stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vw,
-               stride_sb, stride_sh, stride_sn, stride_ob, stride_oh, CAP, NSPLIT, qk_scale,
-               bh, b, bh % HKV, split, lo, hi, kv_start,
-               HEAD_D, G, G_PAD, BLOCK_N, BITS, GROUP, IMMA, SWAP, FUSED, G_P2, NS_PAD, NS_STEP, INTERP, DIRECT)
-    if DYN:
-        n_bh = tl.num_programs(1)
-        total = ND * n_bh
-        c = tl.atomic_add(CNT + n_bh, 1)
-        while c < total:
-            bh2 = c % n_bh
-            b2 = bh2 // HKV
-            idx = c // n_bh
-            kv_start2, lo2, hi2 = _chunk_bounds(KV_START, KV_END, b2, idx, SEQ, DCHUNK, HAS_RANGES, DLO)
-            _vt_attend(Q, KD, KS, VD, VS, OP, LSEP, O, CNT,
-                       stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vw,
-                       stride_sb, stride_sh, stride_sn, stride_ob, stride_oh, CAP, NSPLIT, qk_scale,
-                       bh2, b2, bh2 % HKV, NSPLIT - ND + idx, lo2, hi2, kv_start2,
-                       HEAD_D, G, G_PAD, BLOCK_N, BITS, GROUP, IMMA, SWAP, FUSED, G_P2, NS_PAD, NS_STEP, INTERP, False)
-            c = tl.atomic_add(CNT + n_bh, 1)
-        if c == total + tl.num_programs(0) * n_bh - 1:  # every program has made its one failed claim
-            tl.store(CNT + n_bh, 0)
-
-
-@triton.jit
-def _vt_attend(Q, KD, KS, VD, VS, OP, LSEP, O, CNT,
-               stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vw,
-               stride_sb, stride_sh, stride_sn, stride_ob, stride_oh, CAP, NSPLIT, qk_scale,
-               bh, b, hk, slot, lo, hi, kv_start,
-               HEAD_D: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-               BITS: tl.constexpr, GROUP: tl.constexpr, IMMA: tl.constexpr, SWAP: tl.constexpr,
-               FUSED: tl.constexpr, G_P2: tl.constexpr, NS_PAD: tl.constexpr, NS_STEP: tl.constexpr,
-               INTERP: tl.constexpr, DIRECT: tl.constexpr):
-    """One chunk [lo, hi) of (batch b, kv head hk) for `_decode_split_vt`: q's rows of the group,
-    the online softmax over the chunk's tiles, then its partial in slot `slot` (or the output rows,
-    DIRECT) and, FUSED, the merge by the last chunk to arrive."""
+    hk = bh % HKV
     W: tl.constexpr = HEAD_D if BITS == 8 else HEAD_D // 2
     NG: tl.constexpr = HEAD_D // GROUP
     GW: tl.constexpr = W // NG
@@ -512,6 +467,7 @@ def _vt_attend(Q, KD, KS, VD, VS, OP, LSEP, O, CNT,
         qoff = OFF8 * tl.sum(q0.to(tl.float32), 1)
     else:
         qoff = tl.zeros([G_PAD], dtype=tl.float32)
+    kv_start, lo, hi = _chunk_bounds(KV_START, KV_END, b, split, SEQ, CHUNK, HAS_RANGES)
     k_base = KD + b * stride_kb + hk * stride_kh
     v_base = VD + b * stride_vb + hk * stride_vh
     s_base = b * stride_sb + hk * stride_sh
@@ -646,9 +602,9 @@ def _vt_attend(Q, KD, KS, VD, VS, OP, LSEP, O, CNT,
         else:
             _store_rows(O + b * stride_ob + hk * G * stride_oh, stride_oh, acc0, acc0, inv, G, G_PAD, W, STEP, SWAP)
     elif BITS == 4:
-        _store_partial(OP, LSEP, acc0, acc1, m_i, l_i, has, (bh * NSPLIT + slot) * G, HEAD_D, G, G_PAD, W, STEP, SWAP)
+        _store_partial(OP, LSEP, acc0, acc1, m_i, l_i, has, (bh * NSPLIT + split) * G, HEAD_D, G, G_PAD, W, STEP, SWAP)
     else:
-        _store_partial(OP, LSEP, acc0, acc0, m_i, l_i, has, (bh * NSPLIT + slot) * G, HEAD_D, G, G_PAD, W, STEP, SWAP)
+        _store_partial(OP, LSEP, acc0, acc0, m_i, l_i, has, (bh * NSPLIT + split) * G, HEAD_D, G, G_PAD, W, STEP, SWAP)
     if FUSED and not DIRECT:
         _merge_last(OP, LSEP, O, CNT, bh, b, hk, stride_ob, stride_oh, NSPLIT, HEAD_D, G, G_P2, NS_PAD, NS_STEP)
 
@@ -688,9 +644,8 @@ _CNT: dict[tuple, torch.Tensor] = {}
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """n zeroed int32 counters, one buffer per (device, stream): the fused merge's arrival counters
-    (one per (batch, kv head)) and, after them, the claim counter of `dynamic` chunks. Each call
-    leaves them at zero again (the last program of a group resets its counter), so calls in
+    """n zeroed int32 arrival counters for the fused merge, one buffer per (device, stream): each
+    call leaves them at zero again (the last program of a group resets its counter), so calls in
     one stream can share them, CUDA-graph replays included. Calls running concurrently on one
     stream's buffer are not supported (they cannot happen in stream order)."""
     key = (str(device), torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
@@ -722,8 +677,7 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
                             kv_start: torch.Tensor | None = None, kv_end: torch.Tensor | None = None,
                             splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                             num_stages: int | None = None, programs_per_sm: int | None = None, swap: bool | None = None,
-                            int_mma: bool | None = None, g_pad: int | None = None, fused: bool | None = None,
-                            dynamic: float | None = None, dynamic_tiles: int = 2) -> torch.Tensor:
+                            int_mma: bool | None = None, g_pad: int | None = None, fused: bool | None = None) -> torch.Tensor:
     """Attention of q (B, H, 1, D) over the first `seq_len` tokens of quantized planes
     (B, Hkv, cap, ...); returns (B, H, 1, D) in q's dtype.
 
@@ -731,8 +685,6 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
     stores it) the fast path `_decode_split_vt`; otherwise (E8M0 scales, d-major values) the
     generic `_decode_split`. Stage 2 is `_decode_reduce`, or, on the fast path with `fused`, the
     last program of each (batch, kv head) inside stage 1 (no second launch; see `_merge_last`).
-    `dynamic` (fast path): that fraction of each sequence's tiles is left out of the programs' fixed
-    chunks and claimed at run time in chunks of `dynamic_tiles` tiles (see `_decode_split_vt`, DYN).
     """
     B, H, SQ, D = q.shape
     if SQ != 1:
@@ -782,20 +734,11 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
     if splits is None:  # enough programs in flight per SM to hide the memory latency
         want = max(1, (programs_per_sm * _num_sms(q.device)) // (B * Hkv))
         splits = max(1, min(want, triton.cdiv(seq_len, 2 * bn)))
-    n_dyn, dlo, dchunk = 0, 0, bn
-    tiles = triton.cdiv(seq_len, bn)
-    if fast and dynamic and tiles > splits:
-        # fixed chunks of the same number of tiles below dlo, the rest in claimable chunks
-        chunk = max(1, int(tiles * (1.0 - dynamic)) // splits) * bn
-        dlo, dchunk = splits * chunk, max(1, dynamic_tiles) * bn
-        n_dyn = triton.cdiv(seq_len - dlo, dchunk) if seq_len > dlo else 0
-    else:
-        chunk = triton.cdiv(triton.cdiv(seq_len, splits), bn) * bn
-        splits = triton.cdiv(seq_len, chunk)
-    n_part = splits + n_dyn  # partials per (batch, kv head)
+    chunk = triton.cdiv(triton.cdiv(seq_len, splits), bn) * bn
+    splits = triton.cdiv(seq_len, chunk)
     dev = q.device
-    op = torch.empty(B * Hkv * n_part * G, D, dtype=torch.float32, device=dev)
-    lse = torch.empty(B * Hkv * n_part * G, dtype=torch.float32, device=dev)
+    op = torch.empty(B * Hkv * splits * G, D, dtype=torch.float32, device=dev)
+    lse = torch.empty(B * Hkv * splits * G, dtype=torch.float32, device=dev)
     has_ranges = kv_start is not None or kv_end is not None
     if has_ranges:
         kv_start = (kv_start if kv_start is not None else torch.zeros(B, dtype=torch.int32, device=dev)).to(dev, torch.int32)
@@ -804,24 +747,22 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
         kv_start = kv_end = lse
     qk_scale = (scale if scale is not None else D ** -0.5) * math.log2(math.e)
     o = torch.empty(B, H, 1, D, dtype=q.dtype, device=dev)
-    ns_pad = max(2, triton.next_power_of_2(n_part))
+    ns_pad = max(2, triton.next_power_of_2(splits))
     if fast:
         if fused is None:  # one launch; with many splits the separate merge kernel is faster (RESULTS.md)
-            fused = n_part <= 16
+            fused = splits <= 16
         g_p2 = triton.next_power_of_2(G)
         # partial rows merged per step in `_merge_last`: about 128 fp32 registers per thread
         ns_step = min(ns_pad, max(1, 1 << ((4096 * num_warps) // (g_p2 * D)).bit_length() - 1))
         _decode_split_vt[(splits, B * Hkv)](
-            q, k_data, k_scale, v_data, v_scale, op, lse, kv_start, kv_end, o,
-            _counters(dev, B * Hkv + 1) if fused or n_dyn else lse,
+            q, k_data, k_scale, v_data, v_scale, op, lse, kv_start, kv_end, o, _counters(dev, B * Hkv) if fused else lse,
             q.stride(0), q.stride(1), k_data.stride(0), k_data.stride(1), k_data.stride(2),
             v_data.stride(0), v_data.stride(1), v_data.stride(3),
             k_scale.stride(0), k_scale.stride(1), k_scale.stride(2), o.stride(0), o.stride(1),
-            H, Hkv, seq_len, k_data.shape[2], chunk, n_part, qk_scale,
+            H, Hkv, seq_len, k_data.shape[2], chunk, splits, qk_scale,
             HEAD_D=D, G=G, G_PAD=g_pad, BLOCK_N=bn, BITS=bits, GROUP=group, HAS_RANGES=has_ranges,
             IMMA=int_mma, SWAP=swap, FUSED=fused, G_P2=g_p2, NS_PAD=ns_pad, NS_STEP=ns_step, INTERP=_INTERPRET,
-            DIRECT=fused and n_part == 1, DLO=dlo, DCHUNK=dchunk, ND=n_dyn, DYN=n_dyn > 0,
-            num_warps=num_warps, num_stages=num_stages)
+            DIRECT=fused and splits == 1, num_warps=num_warps, num_stages=num_stages)
         if fused:
             return o
     else:
@@ -841,6 +782,6 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
             HEAD_D=D, G=G, G_PAD=g_pad, BLOCK_N=bn, BITS=bits, GROUP=group, E8M0=k_scale.dtype == torch.uint8,
             HAS_RANGES=has_ranges, DT=dt, SWAP=swap, IMMA=int_mma, INTERP=_INTERPRET, num_warps=num_warps,
             num_stages=num_stages)
-    _decode_reduce[(B * H,)](op, lse, o, o.stride(0), o.stride(1), Hkv, n_part,
+    _decode_reduce[(B * H,)](op, lse, o, o.stride(0), o.stride(1), Hkv, splits,
                              HEAD_D=D, G=G, NS_PAD=ns_pad, num_warps=4)
     return o
