@@ -73,27 +73,6 @@ def test_prefill_rows_without_keys_are_zero(gen):
     assert _rel(out, ref) < TOL
 
 
-@pytest.mark.parametrize("grow", [False, True])
-def test_prefill_lazy_rescale_matches_reference(gen, grow):
-    """Lazy rescaling (config's 6th field): the maxima move only past the threshold. With `grow` the
-    keys get larger along the sequence, so the running maxima jump by more than 2^8 between tiles
-    (the rescale path); without it they stay within it (the stale-maximum path). Padding ranges too."""
-    from lowbit.attention.triton_prefill import flash_attention_triton
-
-    q, k, v = _qkv(gen, 3, 4, 2, 45, 130, 64, DTYPES[0])
-    if grow:
-        k = k * torch.linspace(0.2, 6.0, 130, device=k.device, dtype=torch.float32)[:, None].to(k.dtype)
-    start = torch.tensor([0, 5, 70], dtype=torch.int32)
-    end = torch.tensor([130, 128, 101], dtype=torch.int32)
-    for causal in (True, False):
-        out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=DEV)
-        flash_attention_triton(q, k, v, causal=causal, kv_start=start, kv_end=end, config=(16, 16, 4, 2, False, 8.0),
-                               out=out)
-        ref = attention_reference(q.float(), k.float(), v.float(), causal=causal, kv_start=start, kv_end=end)
-        assert not out.isnan().any()
-        assert _rel(out, ref) < TOL
-
-
 @pytest.mark.parametrize("bits,group,scale_dtype", [(8, None, "fp16"), (8, 32, "e8m0"), (4, 32, "fp16"), (4, None, "e8m0")])
 @pytest.mark.parametrize("S,swap", [(1, False), (17, True), (130, False), (130, True)])
 def test_decode_matches_dequantized_reference(gen, bits, group, scale_dtype, S, swap):

@@ -34,8 +34,7 @@ from .triton_prefill_dims import HEAD_DIMS  # noqa: E402
 def _tile(acc, l_i, m_i, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kn, stride_vn, b, hk,
           lo, hi, offs_m, kv_start, kv_end, off_causal,
           BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, D_PAD: tl.constexpr, MASKED: tl.constexpr,
-          CAUSAL: tl.constexpr, USE_DESC: tl.constexpr, DOT_DTYPE: tl.constexpr, WS: tl.constexpr = False,
-          LAZY: tl.constexpr = 0.0):
+          CAUSAL: tl.constexpr, USE_DESC: tl.constexpr, DOT_DTYPE: tl.constexpr, WS: tl.constexpr = False):
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
@@ -52,25 +51,10 @@ def _tile(acc, l_i, m_i, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kn, stride_vn
                 valid = valid & (offs_n[None, :] <= offs_m[:, None] + off_causal)
             qk = tl.where(valid, qk, -1.0e30)
         m_ij = tl.maximum(m_i, tl.max(qk, 1))
-        if LAZY > 0:
-            # lazy rescaling: the running maxima (and with them acc and l_i) move only when some row's
-            # maximum grew by more than 2^LAZY since the last move; until then the probabilities are
-            # taken against the stale maxima (at most 2^LAZY, fine in fp32 and in the 16-bit P).
-            # Saves the (BLOCK_M, D) multiply of acc in almost every tile; the first tile always moves
-            # them (from -1e30), which also wipes what fully masked rows had gathered
-            if tl.max(m_ij - m_i, 0) > LAZY:
-                alpha = tl.math.exp2(m_i - m_ij)
-                acc = acc * alpha[:, None]
-                l_i = l_i * alpha
-                m_i = m_ij
-            p = tl.math.exp2(qk - m_i[:, None])
-            l_i = l_i + tl.sum(p, 1)
-            m_ij = m_i
-        else:
-            p = tl.math.exp2(qk - m_ij[:, None])
-            alpha = tl.math.exp2(m_i - m_ij)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
+        p = tl.math.exp2(qk - m_ij[:, None])
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
         if USE_DESC:
             v = v_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, D_PAD)
         else:
@@ -88,7 +72,7 @@ def _fa_fwd(Q, K, V, O, KV_START, KV_END,
             B, H, GROUP, SQ, SK, qk_scale,
             HEAD_D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             CAUSAL: tl.constexpr, HAS_RANGES: tl.constexpr, USE_DESC: tl.constexpr, DOT_DTYPE: tl.constexpr,
-            WS: tl.constexpr, HOST_DESC: tl.constexpr = False, LAZY: tl.constexpr = 0.0):
+            WS: tl.constexpr, HOST_DESC: tl.constexpr = False):
     pid_m = tl.program_id(0)
     if CAUSAL:  # the longest rows first: fewer idle SMs at the end of the launch
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -158,13 +142,13 @@ def _fa_fwd(Q, K, V, O, KV_START, KV_END,
     # start edge [lo, mid_lo), unmasked middle [mid_lo, mid_hi), tail [mid_hi, hi)
     acc, l_i, m_i = _tile(acc, l_i, m_i, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kn, stride_vn, b, hk,
                           lo, mid_lo, offs_m, kv_start, kv_end, off_causal,
-                          BLOCK_N, HEAD_D, D_PAD, True, CAUSAL, USE_DESC, DOT_DTYPE, False, LAZY)
+                          BLOCK_N, HEAD_D, D_PAD, True, CAUSAL, USE_DESC, DOT_DTYPE)
     acc, l_i, m_i = _tile(acc, l_i, m_i, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kn, stride_vn, b, hk,
                           mid_lo, mid_hi, offs_m, kv_start, kv_end, off_causal,
-                          BLOCK_N, HEAD_D, D_PAD, False, CAUSAL, USE_DESC, DOT_DTYPE, WS, LAZY)
+                          BLOCK_N, HEAD_D, D_PAD, False, CAUSAL, USE_DESC, DOT_DTYPE, WS)
     acc, l_i, m_i = _tile(acc, l_i, m_i, q, k_desc, v_desc, k_ptrs, v_ptrs, stride_kn, stride_vn, b, hk,
                           mid_hi, hi, offs_m, kv_start, kv_end, off_causal,
-                          BLOCK_N, HEAD_D, D_PAD, True, CAUSAL, USE_DESC, DOT_DTYPE, False, LAZY)
+                          BLOCK_N, HEAD_D, D_PAD, True, CAUSAL, USE_DESC, DOT_DTYPE)
 
     # rows that see no key at all (left-padded queries) are written as 0
     first_visible = kv_start
@@ -187,8 +171,7 @@ def _fa_fwd(Q, K, V, O, KV_START, KV_END,
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < SQ) & (offs_d[None, :] < HEAD_D))
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize[, lazy]]) per head dim (lazy: the
-# rescaling threshold in log2 units, 0 = rescale every tile; see `_tile`), from the sweep of
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize]) per head dim, from the sweep of
 # `benchmarks/attention.py --tune` on an H200 (D = 128); the others are scaled to fit shared memory
 CONFIGS = {64: (64, 64, 4, 3), 80: (64, 64, 4, 3), 96: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 32, 4, 2)}
 _allocator_set = False
@@ -220,9 +203,8 @@ def flash_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         if t.stride(-1) != 1:
             raise ValueError(f"flash_attention: {name} must have unit stride along the head dim")
     o = out if out is not None else torch.empty(B, H, SQ, D, dtype=q.dtype, device=q.device)
-    bm, bn, warps, stages, *extra = config or CONFIGS[D]
-    ws = bool(extra and extra[0]) and not _INTERPRET
-    lazy = float(extra[1]) if len(extra) > 1 else 0.0
+    bm, bn, warps, stages, *ws = config or CONFIGS[D]
+    ws = bool(ws and ws[0]) and not _INTERPRET
     d_pad = triton.next_power_of_2(D)
     use_desc = not _INTERPRET and q.is_cuda
     if use_desc:
@@ -258,6 +240,6 @@ def flash_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                   v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
                   B, H, H // Hkv, SQ, SK, (scale if scale is not None else D ** -0.5) * math.log2(math.e),
                   HEAD_D=D, D_PAD=d_pad, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, HAS_RANGES=has_ranges,
-                  USE_DESC=use_desc, DOT_DTYPE=dot_dtype, WS=ws, HOST_DESC=host_desc, LAZY=lazy, num_warps=warps,
+                  USE_DESC=use_desc, DOT_DTYPE=dot_dtype, WS=ws, HOST_DESC=host_desc, num_warps=warps,
                   num_stages=stages)
     return o
