@@ -33,6 +33,8 @@ from lowbit.kernels.triton_modes import kernel_module
 
 # the split-K epilogue, compiled in this module's mode
 split_k_total = kernel_module("triton_split_k").split_k_total
+clamped_range = kernel_module("triton_tile").clamped_range
+split_blocks = kernel_module("triton_tile").split_blocks
 
 
 def _asm_nibbles(f16: bool, off: int) -> str:
@@ -94,15 +96,9 @@ def _dot4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < N
-    rows_c = tl.where(rmask, rows, 0)
-    ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mmask = ms < M
-    ms_c = tl.where(mmask, ms, 0)
-    nblk = (KB + BB - 1) // BB
-    blk_lo = pid_k * blocks_per_split
-    blk_hi = tl.minimum(blk_lo + blocks_per_split, nblk)
+    rows, rmask, rows_c = clamped_range(pid_n, BLOCK_N, N)
+    ms, mmask, ms_c = clamped_range(pid_m, BLOCK_M, M)
+    blk_lo, blk_hi = split_blocks(pid_k, blocks_per_split, KB, BB)
     w_row = w_ptr + rows_c.to(tl.int64) * stride_wn
     s_row = s_ptr + rows_c.to(tl.int64) * stride_sn
     z_row = z_ptr + rows_c.to(tl.int64) * stride_sn

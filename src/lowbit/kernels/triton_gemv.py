@@ -39,6 +39,7 @@ from lowbit.kernels.triton_modes import kernel_module
 
 # the split-K epilogue, compiled in this module's mode
 split_k_total = kernel_module("triton_split_k").split_k_total
+clamped_range = kernel_module("triton_tile").clamped_range
 
 
 def _asm_word(bits: int, f16: bool, off: int) -> str:
@@ -378,10 +379,7 @@ def _gemv_fast_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, b_ptr, y_ptr, ws_ptr, 
     PROBE (diagnostics only, wrong results): 1 no decode, 2 no scales."""
     pid = tl.program_id(0)
     pid_m = pid % M
-    pid_n = pid // M
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < N
-    rows_c = tl.where(rmask, rows, 0)
+    rows, rmask, rows_c = clamped_range(pid // M, BLOCK_N, N)
     w_row = w_ptr + rows_c.to(tl.int64) * stride_wn
     x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
     WORDS: tl.constexpr = NWG * WPT

@@ -46,6 +46,8 @@ from lowbit.kernels.triton_modes import kernel_module
 
 # the split-K epilogue, compiled in this module's mode
 split_k_total = kernel_module("triton_split_k").split_k_total
+clamped_range = kernel_module("triton_tile").clamped_range
+split_blocks = kernel_module("triton_tile").split_blocks
 
 
 @triton.jit
@@ -152,10 +154,7 @@ def _gemv_w_kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, rs_ptr, ls_ptr, b_ptr, y
     XW: tl.constexpr = 8 if CPW > 8 else CPW
     pid = tl.program_id(0)
     pid_m = pid % M
-    pid_n = pid // M
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < N
-    rows_c = tl.where(rmask, rows, 0)
+    rows, rmask, rows_c = clamped_range(pid // M, BLOCK_N, N)
     lut_row = rows_c // lut_div
     i = tl.arange(0, NW)
     perm = (i % 4) * (NW // 4) + i // 4  # consecutive threads: words w, w + NW/4, ... (sectors stay whole)
@@ -239,10 +238,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, rs_ptr, ls_ptr, b_ptr, y_p
     B: tl.constexpr = BB * PER  # codes per scale block (per chunk for per-row formats)
     pid = tl.program_id(0)  # one axis (N / BLOCK_N can pass 65535); m varies fastest, so the
     pid_m = pid % M          # programs for the rows of x run together and share the tile in L2
-    pid_n = pid // M
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < N
-    rows_c = tl.where(rmask, rows, 0)  # clamped rows: masked lanes read row 0 (valid memory)
+    rows, rmask, rows_c = clamped_range(pid // M, BLOCK_N, N)  # masked lanes read row 0 (valid memory)
     lut_row = rows_c // lut_div
     jb = tl.arange(0, NB_T)
     w_row = w_ptr + rows_c.to(tl.int64) * stride_wn
@@ -292,17 +288,11 @@ def _dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, rs_ptr, ls_ptr, b_ptr, y_pt
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < N
-    rows_c = tl.where(rmask, rows, 0)
+    rows, rmask, rows_c = clamped_range(pid_n, BLOCK_N, N)
     lut_row = rows_c // lut_div
-    ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mmask = ms < M
-    ms_c = tl.where(mmask, ms, 0)
+    ms, mmask, ms_c = clamped_range(pid_m, BLOCK_M, M)
     jb = tl.arange(0, NB_T)
-    nblk = (KB + BB - 1) // BB
-    blk_lo = pid_k * blocks_per_split
-    blk_hi = tl.minimum(blk_lo + blocks_per_split, nblk)
+    blk_lo, blk_hi = split_blocks(pid_k, blocks_per_split, KB, BB)
     w_row = w_ptr + rows_c.to(tl.int64) * stride_wn
     x_rows = x_ptr + ms_c.to(tl.int64) * stride_xm
     if SWAP:
@@ -374,11 +364,8 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, lut_ptr, rs_ptr, ls_ptr, out_ptr,
     """out[n, k] = W[n, k] in out's dtype, for the cuBLAS path (one pass: read packed, write dense)."""
     PER: tl.constexpr = 8 // BITS
     B: tl.constexpr = BB * PER
-    pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < N
-    rows_c = tl.where(rmask, rows, 0)
+    rows, rmask, rows_c = clamped_range(tl.program_id(0), BLOCK_N, N)
     lut_row = rows_c // lut_div
     blk = pid_k * NB_T + tl.arange(0, NB_T)
     byte = blk[:, None] * BB + tl.arange(0, BB)[None, :]
