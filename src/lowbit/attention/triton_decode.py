@@ -236,10 +236,9 @@ def _decode_split(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END,
         m_i = m_ij
     # empty chunk (past the end, or all padding): lse = -1e30 so the merge gives it weight 0
     has = hi > tl.maximum(lo, kv_start)
-    if BITS == 4:
-        _store_partial(OP, LSEP, acc0, acc1, m_i, l_i, has, (bh * NSPLIT + split) * G, HEAD_D, G, G_PAD, W, STEP, SWAP)
-    else:
-        _store_partial(OP, LSEP, acc0, acc0, m_i, l_i, has, (bh * NSPLIT + split) * G, HEAD_D, G, G_PAD, W, STEP, SWAP)
+    if BITS == 8:  # one tile holds all D columns (STEP 1): the odd-column slot goes unused
+        acc1 = acc0
+    _store_partial(OP, LSEP, acc0, acc1, m_i, l_i, has, (bh * NSPLIT + split) * G, HEAD_D, G, G_PAD, W, STEP, SWAP)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -595,16 +594,13 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
         acc0 = acc0 * mv_run
         if BITS == 4:
             acc1 = acc1 * (HI_MUL * mv_run)
+    if BITS == 8:  # one tile holds all D columns (STEP 1): the helpers' odd-column slot goes unused
+        acc1 = acc0
     if DIRECT:  # one chunk per (batch, kv head): the normalized rows are the output (0 without a valid token)
         inv = tl.where(has, 1.0 / tl.maximum(l_i, 1e-30), 0.0)
-        if BITS == 4:
-            _store_rows(O + b * stride_ob + hk * G * stride_oh, stride_oh, acc0, acc1, inv, G, G_PAD, W, STEP, SWAP)
-        else:
-            _store_rows(O + b * stride_ob + hk * G * stride_oh, stride_oh, acc0, acc0, inv, G, G_PAD, W, STEP, SWAP)
-    elif BITS == 4:
-        _store_partial(OP, LSEP, acc0, acc1, m_i, l_i, has, (bh * NSPLIT + split) * G, HEAD_D, G, G_PAD, W, STEP, SWAP)
+        _store_rows(O + b * stride_ob + hk * G * stride_oh, stride_oh, acc0, acc1, inv, G, G_PAD, W, STEP, SWAP)
     else:
-        _store_partial(OP, LSEP, acc0, acc0, m_i, l_i, has, (bh * NSPLIT + split) * G, HEAD_D, G, G_PAD, W, STEP, SWAP)
+        _store_partial(OP, LSEP, acc0, acc1, m_i, l_i, has, (bh * NSPLIT + split) * G, HEAD_D, G, G_PAD, W, STEP, SWAP)
     if FUSED and not DIRECT:
         _merge_last(OP, LSEP, O, CNT, bh, b, hk, stride_ob, stride_oh, NSPLIT, HEAD_D, G, G_P2, NS_PAD, NS_STEP)
 
