@@ -306,6 +306,8 @@ def gpu_check(names) -> None:
             {"path": "gemv2", "BLOCK_N": 8, "NWG": 32, "WPT": 2, "SPLIT_K": 2, "STAGES": 3, "num_warps": 1},
             {"path": "dot4", "BLOCK_N": 64, "BLOCK_M": 16, "KB_T": 64, "SPLIT_K": 4, "num_warps": 4},
             {"path": "dot4", "BLOCK_N": 128, "BLOCK_M": 64, "KB_T": 64, "SPLIT_K": 1, "num_warps": 8},
+            {"path": "dot4", "BLOCK_N": 64, "BLOCK_M": 128, "KB_T": 32, "SPLIT_K": 2, "num_warps": 4, "STAGES": 2},
+            {"path": "dot4", "BLOCK_N": 64, "BLOCK_M": 64, "KB_T": 128, "SPLIT_K": 3, "num_warps": 4, "XPERM": True},
             {"path": "dot", "BLOCK_N": 64, "BLOCK_M": 16, "KB_T": 64, "SPLIT_K": 4, "SWAP": True, "num_warps": 4},
             {"path": "dot", "BLOCK_N": 128, "BLOCK_M": 128, "KB_T": 64, "SPLIT_K": 1, "SWAP": False, "num_warps": 8},
             {"path": "dequant", "BLOCK_N": 16, "KB_T": 128, "num_warps": 4}, None]

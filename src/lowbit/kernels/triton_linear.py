@@ -163,10 +163,15 @@ def heuristic(spec: Spec, m: int, k: int, n: int) -> dict:
 
 
 def choose(spec: Spec, m: int, k: int, n: int) -> dict:
-    """The measured config for this format's bits (or any format's) at (M bucket, K, N), else the heuristic."""
+    """The measured config for this format's bits (or any format's) at (M bucket, K, N), else the
+    heuristic. A bits entry for the packed-nibble path is skipped by 4-bit formats it does not cover
+    (fp4, palettes), which then take the entry for any format."""
     table = _load_table()
-    cfg = table.get(table_key(spec.bits, m, k, n)) or table.get(table_key("*", m, k, n))
-    return _fit(dict(cfg), spec, m) if cfg else heuristic(spec, m, k, n)
+    for key in (table_key(spec.bits, m, k, n), table_key("*", m, k, n)):
+        cfg = table.get(key)
+        if cfg and (cfg["path"] != "dot4" or dot4_format_ok(spec)):
+            return _fit(dict(cfg), spec, m)
+    return heuristic(spec, m, k, n)
 
 
 def _fit(cfg: dict, spec: Spec, m: int) -> dict:
@@ -199,14 +204,19 @@ def candidates(spec: Spec, m: int, k: int, n: int) -> list[dict]:
                             (2, 1024, 4), (4, 2048, 8), (8, 2048, 8), (16, 512, 4)):
             out.append({"path": "gemv", "BLOCK_N": bn, "KB_T": kbt, "num_warps": nw})
     sm = _sm_count()
-    if 4 < m <= 256:  # the packed-nibble tensor-core path (4-bit integer codes only)
-        for bn, bm, kbt, nw, st, sk in ((64, 16, 64, 4, 3, 1), (128, 16, 64, 4, 3, 1), (64, 16, 64, 4, 3, 2),
-                                        (128, 16, 64, 4, 3, 2), (64, 16, 128, 4, 3, 2), (128, 16, 32, 4, 4, 2),
-                                        (64, 32, 64, 4, 3, 1), (128, 32, 64, 4, 3, 1), (128, 64, 64, 8, 3, 1),
-                                        (64, 64, 64, 4, 3, 1), (128, 128, 64, 8, 3, 1), (128, 64, 32, 4, 4, 1)):
-            if bm <= 2 * max(16, m):
+    if 4 < m <= 256 and dot4_format_ok(spec):  # the packed-nibble tensor-core path
+        # (BLOCK_N, BLOCK_M, KB_T, warps, STAGES, SPLIT_K, XPERM), from the H200 sweeps of
+        # benchmarks/gemv_probe.py --m 16 64 256 (RESULTS.md): split K 2-4 and 256-512 codes per
+        # iteration at M = 16; x split by the host (XPERM) from M = 32
+        for bn, bm, kbt, nw, st, sk, xp in ((64, 16, 128, 4, 4, 4, False), (64, 16, 128, 4, 3, 2, False),
+                                            (64, 16, 256, 4, 3, 2, False), (128, 16, 128, 8, 4, 4, False),
+                                            (64, 16, 128, 4, 4, 2, False), (64, 32, 128, 4, 3, 2, True),
+                                            (64, 64, 128, 4, 3, 2, True), (128, 64, 128, 8, 3, 2, True),
+                                            (64, 64, 128, 4, 3, 1, True), (64, 128, 64, 4, 3, 1, True),
+                                            (64, 128, 128, 4, 3, 1, True), (128, 128, 128, 8, 3, 1, True)):
+            if bm <= max(16, 2 * m) and (m < 64 or bm >= 32) and (m < 256 or bm >= 128):
                 out.append({"path": "dot4", "BLOCK_N": bn, "BLOCK_M": bm, "KB_T": kbt, "num_warps": nw,
-                            "STAGES": st, "SPLIT_K": sk})
+                            "STAGES": st, "SPLIT_K": sk, "XPERM": xp})
     for bn, bm, swap, kbt, nw, st in ((64, 16, True, 64, 4, 3), (128, 16, True, 64, 4, 3), (64, 32, True, 64, 4, 3),
                                        (128, 16, True, 64, 8, 3), (64, 16, True, 64, 4, 4), (64, 16, True, 128, 8, 3),
                                        (128, 16, False, 64, 4, 3), (64, 16, False, 64, 4, 3),
@@ -298,7 +308,7 @@ def run(x2: torch.Tensor, planes: dict[str, torch.Tensor | None], spec: Spec, n:
     if path in ("gemv", "gemv2") and cfg.get("fast", True) and fast_gemv_ok(spec, x2, w, k, lut is not None):
         fcfg = cfg if path == "gemv2" else fast_gemv_config(m, k, n, spec.bits)
         return run_fast_gemv(x2, planes, spec, n, k, bias, y, fcfg)
-    if path == "dot4" and dot4_ok(spec, x2, lut is not None):
+    if path == "dot4" and dot4_ok(spec, x2, lut is not None, w):
         return run_dot4(x2, planes, spec, n, k, bias, y, cfg)
     if path in ("gemv2", "dot4"):  # a table entry for a fast path, on a format it does not cover
         cfg = heuristic(spec, m if path == "dot4" else 1, k, n)
@@ -422,11 +432,21 @@ def run_fast_gemv(x2, planes, spec: Spec, n: int, k: int, bias, y, cfg: dict) ->
     return y
 
 
-def dot4_ok(spec: Spec, x2: torch.Tensor, has_lut: bool) -> bool:
-    """Whether `triton_dot4._dot4_kernel` covers this call: 4-bit integer codes with block scales
-    and 16-bit activations (the codes are decoded into the activation dtype)."""
-    return (not has_lut and spec.bits == 4 and spec.code in (0, 2) and spec.smode in (1, 2)
-            and (x2.dtype in (torch.float16, torch.bfloat16) or _interpreting()))
+def dot4_format_ok(spec: Spec) -> bool:
+    """Whether `triton_dot4._dot4_kernel` decodes this format: 4-bit integer codes (symmetric or
+    affine) with a scale per block."""
+    return spec.bits == 4 and spec.code in (0, 2) and spec.smode in (1, 2) and spec.bb % 2 == 0
+
+
+def dot4_ok(spec: Spec, x2: torch.Tensor, has_lut: bool, w: torch.Tensor | None = None) -> bool:
+    """Whether `triton_dot4._dot4_kernel` covers this call: a format of `dot4_format_ok`, 16-bit
+    activations (the codes are decoded into the activation dtype), and (given `w`) a data plane
+    that can be read as uint16 (an even number of bytes per row, 2-byte aligned)."""
+    ok = (not has_lut and dot4_format_ok(spec)
+          and (x2.dtype in (torch.float16, torch.bfloat16) or _interpreting()))
+    if ok and w is not None:
+        ok = w.shape[1] % 2 == 0 and (w.stride(0) % 2 == 0 or w.shape[0] == 1) and w.data_ptr() % 2 == 0
+    return ok
 
 
 def run_dot4(x2, planes, spec: Spec, n: int, k: int, bias, y, cfg: dict) -> torch.Tensor:
@@ -437,32 +457,43 @@ def run_dot4(x2, planes, spec: Spec, n: int, k: int, bias, y, cfg: dict) -> torc
     w = planes["data"]
     if w.stride(1) != 1:
         w = w.contiguous()
+    w16 = w.view(torch.int16)  # uint16 elements: codes 4u..4u+3 (see triton_dot4.py)
     s, z = planes["scale"], planes.get("zero")
     if s.stride(-1) != 1:
         s = s.contiguous()
     if z is not None and z.stride(-1) != 1:
         z = z.contiguous()
-    kb = w.shape[1]
-    nblk = triton.cdiv(kb, spec.bb)
-    nb_t = cfg.get("NB_T", 1)
+    ku = w16.shape[1]
+    ub = spec.bb // 2  # uint16 elements per scale block
+    nb_t = max(cfg.get("NB_T", 1), triton.cdiv(16, ub))  # >= 16 elements per product (the MMA's K)
+    bku = nb_t * ub
+    iters = triton.cdiv(ku, bku)
     split = cfg.get("SPLIT_K", 1)
-    bps = triton.cdiv(triton.cdiv(nblk, split), nb_t) * nb_t
-    split = triton.cdiv(nblk, bps)  # no empty splits
+    ips = triton.cdiv(iters, split)
+    split = triton.cdiv(iters, ips)  # no empty splits
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), split)
     if split > 1 and grid[0] * grid[1] > _N_COUNTERS:
-        bps, grid = nblk, grid[:2] + (1,)
+        ips, grid = iters, grid[:2] + (1,)
         split = 1
     ws = torch.empty(split, m, n, device=x2.device, dtype=torch.float32) if split > 1 else y
     cnt = _counters(x2.device) if split > 1 else w
+    xperm = bool(cfg.get("XPERM"))
+    if xperm:  # x split by nibble position: x_perm[i, m, u] = x[m, 4u + i] (see triton_dot4.py)
+        xp = torch.nn.functional.pad(x2, (0, 4 * ku - k)) if 4 * ku > k else x2
+        x2 = xp.reshape(m, ku, 4).permute(2, 0, 1).contiguous()
+    from lowbit.kernels.nibble_ptx import asm_nibbles
+
     dot4 = _kern("triton_dot4")
+    f16 = x2.dtype == torch.float16
+    signed = spec.code == 0
+    exact_fma = not f16 and signed and spec.smode == 2 and spec.cmul == 1.0
     dot4._dot4_kernel[grid](
-        x2, w, s, z if z is not None else w, bias if bias is not None else w, y, ws, cnt,
-        m, n, k, kb, x2.stride(0), w.stride(0), s.stride(0), y.stride(0), bps,
-        SIGNED=spec.code == 0, SMODE=spec.smode, HAS_ZERO=spec.has_zero, HAS_BIAS=bias is not None,
-        SMUL=spec.cmul * 8.0, BB=spec.bb, NB_T=nb_t, BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"],
-        SPLIT_K=split, STAGES=cfg.get("STAGES", 3), F16=x2.dtype == torch.float16, ASM=not _interpreting(),
-        DOT_DTYPE=_dot_dtype(x2.dtype),
-        NIB_ASM=dot4._asm_nibbles(x2.dtype == torch.float16, 8 if spec.code == 0 else 0),
+        x2, w16, s, z if z is not None else s, bias if bias is not None else w, y, ws, cnt,
+        m, n, k, ku, x2.stride(1) if xperm else x2.stride(0), w16.stride(0), s.stride(0), y.stride(0), ips,
+        SIGNED=signed, SMODE=spec.smode, HAS_ZERO=spec.has_zero, HAS_BIAS=bias is not None,
+        SMUL=spec.cmul, UB=ub, NB_T=nb_t, BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"],
+        SPLIT_K=split, STAGES=cfg.get("STAGES", 3), ASM=not _interpreting(), DOT_DTYPE=_dot_dtype(x2.dtype),
+        XPERM=xperm, NIB_ASM=asm_nibbles(f16, signed, exact_fma),
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
     return y
 
