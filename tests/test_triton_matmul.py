@@ -119,6 +119,8 @@ def test_packed_nibble_tensor_core_path(preset):
         assert tlin.dot4_ok(spec, x, False)
         _check(qt, x, cfg, bias=bias if m == 5 else None)
     assert not tlin.dot4_ok(tlin.spec_of(lowbit.PRESETS["int8"]), x, False)
+    assert tlin.dot4_ok(spec, x, False, planes["data"])
+    assert not tlin.dot4_ok(spec, x, False, planes["data"][:, :-1])  # an odd number of bytes: no uint16 view
 
 
 def test_fast_gemv_asm_is_well_formed():
