@@ -106,11 +106,6 @@ DOT4_CONFIGS = [(64, 16, 8, 4, 4, 4, 0), (64, 16, 8, 4, 4, 4, 1), (64, 16, 8, 4,
                 (64, 128, 4, 4, 3, 1, 1), (128, 256, 4, 8, 3, 1, 1), (64, 256, 4, 4, 3, 1, 1), (128, 128, 4, 8, 4, 2, 1)]
 
 
-def suits(bm: int, m: int) -> bool:
-    """Whether a tile of BLOCK_M activation rows is worth timing at M."""
-    return bm <= max(16, 2 * m) and (m < 64 or bm >= 64) and (m < 256 or bm >= 128)
-
-
 def dot4_main(args) -> None:
     configs = [tuple(map(int, c.split(","))) for c in args.configs] if args.configs else DOT4_CONFIGS
     configs = [c + (0,) * (7 - len(c)) for c in configs]
@@ -135,7 +130,7 @@ def dot4_main(args) -> None:
                       f"{tlin.choose(spec, m, k, n)['path']} {t_cur:.1f} us ({t_bf16 / t_cur:.2f}x)", flush=True)
                 best = None
                 for bn, bm, nbt, nw, st, sk, xp in configs:
-                    if not args.configs and not suits(bm, m):
+                    if not args.configs and not tlin.dot4_tile_suits(bm, m):
                         continue
                     cfg = {"path": "dot4", "BLOCK_N": bn, "BLOCK_M": bm, "NB_T": nbt, "num_warps": nw, "STAGES": st,
                            "SPLIT_K": sk, "XPERM": bool(xp)}

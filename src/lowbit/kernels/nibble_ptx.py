@@ -6,7 +6,10 @@ without importing Triton before the interpreter tests set TRITON_INTERPRET.
 
 from __future__ import annotations
 
+import functools
 
+
+@functools.cache  # built once per variant: it is passed to every launch
 def asm_nibbles(f16: bool, signed: bool, exact_fma: bool) -> str:
     """PTX for `_nibbles`: $0..$3 = nibble i (bits 4i..4i+3 of each 16-bit half of $4) as 16-bit
     weights, two per register; $5 = the two elements' scales, $6 their zero points (unused when

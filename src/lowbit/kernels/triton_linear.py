@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from ..formats import Format, QTensor
+from .nibble_ptx import asm_nibbles
 from .registry import register
 from .triton_modes import interpreting, kernel_module
 
@@ -214,7 +215,7 @@ def candidates(spec: Spec, m: int, k: int, n: int) -> list[dict]:
                                             (64, 64, 128, 4, 3, 2, True), (128, 64, 128, 8, 3, 2, True),
                                             (64, 64, 128, 4, 3, 1, True), (64, 128, 64, 4, 3, 1, True),
                                             (64, 128, 128, 4, 3, 1, True), (128, 128, 128, 8, 3, 1, True)):
-            if bm <= max(16, 2 * m) and (m < 64 or bm >= 32) and (m < 256 or bm >= 128):
+            if dot4_tile_suits(bm, m):
                 out.append({"path": "dot4", "BLOCK_N": bn, "BLOCK_M": bm, "KB_T": kbt, "num_warps": nw,
                             "STAGES": st, "SPLIT_K": sk, "XPERM": xp})
     for bn, bm, swap, kbt, nw, st in ((64, 16, True, 64, 4, 3), (128, 16, True, 64, 4, 3), (64, 32, True, 64, 4, 3),
@@ -432,6 +433,12 @@ def run_fast_gemv(x2, planes, spec: Spec, n: int, k: int, bias, y, cfg: dict) ->
     return y
 
 
+def dot4_tile_suits(block_m: int, m: int) -> bool:
+    """Whether a dot4 tile of BLOCK_M activation rows is worth timing at M (the tuner's and
+    `benchmarks/gemv_probe.py`'s filter): no more than twice the rows, >= 32 from M = 64, >= 128 at 256."""
+    return block_m <= max(16, 2 * m) and (m < 64 or block_m >= 32) and (m < 256 or block_m >= 128)
+
+
 def dot4_format_ok(spec: Spec) -> bool:
     """Whether `triton_dot4._dot4_kernel` decodes this format: 4-bit integer codes (symmetric or
     affine) with a scale per block."""
@@ -481,8 +488,6 @@ def run_dot4(x2, planes, spec: Spec, n: int, k: int, bias, y, cfg: dict) -> torc
     if xperm:  # x split by nibble position: x_perm[i, m, u] = x[m, 4u + i] (see triton_dot4.py)
         xp = torch.nn.functional.pad(x2, (0, 4 * ku - k)) if 4 * ku > k else x2
         x2 = xp.reshape(m, ku, 4).permute(2, 0, 1).contiguous()
-    from lowbit.kernels.nibble_ptx import asm_nibbles
-
     dot4 = _kern("triton_dot4")
     f16 = x2.dtype == torch.float16
     signed = spec.code == 0
