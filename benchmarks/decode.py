@@ -202,8 +202,9 @@ def first_logits(model: Decoder, start: int = 128, seed: int = 1):
     return first, (tok, pos, kc, vc)
 
 
-def timed_decode(model: Decoder, steps: int, start: int = 128) -> tuple[float, torch.Tensor]:
-    """(tokens/s, logits of the first step) with one step captured in a CUDA graph."""
+def timed_decode(model: Decoder, steps: int, start: int = 128, profile: str = "") -> tuple[float, torch.Tensor]:
+    """(tokens/s, logits of the first step) with one step captured in a CUDA graph; `profile`
+    (a label): also print where the GPU time of a step goes, kernel by kernel (`kernel_table`)."""
     first, (tok, pos, kc, vc) = first_logits(model, start)
     with torch.no_grad():
 
@@ -234,8 +235,35 @@ def timed_decode(model: Decoder, steps: int, start: int = 128) -> tuple[float, t
                 graph.replay()
             torch.cuda.synchronize()
             rates.append(steps / (time.perf_counter() - t0))
+        if profile:
+            kernel_table(profile, lambda: graph.replay(), 1e6 / statistics.median(rates))
         del graph
     return statistics.median(rates), first
+
+
+def kernel_table(label: str, replay, step_us: float, steps: int = 20, top: int = 12) -> None:
+    """Print the GPU kernels of one replayed step by total time (torch.profiler over `steps`
+    replays): calls per step, us per step, share of the step's wall time, and what is left between
+    the kernels (launch gaps, idle) as the last row."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            replay()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        t = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
+        if t > 0:
+            rows.append((t / steps, ev.count / steps, ev.key))
+    rows.sort(reverse=True)
+    busy = sum(r[0] for r in rows)
+    print(f"-- {label}: one step {step_us:.0f} us wall, kernels {busy:.0f} us, {sum(r[1] for r in rows):.0f} launches")
+    for us, n, name in rows[:top]:
+        print(f"   {us:8.1f} us {100 * us / step_us:5.1f}%  x{n:<5.0f} {name[:90]}")
+    rest = sum(r[0] for r in rows[top:])
+    print(f"   {rest:8.1f} us {100 * rest / step_us:5.1f}%  other kernels; gaps / idle {step_us - busy:.0f} us "
+          f"({100 * (step_us - busy) / step_us:.1f}%)")
 
 
 def compile_check() -> None:
@@ -264,6 +292,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=LLAMA3_8B["layers"])
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--compile-check", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="also print each model's GPU time per kernel (torch.profiler)")
     ap.add_argument("--eager-glue", action="store_true",
                     help="leave the element-wise work between the linears unfused (no torch.compile; the figures "
                          "before 2026-11-25)")
@@ -283,7 +312,7 @@ def main() -> None:
         compile_check()
     model = build(c, max_len=512, device="cuda")
     n_lin = sum(p.numel() for n, p in model.named_parameters() if n.endswith("proj.weight") or n == "lm_head.weight")
-    rate_bf16, first_bf16 = timed_decode(model, args.steps)
+    rate_bf16, first_bf16 = timed_decode(model, args.steps, profile="bf16" if args.profile else "")
     print(f"{'model':<12} {'weights GB':>10} {'tok/s':>8} {'x bf16':>7} {'ms/tok':>7}  {'logits rel err':>14}  placement")
     print(f"{'bf16':<12} {2 * n_lin / 1e9:>10.2f} {rate_bf16:>8.1f} {1.0:>6.2f}x {1e3 / rate_bf16:>7.2f}")
     originals: dict = {}
@@ -292,7 +321,7 @@ def main() -> None:
         swap_linears(model, fmt, originals)
         qbytes = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if ".weight_" in n or n.startswith("lm_head"))
         PLACEMENT.clear()
-        rate, first = timed_decode(model, args.steps)
+        rate, first = timed_decode(model, args.steps, profile=fmt if args.profile else "")
         placed: dict = {}
         for counts in PLACEMENT.values():
             for k, v in counts.items():
