@@ -97,7 +97,7 @@ def main() -> None:
         torch.cuda.empty_cache()
 
 
-# (BLOCK_N, BLOCK_M, NB_T, warps, STAGES, SPLIT_K, XPERM[, ONE_DOT]); configs whose BLOCK_M does not suit M are skipped
+# (BLOCK_N, BLOCK_M, NB_T, warps, STAGES, SPLIT_K, XPERM); configs whose BLOCK_M does not suit M are skipped
 DOT4_CONFIGS = [(64, 16, 8, 4, 4, 4, 0), (64, 16, 8, 4, 4, 4, 1), (64, 16, 8, 4, 3, 2, 0), (64, 16, 8, 4, 3, 2, 1),
                 (64, 16, 16, 4, 3, 2, 0), (64, 16, 16, 4, 3, 4, 0), (64, 16, 8, 4, 4, 8, 0), (128, 16, 8, 8, 4, 4, 0),
                 (64, 16, 4, 4, 4, 4, 1), (64, 16, 8, 4, 6, 4, 1), (64, 32, 8, 4, 3, 2, 1),
@@ -108,7 +108,7 @@ DOT4_CONFIGS = [(64, 16, 8, 4, 4, 4, 0), (64, 16, 8, 4, 4, 4, 1), (64, 16, 8, 4,
 
 def dot4_main(args) -> None:
     configs = [tuple(map(int, c.split(","))) for c in args.configs] if args.configs else DOT4_CONFIGS
-    configs = [c + (0,) * (8 - len(c)) for c in configs]
+    configs = [c + (0,) * (7 - len(c)) for c in configs]
     torch.manual_seed(0)
     for shape in args.shapes:
         k, n = map(int, shape.split("x"))
@@ -129,18 +129,18 @@ def dot4_main(args) -> None:
                 print(f"\nK={k} N={n} M={m} {preset}: bf16 {t_bf16:.1f} us, table's choice "
                       f"{tlin.choose(spec, m, k, n)['path']} {t_cur:.1f} us ({t_bf16 / t_cur:.2f}x)", flush=True)
                 best = None
-                for bn, bm, nbt, nw, st, sk, xp, one in configs:
+                for bn, bm, nbt, nw, st, sk, xp in configs:
                     if not args.configs and not tlin.dot4_tile_suits(bm, m):
                         continue
                     cfg = {"path": "dot4", "BLOCK_N": bn, "BLOCK_M": bm, "NB_T": nbt, "num_warps": nw, "STAGES": st,
-                           "SPLIT_K": sk, "XPERM": bool(xp), "ONE_DOT": bool(one)}
+                           "SPLIT_K": sk, "XPERM": bool(xp)}
                     try:
                         t = graph_time([lambda i=i: tlin.run(xs[i], copies[i], spec, n, k, None, cfg=cfg)
                                         for i in range(cq)], reps=5)
                         y = tlin.run(x, copies[0], spec, n, k, None, cfg=cfg).float()
                         err = ((y - ref).norm() / ref.norm()).item()
                         best = min(best or (t, cfg), (t, cfg), key=lambda r: r[0])
-                        print(f"  dot4 BN={bn:<3} BM={bm:<3} NB_T={nbt} warps={nw} STAGES={st} SPLIT={sk} XPERM={xp} ONE={one} {t:7.1f} us"
+                        print(f"  dot4 BN={bn:<3} BM={bm:<3} NB_T={nbt} warps={nw} STAGES={st} SPLIT={sk} XPERM={xp}  {t:7.1f} us"
                               f"  x bf16 {t_bf16 / t:5.2f}  err {err:.1e}", flush=True)
                     except Exception as e:  # noqa: BLE001 - a config that does not fit is reported, not fatal
                         print(f"  dot4 {cfg}: {type(e).__name__} {str(e)[:100]}", flush=True)

@@ -106,7 +106,7 @@ def test_fast_gemv_covers_integer_codes(preset):
 def test_packed_nibble_tensor_core_path(preset):
     """`dot4` (triton_dot4.py, its fp32 twin here): several scale blocks per iteration, split K, M
     not a multiple of the tile, rows past N, K with a partial last block, zero points, bias, x split
-    by nibble position in the kernel or by the host (XPERM), four products or one (ONE_DOT)."""
+    by nibble position in the kernel or by the host (XPERM)."""
     n, k = 37, 328
     qt = _qweight(preset, n, k, seed=len(preset) + 3)
     spec, planes = tlin.spec_of(qt.fmt), tlin.kernel_planes(qt)
@@ -114,9 +114,7 @@ def test_packed_nibble_tensor_core_path(preset):
     bias = torch.randn(n, generator=g)
     for m, cfg in ((5, {"path": "dot4", "BLOCK_N": 16, "BLOCK_M": 16, "NB_T": 2, "SPLIT_K": 3, "STAGES": 2}),
                    (19, {"path": "dot4", "BLOCK_N": 32, "BLOCK_M": 16, "NB_T": 1, "SPLIT_K": 1, "STAGES": 3}),
-                   (33, {"path": "dot4", "BLOCK_N": 16, "BLOCK_M": 32, "NB_T": 2, "SPLIT_K": 2, "XPERM": True}),
-                   (7, {"path": "dot4", "BLOCK_N": 16, "BLOCK_M": 16, "NB_T": 2, "SPLIT_K": 2, "ONE_DOT": True}),
-                   (21, {"path": "dot4", "BLOCK_N": 16, "BLOCK_M": 32, "NB_T": 1, "XPERM": True, "ONE_DOT": True})):
+                   (33, {"path": "dot4", "BLOCK_N": 16, "BLOCK_M": 32, "NB_T": 2, "SPLIT_K": 2, "XPERM": True})):
         x = torch.randn(m, k, generator=g).to(torch.bfloat16)
         assert tlin.dot4_ok(spec, x, False)
         _check(qt, x, cfg, bias=bias if m == 5 else None)

@@ -100,8 +100,7 @@ def _dot4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                  SIGNED: tl.constexpr, SMODE: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SMUL: tl.constexpr, UB: tl.constexpr, NB_T: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr,
-                 DOT_DTYPE: tl.constexpr, XPERM: tl.constexpr = False, NIB_ASM: tl.constexpr = "",
-                 ONE_DOT: tl.constexpr = False):
+                 DOT_DTYPE: tl.constexpr, XPERM: tl.constexpr = False, NIB_ASM: tl.constexpr = ""):
     """y[ms, rows] = x[ms] @ W[rows]^T: BLOCK_N weight rows x BLOCK_M activation rows; per iteration
     NB_T scale blocks of UB uint16 elements (4 UB codes each); split `pid_k` covers iterations
     [pid_k * iters_per_split, ...) of the KU uint16 elements per row; SMUL: the format's constant
@@ -145,21 +144,7 @@ def _dot4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
         s = tl.broadcast_to(s[:, :, None], [BLOCK_N, NB_T, UB]).reshape(BLOCK_N, BKU)
         z = tl.broadcast_to(z[:, :, None], [BLOCK_N, NB_T, UB]).reshape(BLOCK_N, BKU)
         n0, n1, n2, n3 = _nibbles(w, s, z, SIGNED, ASM, DOT_DTYPE, NIB_ASM)
-        if ONE_DOT:
-            # one product per iteration over K' = 4 BKU: the nibble tiles side by side along K
-            # (column i BKU + u of `a` is code 4u + i), x's columns in the same order
-            a = tl.join(tl.join(n0, n2), tl.join(n1, n3)).reshape(BLOCK_N, BKU, 4)
-            a = tl.permute(a, (0, 2, 1)).reshape(BLOCK_N, 4 * BKU)
-            if XPERM:  # x_perm[i, m, u0 + u] at row i BKU + u of the [4 BKU, BLOCK_M] tile
-                ii = tl.arange(0, 4)
-                xt = x_rows[None, None, :] + (ii * (M * KU))[:, None, None] + u[None, :, None]
-                xmask = (u < u_hi)[None, :, None] & mmask[None, None, :]
-                xb = tl.load(xt, mask=xmask, other=0.0).to(DOT_DTYPE).reshape(4 * BKU, BLOCK_M)
-            else:
-                xb = tl.trans(tl.permute(xk.to(DOT_DTYPE).reshape(BLOCK_M, BKU, 4), (0, 2, 1))
-                              .reshape(BLOCK_M, 4 * BKU))
-            acc = tl.dot(a, xb, acc)
-        elif XPERM:  # x_perm[i] tiles, transposed [BKU, BLOCK_M]
+        if XPERM:  # x_perm[i] tiles, transposed [BKU, BLOCK_M]
             xt = x_rows[None, :] + u[:, None]
             xmask = (u < u_hi)[:, None] & mmask[None, :]
             plane = M * KU

@@ -498,7 +498,7 @@ def run_dot4(x2, planes, spec: Spec, n: int, k: int, bias, y, cfg: dict) -> torc
         SIGNED=signed, SMODE=spec.smode, HAS_ZERO=spec.has_zero, HAS_BIAS=bias is not None,
         SMUL=spec.cmul, UB=ub, NB_T=nb_t, BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"],
         SPLIT_K=split, STAGES=cfg.get("STAGES", 3), ASM=not _interpreting(), DOT_DTYPE=_dot_dtype(x2.dtype),
-        XPERM=xperm, NIB_ASM=asm_nibbles(f16, signed, exact_fma), ONE_DOT=bool(cfg.get("ONE_DOT")),
+        XPERM=xperm, NIB_ASM=asm_nibbles(f16, signed, exact_fma),
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
     return y
 
