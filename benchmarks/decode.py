@@ -292,7 +292,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=LLAMA3_8B["layers"])
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--compile-check", action="store_true")
-    ap.add_argument("--profile", action="store_true", help="also print each model's GPU time per kernel (torch.profiler)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print each model's GPU time per kernel (torch.profiler)")
     ap.add_argument("--eager-glue", action="store_true",
                     help="leave the element-wise work between the linears unfused (no torch.compile; the figures "
                          "before 2026-11-25)")
@@ -312,7 +313,7 @@ def main() -> None:
         compile_check()
     model = build(c, max_len=512, device="cuda")
     n_lin = sum(p.numel() for n, p in model.named_parameters() if n.endswith("proj.weight") or n == "lm_head.weight")
-    rate_bf16, first_bf16 = timed_decode(model, args.steps, profile="bf16" if args.profile else "")
+    rate_bf16, first_bf16 = timed_decode(model, args.steps, profile="bf16" * args.profile)
     print(f"{'model':<12} {'weights GB':>10} {'tok/s':>8} {'x bf16':>7} {'ms/tok':>7}  {'logits rel err':>14}  placement")
     print(f"{'bf16':<12} {2 * n_lin / 1e9:>10.2f} {rate_bf16:>8.1f} {1.0:>6.2f}x {1e3 / rate_bf16:>7.2f}")
     originals: dict = {}
@@ -321,7 +322,7 @@ def main() -> None:
         swap_linears(model, fmt, originals)
         qbytes = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if ".weight_" in n or n.startswith("lm_head"))
         PLACEMENT.clear()
-        rate, first = timed_decode(model, args.steps, profile=fmt if args.profile else "")
+        rate, first = timed_decode(model, args.steps, profile=fmt * args.profile)
         placed: dict = {}
         for counts in PLACEMENT.values():
             for k, v in counts.items():

@@ -208,7 +208,8 @@ def candidates(spec: Spec, m: int, k: int, n: int) -> list[dict]:
     if 4 < m <= 256 and dot4_format_ok(spec):  # the packed-nibble tensor-core path
         # (BLOCK_N, BLOCK_M, KB_T, warps, STAGES, SPLIT_K, XPERM), from the H200 sweeps of
         # benchmarks/gemv_probe.py --m 16 64 256 (RESULTS.md): split K 2-4 and 256-512 codes per
-        # iteration at M = 16; x split by the host (XPERM) from M = 32; split 4 at M = 64 (won on 14336x4096 and 4096^2)
+        # iteration at M = 16; x split by the host (XPERM) from M = 32; split 4 at M = 64 (won on
+        # 14336x4096 and 4096^2)
         for bn, bm, kbt, nw, st, sk, xp in ((64, 16, 128, 4, 4, 4, False), (64, 16, 128, 4, 3, 2, False),
                                             (64, 16, 256, 4, 3, 2, False), (128, 16, 128, 8, 4, 4, False),
                                             (64, 16, 128, 4, 4, 2, False), (64, 32, 128, 4, 3, 2, True),
