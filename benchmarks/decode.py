@@ -313,7 +313,8 @@ def main() -> None:
         compile_check()
     model = build(c, max_len=512, device="cuda")
     n_lin = sum(p.numel() for n, p in model.named_parameters() if n.endswith("proj.weight") or n == "lm_head.weight")
-    rate_bf16, first_bf16 = timed_decode(model, args.steps, profile="bf16" * args.profile)
+    label = (lambda name: name) if args.profile else (lambda name: "")  # --profile: label each model's table
+    rate_bf16, first_bf16 = timed_decode(model, args.steps, profile=label("bf16"))
     print(f"{'model':<12} {'weights GB':>10} {'tok/s':>8} {'x bf16':>7} {'ms/tok':>7}  {'logits rel err':>14}  placement")
     print(f"{'bf16':<12} {2 * n_lin / 1e9:>10.2f} {rate_bf16:>8.1f} {1.0:>6.2f}x {1e3 / rate_bf16:>7.2f}")
     originals: dict = {}
@@ -322,7 +323,7 @@ def main() -> None:
         swap_linears(model, fmt, originals)
         qbytes = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if ".weight_" in n or n.startswith("lm_head"))
         PLACEMENT.clear()
-        rate, first = timed_decode(model, args.steps, profile=fmt * args.profile)
+        rate, first = timed_decode(model, args.steps, profile=label(fmt))
         placed: dict = {}
         for counts in PLACEMENT.values():
             for k, v in counts.items():
