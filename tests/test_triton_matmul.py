@@ -217,7 +217,8 @@ def _pairs_probe_kernel():
     @triton.jit
     def probe(x_ptr, out_ptr, xs_ptr, K, BITS: tl.constexpr, F16: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
         word = tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
-        x0, x1, x2, x3, x4, x5, x6, x7, xs = _GEMV_MOD._load_x(x_ptr, word, K, BITS, F16, True, True)
+        q = _GEMV_MOD._load_x(x_ptr, word, K, BITS, True)
+        x0, x1, x2, x3, x4, x5, x6, x7, xs = _GEMV_MOD._x_operands(q, BITS, F16, True, True)
         n = R * C
         tl.store(out_ptr + word, x0)
         tl.store(out_ptr + n + word, x1)
@@ -232,12 +233,13 @@ def _pairs_probe_kernel():
     return probe
 
 
-@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("bits", [4, 2, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fast_gemv_activation_pairs(bits, dtype):
-    """`_load_x` with ASM=True (plain loads and splits, so the interpreter runs it): word w's pair i
-    holds activations (i, i + P) of the word as two 16-bit floats (P = 4 for 4-bit codes, 8 for
-    2-bit), low half first, and the word's activation sum; the GPU asm consumes exactly this."""
+    """`_load_x` + `_x_operands` with ASM=True (plain loads and splits, so the interpreter runs
+    them): word w's pair i holds activations (i, i + P) of the word as two 16-bit floats (P = 4 for
+    4-bit codes, 8 for 2-bit), low half first, and the word's activation sum; int8 words get their
+    four activations as fp32 bits. The GPU asm consumes exactly this."""
     global _GEMV_MOD
     _GEMV_MOD = tlin._kern("triton_gemv")  # the interpreter's copy of the module
     probe = _pairs_probe_kernel()
@@ -250,6 +252,12 @@ def test_fast_gemv_activation_pairs(bits, dtype):
     probe[(1,)](x, out, xs, k, BITS=bits, F16=dtype == torch.float16, R=r, C=c)
     xp = torch.cat([x, torch.zeros(words * cpw - k, dtype=dtype)]).view(torch.int16).to(torch.int32) & 0xFFFF
     half = cpw // 2
+    if bits == 8:
+        xf = torch.cat([x, torch.zeros(words * cpw - k, dtype=dtype)]).float().view(torch.int32)
+        for w in range(words):
+            for i in range(4):
+                assert out[i, w].item() == xf[w * 4 + i].item(), (w, i)
+        return
     for w in range(words):
         for i in range(8 if bits == 2 else 4):
             lo, hi = xp[w * cpw + i], xp[w * cpw + i + half]

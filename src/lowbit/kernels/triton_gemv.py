@@ -187,40 +187,53 @@ def _half_sums(q, F16: tl.constexpr):
 
 
 @triton.jit
-def _load_x(x_row, word, K, BITS: tl.constexpr, F16: tl.constexpr, HAS_ZERO: tl.constexpr, ASM: tl.constexpr,
-            FP4: tl.constexpr = False):
-    """The activations of the words `word` ([R, C]) as `_words_dot` takes them: 8 int32 tensors
-    (4-bit: pairs (x_i, x_{i+4}) in the first four; fp4: (x_2j, x_2j+1), as in memory; 2-bit: pairs
-    (x_i, x_{i+8}); int8: the four activations as fp32 bits), and each word's activation sum (fp32,
-    for zero points; 0 unless HAS_ZERO). Loaded one iteration ahead by the kernel. Twin (ASM=False):
-    unused."""
+def _load_x(x_row, word, K, BITS: tl.constexpr, ASM: tl.constexpr):
+    """The raw activations of the words `word` ([R, C]) as int32 [R, C, CPW // 2]: int j of a word
+    holds its columns (2j, 2j + 1). One vector load per word (16 bytes for 4-bit codes, 32 for
+    2-bit, 8 for int8), split in registers by `_x_operands`: 4-byte loads 16 bytes apart cost four
+    times the L1 wavefronts, and the L1 (not DRAM) was the limit of this loop (ncu: L1/TEX 90 %,
+    DRAM 33 %). Loaded one iteration ahead and only split when used: anything computed from a load
+    in the iteration that issues it waits for that load there (SASS: the loop stalled on its own
+    prefetch). Twin (ASM=False): an unused zero."""
     CPW: tl.constexpr = 32 // BITS
-    wmask = word * CPW < K
-    # (one return at the end: the JIT compiles the statements after a static return too)
-    if not ASM:
-        p0 = word * 0
-        p1, p2, p3, p4, p5, p6, p7, xs = p0, p0, p0, p0, p0, p0, p0, p0.to(tl.float32)
-    elif BITS == 8:
-        kx = word * 4
-        p0 = tl.load(x_row + kx, mask=wmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
-        p1 = tl.load(x_row + kx + 1, mask=wmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
-        p2 = tl.load(x_row + kx + 2, mask=wmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
-        p3 = tl.load(x_row + kx + 3, mask=wmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
-        p4, p5, p6, p7, xs = p0, p1, p2, p3, word * 0.0
-    else:
-        # the activations as int32: int j of a word holds columns (2j, 2j + 1). One vector load per
-        # word (16 bytes for 4-bit codes, 32 for 2-bit), split in registers: 4-byte loads 16 bytes
-        # apart cost four times the L1 wavefronts, and the L1 (not DRAM) was the limit of this loop
-        # (ncu: L1/TEX 90 %, DRAM 33 %)
-        NI: tl.constexpr = CPW // 2
+    NI: tl.constexpr = CPW // 2
+    if ASM:
+        wmask = word * CPW < K
         xi = x_row.to(tl.pointer_type(tl.int32), bitcast=True) + word * NI
         q = tl.load(xi[:, :, None] + tl.arange(0, NI)[None, None, :], mask=wmask[:, :, None], other=0)
+    else:
+        q = (word * 0)[:, :, None] + tl.zeros([1, 1, NI], tl.int32)
+    return q
+
+
+@triton.jit
+def _x_operands(q, BITS: tl.constexpr, F16: tl.constexpr, HAS_ZERO: tl.constexpr, ASM: tl.constexpr,
+                FP4: tl.constexpr = False):
+    """The activations of `_load_x` (raw int32 [R, C, NI]) as `_words_dot` takes them: 8 int32
+    tensors [R, C] (4-bit: pairs (x_i, x_{i+4}) in the first four; fp4: (x_2j, x_2j+1), as in
+    memory; 2-bit: pairs (x_i, x_{i+8}); int8: the four activations as fp32 bits), and each word's
+    activation sum (fp32, for zero points; 0 unless HAS_ZERO). Twin (ASM=False): unused zeros."""
+    R: tl.constexpr = q.shape[0]
+    C: tl.constexpr = q.shape[1]
+    # (one return at the end: the JIT compiles the statements after a static return too)
+    if not ASM:
+        p0 = tl.sum(q, axis=2)
+        p1, p2, p3, p4, p5, p6, p7, xs = p0, p0, p0, p0, p0, p0, p0, p0.to(tl.float32)
+    elif BITS == 8:
+        qa, qb = tl.split(q)  # ints (x0, x1), (x2, x3)
+        if F16:
+            p0 = (qa & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32).to(tl.int32, bitcast=True)
+            p1 = (qa >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32).to(tl.int32, bitcast=True)
+            p2 = (qb & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32).to(tl.int32, bitcast=True)
+            p3 = (qb >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32).to(tl.int32, bitcast=True)
+        else:  # bf16 -> fp32 is the bf16 as the top half of the fp32 bits
+            p0, p1, p2, p3 = qa << 16, qa & -65536, qb << 16, qb & -65536
+        p4, p5, p6, p7, xs = p0, p1, p2, p3, qa * 0.0
+    else:
         if HAS_ZERO:
             xs = tl.sum(_half_sums(q, F16), axis=2)
         else:
-            xs = word * 0.0
-        R: tl.constexpr = word.shape[0]
-        C: tl.constexpr = word.shape[1]
+            xs = tl.sum(q, axis=2) * 0.0
         if BITS == 4:
             qa, qb = tl.split(q.reshape(R, C, 2, 2))  # ints (0, 2), (1, 3)
             q0, q2 = tl.split(qa)
@@ -303,30 +316,42 @@ def _words_xsum(x_row, word, K, BITS: tl.constexpr):
 
 
 @triton.jit
-def _scales(s_ptr, z_ptr, rows, stride_sn, word, wmask, gblk, gmask, SMODE: tl.constexpr, HAS_ZERO: tl.constexpr,
-            WB: tl.constexpr, WPT: tl.constexpr):
-    """fp32 (scale, zero) of `rows` for the words `word` [R, WPT]: [BN, R] (one per group of WPT words
-    when a block holds whole groups: blocks `gblk`) or [BN, R, WPT] (one per word); (0, 0) for per-row
-    or scale-free formats."""
+def _load_scales(s_ptr, z_ptr, rows, stride_sn, word, wmask, gblk, gmask, SMODE: tl.constexpr,
+                 HAS_ZERO: tl.constexpr, WB: tl.constexpr, WPT: tl.constexpr):
+    """The raw (scale, zero) of `rows` for the words `word` [R, WPT], as stored: [BN, R] (one per
+    group of WPT words when a block holds whole groups: blocks `gblk`) or [BN, R, WPT] (one per
+    word); zeros for per-row or scale-free formats. `_scale_values` converts them where they are
+    used (one iteration after the load, see `_load_x`)."""
+    # indexed group-major and permuted, like the codes (`_load_all`): the same thread layout
     if SMODE == 1 or SMODE == 2:
         if WB % WPT == 0:
-            offs = rows[:, None] * stride_sn + gblk[None, :]
-            m = gmask[None, :]
+            offs = rows[None, :] * stride_sn + gblk[:, None]
+            m = gmask[:, None]
+            s = tl.load(s_ptr + offs, mask=m, other=0).permute(1, 0)
+            z = tl.load(z_ptr + offs, mask=m, other=0).permute(1, 0) if HAS_ZERO else s
         else:
-            offs = rows[:, None, None] * stride_sn + (word // WB)[None, :, :]
-            m = wmask[None, :, :]
-        s = tl.load(s_ptr + offs, mask=m, other=0)
-        if SMODE == 2:
-            s = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
-        else:
-            s = s.to(tl.float32)
-        if HAS_ZERO:
-            z = tl.load(z_ptr + offs, mask=m, other=0).to(tl.float32)
-        else:
-            z = s * 0.0
+            offs = rows[None, :, None] * stride_sn + (word // WB)[:, None, :]
+            m = wmask[:, None, :]
+            s = tl.load(s_ptr + offs, mask=m, other=0).permute(1, 0, 2)
+            z = tl.load(z_ptr + offs, mask=m, other=0).permute(1, 0, 2) if HAS_ZERO else s
     else:
         s = tl.zeros([rows.shape[0], gblk.shape[0]], tl.float32)
         z = s
+    return s, z
+
+
+@triton.jit
+def _scale_values(s, z, SMODE: tl.constexpr, HAS_ZERO: tl.constexpr):
+    """fp32 (scale, zero) from `_load_scales`' raw values: E8M0 bytes (SMODE 2) are the fp32
+    exponent field; (0, 0) for per-row or scale-free formats."""
+    if SMODE == 2:
+        s = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+    else:
+        s = s.to(tl.float32)
+    if HAS_ZERO and (SMODE == 1 or SMODE == 2):
+        z = z.to(tl.float32)
+    else:
+        z = s * 0.0
     return s, z
 
 
@@ -359,6 +384,36 @@ def _step(wv, x0, x1, x2, x3, x4, x5, x6, x7, xs, s, z, x_row, word, wmask, K, K
 
 
 @triton.jit
+def _load_all(w_row, x_row, s_ptr, z_ptr, rows, stride_sn, w0, local, gblk0, k_hi, K, KW, BITS: tl.constexpr,
+              SMODE: tl.constexpr, HAS_ZERO: tl.constexpr, WB: tl.constexpr, WPT: tl.constexpr, NWG: tl.constexpr,
+              ASM: tl.constexpr):
+    """One step's raw loads, for the words w0 + `local` [NWG, WPT] of `rows`: codes [BN, NWG, WPT],
+    activations (`_load_x`) and scales (`_load_scales`); masked past k_hi."""
+    word = w0 + local
+    wmask = word < k_hi
+    # loaded as [NWG, BN, WPT] and permuted: Triton then spreads the threads over the groups (each
+    # thread holds one group of every row), the layout of the activations, so the activations need
+    # no exchange between threads (loaded as [BN, NWG, WPT], 4 threads shared a group's activations
+    # through shared memory, with a barrier, every iteration)
+    wv = tl.load(w_row[None, :, None] + word[:, None, :], mask=wmask[:, None, :], other=0).permute(1, 0, 2)
+    xq = _load_x(x_row, tl.where(wmask, word, KW), K, BITS, ASM)
+    sr, zr = _load_scales(s_ptr, z_ptr, rows, stride_sn, word, wmask, w0 // WB + gblk0,
+                          (w0 + tl.arange(0, NWG) * WPT) < k_hi, SMODE, HAS_ZERO, WB, WPT)
+    return wv, xq, sr, zr
+
+
+@triton.jit
+def _use(wv, xq, sr, zr, x_row, word, k_hi, K, KW, BITS: tl.constexpr, SIGNED: tl.constexpr, SMODE: tl.constexpr,
+         HAS_ZERO: tl.constexpr, SMUL: tl.constexpr, F16: tl.constexpr, WB: tl.constexpr, WPT: tl.constexpr,
+         ASM: tl.constexpr, PROBE: tl.constexpr, FP4: tl.constexpr, WORD_ASM: tl.constexpr):
+    """One step's scaled partial sums [BLOCK_N, NWG] from its raw loads (`_load_all`)."""
+    x0, x1, x2, x3, x4, x5, x6, x7, xs = _x_operands(xq, BITS, F16, HAS_ZERO, ASM, FP4)
+    s, z = _scale_values(sr, zr, SMODE, HAS_ZERO)
+    return _step(wv, x0, x1, x2, x3, x4, x5, x6, x7, xs, s, z, x_row, word, word < k_hi, K, KW, BITS, SIGNED, SMODE,
+                 HAS_ZERO, SMUL, F16, WB, WPT, ASM, PROBE, FP4, WORD_ASM)
+
+
+@triton.jit
 def _gemv_fast_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                       M, N, K, KW, stride_xm, stride_wn, stride_sn, stride_ym, WPS,
                       BITS: tl.constexpr, SIGNED: tl.constexpr, SMODE: tl.constexpr, HAS_ZERO: tl.constexpr,
@@ -367,11 +422,12 @@ def _gemv_fast_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, b_ptr, y_ptr, ws_ptr, 
                       WPT: tl.constexpr = 4, SPLIT_K: tl.constexpr = 1,
                       FP4: tl.constexpr = False, WORD_ASM: tl.constexpr = "", PROBE: tl.constexpr = 0):
     """y[m, rows] = x[m] @ W[rows]^T for BLOCK_N rows; each thread holds WPT consecutive words
-    (4: one 16-byte load) of every row, NWG groups of WPT words per iteration, and the activations
-    of those words once for all rows. WB: words per scale block; SMUL: the decode's
-    constant factor (8 for 4 / 2-bit codes) times any format constant, folded into the scales.
-    Words, activations and scales are loaded one iteration ahead into registers (Triton's cp.async
-    pipeline, tried as an option, was 1.6-2.4x slower here: benchmarks/RESULTS.md).
+    (4: one 16-byte load) of every row, NWG groups of WPT words per step, and the activations of
+    those words once for all rows, in its own registers. WB: words per scale block; SMUL: the
+    decode's constant factor (8 for 4 / 2-bit codes) times any format constant, folded into the
+    scales. Words, activations and scales are loaded one step ahead into registers, two steps a
+    trip (see the loop; Triton's cp.async pipeline, tried as an option, was 1.6-2.4x slower here:
+    benchmarks/RESULTS.md).
     SPLIT_K > 1: program (pid, k) takes the words [k * WPS, (k + 1) * WPS) (WPS a multiple of
     NWG * WPT) and the last program to finish a row block adds the fp32 partial sums from the
     workspace `ws_ptr` [SPLIT_K, M, N] (arrival counter `cnt_ptr`, reset to 0 by that program):
@@ -386,30 +442,26 @@ def _gemv_fast_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, b_ptr, y_ptr, ws_ptr, 
     k_lo = tl.program_id(1) * WPS
     k_hi = tl.minimum(k_lo + WPS, KW)
     local = tl.arange(0, NWG)[:, None] * WPT + tl.arange(0, WPT)[None, :]  # [NWG, WPT]
-    acc = tl.zeros([BLOCK_N, NWG], tl.float32)
     gblk0 = tl.arange(0, NWG) * WPT // WB  # scale block of each group of WPT words (WB % WPT == 0)
-    # everything the loop reads (words, activations, scales) is loaded one iteration ahead: the
-    # loop is otherwise bound by the latency of those loads
-    word = k_lo + local
-    wmask = word < k_hi
-    wv_n = tl.load(w_row[:, None, None] + word[None, :, :], mask=wmask[None, :, :], other=0)
-    x0n, x1n, x2n, x3n, x4n, x5n, x6n, x7n, xsn = _load_x(x_row, tl.where(wmask, word, KW), K, BITS, F16, HAS_ZERO,
-                                                            ASM, FP4)
-    s_n, z_n = _scales(s_ptr, z_ptr, rows_c, stride_sn, word, wmask, k_lo // WB + gblk0,
-                       (k_lo + tl.arange(0, NWG) * WPT) < k_hi, SMODE, HAS_ZERO, WB, WPT)
-    for w0 in range(k_lo, k_hi, WORDS):
-        word = w0 + local
-        wmask = word < k_hi
-        wv, x0, x1, x2, x3, x4, x5, x6, x7, xs, s, z = wv_n, x0n, x1n, x2n, x3n, x4n, x5n, x6n, x7n, xsn, s_n, z_n
-        nword = word + WORDS
-        nmask = nword < k_hi
-        wv_n = tl.load(w_row[:, None, None] + nword[None, :, :], mask=nmask[None, :, :], other=0)
-        x0n, x1n, x2n, x3n, x4n, x5n, x6n, x7n, xsn = _load_x(x_row, tl.where(nmask, nword, KW), K, BITS, F16,
-                                                                HAS_ZERO, ASM, FP4)
-        s_n, z_n = _scales(s_ptr, z_ptr, rows_c, stride_sn, nword, nmask, (w0 + WORDS) // WB + gblk0,
-                           (w0 + WORDS + tl.arange(0, NWG) * WPT) < k_hi, SMODE, HAS_ZERO, WB, WPT)
-        acc += _step(wv, x0, x1, x2, x3, x4, x5, x6, x7, xs, s, z, x_row, word, wmask, K, KW, BITS, SIGNED, SMODE,
-                     HAS_ZERO, SMUL, F16, WB, WPT, ASM, PROBE, FP4, WORD_ASM)
+    # everything the loop reads (words, activations, scales) is loaded one step ahead, raw, and
+    # what is computed from them (activation pairs, scale values) is computed in the step that
+    # uses them, so that no instruction waits for the loads its own step issued. Two steps per
+    # trip with two sets of registers (a, b): a loop that carried one set would copy the loads
+    # into it at the end of every step, and those copies wait for the loads (SASS).
+    wa, xa, sa, za = _load_all(w_row, x_row, s_ptr, z_ptr, rows_c, stride_sn, k_lo, local, gblk0, k_hi, K, KW,
+                               BITS, SMODE, HAS_ZERO, WB, WPT, NWG, ASM)
+    # zeros [BLOCK_N, NWG] made from the codes so that they share the layout of the partial sums
+    # (a tl.zeros accumulator had its own, and every step converted through shared memory)
+    acc = tl.sum(wa, axis=2).to(tl.float32) * 0.0
+    for w0 in range(k_lo, k_hi, 2 * WORDS):
+        wb, xb, sb, zb = _load_all(w_row, x_row, s_ptr, z_ptr, rows_c, stride_sn, w0 + WORDS, local, gblk0, k_hi, K,
+                                   KW, BITS, SMODE, HAS_ZERO, WB, WPT, NWG, ASM)
+        acc += _use(wa, xa, sa, za, x_row, w0 + local, k_hi, K, KW, BITS, SIGNED, SMODE, HAS_ZERO, SMUL, F16, WB, WPT,
+                    ASM, PROBE, FP4, WORD_ASM)
+        wa, xa, sa, za = _load_all(w_row, x_row, s_ptr, z_ptr, rows_c, stride_sn, w0 + 2 * WORDS, local, gblk0, k_hi,
+                                   K, KW, BITS, SMODE, HAS_ZERO, WB, WPT, NWG, ASM)
+        acc += _use(wb, xb, sb, zb, x_row, w0 + WORDS + local, k_hi, K, KW, BITS, SIGNED, SMODE, HAS_ZERO, SMUL, F16,
+                    WB, WPT, ASM, PROBE, FP4, WORD_ASM)
     y = tl.sum(acc, axis=1)
     if SMODE == 3:
         y = y * tl.load(s_ptr + rows_c * stride_sn, mask=rmask, other=0).to(tl.float32)

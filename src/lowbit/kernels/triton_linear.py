@@ -192,14 +192,14 @@ def candidates(spec: Spec, m: int, k: int, n: int) -> list[dict]:
 
     out: list[dict] = []
     if m <= 4:
-        # (BLOCK_N, warps, NWG, WPT, SPLIT_K). One-warp programs of few rows win (H200, benchmarks/
-        # gemv_probe.py): no cross-warp exchange of the activations and many warps per SM. 4-bit
-        # codes: 4 words (16 bytes) per thread and row; int8: 1 word per thread and row over 8 rows
-        # (the activations then cost a quarter of the weights' L1 traffic), K split 2-8 ways
+        # (BLOCK_N, warps, NWG, WPT, SPLIT_K). Programs of one or two warps over few rows win (H200,
+        # benchmarks/gemv_probe.py): many warps per SM; 4 words (16 bytes) per thread and row for
+        # every code width since each thread holds whole groups of every row (session 17); the
+        # one-word int8 configs with K split 2-8 ways won before that and stay candidates
         for bn, nw, nwg, wpt, sk in ((4, 1, 32, 4, 1), (4, 2, 64, 4, 1), (4, 4, 128, 4, 1), (4, 1, 64, 4, 1),
-                                     (16, 4, 32, 4, 1), (2, 1, 32, 4, 1), (4, 1, 32, 4, 2), (8, 1, 32, 2, 2),
-                                     (8, 1, 32, 1, 4), (8, 1, 32, 1, 2), (8, 1, 32, 1, 8), (16, 1, 32, 1, 4),
-                                     (4, 1, 32, 1, 4), (8, 2, 64, 1, 4), (16, 2, 64, 1, 4)):
+                                     (8, 1, 32, 4, 1), (2, 1, 32, 4, 1), (2, 2, 64, 4, 1), (4, 1, 32, 4, 2),
+                                     (4, 2, 64, 4, 2), (16, 4, 32, 4, 1), (8, 1, 32, 2, 2),
+                                     (8, 1, 32, 1, 4), (8, 1, 32, 1, 2), (16, 1, 32, 1, 4), (16, 2, 64, 1, 4)):
             out.append({"path": "gemv2", "BLOCK_N": bn, "NWG": nwg, "num_warps": nw, "WPT": wpt, "SPLIT_K": sk})
         for bn, kbt, nw in ((4, 512, 4), (4, 1024, 4), (4, 2048, 4), (8, 512, 4), (8, 1024, 4), (2, 2048, 4),
                             (2, 1024, 4), (4, 2048, 8), (8, 2048, 8), (16, 512, 4)):
@@ -380,11 +380,9 @@ def fast_gemv_ok(spec: Spec, x2: torch.Tensor, w: torch.Tensor, k: int, has_lut:
 
 def fast_gemv_config(m: int, k: int, n: int, bits: int = 4) -> dict:
     """Untuned shapes: the configs that won most often on the H200 (benchmarks/gemv_probe.py):
-    one-warp programs of 4 rows, 16 bytes per thread and row for 4 / 2-bit codes; int8 8 rows of
-    one word per thread, K split 4 ways when that leaves fewer than 8 programs per SM."""
+    programs of 4 rows, 16 bytes per thread and row; one warp for 4 / 2-bit codes, two for int8."""
     if bits == 8:
-        split = 4 if m * triton_cdiv(n, 8) < 8 * _sm_count() else 1
-        return {"path": "gemv2", "BLOCK_N": 8, "NWG": 32, "WPT": 1, "SPLIT_K": split, "num_warps": 1}
+        return {"path": "gemv2", "BLOCK_N": 4, "NWG": 64, "WPT": 4, "num_warps": 2}
     return {"path": "gemv2", "BLOCK_N": 4, "NWG": 32, "WPT": 4, "num_warps": 1}
 
 
