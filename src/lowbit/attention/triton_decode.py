@@ -484,13 +484,6 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
             acc1 = tl.zeros([G_PAD, W], dtype=tl.float32)
     offs_ng = tl.arange(0, NG)
     mv_run = 1.0  # SWAP and PT: the value accumulators' unit (see the value product below)
-    if PT:
-        # the per-token scales go one tile ahead by hand, raw: Triton's pipeline (cp.async) takes
-        # no loads under 4 bytes a thread, and every tile stalled on its own 2-byte scale loads
-        # (SASS: first use ~40 instructions after the load, at one or two warps per scheduler)
-        offs_nx = lo + tl.arange(0, BLOCK_N)
-        sk_nx = tl.load(KS + s_base + offs_nx * stride_sn, mask=offs_nx < CAP, other=0)
-        sv_nx = tl.load(VS + s_base + offs_nx * stride_sn, mask=offs_nx < CAP, other=0)
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < hi
@@ -504,13 +497,9 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
         vraw = tl.load(v_base + offs_w[:, None] * stride_vw + offs_n[None, :], mask=in_cap[None, :], other=0)
         # scores s (G_PAD, BLOCK_N), or s^T (BLOCK_N, G_PAD) when SWAP
         if PT:
-            # scales, too, are loaded to CAP (one tile ahead, above) and zeroed past hi (NaN-safe)
-            sk_raw, sv_raw = sk_nx, sv_nx
-            offs_nx = offs_n + BLOCK_N
-            sk_nx = tl.load(KS + s_base + offs_nx * stride_sn, mask=offs_nx < CAP, other=0)
-            sv_nx = tl.load(VS + s_base + offs_nx * stride_sn, mask=offs_nx < CAP, other=0)
-            sk = tl.where(mask_n, sk_raw.to(tl.float32), 0.0)
-            sv = tl.where(mask_n, sv_raw.to(tl.float32), 0.0)
+            # scales, too, are loaded to CAP (wide, pipelined loads) and zeroed past hi (NaN-safe)
+            sk = tl.where(mask_n, tl.load(KS + s_base + offs_n * stride_sn, mask=in_cap, other=0).to(tl.float32), 0.0)
+            sv = tl.where(mask_n, tl.load(VS + s_base + offs_n * stride_sn, mask=in_cap, other=0).to(tl.float32), 0.0)
             if BITS == 8:
                 if SWAP:
                     if IMMA:
