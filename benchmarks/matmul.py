@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--tune-paths", nargs="+", default=None, help="--tune: only candidates of these paths")
     ap.add_argument("--tune-preset", default="int4-e8m0",
                     help="--tune: weights of this preset; int4-e8m0 writes keys for every format ('*'), "
-                         "another preset keys for its bit width only")
+                         "another preset keys for its decode family (fp4, asym) or bit width only")
     ap.add_argument("--log", metavar="FILE.jsonl", help="cuda: also write every row as JSON lines here")
     ap.add_argument("--check", action="store_true", help="cuda: every kernel path vs its reference at odd shapes, then exit")
     args = ap.parse_args()
@@ -367,7 +367,8 @@ def print_summary(rows) -> None:
 def tune(args, shapes, ms, bw) -> None:
     """Time candidate configs per (M bucket, K, N) on int4-e8m0 weights; write the fastest to the table
     (keys '*|M|K|N': the configs count bytes, so they serve every format). With another
-    `--tune-preset` the keys are 'BITS|M|K|N', which `choose` prefers for formats of those bits."""
+    `--tune-preset` the keys are 'FAMILY|M|K|N' for fp4 and affine codes (`decode_family`) or
+    'BITS|M|K|N', which `choose` prefers for formats of that family or those bits."""
     import json
     import os
 
@@ -399,7 +400,7 @@ def tune(args, shapes, ms, bw) -> None:
                     best = (t, cfg)
             if best is None:
                 continue
-            key = "*" if args.tune_preset == "int4-e8m0" else str(spec.bits)
+            key = "*" if args.tune_preset == "int4-e8m0" else (tlin.decode_family(spec) or str(spec.bits))
             entries[f"{key}|{tlin.m_bucket(m)}|{k}|{n}"] = dict(best[1], us=round(best[0], 2))
             print(f"best K={k} N={n} M={m}: {best[0]:.1f} us {best[1]}", flush=True)
         del copies, qt, w

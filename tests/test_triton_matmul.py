@@ -175,6 +175,23 @@ def test_heuristic_configs_and_split_counters_reset():
     assert int(tlin._counters(torch.device("cpu")).abs().sum()) == 0
 
 
+def test_table_prefers_the_decode_family_then_bits_then_any(monkeypatch):
+    """`choose` takes an fp4 / affine entry for mxfp4 / int4-asym, the bits entry next, then '*';
+    a dot4 bits entry is skipped by fp4 codes, which dot4 does not decode."""
+    entries = {"*|1|64|32": {"path": "gemv2", "BLOCK_N": 4, "num_warps": 1, "NWG": 32, "WPT": 4},
+               "fp4|1|64|32": {"path": "gemv2", "BLOCK_N": 16, "num_warps": 4, "NWG": 32, "WPT": 4},
+               "asym|1|64|32": {"path": "gemv2", "BLOCK_N": 8, "num_warps": 2, "NWG": 64, "WPT": 4},
+               "4|16|64|32": {"path": "dot4", "BLOCK_N": 64, "BLOCK_M": 16, "KB_T": 128, "num_warps": 4}}
+    monkeypatch.setattr(tlin, "_table", entries)
+    spec = {p: tlin.spec_of(_qweight(p, 32, 64, seed=1).fmt) for p in ("int4-e8m0", "mxfp4", "int4-asym")}
+    assert tlin.decode_family(spec["int4-e8m0"]) is None
+    assert tlin.choose(spec["int4-e8m0"], 1, 64, 32)["BLOCK_N"] == 4
+    assert tlin.choose(spec["mxfp4"], 1, 64, 32)["BLOCK_N"] == 16
+    assert tlin.choose(spec["int4-asym"], 1, 64, 32)["BLOCK_N"] == 8
+    assert tlin.choose(spec["int4-asym"], 16, 64, 32)["path"] == "dot4"  # no family entry at M = 16
+    assert tlin.choose(spec["mxfp4"], 16, 64, 32)["path"] != "dot4"
+
+
 def test_custom_op_has_a_fake_and_follows_x_shape():
     qt = _qweight("mxfp4", 16, 64, seed=5)
     p = tlin.kernel_planes(qt)

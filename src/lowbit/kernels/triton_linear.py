@@ -139,8 +139,19 @@ def m_bucket(m: int) -> int:
     return _M_BUCKETS[-1]
 
 
-def table_key(bits: int, m: int, k: int, n: int) -> str:
+def table_key(bits: int | str, m: int, k: int, n: int) -> str:
     return f"{bits}|{m_bucket(m)}|{k}|{n}"
+
+
+def decode_family(spec: Spec) -> str | None:
+    """The table key of formats whose decode costs differ enough from the integer codes' to win
+    with other configs: fp4 e2m1 codes ('fp4', PRMT table lookups) and affine codes ('asym', the
+    activation sums of the zero points); None for the rest. E.g. `decode_family(spec_of(fmt))`."""
+    if spec.code == 3:
+        return "fp4"
+    if spec.has_zero:
+        return "asym"
+    return None
 
 
 def heuristic(spec: Spec, m: int, k: int, n: int) -> dict:
@@ -164,11 +175,13 @@ def heuristic(spec: Spec, m: int, k: int, n: int) -> dict:
 
 
 def choose(spec: Spec, m: int, k: int, n: int) -> dict:
-    """The measured config for this format's bits (or any format's) at (M bucket, K, N), else the
-    heuristic. A bits entry for the packed-nibble path is skipped by 4-bit formats it does not cover
-    (fp4, palettes), which then take the entry for any format."""
+    """The measured config for this format's decode family (`decode_family`), else its bits, else
+    any format's at (M bucket, K, N), else the heuristic. A bits entry for the packed-nibble path is
+    skipped by 4-bit formats it does not cover (fp4, palettes), which then take the next entry."""
     table = _load_table()
-    for key in (table_key(spec.bits, m, k, n), table_key("*", m, k, n)):
+    family = decode_family(spec)
+    keys = ([table_key(family, m, k, n)] if family else []) + [table_key(spec.bits, m, k, n), table_key("*", m, k, n)]
+    for key in keys:
         cfg = table.get(key)
         if cfg and (cfg["path"] != "dot4" or dot4_format_ok(spec)):
             return _fit(dict(cfg), spec, m)
