@@ -183,7 +183,8 @@ def test_table_prefers_the_decode_family_then_bits_then_any(monkeypatch):
                "asym|1|64|32": {"path": "gemv2", "BLOCK_N": 8, "num_warps": 2, "NWG": 64, "WPT": 4},
                "4|16|64|32": {"path": "dot4", "BLOCK_N": 64, "BLOCK_M": 16, "KB_T": 128, "num_warps": 4}}
     monkeypatch.setattr(tlin, "_table", entries)
-    spec = {p: tlin.spec_of(_qweight(p, 32, 64, seed=1).fmt) for p in ("int4-e8m0", "mxfp4", "int4-asym")}
+    spec = {p: tlin.spec_of(_qweight(p, 32, 64, seed=1).fmt)
+            for p in ("int4-e8m0", "mxfp4", "int4-asym")}
     assert tlin.decode_family(spec["int4-e8m0"]) is None
     assert tlin.choose(spec["int4-e8m0"], 1, 64, 32)["BLOCK_N"] == 4
     assert tlin.choose(spec["mxfp4"], 1, 64, 32)["BLOCK_N"] == 16

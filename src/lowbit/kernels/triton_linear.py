@@ -207,8 +207,8 @@ def candidates(spec: Spec, m: int, k: int, n: int) -> list[dict]:
     if m <= 4:
         # (BLOCK_N, warps, NWG, WPT, SPLIT_K). Programs of one or two warps over few rows win (H200,
         # benchmarks/gemv_probe.py): many warps per SM; 4 words (16 bytes) per thread and row for
-        # every code width since each thread holds whole groups of every row (session 17); the
-        # one-word int8 configs with K split 2-8 ways won before that and stay candidates
+        # every code width since each thread holds whole groups of every row (RESULTS.md,
+        # 2026-11-25); the one-word int8 configs with K split 2-8 ways won before that and stay
         for bn, nw, nwg, wpt, sk in ((4, 1, 32, 4, 1), (4, 2, 64, 4, 1), (4, 4, 128, 4, 1), (4, 1, 64, 4, 1),
                                      (8, 1, 32, 4, 1), (2, 1, 32, 4, 1), (2, 2, 64, 4, 1), (4, 1, 32, 4, 2),
                                      (4, 2, 64, 4, 2), (16, 4, 32, 4, 1), (8, 1, 32, 2, 2),
