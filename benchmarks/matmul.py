@@ -103,6 +103,8 @@ GPU_FORMATS = {
     "int4-asym/g128": ("int4-asym", {"block_size": 128, "scale_dtype": "bf16"}),
     "int4-e8m0": ("int4-e8m0", {}), "int2-e8m0": ("int2-e8m0", {}), "mxfp4": ("mxfp4", {}),
     "mxfp8-e4m3": ("mxfp8-e4m3", {}), "lut4": ("lut4", {}), "lut8": ("lut8", {}),
+    # a palette per 16 rows (coremltools' grouped-channel palettization), int8 tables, channel scales
+    "lut4/g16-i8": ("lut4", {"group_size": 16, "lut_dtype": "int8", "per_channel_scale": True}),
 }
 
 
@@ -119,8 +121,17 @@ def gpu_weight(name: str, w: torch.Tensor) -> "lowbit.QTensor":
     n, k = w.shape
     g = torch.Generator(device=w.device).manual_seed(n + k)
     codes = torch.randint(0, 1 << fmt.bits, (n, k), device=w.device, generator=g, dtype=torch.uint8)
-    lut = torch.sort(torch.randn(1, 1 << fmt.bits, device=w.device, generator=g) * 0.02).values.half()
-    return QTensor({"data": pack(codes, fmt.bits), "lut": lut}, fmt, (n, k))
+    n_luts = n // fmt.group_size if fmt.group_size else 1
+    planes = {"data": pack(codes, fmt.bits)}
+    if fmt.lut_dtype == "int8":
+        planes["lut"] = torch.sort(torch.randint(-127, 128, (n_luts, 1 << fmt.bits), device=w.device, generator=g,
+                                                 dtype=torch.int16)).values.to(torch.int8)
+        planes["lut_scale"] = (torch.rand(n_luts, 1, device=w.device, generator=g) * 2e-4 + 1e-4).half()
+    else:
+        planes["lut"] = torch.sort(torch.randn(n_luts, 1 << fmt.bits, device=w.device, generator=g) * 0.02).values.half()
+    if fmt.per_channel_scale:
+        planes["scale"] = (torch.rand(n, 1, device=w.device, generator=g) + 0.5).half()
+    return QTensor(planes, fmt, (n, k))
 
 
 def graph_time(fns, reps: int = 7) -> float:
@@ -313,11 +324,13 @@ def gpu_check(names) -> None:
             {"path": "dequant", "BLOCK_N": 16, "KB_T": 128, "num_warps": 4}, None]
     worst = 0.0
     for name in names:
-        for n, k in ((777, 1000), (4096, 4096)):
+        preset, over = GPU_FORMATS[name]
+        fmt = lowbit.PRESETS[preset].replace(**over)
+        rows = -(-777 // fmt.group_size) * fmt.group_size if fmt.group_size else 777  # whole palette groups
+        for n, k in ((rows, 1000), (4096, 4096)):
             w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
             if k % 32:  # odd K: quantize for real (padded blocks; palettes by k-means)
-                preset, over = GPU_FORMATS[name]
-                qt = lowbit.quantize_tensor(w.float(), lowbit.PRESETS[preset].replace(**over), pad=True)
+                qt = lowbit.quantize_tensor(w.float(), fmt, pad=True)
             else:
                 qt = gpu_weight(name, w)
             spec, planes, ref_w = tlin.spec_of(qt.fmt), tlin.kernel_planes(qt), qt.dequantize(torch.float32)
@@ -367,7 +380,7 @@ def print_summary(rows) -> None:
 def tune(args, shapes, ms, bw) -> None:
     """Time candidate configs per (M bucket, K, N) on int4-e8m0 weights; write the fastest to the table
     (keys '*|M|K|N': the configs count bytes, so they serve every format). With another
-    `--tune-preset` the keys are 'FAMILY|M|K|N' for fp4 and affine codes (`decode_family`) or
+    `--tune-preset` the keys are 'FAMILY|M|K|N' for fp4, palettes and affine codes (`decode_family`) or
     'BITS|M|K|N', which `choose` prefers for formats of that family or those bits."""
     import json
     import os

@@ -124,18 +124,16 @@ def test_packed_nibble_tensor_core_path(preset):
 
 
 def test_fast_gemv_asm_is_well_formed():
-    """The generated PTX: one LOP3 per pair of codes and the right operand count (checked on the GPU
-    against dequantize-then-matmul by `benchmarks/matmul.py --check`)."""
-    import importlib.util
-    from pathlib import Path
+    """The generated PTX: one LOP3 per pair of codes and the right operand count (its arithmetic:
+    tests/test_gemv_ptx.py; on the GPU, `benchmarks/matmul.py --check`)."""
+    from lowbit.kernels import gemv_ptx
 
-    spec_ = importlib.util.spec_from_file_location("tg_text", Path(tlin.__file__).with_name("triton_gemv.py"))
-    mod = importlib.util.module_from_spec(spec_)
-    spec_.loader.exec_module(mod)
-    a4, a2 = mod._asm_word(4, False, 8), mod._asm_word(2, True, 2)
+    a4, a2 = gemv_ptx._asm_word(4, False, 8), gemv_ptx._asm_word(2, True, 2)
     assert a4.count("lop3.b32") == 4 and a4.count("fma.rn.bf16x2") == 7 and "$5" in a4 and "$6" not in a4
     assert a2.count("lop3.b32") == 8 and "$9" in a2 and "$10" not in a2
     assert "0xc188c188" in a4  # -(16 + 8/8) as a bf16 pair: the symmetric offset
+    lut = gemv_ptx.word_asm(4, False, True, False, lut=True)
+    assert "$13" in lut and "$14" not in lut and lut.count("prmt.b32") == 14
 
 
 @pytest.mark.parametrize("block", [64, 128])
@@ -282,3 +280,75 @@ def test_fast_gemv_activation_pairs(bits, dtype):
             assert out[i, w].item() & 0xFFFFFFFF == (lo | (hi << 16)).item() & 0xFFFFFFFF, (w, i)
         want = torch.cat([x, torch.zeros(words * cpw - k, dtype=dtype)])[w * cpw:(w + 1) * cpw].float().sum()
         assert abs(xs[w].item() - want.item()) < 1e-4
+
+
+@pytest.mark.parametrize("kw", [{}, {"group_size": 8, "lut_dtype": "int8", "per_channel_scale": True},
+                                {"group_size": 4}])
+def test_fast_gemv_takes_4bit_palettes(kw):
+    """4-bit palettes run the packed-pair GEMV (its fp32 twin here): one palette per tensor, per
+    group of 8 rows with an int8 table, its scale and a per-channel scale (BLOCK_N 16 is cut to 8
+    so a program's rows share one palette), per group of 4 rows; bf16 and fp16, bias, split K."""
+    n, k = 32, 320
+    qt = _qweight("lut4", n, k, seed=9, **kw)
+    spec, planes = tlin.spec_of(qt.fmt), tlin.kernel_planes(qt)
+    g = torch.Generator().manual_seed(13)
+    bias = torch.randn(n, generator=g)
+    for m, dt in ((1, torch.bfloat16), (3, torch.float16)):
+        x = torch.randn(m, k, generator=g).to(dt)
+        assert tlin.fast_gemv_ok(spec, x, planes["data"], k, True)
+        for cfg in (GEMV2, dict(GEMV2, BLOCK_N=16), dict(GEMV2, SPLIT_K=3)):
+            _check(qt, x, cfg, bias=bias)
+    for other in ("lut2", "lut8"):
+        q2 = _qweight(other, n, k, seed=1)
+        assert not tlin.fast_gemv_ok(tlin.spec_of(q2.fmt), x, tlin.kernel_planes(q2)["data"], k, True)
+
+
+def _lut_tables_probe():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(lut_ptr, ls_ptr, out_ptr, f_ptr, G: tl.constexpr, HAS_LS: tl.constexpr, F16: tl.constexpr):
+        t0, t1, t2, t3, t4, t5, t6, t7, f = _GEMV_MOD._lut_tables(lut_ptr, ls_ptr, G, HAS_LS, F16)
+        tl.store(out_ptr + 0, t0)
+        tl.store(out_ptr + 1, t1)
+        tl.store(out_ptr + 2, t2)
+        tl.store(out_ptr + 3, t3)
+        tl.store(out_ptr + 4, t4)
+        tl.store(out_ptr + 5, t5)
+        tl.store(out_ptr + 6, t6)
+        tl.store(out_ptr + 7, t7)
+        tl.store(f_ptr, f)
+
+    return probe
+
+
+@pytest.mark.parametrize("int8_table", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lut_tables_scale_the_palette_into_one_to_two(int8_table, dtype):
+    """`_lut_tables` (ASM-side, plain Triton so the interpreter runs it): palette g's entries times
+    its scale, divided by a power of two f so the largest magnitude lies in [1, 2), rounded to the
+    activation dtype, as eight byte tables (low bytes of entries 0-3, 4-7, 8-11, 12-15, then high
+    bytes); the GPU asm looks its entries up there (tests/test_gemv_ptx.py)."""
+    global _GEMV_MOD
+    _GEMV_MOD = tlin._kern("triton_gemv")
+    gen = torch.Generator().manual_seed(int(int8_table) + 2 * (dtype == torch.float16))
+    if int8_table:
+        lut = torch.randint(-127, 128, (3, 16), generator=gen, dtype=torch.int8)
+        ls = torch.tensor([[0.01], [3e-4], [2.5]], dtype=torch.float16)
+        vals = lut.float() * ls.float()
+    else:
+        lut = (torch.randn(3, 16, generator=gen) * torch.tensor([[1e-3], [40.0], [1.0]])).half()
+        ls = lut
+        vals = lut.float()
+    out = torch.zeros(8, dtype=torch.int32)
+    f = torch.zeros(1)
+    for g in range(3):
+        _lut_tables_probe()[(1,)](lut, ls, out, f, G=g, HAS_LS=int8_table, F16=dtype == torch.float16)
+        v = vals[g]
+        e = int(torch.floor(torch.log2(v.abs().max())).item())
+        assert f.item() == 2.0 ** e
+        h = (v * 2.0 ** -e).to(dtype).view(torch.int16).int() & 0xFFFF
+        lo, hi = (h & 0xFF).tolist(), (h >> 8).tolist()
+        want = [sum(t[4 * i + j] << (8 * j) for j in range(4)) for t in (lo, hi) for i in range(4)]
+        assert [w & 0xFFFFFFFF for w in out.tolist()] == want, g

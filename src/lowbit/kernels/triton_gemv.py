@@ -25,9 +25,10 @@ Under TRITON_INTERPRET=1 (no inline assembly) `ASM=False` selects a plain-Triton
 dot product with the same values in fp32; the CI tests run that twin, the GPU runs the assembly.
 
 Formats (CODE as in triton_kernels.py): 4-bit and 2-bit integer codes, symmetric (CODE 0) or
-affine (CODE 2, w = c * s + z), int8 (CODE 1, two's complement bytes) and fp4 e2m1 (CODE 3, FP4:
-PRMT table lookups, see `_asm_word_fp4`); scales per block (fp16 / bf16 / fp32 or
-E8M0, SMODE 1 / 2) or per row (SMODE 3).
+affine (CODE 2, w = c * s + z), int8 (CODE 1, two's complement bytes), fp4 e2m1 (CODE 3, FP4:
+PRMT table lookups) and 4-bit palettes (CODE 6, LUT: 16-entry PRMT lookups, the program's palette
+held in eight registers); scales per block (fp16 / bf16 / fp32 or E8M0, SMODE 1 / 2) or per row
+(SMODE 3). The PTX of each word's dot product is built in `gemv_ptx.py`.
 """
 
 from __future__ import annotations
@@ -35,131 +36,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from lowbit.kernels.gemv_ptx import word_asm  # noqa: F401  (the host passes word_asm(...) as WORD_ASM)
 from lowbit.kernels.triton_modes import kernel_module
 
 # the split-K epilogue, compiled in this module's mode
 split_k_total = kernel_module("triton_split_k").split_k_total
 clamped_range = kernel_module("triton_tile").clamped_range
-
-
-def _asm_word(bits: int, f16: bool, off: int) -> str:
-    """PTX: $0 (fp32 bits) = sum_i v_i * x_i over the codes of word $1, v = (c - off) / 8;
-    $2.. are the activation pairs (x_i, x_{i + P}) as two 16-bit values in an int32."""
-    pairs = 4 if bits == 4 else 8
-    mask = "0x000F000F" if bits == 4 else "0x00030003"
-    ty = "f16x2" if f16 else "bf16x2"
-    magic16 = 0x5800 if f16 else 0x4180
-    neg16 = (magic16 + off) | 0x8000  # -(MAGIC + off / 8): same exponent, so the bits add
-    one16 = 0x3C00 if f16 else 0x3F80
-    lines = ["{", ".reg .b32 t, v, a, mg, ng, one;",
-             f"mov.b32 mg, {hex(magic16 * 0x10001)};", f"mov.b32 ng, {hex(neg16 * 0x10001)};",
-             f"mov.b32 one, {hex(one16 * 0x10001)};"]
-    lines.append(".reg .f16 l16, h16; .reg .f32 lo, hi;" if f16 else ".reg .b32 lo, hi;")
-    for i in range(pairs):
-        src = "$1"
-        if i:
-            lines.append(f"shr.b32 t, $1, {i * bits};")
-            src = "t"
-        lines.append(f"lop3.b32 v, {src}, {mask}, mg, 0xEA;")  # (src & mask) | magic
-        lines.append(f"fma.rn.{ty} v, v, one, ng;")            # exact: (c - off) / 8
-        lines.append(f"mul.rn.{ty} a, v, $2;" if i == 0 else f"fma.rn.{ty} a, v, ${2 + i}, a;")
-    if f16:
-        lines += ["mov.b32 {l16, h16}, a;", "cvt.f32.f16 lo, l16;", "cvt.f32.f16 hi, h16;", "add.f32 lo, lo, hi;",
-                  "mov.b32 $0, lo;", "}"]
-    else:  # bf16 -> fp32 is the bf16 as the top half of the fp32 bits
-        lines += ["shl.b32 lo, a, 16;", "and.b32 hi, a, 0xFFFF0000;", "add.f32 lo, lo, hi;", "mov.b32 $0, lo;", "}"]
-    return "\n".join(lines)
-
-
-def _fp4_tables(f16: bool) -> tuple[str, str, str, str]:
-    """The four 32-bit PRMT tables of `_asm_word_fp4` (hex): low bytes of the 16-bit magnitudes
-    0, .5, 1, 1.5 and 2, 3, 4, 6, then their high bytes."""
-    return (("0x0", "0x0", "0x3e3c3800", "0x46444240") if f16 else
-            ("0xc0800000", "0xc0804000", "0x3f3f3f00", "0x40404040"))
-
-
-def _asm_word_fp4(f16: bool) -> str:
-    """PTX: $0 (fp32 bits) = sum_i v_i * x_i over the 8 fp4 (e2m1) codes of word $1; $2..$5 are the
-    activations as they lie in memory, pairs (x_2j, x_2j+1) = the codes of byte j.
-
-    The e2m1 magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6 are exact 16-bit floats; a PRMT with the codes'
-    3-bit magnitude fields as byte selectors looks up four at once in an 8-byte table, one PRMT for
-    the low bytes of the 16-bit values and one for the high bytes (fp16: the low bytes are all 0).
-    A third PRMT interleaves them into the pair of byte j, and a fourth, in its sign-replicate mode
-    (selector bit 3), turns the two sign bits of byte j (bits 3 and 7; the first after a 4-bit
-    shift of the word) into 0x00 / 0xFF bytes at the pair's sign positions: one LOP3 applies them.
-    24 instructions for 8 weights, none of them an integer-to-float conversion."""
-    ty = "f16x2" if f16 else "bf16x2"
-    # 16-bit patterns of the magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6 (index = e2m1 bits without sign)
-    vals = [0x0000, 0x3800, 0x3C00, 0x3E00, 0x4000, 0x4200, 0x4400, 0x4600] if f16 else \
-        [0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0]
-    lo = [v & 0xFF for v in vals]
-    hi = [v >> 8 for v in vals]
-
-    def word(bs):  # 4 bytes, byte 0 lowest
-        return hex(bs[0] | bs[1] << 8 | bs[2] << 16 | bs[3] << 24)
-
-    # the tables ($6..$9: low bytes 0-3, 4-7, high bytes 0-3, 4-7) come in as operands so that
-    # they stay in registers across the loop instead of being rebuilt for every word
-    assert [int(t, 16) for t in _fp4_tables(f16)] == [int(word(lo[:4]), 16), int(word(lo[4:]), 16),
-                                                       int(word(hi[:4]), 16), int(word(hi[4:]), 16)]
-    lines = ["{", ".reg .b32 s0, s1, l0, h0, l1, h1, w4, v, m, a, flo, fhi;",
-             "and.b32 s0, $1, 0x7777;", "shr.b32 s1, $1, 16;", "and.b32 s1, s1, 0x7777;",
-             "prmt.b32 l0, $6, $7, s0;", "prmt.b32 h0, $8, $9, s0;",   # codes 0-3: low / high bytes
-             "prmt.b32 l1, $6, $7, s1;", "prmt.b32 h1, $8, $9, s1;",   # codes 4-7
-             "shl.b32 w4, $1, 4;"]                                     # low-nibble signs to bit 7
-    for j in range(4):
-        src_l, src_h = ("l0", "h0") if j < 2 else ("l1", "h1")
-        pair_sel = "0x5140" if j % 2 == 0 else "0x7362"
-        sign_sel = hex(j | (8 | j) << 4 | j << 8 | (8 | (4 + j)) << 12)
-        lines += [f"prmt.b32 v, {src_l}, {src_h}, {pair_sel};",   # |code 2j|, |code 2j+1|
-                  f"prmt.b32 m, w4, $1, {sign_sel};",             # their signs as 0x00 / 0xFF bytes
-                  "lop3.b32 v, v, m, 0x80008000, 0x78;",           # v ^ (m & sign bits)
-                  f"mul.rn.{ty} a, v, $2;" if j == 0 else f"fma.rn.{ty} a, v, ${2 + j}, a;"]
-    if f16:
-        lines += [".reg .f16 l16, h16;", "mov.b32 {l16, h16}, a;", "cvt.f32.f16 flo, l16;", "cvt.f32.f16 fhi, h16;",
-                  "add.f32 flo, flo, fhi;", "mov.b32 $0, flo;", "}"]
-    else:
-        lines += ["shl.b32 flo, a, 16;", "and.b32 fhi, a, 0xFFFF0000;", "add.f32 flo, flo, fhi;",
-                  "mov.b32 $0, flo;", "}"]
-    return "\n".join(lines)
-
-
-# int8: PRMT builds the fp32 bits 0x4B0000cc = 2^23 + c from byte c of the (offset-binary) word:
-# selector nibbles, low to high: byte c, bytes 4 and 4 (zeros of the magic register), byte 7 (0x4B).
-_ASM_INT8 = """{
-.reg .b32 u, f, acc, mg;
-mov.b32 mg, 0x4B000000;
-xor.b32 u, $1, 0x80808080;
-prmt.b32 f, u, mg, 0x7440;
-sub.f32 f, f, 0f4B000080;
-mul.f32 acc, f, $2;
-prmt.b32 f, u, mg, 0x7441;
-sub.f32 f, f, 0f4B000080;
-fma.rn.f32 acc, f, $3, acc;
-prmt.b32 f, u, mg, 0x7442;
-sub.f32 f, f, 0f4B000080;
-fma.rn.f32 acc, f, $4, acc;
-prmt.b32 f, u, mg, 0x7443;
-sub.f32 f, f, 0f4B000080;
-fma.rn.f32 $0, f, $5, acc;
-}"""
-
-# the tables as the int32 operands `_words_dot` passes (bf16, fp16)
-_FP4_OPERANDS = ((-1065353216, -1065336832, 0x3F3F3F00, 0x40404040), (0, 0, 0x3E3C3800, 0x46444240))
-assert all([v & 0xFFFFFFFF for v in ops] == [int(t, 16) for t in _fp4_tables(f16)]
-           for ops, f16 in zip(_FP4_OPERANDS, (False, True)))
-
-
-def word_asm(bits: int, fp4: bool, f16: bool, signed: bool) -> str:
-    """The PTX of one word's dot product for these codes and activations (the host picks it and
-    passes it as the kernel's WORD_ASM constexpr): int8, fp4, or 4 / 2-bit integers with their
-    offset (8 / 2 when signed)."""
-    if bits == 8:
-        return _ASM_INT8
-    if fp4:
-        return _asm_word_fp4(f16)
-    return _asm_word(bits, f16, (1 << (bits - 1)) if signed else 0)
 
 
 @triton.jit
@@ -257,15 +139,52 @@ def _x_operands(q, BITS: tl.constexpr, F16: tl.constexpr, HAS_ZERO: tl.constexpr
 
 
 @triton.jit
-def _words_dot(w, x0, x1, x2, x3, x4, x5, x6, x7, x_row, word, K, BITS: tl.constexpr, SIGNED: tl.constexpr,
-               F16: tl.constexpr, ASM: tl.constexpr, FP4: tl.constexpr, WORD_ASM: tl.constexpr):
+def _lut_tables(lut_ptr, ls_ptr, g, HAS_LS: tl.constexpr, F16: tl.constexpr):
+    """Palette g (16 entries, times its int8 table's scale with HAS_LS) as the eight byte tables of
+    `_asm_word_lut4` (int32 scalars t0..t7) and the power of two f they were divided by: the
+    entries are scaled so that the largest magnitude lies in [1, 2), then rounded to the activation
+    dtype, and the kernel multiplies its sums by f. So the 16-bit products stay near the size of
+    the activations (no fp16 underflow for a palette of small weights, no overflow for a large one)."""
+    v = tl.load(lut_ptr + g * 16 + tl.arange(0, 16)).to(tl.float32)
+    if HAS_LS:
+        v = v * tl.load(ls_ptr + g).to(tl.float32)
+    amax = tl.max(tl.abs(v), 0)
+    e = tl.where(amax > 0, ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, 0)  # floor(log2 amax)
+    v = v * ((127 - e) << 23).to(tl.float32, bitcast=True)  # exact: a power of two
+    if F16:
+        h = v.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    else:  # round to nearest even by hand (the interpreter's fp32 -> bf16 conversion truncates)
+        b = v.to(tl.int32, bitcast=True)
+        h = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) & 0xFFFF
+    sh = (tl.arange(0, 4) * 8)[None, :]
+    lw = tl.sum((h & 0xFF).reshape(4, 4) << sh, axis=1)  # [4]: word i = low bytes of entries 4i..4i+3
+    hw = tl.sum((h >> 8).reshape(4, 4) << sh, axis=1)
+    i4 = tl.arange(0, 4)
+    t0, t1 = tl.sum(tl.where(i4 == 0, lw, 0), 0), tl.sum(tl.where(i4 == 1, lw, 0), 0)
+    t2, t3 = tl.sum(tl.where(i4 == 2, lw, 0), 0), tl.sum(tl.where(i4 == 3, lw, 0), 0)
+    t4, t5 = tl.sum(tl.where(i4 == 0, hw, 0), 0), tl.sum(tl.where(i4 == 1, hw, 0), 0)
+    t6, t7 = tl.sum(tl.where(i4 == 2, hw, 0), 0), tl.sum(tl.where(i4 == 3, hw, 0), 0)
+    return t0, t1, t2, t3, t4, t5, t6, t7, ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _words_dot(w, x0, x1, x2, x3, x4, x5, x6, x7, x_row, word, K, tabs, BITS: tl.constexpr, SIGNED: tl.constexpr,
+               F16: tl.constexpr, ASM: tl.constexpr, FP4: tl.constexpr, WORD_ASM: tl.constexpr, LUT: tl.constexpr):
     """fp32 dot product of each int32 word of `w` [BN, R, C] with its activations (x0..x7 from
     `_load_x`, [R, C]; the twin reads x_row + the code columns of `word` itself) by the PTX
     `WORD_ASM` (`word_asm`). 4 / 2-bit values are (c - off) / 8 (the caller scales by 8); int8
-    values are c (two's complement); fp4 values are exact."""
+    values are c (two's complement); fp4 values are exact; palette (LUT) values are the table's
+    entries over its factor (`tabs`: the eight byte tables of `_lut_tables`; the twin: (palette
+    pointer, its scale))."""
     CPW: tl.constexpr = 32 // BITS
     if ASM:
-        if FP4:  # + the four lookup tables as operands (they stay in registers across the loop)
+        if LUT:
+            z = w * 0
+            r = tl.inline_asm_elementwise(WORD_ASM, "=r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+                                          [w, x0[None], x1[None], x2[None], x3[None], z + tabs[0], z + tabs[1],
+                                           z + tabs[2], z + tabs[3], z + tabs[4], z + tabs[5], z + tabs[6],
+                                           z + tabs[7]], dtype=tl.int32, is_pure=True, pack=1)
+        elif FP4:  # + the four lookup tables as operands (they stay in registers across the loop)
             z = w * 0
             if F16:
                 t0, t1, t2, t3 = z + 0, z + 0, z + 0x3E3C3800, z + 0x46444240
@@ -290,7 +209,9 @@ def _words_dot(w, x0, x1, x2, x3, x4, x5, x6, x7, x_row, word, K, BITS: tl.const
         for i in tl.static_range(CPW):
             ci = (w >> (i * BITS)) & ((1 << BITS) - 1)
             c = ci.to(tl.float32)
-            if FP4:  # e2m1: sign, exponent e (bias 1), one mantissa bit
+            if LUT:
+                v = tl.load(tabs[0] + ci).to(tl.float32) * tabs[1]
+            elif FP4:  # e2m1: sign, exponent e (bias 1), one mantissa bit
                 e = (ci >> 1) & 3
                 mag = tl.where(e == 0, (ci & 1).to(tl.float32) * 0.5,
                                tl.math.exp2((e - 1).to(tl.float32)) * (1.0 + (ci & 1).to(tl.float32) * 0.5))
@@ -356,10 +277,10 @@ def _scale_values(s, z, SMODE: tl.constexpr, HAS_ZERO: tl.constexpr):
 
 
 @triton.jit
-def _step(wv, x0, x1, x2, x3, x4, x5, x6, x7, xs, s, z, x_row, word, wmask, K, KW, BITS: tl.constexpr,
+def _step(wv, x0, x1, x2, x3, x4, x5, x6, x7, xs, s, z, x_row, word, wmask, K, KW, tabs, BITS: tl.constexpr,
           SIGNED: tl.constexpr, SMODE: tl.constexpr, HAS_ZERO: tl.constexpr, SMUL: tl.constexpr, F16: tl.constexpr,
           WB: tl.constexpr, WPT: tl.constexpr, ASM: tl.constexpr, PROBE: tl.constexpr, FP4: tl.constexpr,
-          WORD_ASM: tl.constexpr):
+          WORD_ASM: tl.constexpr, LUT: tl.constexpr):
     """One iteration's scaled partial sums [BLOCK_N, NWG] from its words, activations (and their
     sums per word, `xs`, for zero points; the twin recomputes them) and scales."""
     if HAS_ZERO and not ASM:
@@ -367,8 +288,8 @@ def _step(wv, x0, x1, x2, x3, x4, x5, x6, x7, xs, s, z, x_row, word, wmask, K, K
     if PROBE == 1:
         p = wv.to(tl.float32)
     else:
-        p = _words_dot(wv, x0, x1, x2, x3, x4, x5, x6, x7, x_row, tl.where(wmask, word, KW), K, BITS,
-                       SIGNED, F16, ASM, FP4, WORD_ASM)  # [BLOCK_N, NWG, WPT]
+        p = _words_dot(wv, x0, x1, x2, x3, x4, x5, x6, x7, x_row, tl.where(wmask, word, KW), K, tabs, BITS,
+                       SIGNED, F16, ASM, FP4, WORD_ASM, LUT)  # [BLOCK_N, NWG, WPT]
     if PROBE == 2 or not (SMODE == 1 or SMODE == 2):
         part = tl.sum(p, axis=2) * SMUL
     elif WB % WPT == 0:  # one scale per group of WPT words
@@ -403,24 +324,27 @@ def _load_all(w_row, x_row, s_ptr, z_ptr, rows, stride_sn, w0, local, gblk0, k_h
 
 
 @triton.jit
-def _use(wv, xq, sr, zr, x_row, word, k_hi, K, KW, BITS: tl.constexpr, SIGNED: tl.constexpr, SMODE: tl.constexpr,
-         HAS_ZERO: tl.constexpr, SMUL: tl.constexpr, F16: tl.constexpr, WB: tl.constexpr, WPT: tl.constexpr,
-         ASM: tl.constexpr, PROBE: tl.constexpr, FP4: tl.constexpr, WORD_ASM: tl.constexpr):
+def _use(wv, xq, sr, zr, x_row, word, k_hi, K, KW, tabs, BITS: tl.constexpr, SIGNED: tl.constexpr,
+         SMODE: tl.constexpr, HAS_ZERO: tl.constexpr, SMUL: tl.constexpr, F16: tl.constexpr, WB: tl.constexpr,
+         WPT: tl.constexpr, ASM: tl.constexpr, PROBE: tl.constexpr, FP4: tl.constexpr, WORD_ASM: tl.constexpr,
+         LUT: tl.constexpr):
     """One step's scaled partial sums [BLOCK_N, NWG] from its raw loads (`_load_all`)."""
-    x0, x1, x2, x3, x4, x5, x6, x7, xs = _x_operands(xq, BITS, F16, HAS_ZERO, ASM, FP4)
+    # fp4 and palettes take the activation pairs as they lie in memory
+    x0, x1, x2, x3, x4, x5, x6, x7, xs = _x_operands(xq, BITS, F16, HAS_ZERO, ASM, FP4 or LUT)
     s, z = _scale_values(sr, zr, SMODE, HAS_ZERO)
-    return _step(wv, x0, x1, x2, x3, x4, x5, x6, x7, xs, s, z, x_row, word, word < k_hi, K, KW, BITS, SIGNED, SMODE,
-                 HAS_ZERO, SMUL, F16, WB, WPT, ASM, PROBE, FP4, WORD_ASM)
+    return _step(wv, x0, x1, x2, x3, x4, x5, x6, x7, xs, s, z, x_row, word, word < k_hi, K, KW, tabs, BITS, SIGNED,
+                 SMODE, HAS_ZERO, SMUL, F16, WB, WPT, ASM, PROBE, FP4, WORD_ASM, LUT)
 
 
 @triton.jit
-def _gemv_fast_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
-                      M, N, K, KW, stride_xm, stride_wn, stride_sn, stride_ym, WPS,
+def _gemv_fast_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, lut_ptr, ls_ptr,
+                      M, N, K, KW, stride_xm, stride_wn, stride_sn, stride_ym, WPS, LUT_DIV,
                       BITS: tl.constexpr, SIGNED: tl.constexpr, SMODE: tl.constexpr, HAS_ZERO: tl.constexpr,
                       HAS_RS: tl.constexpr, HAS_BIAS: tl.constexpr, SMUL: tl.constexpr, F16: tl.constexpr,
                       WB: tl.constexpr, NWG: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr,
                       WPT: tl.constexpr = 4, SPLIT_K: tl.constexpr = 1,
-                      FP4: tl.constexpr = False, WORD_ASM: tl.constexpr = "", PROBE: tl.constexpr = 0):
+                      FP4: tl.constexpr = False, WORD_ASM: tl.constexpr = "", PROBE: tl.constexpr = 0,
+                      LUT: tl.constexpr = False, HAS_LS: tl.constexpr = False):
     """y[m, rows] = x[m] @ W[rows]^T for BLOCK_N rows; each thread holds WPT consecutive words
     (4: one 16-byte load) of every row, NWG groups of WPT words per step, and the activations of
     those words once for all rows, in its own registers. WB: words per scale block; SMUL: the
@@ -432,6 +356,8 @@ def _gemv_fast_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, b_ptr, y_ptr, ws_ptr, 
     NWG * WPT) and the last program to finish a row block adds the fp32 partial sums from the
     workspace `ws_ptr` [SPLIT_K, M, N] (arrival counter `cnt_ptr`, reset to 0 by that program):
     small-N shapes get enough warps in flight without larger, slower programs.
+    LUT: 4-bit palette codes; every row of a program uses palette (first row) // LUT_DIV (the host
+    picks BLOCK_N so), times its int8 table's scale `ls_ptr` with HAS_LS (`_lut_tables`).
     PROBE (diagnostics only, wrong results): 1 no decode, 2 no scales."""
     pid = tl.program_id(0)
     pid_m = pid % M
@@ -443,6 +369,16 @@ def _gemv_fast_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, b_ptr, y_ptr, ws_ptr, 
     k_hi = tl.minimum(k_lo + WPS, KW)
     local = tl.arange(0, NWG)[:, None] * WPT + tl.arange(0, WPT)[None, :]  # [NWG, WPT]
     gblk0 = tl.arange(0, NWG) * WPT // WB  # scale block of each group of WPT words (WB % WPT == 0)
+    lut_mul = 1.0
+    if LUT:
+        g = ((pid // M) * BLOCK_N) // LUT_DIV
+        if ASM:
+            t0, t1, t2, t3, t4, t5, t6, t7, lut_mul = _lut_tables(lut_ptr, ls_ptr, g, HAS_LS, F16)
+            tabs = (t0, t1, t2, t3, t4, t5, t6, t7)
+        else:  # the twin reads the palette itself
+            tabs = (lut_ptr + g * 16, tl.load(ls_ptr + g).to(tl.float32) if HAS_LS else 1.0)
+    else:
+        tabs = (0, 0)
     # everything the loop reads (words, activations, scales) is loaded one step ahead, raw, and
     # what is computed from them (activation pairs, scale values) is computed in the step that
     # uses them, so that no instruction waits for the loads its own step issued. Two steps per
@@ -456,13 +392,13 @@ def _gemv_fast_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, b_ptr, y_ptr, ws_ptr, 
     for w0 in range(k_lo, k_hi, 2 * WORDS):
         wb, xb, sb, zb = _load_all(w_row, x_row, s_ptr, z_ptr, rows_c, stride_sn, w0 + WORDS, local, gblk0, k_hi, K,
                                    KW, BITS, SMODE, HAS_ZERO, WB, WPT, NWG, ASM)
-        acc += _use(wa, xa, sa, za, x_row, w0 + local, k_hi, K, KW, BITS, SIGNED, SMODE, HAS_ZERO, SMUL, F16, WB, WPT,
-                    ASM, PROBE, FP4, WORD_ASM)
+        acc += _use(wa, xa, sa, za, x_row, w0 + local, k_hi, K, KW, tabs, BITS, SIGNED, SMODE, HAS_ZERO, SMUL, F16,
+                    WB, WPT, ASM, PROBE, FP4, WORD_ASM, LUT)
         wa, xa, sa, za = _load_all(w_row, x_row, s_ptr, z_ptr, rows_c, stride_sn, w0 + 2 * WORDS, local, gblk0, k_hi,
                                    K, KW, BITS, SMODE, HAS_ZERO, WB, WPT, NWG, ASM)
-        acc += _use(wb, xb, sb, zb, x_row, w0 + WORDS + local, k_hi, K, KW, BITS, SIGNED, SMODE, HAS_ZERO, SMUL, F16,
-                    WB, WPT, ASM, PROBE, FP4, WORD_ASM)
-    y = tl.sum(acc, axis=1)
+        acc += _use(wb, xb, sb, zb, x_row, w0 + WORDS + local, k_hi, K, KW, tabs, BITS, SIGNED, SMODE, HAS_ZERO,
+                    SMUL, F16, WB, WPT, ASM, PROBE, FP4, WORD_ASM, LUT)
+    y = tl.sum(acc, axis=1) * lut_mul
     if SMODE == 3:
         y = y * tl.load(s_ptr + rows_c * stride_sn, mask=rmask, other=0).to(tl.float32)
     if HAS_RS:

@@ -145,10 +145,12 @@ def table_key(bits: int | str, m: int, k: int, n: int) -> str:
 
 def decode_family(spec: Spec) -> str | None:
     """The table key of formats whose decode costs differ enough from the integer codes' to win
-    with other configs: fp4 e2m1 codes ('fp4', PRMT table lookups) and affine codes ('asym', the
-    activation sums of the zero points); None for the rest. E.g. `decode_family(spec_of(fmt))`."""
+    with other configs: fp4 e2m1 codes ('fp4', PRMT table lookups), palettes ('lut', 16-entry PRMT
+    lookups) and affine codes ('asym', the activation sums of the zero points); None for the rest. E.g. `decode_family(spec_of(fmt))`."""
     if spec.code == 3:
         return "fp4"
+    if spec.code == 6:
+        return "lut"
     if spec.has_zero:
         return "asym"
     return None
@@ -376,10 +378,14 @@ def run(x2: torch.Tensor, planes: dict[str, torch.Tensor | None], spec: Spec, n:
 
 
 def fast_gemv_ok(spec: Spec, x2: torch.Tensor, w: torch.Tensor, k: int, has_lut: bool) -> bool:
-    """Whether `triton_gemv._gemv_fast_kernel` covers this call: integer codes or fp4 e2m1 (not
-    palettes or 8-bit minifloats), whole int32 words per row with K a multiple of the codes per
-    word, and 16-bit activations for 4 / 2-bit codes (their products are formed in that dtype)."""
-    if has_lut or spec.code not in (0, 1, 2, 3) or spec.bits not in (2, 4, 8) or (spec.code == 1) != (spec.bits == 8):
+    """Whether `triton_gemv._gemv_fast_kernel` covers this call: integer codes, fp4 e2m1 or 4-bit
+    palettes (not 2 / 8-bit palettes or 8-bit minifloats), whole int32 words per row with K a
+    multiple of the codes per word, and 16-bit activations for 4 / 2-bit codes (their products
+    are formed in that dtype)."""
+    if spec.code == 6:
+        if spec.bits != 4 or not has_lut:
+            return False
+    elif has_lut or spec.code not in (0, 1, 2, 3) or spec.bits not in (2, 4, 8) or (spec.code == 1) != (spec.bits == 8):
         return False
     if spec.code == 3 and spec.bits != 4:
         return False
@@ -409,18 +415,26 @@ def run_fast_gemv(x2, planes, spec: Spec, n: int, k: int, bias, y, cfg: dict) ->
     w = planes["data"]
     w32 = w.view(torch.int32) if w.is_contiguous() else w.contiguous().view(torch.int32)
     s, z, rs = planes.get("scale"), planes.get("zero"), planes.get("row_scale")
+    lut, ls = planes.get("lut"), planes.get("lut_scale")
+    if lut is not None:  # (G, 16) entries, (G, 1) scales: read at g * 16 and g
+        lut = lut.contiguous()
+        ls = ls.contiguous() if ls is not None else None
     if s is not None and s.stride(-1) != 1:
         s = s.contiguous()
     if z is not None and z.stride(-1) != 1:
         z = z.contiguous()
     wb = max(1, spec.bb // 4) if spec.smode in (1, 2) else 1
-    # the decode's constant: 4 / 2-bit integers come out as (c - off) / 8, fp4 as its value (its
+    # the decode's constant: 4 / 2-bit integers come out as (c - off) / 8, fp4 and palettes as their value (fp4's
     # `cmul` belongs to the fp16 bit-placement decode of triton_kernels.py, not to this one)
-    smul = 1.0 if spec.code == 3 else spec.cmul * (8.0 if spec.bits < 8 else 1.0)
+    smul = 1.0 if spec.code in (3, 6) else spec.cmul * (8.0 if spec.bits < 8 else 1.0)
     nw = cfg.get("num_warps", 4)
     wpt = cfg.get("WPT", 4)
     nwg = cfg.get("NWG", 32 * nw)
     bn = cfg["BLOCK_N"]
+    lut_div = planes.get("lut_div", None) or max(n, 1)
+    if lut is not None and lut.shape[0] > 1:  # a program's rows share one palette
+        while lut_div % bn:
+            bn //= 2
     kw = w32.shape[1]
     words = nwg * wpt
     split = cfg.get("SPLIT_K", 1)
@@ -435,13 +449,14 @@ def run_fast_gemv(x2, planes, spec: Spec, n: int, k: int, bias, y, cfg: dict) ->
     gemv = _kern("triton_gemv")
     gemv._gemv_fast_kernel[(rblocks, split)](
         x2, w32, s if s is not None else dummy, z if z is not None else dummy, rs if rs is not None else dummy,
-        bias if bias is not None else dummy, y, ws, cnt, m, n, k, kw, x2.stride(0), w32.stride(0),
-        s.stride(0) if s is not None else 0, y.stride(0), wps,
+        bias if bias is not None else dummy, y, ws, cnt, lut if lut is not None else dummy,
+        ls if ls is not None else dummy, m, n, k, kw, x2.stride(0), w32.stride(0),
+        s.stride(0) if s is not None else 0, y.stride(0), wps, lut_div,
         BITS=spec.bits, SIGNED=spec.code == 0, SMODE=spec.smode, HAS_ZERO=spec.has_zero, HAS_RS=rs is not None,
         HAS_BIAS=bias is not None, SMUL=smul, F16=x2.dtype == torch.float16, WB=wb, NWG=nwg, BLOCK_N=bn,
         ASM=not _interpreting(), WPT=wpt, SPLIT_K=split, FP4=spec.code == 3,
-        WORD_ASM=gemv.word_asm(spec.bits, spec.code == 3, x2.dtype == torch.float16, spec.code == 0),
-        PROBE=cfg.get("PROBE", 0),
+        WORD_ASM=gemv.word_asm(spec.bits, spec.code == 3, x2.dtype == torch.float16, spec.code == 0, spec.code == 6),
+        PROBE=cfg.get("PROBE", 0), LUT=spec.code == 6, HAS_LS=ls is not None,
         num_warps=nw, num_stages=cfg.get("num_stages", 1))
     return y
 
