@@ -17,7 +17,8 @@ import torch
 
 def halves_to_float(word: int, dt: torch.dtype) -> list[float]:
     """The two 16-bit floats (low half first) of a 32-bit word, as Python floats."""
-    return torch.tensor([word & 0xFFFF, (word >> 16) & 0xFFFF], dtype=torch.int32).to(torch.int16).view(dt).double().tolist()
+    halves = torch.tensor([word & 0xFFFF, (word >> 16) & 0xFFFF], dtype=torch.int32).to(torch.int16)
+    return halves.view(dt).double().tolist()
 
 
 def float_to_halves(vals: list[float], dt: torch.dtype) -> int:

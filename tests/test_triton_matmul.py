@@ -173,6 +173,29 @@ def test_heuristic_configs_and_split_counters_reset():
     assert int(tlin._counters(torch.device("cpu")).abs().sum()) == 0
 
 
+def test_heuristic_takes_dot4_for_4bit_codes_up_to_128_rows():
+    """Untuned shapes: 4-bit integer codes take `dot4` at M = 5..16 and 65..128, and at M = 17..64
+    for weights of >= 16M elements (16-row x tiles split in the kernel to M = 16, 32 / 64 rows
+    split by the host above, K split while the grid has fewer than two programs per SM); other
+    formats take `dot` up to M = 64 and dequantize + cuBLAS above; a dot4 config on a format dot4
+    does not decode falls back to a non-dot4 heuristic."""
+    spec = tlin.spec_of(lowbit.PRESETS["int4"])
+    sm = tlin._sm_count()
+    c16, c128 = (tlin.heuristic(spec, m, 4096, 1024) for m in (16, 128))
+    c32 = tlin.heuristic(spec, 32, 4096, 8192)
+    assert (c16["path"], c16["BLOCK_M"], c16["XPERM"]) == ("dot4", 16, False)
+    assert c16["SPLIT_K"] == (4 if 16 * 4 < 2 * sm else 2)
+    assert (c32["path"], c32["BLOCK_M"], c32["XPERM"], c128["BLOCK_M"]) == ("dot4", 32, True, 64)
+    assert tlin.heuristic(spec, 32, 4096, 1024)["path"] == "dot"  # a small weight at M = 17..64
+    assert tlin.heuristic(spec, 200, 4096, 1024)["path"] == "dequant"
+    assert tlin.heuristic(spec, 16, 4096, 1024, allow_dot4=False)["path"] == "dot"
+    for other in ("mxfp4", "int8", "lut4"):
+        assert tlin.heuristic(tlin.spec_of(lowbit.PRESETS[other]), 16, 4096, 1024)["path"] == "dot"
+        assert tlin.heuristic(tlin.spec_of(lowbit.PRESETS[other]), 65, 4096, 1024)["path"] == "dequant"
+    qt = _qweight("mxfp4", 24, 256, seed=4)  # a dot4 config on fp4 codes: run falls back
+    _check(qt, torch.randn(9, 256, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16), c16)
+
+
 def test_table_prefers_the_decode_family_then_bits_then_any(monkeypatch):
     """`choose` takes an fp4 / affine entry for mxfp4 / int4-asym, the bits entry next, then '*';
     a dot4 bits entry is skipped by fp4 codes, which dot4 does not decode."""

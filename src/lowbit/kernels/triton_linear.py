@@ -156,23 +156,36 @@ def decode_family(spec: Spec) -> str | None:
     return None
 
 
-def heuristic(spec: Spec, m: int, k: int, n: int) -> dict:
-    """Config used where the table has no entry (and the tuner's starting point)."""
+def heuristic(spec: Spec, m: int, k: int, n: int, allow_dot4: bool = True) -> dict:
+    """Config used where the table has no entry (and the tuner's starting point): a GEMV up to
+    M = 4; `dot4` for 4-bit integer codes at M = 5..16 and 65..128, and at 17..64 for weights of
+    >= 16M elements; the tensor-core `dot` tiles for other formats up to M = 64; dequantize +
+    cuBLAS above. dot4 tiles are those that won most often in the kernel table: 16-row x tiles
+    split in the kernel up to M = 16, 32 / 64 rows split by the host above, K split until about two
+    programs per SM. The bounds come from timing both sides on eight untuned shapes (H200,
+    RESULTS.md 2026-11-25: above M = 64 `dot` ran 2.5-4x slower than dequantize + cuBLAS). E.g.
+    `heuristic(spec_of(PRESETS["int4"]), 16, 4096, 1024)["path"] == "dot4"`."""
     import triton
 
     sm = _sm_count()
     if m <= 4:
         return {"path": "gemv", "BLOCK_N": 4, "NB_T": max(1, 1024 // spec.bb), "NW": 256, "num_warps": 4}
-    if m <= 256:
-        block_m = max(16, min(64, triton.next_power_of_2(m))) if m <= 64 else 128
-        block_n = 64 if m <= 64 else 128
-        nb_t = max(1, 64 // spec.bb)
-        tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    if allow_dot4 and dot4_format_ok(spec) and (m <= 16 or 64 < m <= 128 or (m <= 64 and n * k >= 1 << 24)):
+        block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+        tiles = triton.cdiv(n, 64) * triton.cdiv(m, block_m)
+        split = 1
+        while tiles * split < 2 * sm and split < 4 and k // (split * 2) >= 1024:
+            split *= 2
+        return {"path": "dot4", "BLOCK_N": 64, "BLOCK_M": block_m, "NB_T": max(1, 128 // spec.bb), "num_warps": 4,
+                "STAGES": 4 if block_m == 16 else 3, "SPLIT_K": split, "XPERM": block_m > 16}
+    if m <= 64:
+        block_m = max(16, triton.next_power_of_2(m))
+        tiles = triton.cdiv(n, 64) * triton.cdiv(m, block_m)
         split = 1
         while tiles * split < 2 * sm and split < 16 and k // (split * 2) >= 512:
             split *= 2
-        return {"path": "dot", "BLOCK_N": block_n, "BLOCK_M": block_m, "NB_T": nb_t, "SPLIT_K": split,
-                "SWAP": m <= 64, "num_warps": 4, "num_stages": 3}
+        return {"path": "dot", "BLOCK_N": 64, "BLOCK_M": block_m, "NB_T": max(1, 64 // spec.bb), "SPLIT_K": split,
+                "SWAP": True, "num_warps": 4, "num_stages": 3}
     return {"path": "dequant", "BLOCK_N": 16, "NB_T": max(1, 128 // spec.bb), "num_warps": 4}
 
 
@@ -329,7 +342,7 @@ def run(x2: torch.Tensor, planes: dict[str, torch.Tensor | None], spec: Spec, n:
     if path == "dot4" and dot4_ok(spec, x2, lut is not None, w):
         return run_dot4(x2, planes, spec, n, k, bias, y, cfg)
     if path in ("gemv2", "dot4"):  # a table entry for a fast path, on a format it does not cover
-        cfg = heuristic(spec, m if path == "dot4" else 1, k, n)
+        cfg = heuristic(spec, m if path == "dot4" else 1, k, n, allow_dot4=False)
         path = cfg["path"]
     if path == "gemv" and kb % 4 == 0 and w.stride(0) % 4 == 0 and w.data_ptr() % 4 == 0:
         # the word GEMV: data plane viewed as int32, one word (32 / bits codes) per thread and row
