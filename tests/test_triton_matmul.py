@@ -375,3 +375,24 @@ def test_lut_tables_scale_the_palette_into_one_to_two(int8_table, dtype):
         lo, hi = (h & 0xFF).tolist(), (h >> 8).tolist()
         want = [sum(t[4 * i + j] << (8 * j) for j in range(4)) for t in (lo, hi) for i in range(4)]
         assert [w & 0xFFFFFFFF for w in out.tolist()] == want, g
+
+
+def test_dot_tiles_count_codes_and_fall_back_when_they_do_not_fit(monkeypatch):
+    """`dot` table entries give sub-4-bit formats as many codes per iteration as 4-bit ones (not as
+    many bytes: int2 at 128 x 128 tiles asked an H200 for 256 KiB of shared memory), and a tile the
+    GPU refuses (OutOfResources) falls back to dequantize + cuBLAS with a warning, same result."""
+    specs = {p: tlin.spec_of(lowbit.PRESETS[p]) for p in ("int2-e8m0", "int4-e8m0", "mxfp4", "int8")}
+    assert [tlin.dot_blocks(64, specs[p]) for p in specs] == [4, 4, 4, 2]
+    assert tlin._fit({"path": "dot", "KB_T": 64}, specs["int2-e8m0"], 128)["NB_T"] == 4
+    assert tlin._fit({"path": "dequant", "KB_T": 64}, specs["int2-e8m0"], 128)["NB_T"] == 8
+
+    class Refuses:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise triton.runtime.errors.OutOfResources(262144, 232448, "shared memory")
+            return launch
+
+    monkeypatch.setattr(tlin._kern(), "_dot_kernel", Refuses())
+    qt = _qweight("int2-e8m0", 24, 256, seed=6)
+    with pytest.warns(RuntimeWarning, match="dequantize"):
+        _check(qt, torch.randn(70, 256, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16), DOT_PLAIN)

@@ -184,7 +184,7 @@ def heuristic(spec: Spec, m: int, k: int, n: int, allow_dot4: bool = True) -> di
         split = 1
         while tiles * split < 2 * sm and split < 16 and k // (split * 2) >= 512:
             split *= 2
-        return {"path": "dot", "BLOCK_N": 64, "BLOCK_M": block_m, "NB_T": max(1, 64 // spec.bb), "SPLIT_K": split,
+        return {"path": "dot", "BLOCK_N": 64, "BLOCK_M": block_m, "NB_T": dot_blocks(64, spec), "SPLIT_K": split,
                 "SWAP": True, "num_warps": 4, "num_stages": 3}
     return {"path": "dequant", "BLOCK_N": 16, "NB_T": max(1, 128 // spec.bb), "num_warps": 4}
 
@@ -203,11 +203,19 @@ def choose(spec: Spec, m: int, k: int, n: int) -> dict:
     return heuristic(spec, m, k, n)
 
 
+def dot_blocks(kb_t: int, spec: Spec) -> int:
+    """Scale blocks per iteration of the `dot` tiles for `kb_t` bytes of a 4-bit row: formats under
+    4 bits get as many codes per iteration as 4-bit ones, not as many bytes (the decoded tile, in
+    shared memory, grows with the codes: int2 at 128 x 128 tiles asked for 256 KiB on an H200).
+    E.g. `dot_blocks(64, spec_of(PRESETS["int2-e8m0"])) == 4`."""
+    return max(1, kb_t * min(spec.bits, 4) // (4 * spec.bb))
+
+
 def _fit(cfg: dict, spec: Spec, m: int) -> dict:
     """A table config (sizes in bytes per row per iteration, `KB_T`) made concrete for `spec`."""
     if "KB_T" in cfg:
         kbt = cfg.pop("KB_T")
-        cfg["NB_T"] = max(1, kbt // spec.bb)
+        cfg["NB_T"] = dot_blocks(kbt, spec) if cfg["path"] == "dot" else max(1, kbt // spec.bb)
         if cfg["path"] == "gemv":
             cfg["NW"] = max(4, kbt // 4)
     cfg.pop("us", None)
@@ -373,11 +381,17 @@ def run(x2: torch.Tensor, planes: dict[str, torch.Tensor | None], spec: Spec, n:
             grid = grid[:2] + (1,)
         ws = torch.empty(split, m, n, device=x2.device, dtype=torch.float32) if split > 1 else y
         cnt = _counters(x2.device) if split > 1 else dummy
-        _kern()._dot_kernel[grid](x2, w, *ptrs, bias if bias is not None else dummy, y, ws, cnt,
-                             m, n, k, kb, x2.stride(0), w.stride(0), stride_sn, y.stride(0), lut_div, bps,
-                             HAS_BIAS=bias is not None, NB_T=nb_t, BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"],
-                             SPLIT_K=split, SWAP=bool(cfg["SWAP"]), DOT_DTYPE=_dot_dtype(x2.dtype),
-                             num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3), **common)
+        try:
+            _kern()._dot_kernel[grid](x2, w, *ptrs, bias if bias is not None else dummy, y, ws, cnt,
+                                 m, n, k, kb, x2.stride(0), w.stride(0), stride_sn, y.stride(0), lut_div, bps,
+                                 HAS_BIAS=bias is not None, NB_T=nb_t, BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"],
+                                 SPLIT_K=split, SWAP=bool(cfg["SWAP"]), DOT_DTYPE=_dot_dtype(x2.dtype),
+                                 num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3), **common)
+        except triton.runtime.errors.OutOfResources as e:  # a table entry too large for this format here
+            _warn_once(("dot", spec, cfg["BLOCK_N"], cfg["BLOCK_M"], nb_t),
+                       f"lowbit: the dot tiles {cfg} do not fit this GPU for format {spec.key()} ({e}); "
+                       "using dequantize + cuBLAS instead (re-measure the kernel table with benchmarks/matmul.py --tune)")
+            return run(x2, planes, spec, n, k, bias, cfg=heuristic(spec, 1 << 20, k, n), out=out)
     elif path == "dequant":
         wd = dequantize(planes, spec, n, k, x2.dtype, cfg)
         y2 = torch.nn.functional.linear(x2, wd, None if bias is None else bias.to(x2.dtype))
@@ -388,6 +402,17 @@ def run(x2: torch.Tensor, planes: dict[str, torch.Tensor | None], spec: Spec, n:
     else:
         raise ValueError(f"unknown triton path {path!r} in config {cfg}")
     return y
+
+
+_WARNED: set = set()
+
+
+def _warn_once(key, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        import warnings
+
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def fast_gemv_ok(spec: Spec, x2: torch.Tensor, w: torch.Tensor, k: int, has_lut: bool) -> bool:
