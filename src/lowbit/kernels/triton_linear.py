@@ -389,8 +389,8 @@ def run(x2: torch.Tensor, planes: dict[str, torch.Tensor | None], spec: Spec, n:
                                  num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3), **common)
         except triton.runtime.errors.OutOfResources as e:  # a table entry too large for this format here
             _warn_once(("dot", spec, cfg["BLOCK_N"], cfg["BLOCK_M"], nb_t),
-                       f"lowbit: the dot tiles {cfg} do not fit this GPU for format {spec.key()} ({e}); "
-                       "using dequantize + cuBLAS instead (re-measure the kernel table with benchmarks/matmul.py --tune)")
+                       f"lowbit: the dot tiles {cfg} do not fit this GPU for format {spec.key()} ({e}); using "
+                       "dequantize + cuBLAS instead (re-measure the kernel table: benchmarks/matmul.py --tune)")
             return run(x2, planes, spec, n, k, bias, cfg=heuristic(spec, 1 << 20, k, n), out=out)
     elif path == "dequant":
         wd = dequantize(planes, spec, n, k, x2.dtype, cfg)
