@@ -36,7 +36,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lowbit.kernels.gemv_ptx import word_asm  # noqa: F401  (the host passes word_asm(...) as WORD_ASM)
 from lowbit.kernels.triton_modes import kernel_module
 
 # the split-K epilogue, compiled in this module's mode

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from ..formats import Format, QTensor
+from .gemv_ptx import word_asm
 from .nibble_ptx import asm_nibbles
 from .registry import register
 from .triton_modes import interpreting, kernel_module
@@ -493,7 +494,7 @@ def run_fast_gemv(x2, planes, spec: Spec, n: int, k: int, bias, y, cfg: dict) ->
         BITS=spec.bits, SIGNED=spec.code == 0, SMODE=spec.smode, HAS_ZERO=spec.has_zero, HAS_RS=rs is not None,
         HAS_BIAS=bias is not None, SMUL=smul, F16=x2.dtype == torch.float16, WB=wb, NWG=nwg, BLOCK_N=bn,
         ASM=not _interpreting(), WPT=wpt, SPLIT_K=split, FP4=spec.code == 3,
-        WORD_ASM=gemv.word_asm(spec.bits, spec.code == 3, x2.dtype == torch.float16, spec.code == 0, spec.code == 6),
+        WORD_ASM=word_asm(spec.bits, spec.code == 3, x2.dtype == torch.float16, spec.code == 0, spec.code == 6),
         PROBE=cfg.get("PROBE", 0), LUT=spec.code == 6, HAS_LS=ls is not None,
         num_warps=nw, num_stages=cfg.get("num_stages", 1))
     return y
