@@ -85,20 +85,29 @@ def test_every_path_matches_dequantize_then_matmul(preset):
         _check(qt, x, cfg, bias=bias if m != 3 else None)
 
 
+def _check_fast_gemv(qt, cfgs, seed: int, m_dtypes) -> torch.Tensor:
+    """`qt` through the packed-pair GEMV with each config, for each (M, activation dtype), with a
+    bias; asserts `fast_gemv_ok` first. Returns the last activations."""
+    n, k = qt.shape
+    spec, planes = tlin.spec_of(qt.fmt), tlin.kernel_planes(qt)
+    g = torch.Generator().manual_seed(seed)
+    bias = torch.randn(n, generator=g)
+    for m, dt in m_dtypes:
+        x = torch.randn(m, k, generator=g).to(dt)
+        assert tlin.fast_gemv_ok(spec, x, planes["data"], k, "lut" in planes)
+        for cfg in cfgs:
+            _check(qt, x, cfg, bias=bias)
+    return x
+
+
 @pytest.mark.parametrize("preset", ["int4", "int4-asym", "int4-e8m0", "int2-e8m0", "int2", "int8", "mxint8", "mxfp4"])
 def test_fast_gemv_covers_integer_codes(preset):
     """The packed-pair GEMV takes every integer format (2-bit rows of whole words need K % 16 == 0),
     several iterations along K, scales per block, per 4-word group or per row, zero points, bias."""
     n, k = 19, 320
     qt = _qweight(preset, n, k, seed=len(preset) + 1)
-    spec, planes = tlin.spec_of(qt.fmt), tlin.kernel_planes(qt)
-    g = torch.Generator().manual_seed(5)
-    bias = torch.randn(n, generator=g)
-    for m, dt in ((1, torch.bfloat16), (2, torch.float16)):
-        x = torch.randn(m, k, generator=g).to(dt)
-        assert tlin.fast_gemv_ok(spec, x, planes["data"], k, False)
-        for cfg in GEMV2_VARIANTS:
-            _check(qt, x, cfg, bias=bias)
+    x = _check_fast_gemv(qt, GEMV2_VARIANTS, seed=5, m_dtypes=((1, torch.bfloat16), (2, torch.float16)))
+    planes = tlin.kernel_planes(qt)
     assert not tlin.fast_gemv_ok(tlin.spec_of(lowbit.PRESETS["mxfp8-e4m3"]), x, planes["data"], k, False)
 
 
@@ -313,14 +322,8 @@ def test_fast_gemv_takes_4bit_palettes(kw):
     so a program's rows share one palette), per group of 4 rows; bf16 and fp16, bias, split K."""
     n, k = 32, 320
     qt = _qweight("lut4", n, k, seed=9, **kw)
-    spec, planes = tlin.spec_of(qt.fmt), tlin.kernel_planes(qt)
-    g = torch.Generator().manual_seed(13)
-    bias = torch.randn(n, generator=g)
-    for m, dt in ((1, torch.bfloat16), (3, torch.float16)):
-        x = torch.randn(m, k, generator=g).to(dt)
-        assert tlin.fast_gemv_ok(spec, x, planes["data"], k, True)
-        for cfg in (GEMV2, dict(GEMV2, BLOCK_N=16), dict(GEMV2, SPLIT_K=3)):
-            _check(qt, x, cfg, bias=bias)
+    x = _check_fast_gemv(qt, (GEMV2, dict(GEMV2, BLOCK_N=16), dict(GEMV2, SPLIT_K=3)), seed=13,
+                         m_dtypes=((1, torch.bfloat16), (3, torch.float16)))
     for other in ("lut2", "lut8"):
         q2 = _qweight(other, n, k, seed=1)
         assert not tlin.fast_gemv_ok(tlin.spec_of(q2.fmt), x, tlin.kernel_planes(q2)["data"], k, True)
