@@ -174,7 +174,7 @@ def test_heuristic_configs_and_split_counters_reset():
     qt = _qweight("int4-e8m0", 40, 512, seed=11)
     spec = tlin.spec_of(qt.fmt)
     g = torch.Generator().manual_seed(11)
-    for m in (1, 9, 70, 300):
+    for m in (1, 3, 9, 70, 300):
         cfg = tlin.heuristic(spec, m, 512, 40)
         x = torch.randn(m, 512, generator=g).to(torch.bfloat16)
         _check(qt, x, cfg)
@@ -183,7 +183,7 @@ def test_heuristic_configs_and_split_counters_reset():
 
 
 def test_heuristic_takes_dot4_for_4bit_codes_up_to_128_rows():
-    """Untuned shapes: 4-bit integer codes take `dot4` at M = 5..16 and 65..128, and at M = 17..64
+    """Untuned shapes: 4-bit integer codes take `dot4` at M = 3..16 and 65..128, and at M = 17..64
     for weights of >= 16M elements (16-row x tiles split in the kernel to M = 16, 32 / 64 rows
     split by the host above, K split while the grid has fewer than two programs per SM); other
     formats take `dot` up to M = 64 and dequantize + cuBLAS above; a dot4 config on a format dot4
@@ -197,6 +197,8 @@ def test_heuristic_takes_dot4_for_4bit_codes_up_to_128_rows():
     assert (c32["path"], c32["BLOCK_M"], c32["XPERM"], c128["BLOCK_M"]) == ("dot4", 32, True, 64)
     assert tlin.heuristic(spec, 32, 4096, 1024)["path"] == "dot"  # a small weight at M = 17..64
     assert tlin.heuristic(spec, 200, 4096, 1024)["path"] == "dequant"
+    assert [tlin.heuristic(spec, m, 4096, 1024)["path"] for m in (1, 2, 3, 4)] == ["gemv", "gemv", "dot4", "dot4"]
+    assert tlin.heuristic(tlin.spec_of(lowbit.PRESETS["int8"]), 4, 4096, 1024)["path"] == "gemv"
     assert tlin.heuristic(spec, 16, 4096, 1024, allow_dot4=False)["path"] == "dot"
     for other in ("mxfp4", "int8", "lut4"):
         assert tlin.heuristic(tlin.spec_of(lowbit.PRESETS[other]), 16, 4096, 1024)["path"] == "dot"

@@ -159,9 +159,11 @@ def decode_family(spec: Spec) -> str | None:
 
 def heuristic(spec: Spec, m: int, k: int, n: int, allow_dot4: bool = True) -> dict:
     """Config used where the table has no entry (and the tuner's starting point): a GEMV up to
-    M = 4; `dot4` for 4-bit integer codes at M = 5..16 and 65..128, and at 17..64 for weights of
-    >= 16M elements; the tensor-core `dot` tiles for other formats up to M = 64; dequantize +
-    cuBLAS above. dot4 tiles are those that won most often in the kernel table: 16-row x tiles
+    M = 4 (M = 2 for 4-bit integer codes: the GEMV's work grows with M, at M = 4 it ran at
+    0.80-0.97x bf16 where dot4 at M = 8 ran 1.3-1.6x); `dot4` for 4-bit integer codes at M =
+    3..16 and 65..128, and at 17..64 for weights of >= 16M elements; the tensor-core `dot` tiles
+    for other formats up to M = 64; dequantize + cuBLAS above. dot4 tiles are those that won
+    most often in the kernel table: 16-row x tiles
     split in the kernel up to M = 16, 32 / 64 rows split by the host above, K split until about two
     programs per SM. The bounds come from timing both sides on eight untuned shapes (H200,
     RESULTS.md 2026-11-25: above M = 64 `dot` ran 2.5-4x slower than dequantize + cuBLAS). E.g.
@@ -169,9 +171,10 @@ def heuristic(spec: Spec, m: int, k: int, n: int, allow_dot4: bool = True) -> di
     import triton
 
     sm = _sm_count()
-    if m <= 4:
+    dot4 = allow_dot4 and dot4_format_ok(spec)
+    if m <= 2 or (m <= 4 and not dot4):
         return {"path": "gemv", "BLOCK_N": 4, "NB_T": max(1, 1024 // spec.bb), "NW": 256, "num_warps": 4}
-    if allow_dot4 and dot4_format_ok(spec) and (m <= 16 or 64 < m <= 128 or (m <= 64 and n * k >= 1 << 24)):
+    if dot4 and (m <= 16 or 64 < m <= 128 or (m <= 64 and n * k >= 1 << 24)):
         block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
         tiles = triton.cdiv(n, 64) * triton.cdiv(m, block_m)
         split = 1
@@ -242,7 +245,7 @@ def candidates(spec: Spec, m: int, k: int, n: int) -> list[dict]:
                             (2, 1024, 4), (4, 2048, 8), (8, 2048, 8), (16, 512, 4)):
             out.append({"path": "gemv", "BLOCK_N": bn, "KB_T": kbt, "num_warps": nw})
     sm = _sm_count()
-    if 4 < m <= 256 and dot4_format_ok(spec):  # the packed-nibble tensor-core path
+    if 1 < m <= 256 and dot4_format_ok(spec):  # the packed-nibble tensor-core path
         # (BLOCK_N, BLOCK_M, KB_T, warps, STAGES, SPLIT_K, XPERM), from the H200 sweeps of
         # benchmarks/gemv_probe.py --m 16 64 256 (RESULTS.md): split K 2-4 and 256-512 codes per
         # iteration at M = 16; x split by the host (XPERM) from M = 32; split 4 at M = 64 (won on
