@@ -173,9 +173,18 @@ def build(c: dict, max_len: int, device) -> Decoder:
 
 
 def swap_linears(model: nn.Module, fmt: str | None, originals: dict) -> None:
-    """Every nn.Linear -> QuantLinear(fmt) (fmt None: put the originals back)."""
+    """Every nn.Linear -> QuantLinear(fmt) (fmt None: put the originals back). Palettes (`lut4`) get
+    a random table and random codes as in matmul.py (k-means over 8B weights is slow and does not
+    change the speed)."""
     import lowbit
     from lowbit.nn import QuantLinear
+
+    def quantized(w: torch.Tensor):
+        if lowbit.PRESETS[fmt].family == "lut":
+            from matmul import gpu_weight  # benchmarks/ is on sys.path when this script runs
+
+            return gpu_weight(fmt, w)
+        return lowbit.quantize_tensor(w.float(), fmt)
 
     for name, mod in list(model.named_modules()):
         for cname, child in list(mod.named_children()):
@@ -185,7 +194,7 @@ def swap_linears(model: nn.Module, fmt: str | None, originals: dict) -> None:
                 if fmt is None:
                     setattr(mod, cname, orig)
                 else:
-                    q = QuantLinear(lowbit.quantize_tensor(orig.weight.detach().float(), fmt))
+                    q = QuantLinear(quantized(orig.weight.detach()))
                     q._lowbit_name = full
                     setattr(mod, cname, q)
 
