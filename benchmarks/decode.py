@@ -9,7 +9,8 @@ lm_head, RoPE theta 500000. It is a minimal decoder written here with the module
 transformers' `LlamaForCausalLM` (`layers.N.self_attn.q_proj`, ..., `mlp.down_proj`, `lm_head`) and
 a static KV cache, so that one whole decode step captures in a CUDA graph.
 Every `nn.Linear`, lm_head included, becomes a lowbit `QuantLinear` for the quantized runs (the
-embedding stays bf16: a lookup reads one row). One decode step (all layers, the argmax, the KV
+embedding stays bf16: a lookup reads one row); palettes (`--formats lut4`) get random tables and
+codes, as in matmul.py. One decode step (all layers, the argmax, the KV
 cache write, the position update) is captured in a CUDA graph and replayed; tokens/s = steps /
 time, after a 128-token random prefix in the cache. Correctness: the first step's logits of every
 lowbit model against the same model run with the reference backend (dequantize, then F.linear).
