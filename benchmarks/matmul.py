@@ -128,7 +128,8 @@ def gpu_weight(name: str, w: torch.Tensor) -> "lowbit.QTensor":
                                                  dtype=torch.int16)).values.to(torch.int8)
         planes["lut_scale"] = (torch.rand(n_luts, 1, device=w.device, generator=g) * 2e-4 + 1e-4).half()
     else:
-        planes["lut"] = torch.sort(torch.randn(n_luts, 1 << fmt.bits, device=w.device, generator=g) * 0.02).values.half()
+        table = torch.randn(n_luts, 1 << fmt.bits, device=w.device, generator=g) * 0.02
+        planes["lut"] = torch.sort(table).values.half()
     if fmt.per_channel_scale:
         planes["scale"] = (torch.rand(n, 1, device=w.device, generator=g) + 0.5).half()
     return QTensor(planes, fmt, (n, k))

@@ -147,7 +147,8 @@ def table_key(bits: int | str, m: int, k: int, n: int) -> str:
 def decode_family(spec: Spec) -> str | None:
     """The table key of formats whose decode costs differ enough from the integer codes' to win
     with other configs: fp4 e2m1 codes ('fp4', PRMT table lookups), palettes ('lut', 16-entry PRMT
-    lookups) and affine codes ('asym', the activation sums of the zero points); None for the rest. E.g. `decode_family(spec_of(fmt))`."""
+    lookups) and affine codes ('asym', the activation sums of the zero points); None for the rest.
+    E.g. `decode_family(spec_of(fmt))`."""
     if spec.code == 3:
         return "fp4"
     if spec.code == 6:
@@ -163,10 +164,10 @@ def heuristic(spec: Spec, m: int, k: int, n: int, allow_dot4: bool = True) -> di
     0.80-0.97x bf16 where dot4 at M = 8 ran 1.3-1.6x); `dot4` for 4-bit integer codes at M =
     3..16 and 65..128, and at 17..64 for weights of >= 16M elements; the tensor-core `dot` tiles
     for other formats up to M = 64; dequantize + cuBLAS above. dot4 tiles are those that won
-    most often in the kernel table: 16-row x tiles
-    split in the kernel up to M = 16, 32 / 64 rows split by the host above, K split until about two
-    programs per SM. The bounds come from timing both sides on eight untuned shapes (H200,
-    RESULTS.md 2026-11-25: above M = 64 `dot` ran 2.5-4x slower than dequantize + cuBLAS). E.g.
+    most often in the kernel table: 16-row x tiles split in the kernel up to M = 16, 32 / 64 rows
+    split by the host above, K split until about two programs per SM. The bounds come from timing
+    both sides on eight untuned shapes (H200, RESULTS.md 2026-11-25: above M = 64 `dot` ran 2.5-4x
+    slower than dequantize + cuBLAS). E.g.
     `heuristic(spec_of(PRESETS["int4"]), 16, 4096, 1024)["path"] == "dot4"`."""
     import triton
 
