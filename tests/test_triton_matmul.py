@@ -111,11 +111,12 @@ def test_fast_gemv_covers_integer_codes(preset):
     assert not tlin.fast_gemv_ok(tlin.spec_of(lowbit.PRESETS["mxfp8-e4m3"]), x, planes["data"], k, False)
 
 
-@pytest.mark.parametrize("preset", ["int4", "int4-asym", "int4-e8m0"])
+@pytest.mark.parametrize("preset", ["int4", "int4-asym", "int4-e8m0", "mxfp4", "int8", "mxint8"])
 def test_packed_nibble_tensor_core_path(preset):
     """`dot4` (triton_dot4.py, its fp32 twin here): several scale blocks per iteration, split K, M
     not a multiple of the tile, rows past N, K with a partial last block, zero points, bias, x split
-    by nibble position in the kernel or by the host (XPERM)."""
+    by code position in the kernel or by the host (XPERM); 4-bit integer and e2m1 nibbles, int8
+    bytes with a scale per row (applied to the sums) or per block."""
     n, k = 37, 328
     qt = _qweight(preset, n, k, seed=len(preset) + 3)
     spec, planes = tlin.spec_of(qt.fmt), tlin.kernel_planes(qt)
@@ -127,7 +128,7 @@ def test_packed_nibble_tensor_core_path(preset):
         x = torch.randn(m, k, generator=g).to(torch.bfloat16)
         assert tlin.dot4_ok(spec, x, False)
         _check(qt, x, cfg, bias=bias if m == 5 else None)
-    assert not tlin.dot4_ok(tlin.spec_of(lowbit.PRESETS["int8"]), x, False)
+    assert not tlin.dot4_ok(tlin.spec_of(lowbit.PRESETS["lut4"]), x, False)
     assert tlin.dot4_ok(spec, x, False, planes["data"])
     assert not tlin.dot4_ok(spec, x, False, planes["data"][:, :-1])  # an odd number of bytes: no uint16 view
 
@@ -198,31 +199,35 @@ def test_heuristic_takes_dot4_for_4bit_codes_up_to_128_rows():
     assert tlin.heuristic(spec, 32, 4096, 1024)["path"] == "dot"  # a small weight at M = 17..64
     assert tlin.heuristic(spec, 200, 4096, 1024)["path"] == "dequant"
     assert [tlin.heuristic(spec, m, 4096, 1024)["path"] for m in (1, 2, 3, 4)] == ["gemv", "gemv", "dot4", "dot4"]
-    assert tlin.heuristic(tlin.spec_of(lowbit.PRESETS["int8"]), 4, 4096, 1024)["path"] == "gemv"
+    assert tlin.heuristic(tlin.spec_of(lowbit.PRESETS["int8"]), 4, 4096, 1024)["path"] == "dot4"
+    assert tlin.heuristic(tlin.spec_of(lowbit.PRESETS["lut4"]), 4, 4096, 1024)["path"] == "gemv"
     assert tlin.heuristic(spec, 16, 4096, 1024, allow_dot4=False)["path"] == "dot"
-    for other in ("mxfp4", "int8", "lut4"):
+    for other in ("mxfp4", "int8", "mxint8"):  # codes dot4 decodes besides 4-bit integers
+        assert tlin.heuristic(tlin.spec_of(lowbit.PRESETS[other]), 16, 4096, 1024)["path"] == "dot4"
+    for other in ("lut4", "mxfp8-e4m3"):
         assert tlin.heuristic(tlin.spec_of(lowbit.PRESETS[other]), 16, 4096, 1024)["path"] == "dot"
         assert tlin.heuristic(tlin.spec_of(lowbit.PRESETS[other]), 65, 4096, 1024)["path"] == "dequant"
-    qt = _qweight("mxfp4", 24, 256, seed=4)  # a dot4 config on fp4 codes: run falls back
+    qt = _qweight("lut4", 24, 256, seed=4)  # a dot4 config on palette codes: run falls back
     _check(qt, torch.randn(9, 256, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16), c16)
 
 
 def test_table_prefers_the_decode_family_then_bits_then_any(monkeypatch):
     """`choose` takes an fp4 / affine entry for mxfp4 / int4-asym, the bits entry next, then '*';
-    a dot4 bits entry is skipped by fp4 codes, which dot4 does not decode."""
+    a dot4 bits entry is skipped by palette codes, which dot4 does not decode."""
     entries = {"*|1|64|32": {"path": "gemv2", "BLOCK_N": 4, "num_warps": 1, "NWG": 32, "WPT": 4},
                "fp4|1|64|32": {"path": "gemv2", "BLOCK_N": 16, "num_warps": 4, "NWG": 32, "WPT": 4},
                "asym|1|64|32": {"path": "gemv2", "BLOCK_N": 8, "num_warps": 2, "NWG": 64, "WPT": 4},
                "4|16|64|32": {"path": "dot4", "BLOCK_N": 64, "BLOCK_M": 16, "KB_T": 128, "num_warps": 4}}
     monkeypatch.setattr(tlin, "_table", entries)
     spec = {p: tlin.spec_of(_qweight(p, 32, 64, seed=1).fmt)
-            for p in ("int4-e8m0", "mxfp4", "int4-asym")}
+            for p in ("int4-e8m0", "mxfp4", "int4-asym", "lut4")}
     assert tlin.decode_family(spec["int4-e8m0"]) is None
     assert tlin.choose(spec["int4-e8m0"], 1, 64, 32)["BLOCK_N"] == 4
     assert tlin.choose(spec["mxfp4"], 1, 64, 32)["BLOCK_N"] == 16
     assert tlin.choose(spec["int4-asym"], 1, 64, 32)["BLOCK_N"] == 8
     assert tlin.choose(spec["int4-asym"], 16, 64, 32)["path"] == "dot4"  # no family entry at M = 16
-    assert tlin.choose(spec["mxfp4"], 16, 64, 32)["path"] != "dot4"
+    assert tlin.choose(spec["mxfp4"], 16, 64, 32)["path"] == "dot4"  # e2m1 nibbles: dot4 decodes them
+    assert tlin.choose(spec["lut4"], 16, 64, 32)["path"] != "dot4"
 
 
 def test_custom_op_has_a_fake_and_follows_x_shape():

@@ -1,4 +1,5 @@
-"""PTX text of the nibble decode used by the packed-nibble tensor-core path (`triton_dot4._nibbles`).
+"""PTX text of the code decode of the packed-code tensor-core path (`triton_dot4._nibbles`):
+4-bit integer nibbles (`asm_nibbles`), e2m1 nibbles (`asm_fp4`), int8 bytes (`asm_bytes`).
 
 Plain Python (no Triton import), so `tests/test_dot4_ptx.py` can run the text through its emulator
 without importing Triton before the interpreter tests set TRITON_INTERPRET.
@@ -40,5 +41,101 @@ def asm_nibbles(f16: bool, signed: bool, exact_fma: bool) -> str:
         else:
             lines.append(f"fma.rn.{ty} v, v, one, ng;")  # c - off, exact
             lines.append(f"fma.rn.{ty} ${i}, v, $5, {'nz' if signed else '$6'};")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+# 16-bit float constants (bits), per activation type: (f16, bf16)
+_ONE = {True: 0x3C00, False: 0x3F80}
+
+
+def _pair(h: int) -> str:
+    """A 16-bit constant in both halves of a 32-bit register, as PTX hex."""
+    return hex(h * 0x10001)
+
+
+@functools.cache
+def asm_bytes(f16: bool, scaled: bool) -> str:
+    """PTX for the int8 variant of `_nibbles` (two code positions per 16-bit element): $0 / $1 =
+    byte 0 / byte 1 of each 16-bit half of $2 (two's complement codes) as 16-bit weights, two per
+    register, exact (times the scales $3 when `scaled`, one rounding; per-row scales are applied
+    to the accumulator instead). $4 (zero points) is not used.
+
+    fp16: xor 0x80 makes the byte u = c + 128, and byte | 0x6400 read as fp16 is 1024 + u (one PRMT
+    per two codes); c = that - 1152, exact. bf16 has 8 significant bits, too few for 1024 + u, so
+    the byte is split in nibbles: lo = 128 + (u & 15) and hi = 128 + (u >> 4), each with 128.0's
+    unit in the last place of 1 (one LOP3 each; the LOP3 of the high nibble also flips its top bit,
+    which is the xor 0x80), then c = (16 hi - 2304) + lo: both steps exact.
+
+    Example:
+        >>> asm_bytes(False, False).count("lop3.b32")  # two nibbles of two byte positions
+        4
+    """
+    ty = "f16x2" if f16 else "bf16x2"
+    lines = ["{", ".reg .b32 t, l, h, one, c16, cn, mg, mf;", f"mov.b32 one, {_pair(_ONE[f16])};"]
+    if f16:
+        lines += ["mov.b32 cn, 0xE480E480;",  # -1152.0
+                  "mov.b32 mg, 0x64646464;",
+                  "xor.b32 t, $2, 0x80808080;",
+                  "prmt.b32 l, t, mg, 0x4240;",  # bytes 0 and 2 under 0x64
+                  "prmt.b32 h, t, mg, 0x4341;"]  # bytes 1 and 3
+        for i, src in enumerate(("l", "h")):
+            lines.append(f"fma.rn.{ty} ${i}, {src}, one, cn;")
+    else:
+        lines += ["mov.b32 c16, 0x41804180;", "mov.b32 cn, 0xC510C510;",  # 16.0, -2304.0
+                  "mov.b32 mg, 0x43004300;", "mov.b32 mf, 0x43084308;"]  # 128.0; 128.0 and the flip of bit 3
+        for i in range(2):
+            lo_src = "$2"
+            if i:
+                lines.append("shr.u32 l, $2, 8;")
+                lo_src = "l"
+            lines.append(f"lop3.b32 l, {lo_src}, 0x000F000F, mg, 0xEA;")  # (x & m) | 128.0
+            lines.append(f"shr.u32 h, $2, {4 + 8 * i};")
+            # ((h ^ 8) & 15) | 128.0: per bit, B ? (C ? ~a : a) : C with B = the mask, C = magic | flip
+            lines.append("lop3.b32 h, h, 0x000F000F, mf, 0x6A;")
+            lines.append(f"fma.rn.{ty} h, h, c16, cn;")  # 16 hi - 2304 in [-256, -16], exact
+            lines.append(f"fma.rn.{ty} ${i}, l, one, h;")  # + lo: the code, exact
+    if scaled:
+        for i in range(2):
+            lines.append(f"mul.rn.{ty} ${i}, ${i}, $3;")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+@functools.cache
+def asm_fp4(f16: bool) -> str:
+    """PTX for the fp4 (e2m1) variant of `_nibbles`: $0..$3 = nibble i of each 16-bit half of $4
+    times the scales $5 ($6 unused). Nibble bits s e1 e0 m: the three bits e1 e0 m go to the
+    16-bit float's lowest exponent bits and top mantissa bit (bits 6..8 in bf16, 9..11 in fp16),
+    the sign to bit 15; read as a float that is the e2m1 value times 2^-126 (bf16) / 2^-14 (fp16),
+    subnormal for e = 0 as in e2m1, so one exact multiply by 2^126 / 2^14 gives the value and a
+    second the scaled weight (one rounding). The scale is not folded into the first multiply:
+    2^126 times a scale above 2 would overflow.
+
+    Example:
+        >>> asm_fp4(False).count("mul.rn.bf16x2")  # two per nibble position
+        8
+    """
+    ty = "f16x2" if f16 else "bf16x2"
+    pos = 9 if f16 else 6  # where the three low bits go
+    mask = (7 << pos) * 0x10001
+    lines = ["{", ".reg .b32 t, u, k, sg;", f"mov.b32 k, {_pair(0x7400 if f16 else 0x7E80)};",  # 2^14 / 2^126
+             "mov.b32 sg, 0x80008000;"]
+
+    def shift(dst: str, by: int) -> str:
+        if by > 0:
+            return f"shl.b32 {dst}, $4, {by};"
+        return f"shr.u32 {dst}, $4, {-by};"
+
+    for i in range(4):
+        lines.append(shift("t", pos - 4 * i))
+        lines.append(f"and.b32 t, t, {hex(mask)};")
+        sign = "$4"
+        if 12 - 4 * i:
+            lines.append(shift("u", 12 - 4 * i))
+            sign = "u"
+        lines.append(f"lop3.b32 t, t, {sign}, sg, 0xF8;")  # t | (sign & 0x80008000)
+        lines.append(f"mul.rn.{ty} t, t, k;")  # the e2m1 value, exact
+        lines.append(f"mul.rn.{ty} ${i}, t, $5;")
     lines.append("}")
     return "\n".join(lines)

@@ -1,5 +1,6 @@
-"""Tensor-core matmul for 4-bit integer codes (M = 5..256): the codes reach the MMA straight from
-shared memory, decoded in the registers of the MMA's operand layout.
+"""Tensor-core matmul for packed codes (M = 2..256): the codes reach the MMA straight from shared
+memory, decoded in the registers of the MMA's operand layout. Formats: 4-bit integer codes
+(symmetric or affine), e2m1 (mxfp4), int8 codes (a scale per block or per row).
 
 Only imported when Triton is importable (through `triton_linear._kern`). The general `_dot_kernel`
 (triton_kernels.py) decodes every code to fp32 in a blocked layout, scales it, converts it to the
@@ -16,16 +17,25 @@ bits 4i..4i+3 (i = 0..3). The kernel decodes each nibble position i into its own
 
     y = sum_i n_i @ x[:, i::4]^T        (four products per iteration, no shuffles of the codes)
 
-Decode (PTX, per 32-bit word = two uint16 elements, 8 codes):
+int8 planes (N, K) read as uint16 hold codes 2u and 2u + 1 in their two bytes: two positions,
+y = n_0 @ x[:, 0::2]^T + n_1 @ x[:, 1::2]^T (NPOS = 2).
+
+Decode (PTX from `nibble_ptx`, per 32-bit word = two uint16 elements):
+    4-bit integers (`asm_nibbles`):
     shr     t, w, 4i                      nibble i of each 16-bit half to its bits 0..3
     lop3    v, t, 0x000F000F, MAGIC       v = MAGIC + c, exact (MAGIC = 128.0 in bf16, 1024.0 in fp16,
                                           where the unit in the last place is 1)
     fma     out, v, s, -(MAGIC + off) s   bf16 with E8M0 scales: exact, one instruction
     or: fma t, v, 1, -(MAGIC + off); fma out, t, s, z   (other scales / zero points: c - off is exact,
                                           then one rounding to the weight in 16 bits)
-where off = 8 for symmetric codes (v = c - 8) and 0 for affine ones (w = c s + z). The scale (and
-zero point) of each element comes in as a tile of the codes' shape, broadcast from one value per
-block. The PTX text is made by `nibble_ptx.asm_nibbles`.
+    where off = 8 for symmetric codes (v = c - 8) and 0 for affine ones (w = c s + z).
+    e2m1 (`asm_fp4`): the three magnitude bits placed as a 16-bit float's lowest exponent bits and
+    top mantissa bit, the sign as its sign, then two multiplies (by 2^126 / 2^14: exact, the e2m1
+    value; by the scale).
+    int8 (`asm_bytes`): fp16 1024 + (c ^ 0x80) by PRMT, minus 1152; bf16 (8 significant bits) by
+    its two nibbles, 16 (128 + hi) - 2304 + (128 + lo), each step exact.
+The scale (and zero point) of each element comes in as a tile of the codes' shape, broadcast from
+one value per block; per-row scales (int8) multiply the sums after the loop instead.
 
 Under TRITON_INTERPRET=1 (no inline assembly) `ASM=False` decodes with plain Triton in fp32 (the
 interpreter's bf16 dot is wrong, so DOT_DTYPE is fp32 there).
@@ -44,12 +54,31 @@ clamped_range = kernel_module("triton_tile").clamped_range
 
 
 @triton.jit
-def _nibbles(w, s, z, SIGNED: tl.constexpr, ASM: tl.constexpr, DT: tl.constexpr, NIB_ASM: tl.constexpr):
-    """The four nibble tiles (n_0..n_3, DT, w's shape) of the uint16 tile `w` (held as int16):
-    n_i = (c_i - off) * s + z (+ z only for affine codes); s, z: DT tiles of w's shape; NIB_ASM:
-    `nibble_ptx.asm_nibbles(...)` from the host."""
+def _e2m1(c):
+    """fp32 value of the e2m1 codes c (int32, 0..15: sign, e1, e0, m), the twin of `asm_fp4`."""
+    e = (c >> 1) & 3
+    m = (c & 1).to(tl.float32)
+    mag = tl.where(e == 0, 0.5 * m, tl.math.exp2((e - 1).to(tl.float32)) * (1.0 + 0.5 * m))
+    return tl.where((c & 8) != 0, -mag, mag)
+
+
+@triton.jit
+def _nibbles(w, s, z, CODE: tl.constexpr, ASM: tl.constexpr, DT: tl.constexpr, NIB_ASM: tl.constexpr):
+    """The code-position tiles (DT, w's shape) of the uint16 tile `w` (held as int16): four nibble
+    positions n_i = (c_i - off) * s + z (CODE 0: off 8; 2: affine, off 0, + z), or e2m1 values
+    times s (CODE 3); two byte positions for int8 codes (CODE 1: n_0, n_1 = c_j * s, returned as
+    n_0, n_1, n_0, n_1). s, z: DT tiles of w's shape; NIB_ASM: the `nibble_ptx` text from the host."""
     if ASM:
-        if DT == tl.float16:
+        if CODE == 1:
+            if DT == tl.float16:
+                n0, n1 = tl.inline_asm_elementwise(NIB_ASM, "=r,=r,r,r,r", [w, s, z], dtype=(tl.float16, tl.float16),
+                                                   is_pure=True, pack=2)
+            else:
+                n0, n1 = tl.inline_asm_elementwise(NIB_ASM, "=r,=r,r,r,r", [w, s, z],
+                                                   dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
+            n2 = n0
+            n3 = n1
+        elif DT == tl.float16:
             n0, n1, n2, n3 = tl.inline_asm_elementwise(NIB_ASM, "=r,=r,=r,=r,r,r,r", [w, s, z],
                                                        dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
                                                        is_pure=True, pack=2)
@@ -60,54 +89,75 @@ def _nibbles(w, s, z, SIGNED: tl.constexpr, ASM: tl.constexpr, DT: tl.constexpr,
     else:
         wi = w.to(tl.int32)
         sf = s.to(tl.float32)
-        if SIGNED:  # z is not used (see the PTX)
-            off = 8
-            zf = sf * 0.0
-        else:
+        if CODE == 2:
             off = 0
             zf = z.to(tl.float32)
-        n0 = (((wi & 15) - off).to(tl.float32) * sf + zf).to(DT)
-        n1 = ((((wi >> 4) & 15) - off).to(tl.float32) * sf + zf).to(DT)
-        n2 = ((((wi >> 8) & 15) - off).to(tl.float32) * sf + zf).to(DT)
-        n3 = ((((wi >> 12) & 15) - off).to(tl.float32) * sf + zf).to(DT)
+        else:  # z is not used (see the PTX)
+            off = 8
+            zf = sf * 0.0
+        if CODE == 1:  # bytes, two's complement
+            n0 = ((((wi & 255) ^ 128) - 128).to(tl.float32) * sf).to(DT)
+            n1 = (((((wi >> 8) & 255) ^ 128) - 128).to(tl.float32) * sf).to(DT)
+            n2 = n0
+            n3 = n1
+        elif CODE == 3:
+            n0 = (_e2m1(wi & 15) * sf).to(DT)
+            n1 = (_e2m1((wi >> 4) & 15) * sf).to(DT)
+            n2 = (_e2m1((wi >> 8) & 15) * sf).to(DT)
+            n3 = (_e2m1((wi >> 12) & 15) * sf).to(DT)
+        else:
+            n0 = (((wi & 15) - off).to(tl.float32) * sf + zf).to(DT)
+            n1 = ((((wi >> 4) & 15) - off).to(tl.float32) * sf + zf).to(DT)
+            n2 = ((((wi >> 8) & 15) - off).to(tl.float32) * sf + zf).to(DT)
+            n3 = ((((wi >> 12) & 15) - off).to(tl.float32) * sf + zf).to(DT)
     return n0, n1, n2, n3
 
 
 @triton.jit
 def _x_and_scales(x_rows, s_row, z_row, mmask, u0, u_hi, k_lim, UB: tl.constexpr, NB_T: tl.constexpr,
-                  BKU: tl.constexpr, HAS_ZERO: tl.constexpr, XPERM: tl.constexpr):
-    """The activation tile [BLOCK_M, 4 BKU] (columns 4 u0 ...; a placeholder with XPERM) and the raw
-    scale / zero tiles [BLOCK_N, NB_T] (the placeholder s for z without zero points) of the
-    iteration at u0 (zeros past u_hi)."""
+                  BKU: tl.constexpr, HAS_ZERO: tl.constexpr, XPERM: tl.constexpr, NPOS: tl.constexpr,
+                  ROW_SCALE: tl.constexpr):
+    """The activation tile [BLOCK_M, NPOS BKU] (columns NPOS u0 ...; a placeholder with XPERM) and
+    the raw scale / zero tiles [BLOCK_N, NB_T] (the placeholder s for z without zero points; both
+    placeholders with ROW_SCALE, whose scales are applied after the loop) of the iteration at u0
+    (zeros past u_hi)."""
     if XPERM:
         xk = mmask
     else:
-        kk = 4 * u0 + tl.arange(0, 4 * BKU)
+        kk = NPOS * u0 + tl.arange(0, NPOS * BKU)
         xk = tl.load(x_rows[:, None] + kk[None, :], mask=mmask[:, None] & (kk < k_lim)[None, :], other=0.0)
-    blk = u0 // UB + tl.arange(0, NB_T)
-    bmask = (blk * UB < u_hi)[None, :]
-    s = tl.load(s_row[:, None] + blk[None, :], mask=bmask, other=0)
-    if HAS_ZERO:
-        z = tl.load(z_row[:, None] + blk[None, :], mask=bmask, other=0)
+    if ROW_SCALE:
+        s = mmask
+        z = mmask
     else:
-        z = s
+        blk = u0 // UB + tl.arange(0, NB_T)
+        bmask = (blk * UB < u_hi)[None, :]
+        s = tl.load(s_row[:, None] + blk[None, :], mask=bmask, other=0)
+        if HAS_ZERO:
+            z = tl.load(z_row[:, None] + blk[None, :], mask=bmask, other=0)
+        else:
+            z = s
     return xk, s, z
 
 
 @triton.jit
 def _dot4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                  M, N, K, KU, stride_xm, stride_wn, stride_sn, stride_ym, iters_per_split,
-                 SIGNED: tl.constexpr, SMODE: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 CODE: tl.constexpr, SMODE: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SMUL: tl.constexpr, UB: tl.constexpr, NB_T: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr,
                  DOT_DTYPE: tl.constexpr, XPERM: tl.constexpr = False, NIB_ASM: tl.constexpr = ""):
     """y[ms, rows] = x[ms] @ W[rows]^T: BLOCK_N weight rows x BLOCK_M activation rows; per iteration
-    NB_T scale blocks of UB uint16 elements (4 UB codes each); split `pid_k` covers iterations
-    [pid_k * iters_per_split, ...) of the KU uint16 elements per row; SMUL: the format's constant
-    factor (folded into the scale). XPERM: x comes split by nibble position, (4, M, KU) contiguous
-    (x_perm[i, m, u] = x[m, 4u + i], made by the host): its tiles then feed the products straight
-    from shared memory, in Triton's cp.async pipeline (better where x tiles are large, M >= 32)."""
-    BKU: tl.constexpr = NB_T * UB  # uint16 elements per row per iteration (4 BKU codes)
+    NB_T scale blocks of UB uint16 elements (NPOS UB codes each: 4 nibbles, or 2 bytes for int8,
+    CODE 1); split `pid_k` covers iterations [pid_k * iters_per_split, ...) of the KU uint16
+    elements per row; SMUL: the format's constant factor (folded into the scale). SMODE 3 (one
+    scale per row): the codes go to the products unscaled and the scale multiplies the sums.
+    XPERM: x comes split by code position, (NPOS, M, KU) contiguous (x_perm[i, m, u] = x[m,
+    NPOS u + i], made by the host): its tiles then feed the products straight from shared memory,
+    in Triton's cp.async pipeline (better where x tiles are large, M >= 32)."""
+    NPOS: tl.constexpr = 2 if CODE == 1 else 4  # codes per uint16 element
+    ROW_SCALE: tl.constexpr = SMODE == 3
+    BKU: tl.constexpr = NB_T * UB  # uint16 elements per row per iteration (NPOS BKU codes)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -115,7 +165,7 @@ def _dot4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     ms, mmask, ms_c = clamped_range(pid_m, BLOCK_M, M)
     u_lo = pid_k * iters_per_split * BKU
     u_hi = tl.minimum(u_lo + iters_per_split * BKU, KU)
-    k_lim = tl.minimum(K, 4 * u_hi)
+    k_lim = tl.minimum(K, NPOS * u_hi)
     w_row = w_ptr + rows_c.to(tl.int64) * stride_wn
     s_row = s_ptr + rows_c.to(tl.int64) * stride_sn
     z_row = z_ptr + rows_c.to(tl.int64) * stride_sn
@@ -127,31 +177,40 @@ def _dot4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     # pipeline, which carries the code tiles, does not cover them, and an L2 round trip per
     # iteration would stall the loop
     xk_next, s_next, z_next = _x_and_scales(x_rows, s_row, z_row, mmask, u_lo, u_hi, k_lim, UB, NB_T, BKU, HAS_ZERO,
-                                            XPERM)
+                                            XPERM, NPOS, ROW_SCALE)
     for u0 in tl.range(u_lo, u_hi, BKU, num_stages=STAGES):
         xk, s, z = xk_next, s_next, z_next
         xk_next, s_next, z_next = _x_and_scales(x_rows, s_row, z_row, mmask, u0 + BKU, u_hi, k_lim, UB, NB_T, BKU,
-                                                HAS_ZERO, XPERM)
+                                                HAS_ZERO, XPERM, NPOS, ROW_SCALE)
         u = u0 + ou
         w = tl.load(w_row[:, None] + u[None, :], mask=(u < u_hi)[None, :], other=0)  # [BLOCK_N, BKU] int16
-        if SMODE == 2:  # E8M0: 2^(e - 127)
-            s = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
-        s = (s.to(tl.float32) * SMUL).to(DOT_DTYPE)
-        if HAS_ZERO:
-            z = z.to(DOT_DTYPE)
+        if ROW_SCALE:  # placeholders (the int8 PTX of a per-row format does not read them)
+            s = tl.full([BLOCK_N, BKU], 1.0, DOT_DTYPE)
+            z = s
         else:
-            z = s  # a placeholder: symmetric codes have no zero point (`_nibbles` ignores it)
-        s = tl.broadcast_to(s[:, :, None], [BLOCK_N, NB_T, UB]).reshape(BLOCK_N, BKU)
-        z = tl.broadcast_to(z[:, :, None], [BLOCK_N, NB_T, UB]).reshape(BLOCK_N, BKU)
-        n0, n1, n2, n3 = _nibbles(w, s, z, SIGNED, ASM, DOT_DTYPE, NIB_ASM)
+            if SMODE == 2:  # E8M0: 2^(e - 127)
+                s = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+            s = (s.to(tl.float32) * SMUL).to(DOT_DTYPE)
+            if HAS_ZERO:
+                z = z.to(DOT_DTYPE)
+            else:
+                z = s  # a placeholder: symmetric codes have no zero point (`_nibbles` ignores it)
+            s = tl.broadcast_to(s[:, :, None], [BLOCK_N, NB_T, UB]).reshape(BLOCK_N, BKU)
+            z = tl.broadcast_to(z[:, :, None], [BLOCK_N, NB_T, UB]).reshape(BLOCK_N, BKU)
+        n0, n1, n2, n3 = _nibbles(w, s, z, CODE, ASM, DOT_DTYPE, NIB_ASM)
         if XPERM:  # x_perm[i] tiles, transposed [BKU, BLOCK_M]
             xt = x_rows[None, :] + u[:, None]
             xmask = (u < u_hi)[:, None] & mmask[None, :]
             plane = M * KU
             acc = tl.dot(n0, tl.load(xt, mask=xmask, other=0.0).to(DOT_DTYPE), acc)
             acc = tl.dot(n1, tl.load(xt + plane, mask=xmask, other=0.0).to(DOT_DTYPE), acc)
-            acc = tl.dot(n2, tl.load(xt + 2 * plane, mask=xmask, other=0.0).to(DOT_DTYPE), acc)
-            acc = tl.dot(n3, tl.load(xt + 3 * plane, mask=xmask, other=0.0).to(DOT_DTYPE), acc)
+            if NPOS == 4:
+                acc = tl.dot(n2, tl.load(xt + 2 * plane, mask=xmask, other=0.0).to(DOT_DTYPE), acc)
+                acc = tl.dot(n3, tl.load(xt + 3 * plane, mask=xmask, other=0.0).to(DOT_DTYPE), acc)
+        elif NPOS == 2:  # columns 2u + j of x for byte j
+            x0, x1 = tl.split(xk.to(DOT_DTYPE).reshape(BLOCK_M, BKU, 2))
+            acc = tl.dot(n0, tl.trans(x0), acc)
+            acc = tl.dot(n1, tl.trans(x1), acc)
         else:  # columns 4u + i of x for nibble i: (m, u, a, b) = column 4u + 2a + b
             xe, xo = tl.split(xk.to(DOT_DTYPE).reshape(BLOCK_M, BKU, 2, 2))
             x0, x2 = tl.split(xe)
@@ -168,6 +227,8 @@ def _dot4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
         last, acc = split_k_total(ws_ptr, cnt_ptr, acc, ms_c[None, :] * N + rows[:, None], omask, pid_k, tile, M * N,
                                   SPLIT_K)
     if last:
+        if ROW_SCALE:
+            acc *= (tl.load(s_row).to(tl.float32) * SMUL)[:, None]
         if HAS_BIAS:
             acc += tl.load(b_ptr + rows_c, mask=rmask, other=0).to(tl.float32)[:, None]
         tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=omask)

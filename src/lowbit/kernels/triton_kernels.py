@@ -31,7 +31,7 @@ Paths:
                      computes W @ x^T (weights as the wide operand, for small M), split-K with a
                      last-arriving-program reduction (one kernel; counters reset by that program).
     _dequant_kernel  writes the dense weight for a cuBLAS matmul (large M).
-(4-bit integer codes at M = 5..256 have their own path, `triton_dot4._dot4_kernel`, which decodes in
+(4-bit integer, e2m1 and int8 codes at M = 2..256 have their own path, `triton_dot4._dot4_kernel`, which decodes in
 the MMA's operand layout at ~1.4 instructions a weight.)
 
 Measured limit (H200, see benchmarks/RESULTS.md): all paths decode about 1.7-2 T weights/s; the

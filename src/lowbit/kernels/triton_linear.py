@@ -34,7 +34,7 @@ import torch
 
 from ..formats import Format, QTensor
 from .gemv_ptx import word_asm
-from .nibble_ptx import asm_nibbles
+from .nibble_ptx import asm_bytes, asm_fp4, asm_nibbles
 from .registry import register
 from .triton_modes import interpreting, kernel_module
 
@@ -160,10 +160,10 @@ def decode_family(spec: Spec) -> str | None:
 
 def heuristic(spec: Spec, m: int, k: int, n: int, allow_dot4: bool = True) -> dict:
     """Config used where the table has no entry (and the tuner's starting point): a GEMV up to
-    M = 4 (M = 2 for 4-bit integer codes: the GEMV's work grows with M, at M = 4 it ran at
-    0.80-0.97x bf16 where dot4 at M = 8 ran 1.3-1.6x); `dot4` for 4-bit integer codes at M =
-    3..16 and 65..128, and at 17..64 for weights of >= 16M elements; the tensor-core `dot` tiles
-    for other formats up to M = 64; dequantize + cuBLAS above. dot4 tiles are those that won
+    M = 4 (M = 2 for the codes dot4 decodes: the GEMV's work grows with M, at M = 4 int4 ran at
+    0.80-0.97x bf16 and int8 at 0.77x where dot4 ran 1.1-1.6x); `dot4` (`dot4_format_ok`: 4-bit
+    integers, e2m1, int8) at M = 3..16 and 65..128, and at 17..64 for weights of >= 16M
+    elements; the tensor-core `dot` tiles for other formats up to M = 64; dequantize + cuBLAS above. dot4 tiles are those that won
     most often in the kernel table: 16-row x tiles split in the kernel up to M = 16, 32 / 64 rows
     split by the host above, K split until about two programs per SM. The bounds come from timing
     both sides on eight untuned shapes (H200, RESULTS.md 2026-11-25: above M = 64 `dot` ran 2.5-4x
@@ -196,8 +196,8 @@ def heuristic(spec: Spec, m: int, k: int, n: int, allow_dot4: bool = True) -> di
 
 def choose(spec: Spec, m: int, k: int, n: int) -> dict:
     """The measured config for this format's decode family (`decode_family`), else its bits, else
-    any format's at (M bucket, K, N), else the heuristic. A bits entry for the packed-nibble path is
-    skipped by 4-bit formats it does not cover (fp4, palettes), which then take the next entry."""
+    any format's at (M bucket, K, N), else the heuristic. A `dot4` entry is skipped by formats that
+    path does not decode (palettes, fp8), which then take the next entry."""
     table = _load_table()
     family = decode_family(spec)
     keys = ([table_key(family, m, k, n)] if family else []) + [table_key(spec.bits, m, k, n), table_key("*", m, k, n)]
@@ -246,7 +246,7 @@ def candidates(spec: Spec, m: int, k: int, n: int) -> list[dict]:
                             (2, 1024, 4), (4, 2048, 8), (8, 2048, 8), (16, 512, 4)):
             out.append({"path": "gemv", "BLOCK_N": bn, "KB_T": kbt, "num_warps": nw})
     sm = _sm_count()
-    if 1 < m <= 256 and dot4_format_ok(spec):  # the packed-nibble tensor-core path
+    if 1 < m <= 256 and dot4_format_ok(spec):  # the packed-code tensor-core path
         # (BLOCK_N, BLOCK_M, KB_T, warps, STAGES, SPLIT_K, XPERM), from the H200 sweeps of
         # benchmarks/gemv_probe.py --m 16 64 256 (RESULTS.md): split K 2-4 and 256-512 codes per
         # iteration at M = 16; x split by the host (XPERM) from M = 32; split 4 at M = 64 (won on
@@ -512,8 +512,12 @@ def dot4_tile_suits(block_m: int, m: int) -> bool:
 
 def dot4_format_ok(spec: Spec) -> bool:
     """Whether `triton_dot4._dot4_kernel` decodes this format: 4-bit integer codes (symmetric or
-    affine) with a scale per block."""
-    return spec.bits == 4 and spec.code in (0, 2) and spec.smode in (1, 2) and spec.bb % 2 == 0
+    affine) or e2m1 (mxfp4) with a scale per block, int8 codes with a scale per block or per row."""
+    if spec.bb % 2:
+        return False
+    if spec.bits == 4:
+        return (spec.code in (0, 2) and spec.smode in (1, 2)) or (spec.code == 3 and spec.smode == 2)
+    return spec.bits == 8 and spec.code == 1 and spec.smode in (1, 2, 3)
 
 
 def dot4_ok(spec: Spec, x2: torch.Tensor, has_lut: bool, w: torch.Tensor | None = None) -> bool:
@@ -528,14 +532,14 @@ def dot4_ok(spec: Spec, x2: torch.Tensor, has_lut: bool, w: torch.Tensor | None 
 
 
 def run_dot4(x2, planes, spec: Spec, n: int, k: int, bias, y, cfg: dict) -> torch.Tensor:
-    """y = x2 @ W^T by the packed-nibble tensor-core kernel (see triton_dot4.py); `dot4_ok` must hold."""
+    """y = x2 @ W^T by the packed-code tensor-core kernel (see triton_dot4.py); `dot4_ok` must hold."""
     import triton
 
     m = x2.shape[0]
     w = planes["data"]
     if w.stride(1) != 1:
         w = w.contiguous()
-    w16 = w.view(torch.int16)  # uint16 elements: codes 4u..4u+3 (see triton_dot4.py)
+    w16 = w.view(torch.int16)  # uint16 elements: codes 4u..4u+3, or 2u, 2u+1 for int8 (see triton_dot4.py)
     s, z = planes["scale"], planes.get("zero")
     if s.stride(-1) != 1:
         s = s.contiguous()
@@ -556,20 +560,25 @@ def run_dot4(x2, planes, spec: Spec, n: int, k: int, bias, y, cfg: dict) -> torc
     ws = torch.empty(split, m, n, device=x2.device, dtype=torch.float32) if split > 1 else y
     cnt = _counters(x2.device) if split > 1 else w
     xperm = bool(cfg.get("XPERM"))
-    if xperm:  # x split by nibble position: x_perm[i, m, u] = x[m, 4u + i] (see triton_dot4.py)
-        xp = torch.nn.functional.pad(x2, (0, 4 * ku - k)) if 4 * ku > k else x2
-        x2 = xp.reshape(m, ku, 4).permute(2, 0, 1).contiguous()
+    npos = 16 // spec.bits  # codes per uint16 element
+    if xperm:  # x split by code position: x_perm[i, m, u] = x[m, npos u + i] (see triton_dot4.py)
+        xp = torch.nn.functional.pad(x2, (0, npos * ku - k)) if npos * ku > k else x2
+        x2 = xp.reshape(m, ku, npos).permute(2, 0, 1).contiguous()
     dot4 = _kern("triton_dot4")
     f16 = x2.dtype == torch.float16
-    signed = spec.code == 0
-    exact_fma = not f16 and signed and spec.smode == 2 and spec.cmul == 1.0
+    if spec.code == 1:
+        decode = asm_bytes(f16, scaled=spec.smode != 3)
+    elif spec.code == 3:
+        decode = asm_fp4(f16)
+    else:
+        decode = asm_nibbles(f16, spec.code == 0, not f16 and spec.code == 0 and spec.smode == 2 and spec.cmul == 1.0)
     dot4._dot4_kernel[grid](
         x2, w16, s, z if z is not None else s, bias if bias is not None else w, y, ws, cnt,
         m, n, k, ku, x2.stride(1) if xperm else x2.stride(0), w16.stride(0), s.stride(0), y.stride(0), ips,
-        SIGNED=signed, SMODE=spec.smode, HAS_ZERO=spec.has_zero, HAS_BIAS=bias is not None,
-        SMUL=spec.cmul, UB=ub, NB_T=nb_t, BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"],
+        CODE=spec.code, SMODE=spec.smode, HAS_ZERO=spec.has_zero, HAS_BIAS=bias is not None,
+        SMUL=1.0 if spec.code == 3 else spec.cmul, UB=ub, NB_T=nb_t, BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"],
         SPLIT_K=split, STAGES=cfg.get("STAGES", 3), ASM=not _interpreting(), DOT_DTYPE=_dot_dtype(x2.dtype),
-        XPERM=xperm, NIB_ASM=asm_nibbles(f16, signed, exact_fma),
+        XPERM=xperm, NIB_ASM=decode,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
     return y
 
