@@ -15,7 +15,7 @@ from ptx_emulator import float_to_halves as _float_to_halves
 from ptx_emulator import halves_to_float as _halves_to_float
 from ptx_emulator import run_ptx
 
-from lowbit.kernels.nibble_ptx import asm_bytes, asm_fp4, asm_nibbles
+from lowbit.kernels.nibble_ptx import asm_bytes, asm_fp4, asm_fp8, asm_nibbles
 
 
 @pytest.mark.parametrize("f16,signed,e8m0", [(False, True, True), (False, True, False), (True, True, True),
@@ -89,3 +89,34 @@ def test_fp4_nibble_decode_ptx(f16, e8m0):
                 v = (-1.0 if c & 8 else 1.0) * E2M1[c & 7]
                 want = torch.tensor(v * s[half], dtype=torch.float64).float().to(dt).double().item()
                 assert got[half] == want, (hex(word), i, half, got[half], want)
+
+
+def _fp8_value(c: int, e5m2: bool) -> float:
+    """The value of fp8 byte c (e4m3 or e5m2; the patterns for inf / NaN are not used by MX scales)."""
+    mb, bias = (2, 15) if e5m2 else (3, 7)
+    e, m = (c >> mb) & ((1 << (7 - mb)) - 1), c & ((1 << mb) - 1)
+    mag = (m / 2**mb) * 2.0 ** (1 - bias) if e == 0 else (1 + m / 2**mb) * 2.0 ** (e - bias)
+    return -mag if c & 0x80 else mag
+
+
+@pytest.mark.parametrize("f16,e5m2", [(False, False), (False, True), (True, False), (True, True)])
+def test_fp8_byte_decode_ptx(f16, e5m2):
+    """`asm_fp8`: byte j of each 16-bit half (e4m3 / e5m2, subnormals included) -> its value times
+    the scale, one rounding; inf / NaN patterns are skipped."""
+    dt = torch.float16 if f16 else torch.bfloat16
+    text = asm_fp8(f16, e5m2)
+    rng = np.random.default_rng(40 + 2 * int(f16) + int(e5m2))
+    special = (lambda c: (c & 0x7C) == 0x7C) if e5m2 else (lambda c: (c & 0x7F) == 0x7F)
+    for word in [int(w) for w in rng.integers(0, 2**32, 300)] + [0x01800081, 0x7E0380FE]:
+        s = _random_scales(rng, True, dt)
+        if f16:
+            s = [min(v, 1.0) for v in s]  # fp16's range: e5m2 reaches 57344
+        out = run_ptx(text, {"$2": word, "$3": _float_to_halves(s, dt), "$4": 0}, dt)
+        for j in range(2):
+            got = _halves_to_float(out[f"${j}"], dt)
+            for half in range(2):
+                c = (word >> (16 * half + 8 * j)) & 0xFF
+                if special(c):
+                    continue
+                want = torch.tensor(_fp8_value(c, e5m2) * s[half], dtype=torch.float64).float().to(dt).double().item()
+                assert got[half] == want, (hex(word), j, half, got[half], want)

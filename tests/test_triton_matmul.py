@@ -111,12 +111,13 @@ def test_fast_gemv_covers_integer_codes(preset):
     assert not tlin.fast_gemv_ok(tlin.spec_of(lowbit.PRESETS["mxfp8-e4m3"]), x, planes["data"], k, False)
 
 
-@pytest.mark.parametrize("preset", ["int4", "int4-asym", "int4-e8m0", "mxfp4", "int8", "mxint8"])
+@pytest.mark.parametrize("preset", ["int4", "int4-asym", "int4-e8m0", "mxfp4", "int8", "mxint8", "mxfp8-e4m3",
+                                    "mxfp8-e5m2"])
 def test_packed_nibble_tensor_core_path(preset):
     """`dot4` (triton_dot4.py, its fp32 twin here): several scale blocks per iteration, split K, M
     not a multiple of the tile, rows past N, K with a partial last block, zero points, bias, x split
     by code position in the kernel or by the host (XPERM); 4-bit integer and e2m1 nibbles, int8
-    bytes with a scale per row (applied to the sums) or per block."""
+    bytes with a scale per row (applied to the sums) or per block, fp8 bytes."""
     n, k = 37, 328
     qt = _qweight(preset, n, k, seed=len(preset) + 3)
     spec, planes = tlin.spec_of(qt.fmt), tlin.kernel_planes(qt)
@@ -202,9 +203,9 @@ def test_heuristic_takes_dot4_for_4bit_codes_up_to_128_rows():
     assert tlin.heuristic(tlin.spec_of(lowbit.PRESETS["int8"]), 4, 4096, 1024)["path"] == "dot4"
     assert tlin.heuristic(tlin.spec_of(lowbit.PRESETS["lut4"]), 4, 4096, 1024)["path"] == "gemv"
     assert tlin.heuristic(spec, 16, 4096, 1024, allow_dot4=False)["path"] == "dot"
-    for other in ("mxfp4", "int8", "mxint8"):  # codes dot4 decodes besides 4-bit integers
+    for other in ("mxfp4", "int8", "mxint8", "mxfp8-e4m3"):  # codes dot4 decodes besides 4-bit integers
         assert tlin.heuristic(tlin.spec_of(lowbit.PRESETS[other]), 16, 4096, 1024)["path"] == "dot4"
-    for other in ("lut4", "mxfp8-e4m3"):
+    for other in ("lut4", "lut8"):
         assert tlin.heuristic(tlin.spec_of(lowbit.PRESETS[other]), 16, 4096, 1024)["path"] == "dot"
         assert tlin.heuristic(tlin.spec_of(lowbit.PRESETS[other]), 65, 4096, 1024)["path"] == "dequant"
     qt = _qweight("lut4", 24, 256, seed=4)  # a dot4 config on palette codes: run falls back

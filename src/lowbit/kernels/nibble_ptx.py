@@ -139,3 +139,39 @@ def asm_fp4(f16: bool) -> str:
         lines.append(f"mul.rn.{ty} ${i}, t, $5;")
     lines.append("}")
     return "\n".join(lines)
+
+
+@functools.cache
+def asm_fp8(f16: bool, e5m2: bool) -> str:
+    """PTX for the fp8 variant of `_nibbles` (two code positions per 16-bit element, as `asm_bytes`):
+    $0 / $1 = byte 0 / byte 1 of each 16-bit half of $2 (e4m3 or e5m2) times the scales $3 ($4
+    unused). As `asm_fp4`: the seven exponent and mantissa bits go to the 16-bit float's lowest
+    exponent bits and top mantissa bits, the sign bit to bit 15, then an exact multiply by the bias
+    difference (e4m3: 2^120 in bf16, 2^8 in fp16; e5m2: 2^112, none in fp16, where e5m2 is the top
+    byte of an fp16) and one by the scale. Subnormal codes map to subnormal 16-bit floats.
+
+    Example:
+        >>> asm_fp8(True, True).count("mul.rn.f16x2")  # only the scale: e5m2 is fp16's top byte
+        2
+    """
+    ty = "f16x2" if f16 else "bf16x2"
+    pos = {(False, False): 4, (False, True): 5, (True, False): 7, (True, True): 8}[(f16, e5m2)]
+    factor = {(False, False): 0x7B80, (False, True): 0x7780, (True, False): 0x5C00, (True, True): None}[(f16, e5m2)]
+    mask = (0x7F << pos) * 0x10001
+    lines = ["{", ".reg .b32 t, u, k, sg;", "mov.b32 sg, 0x80008000;"]
+    if factor is not None:
+        lines.append(f"mov.b32 k, {_pair(factor)};")
+    for j in range(2):
+        by = pos - 8 * j
+        lines.append(f"shl.b32 t, $2, {by};" if by > 0 else f"shr.u32 t, $2, {-by};")
+        lines.append(f"and.b32 t, t, {hex(mask)};")
+        sign = "$2"
+        if j == 0:
+            lines.append("shl.b32 u, $2, 8;")
+            sign = "u"
+        lines.append(f"lop3.b32 t, t, {sign}, sg, 0xF8;")  # t | (sign & 0x80008000)
+        if factor is not None:
+            lines.append(f"mul.rn.{ty} t, t, k;")  # the fp8 value, exact
+        lines.append(f"mul.rn.{ty} ${j}, t, $3;")
+    lines.append("}")
+    return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Tensor-core matmul for packed codes (M = 2..256): the codes reach the MMA straight from shared
 memory, decoded in the registers of the MMA's operand layout. Formats: 4-bit integer codes
-(symmetric or affine), e2m1 (mxfp4), int8 codes (a scale per block or per row).
+(symmetric or affine), e2m1 (mxfp4), int8 codes (a scale per block or per row), fp8 (mxfp8).
 
 Only imported when Triton is importable (through `triton_linear._kern`). The general `_dot_kernel`
 (triton_kernels.py) decodes every code to fp32 in a blocked layout, scales it, converts it to the
@@ -17,7 +17,7 @@ bits 4i..4i+3 (i = 0..3). The kernel decodes each nibble position i into its own
 
     y = sum_i n_i @ x[:, i::4]^T        (four products per iteration, no shuffles of the codes)
 
-int8 planes (N, K) read as uint16 hold codes 2u and 2u + 1 in their two bytes: two positions,
+8-bit planes (N, K) read as uint16 hold codes 2u and 2u + 1 in their two bytes: two positions,
 y = n_0 @ x[:, 0::2]^T + n_1 @ x[:, 1::2]^T (NPOS = 2).
 
 Decode (PTX from `nibble_ptx`, per 32-bit word = two uint16 elements):
@@ -34,6 +34,7 @@ Decode (PTX from `nibble_ptx`, per 32-bit word = two uint16 elements):
     value; by the scale).
     int8 (`asm_bytes`): fp16 1024 + (c ^ 0x80) by PRMT, minus 1152; bf16 (8 significant bits) by
     its two nibbles, 16 (128 + hi) - 2304 + (128 + lo), each step exact.
+    fp8 (`asm_fp8`): as e2m1, seven bits placed and the sign, then the two multiplies.
 The scale (and zero point) of each element comes in as a tile of the codes' shape, broadcast from
 one value per block; per-row scales (int8) multiply the sums after the loop instead.
 
@@ -63,13 +64,24 @@ def _e2m1(c):
 
 
 @triton.jit
+def _fp8(c, E5M2: tl.constexpr):
+    """fp32 value of the fp8 codes c (int32, 0..255; e4m3 or e5m2), the twin of `asm_fp8`."""
+    MB: tl.constexpr = 2 if E5M2 else 3
+    BIAS: tl.constexpr = 15 if E5M2 else 7
+    e = (c >> MB) & ((1 << (7 - MB)) - 1)
+    m = (c & ((1 << MB) - 1)).to(tl.float32) * (1.0 / (1 << MB))
+    mag = tl.where(e == 0, m * tl.math.exp2(1.0 - BIAS), tl.math.exp2((e - BIAS).to(tl.float32)) * (1.0 + m))
+    return tl.where((c & 128) != 0, -mag, mag)
+
+
+@triton.jit
 def _nibbles(w, s, z, CODE: tl.constexpr, ASM: tl.constexpr, DT: tl.constexpr, NIB_ASM: tl.constexpr):
     """The code-position tiles (DT, w's shape) of the uint16 tile `w` (held as int16): four nibble
     positions n_i = (c_i - off) * s + z (CODE 0: off 8; 2: affine, off 0, + z), or e2m1 values
     times s (CODE 3); two byte positions for int8 codes (CODE 1: n_0, n_1 = c_j * s, returned as
-    n_0, n_1, n_0, n_1). s, z: DT tiles of w's shape; NIB_ASM: the `nibble_ptx` text from the host."""
+    n_0, n_1, n_0, n_1) and fp8 codes (CODE 4 e4m3, 5 e5m2: their values times s). s, z: DT tiles of w's shape; NIB_ASM: the `nibble_ptx` text from the host."""
     if ASM:
-        if CODE == 1:
+        if CODE == 1 or CODE == 4 or CODE == 5:
             if DT == tl.float16:
                 n0, n1 = tl.inline_asm_elementwise(NIB_ASM, "=r,=r,r,r,r", [w, s, z], dtype=(tl.float16, tl.float16),
                                                    is_pure=True, pack=2)
@@ -98,6 +110,11 @@ def _nibbles(w, s, z, CODE: tl.constexpr, ASM: tl.constexpr, DT: tl.constexpr, N
         if CODE == 1:  # bytes, two's complement
             n0 = ((((wi & 255) ^ 128) - 128).to(tl.float32) * sf).to(DT)
             n1 = (((((wi >> 8) & 255) ^ 128) - 128).to(tl.float32) * sf).to(DT)
+            n2 = n0
+            n3 = n1
+        elif CODE == 4 or CODE == 5:
+            n0 = (_fp8(wi & 255, CODE == 5) * sf).to(DT)
+            n1 = (_fp8((wi >> 8) & 255, CODE == 5) * sf).to(DT)
             n2 = n0
             n3 = n1
         elif CODE == 3:
@@ -155,7 +172,7 @@ def _dot4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     XPERM: x comes split by code position, (NPOS, M, KU) contiguous (x_perm[i, m, u] = x[m,
     NPOS u + i], made by the host): its tiles then feed the products straight from shared memory,
     in Triton's cp.async pipeline (better where x tiles are large, M >= 32)."""
-    NPOS: tl.constexpr = 2 if CODE == 1 else 4  # codes per uint16 element
+    NPOS: tl.constexpr = 2 if (CODE == 1 or CODE == 4 or CODE == 5) else 4  # codes per uint16 element
     ROW_SCALE: tl.constexpr = SMODE == 3
     BKU: tl.constexpr = NB_T * UB  # uint16 elements per row per iteration (NPOS BKU codes)
     pid_n = tl.program_id(0)

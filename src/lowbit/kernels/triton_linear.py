@@ -34,7 +34,7 @@ import torch
 
 from ..formats import Format, QTensor
 from .gemv_ptx import word_asm
-from .nibble_ptx import asm_bytes, asm_fp4, asm_nibbles
+from .nibble_ptx import asm_bytes, asm_fp4, asm_fp8, asm_nibbles
 from .registry import register
 from .triton_modes import interpreting, kernel_module
 
@@ -197,7 +197,7 @@ def heuristic(spec: Spec, m: int, k: int, n: int, allow_dot4: bool = True) -> di
 def choose(spec: Spec, m: int, k: int, n: int) -> dict:
     """The measured config for this format's decode family (`decode_family`), else its bits, else
     any format's at (M bucket, K, N), else the heuristic. A `dot4` entry is skipped by formats that
-    path does not decode (palettes, fp8), which then take the next entry."""
+    path does not decode (palettes), which then take the next entry."""
     table = _load_table()
     family = decode_family(spec)
     keys = ([table_key(family, m, k, n)] if family else []) + [table_key(spec.bits, m, k, n), table_key("*", m, k, n)]
@@ -512,12 +512,13 @@ def dot4_tile_suits(block_m: int, m: int) -> bool:
 
 def dot4_format_ok(spec: Spec) -> bool:
     """Whether `triton_dot4._dot4_kernel` decodes this format: 4-bit integer codes (symmetric or
-    affine) or e2m1 (mxfp4) with a scale per block, int8 codes with a scale per block or per row."""
+    affine) or e2m1 (mxfp4) with a scale per block, int8 codes with a scale per block or per row,
+    fp8 codes (mxfp8) with a scale per block."""
     if spec.bb % 2:
         return False
     if spec.bits == 4:
         return (spec.code in (0, 2) and spec.smode in (1, 2)) or (spec.code == 3 and spec.smode == 2)
-    return spec.bits == 8 and spec.code == 1 and spec.smode in (1, 2, 3)
+    return spec.bits == 8 and ((spec.code == 1 and spec.smode in (1, 2, 3)) or (spec.code in (4, 5) and spec.smode == 2))
 
 
 def dot4_ok(spec: Spec, x2: torch.Tensor, has_lut: bool, w: torch.Tensor | None = None) -> bool:
@@ -570,13 +571,16 @@ def run_dot4(x2, planes, spec: Spec, n: int, k: int, bias, y, cfg: dict) -> torc
         decode = asm_bytes(f16, scaled=spec.smode != 3)
     elif spec.code == 3:
         decode = asm_fp4(f16)
+    elif spec.code in (4, 5):
+        decode = asm_fp8(f16, spec.code == 5)
     else:
         decode = asm_nibbles(f16, spec.code == 0, not f16 and spec.code == 0 and spec.smode == 2 and spec.cmul == 1.0)
     dot4._dot4_kernel[grid](
         x2, w16, s, z if z is not None else s, bias if bias is not None else w, y, ws, cnt,
         m, n, k, ku, x2.stride(1) if xperm else x2.stride(0), w16.stride(0), s.stride(0), y.stride(0), ips,
         CODE=spec.code, SMODE=spec.smode, HAS_ZERO=spec.has_zero, HAS_BIAS=bias is not None,
-        SMUL=1.0 if spec.code == 3 else spec.cmul, UB=ub, NB_T=nb_t, BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"],
+        # fp codes: the PTX applies the format's constant factor itself
+        SMUL=1.0 if spec.code in (3, 4, 5) else spec.cmul, UB=ub, NB_T=nb_t, BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"],
         SPLIT_K=split, STAGES=cfg.get("STAGES", 3), ASM=not _interpreting(), DOT_DTYPE=_dot_dtype(x2.dtype),
         XPERM=xperm, NIB_ASM=decode,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
