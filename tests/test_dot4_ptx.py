@@ -120,3 +120,21 @@ def test_fp8_byte_decode_ptx(f16, e5m2):
                     continue
                 want = torch.tensor(_fp8_value(c, e5m2) * s[half], dtype=torch.float64).float().to(dt).double().item()
                 assert got[half] == want, (hex(word), j, half, got[half], want)
+
+
+@pytest.mark.parametrize("f16,e8m0", [(False, True), (False, False), (True, True)])
+def test_int2_decode_ptx(f16, e8m0):
+    """`asm_nibbles(bits=2)`: the eight 2-bit codes of each 16-bit half -> (c - 2) s (exact with
+    E8M0 scales in bf16, one rounding otherwise)."""
+    dt = torch.float16 if f16 else torch.bfloat16
+    text = asm_nibbles(f16, True, exact_fma=e8m0 and not f16, bits=2)
+    rng = np.random.default_rng(50 + 2 * int(f16) + int(e8m0))
+    for word in [int(w) for w in rng.integers(0, 2**32, 200)] + [0x1B1BE4E4]:
+        s = _random_scales(rng, e8m0, dt)
+        out = run_ptx(text, {"$8": word, "$9": _float_to_halves(s, dt), "$10": 0}, dt)
+        for p in range(8):
+            got = _halves_to_float(out[f"${p}"], dt)
+            for half in range(2):
+                c = (word >> (16 * half + 2 * p)) & 3
+                want = torch.tensor((c - 2) * s[half], dtype=torch.float64).float().to(dt).double().item()
+                assert got[half] == want, (hex(word), p, half, got[half], want)

@@ -112,12 +112,12 @@ def test_fast_gemv_covers_integer_codes(preset):
 
 
 @pytest.mark.parametrize("preset", ["int4", "int4-asym", "int4-e8m0", "mxfp4", "int8", "mxint8", "mxfp8-e4m3",
-                                    "mxfp8-e5m2"])
+                                    "mxfp8-e5m2", "int2-e8m0", "int2"])
 def test_packed_nibble_tensor_core_path(preset):
     """`dot4` (triton_dot4.py, its fp32 twin here): several scale blocks per iteration, split K, M
     not a multiple of the tile, rows past N, K with a partial last block, zero points, bias, x split
     by code position in the kernel or by the host (XPERM); 4-bit integer and e2m1 nibbles, int8
-    bytes with a scale per row (applied to the sums) or per block, fp8 bytes."""
+    bytes with a scale per row (applied to the sums) or per block, fp8 bytes, 2-bit codes."""
     n, k = 37, 328
     qt = _qweight(preset, n, k, seed=len(preset) + 3)
     spec, planes = tlin.spec_of(qt.fmt), tlin.kernel_planes(qt)

@@ -8,39 +8,50 @@ without importing Triton before the interpreter tests set TRITON_INTERPRET.
 from __future__ import annotations
 
 import functools
+import struct
+
+
+def _half_bits(v: float, f16: bool) -> int:
+    """The fp16 / bf16 bits of v (exact for the small constants used here)."""
+    if f16:
+        return struct.unpack("<H", struct.pack("<e", v))[0]
+    return struct.unpack("<I", struct.pack("<f", v))[0] >> 16
 
 
 @functools.cache  # built once per variant: it is passed to every launch
-def asm_nibbles(f16: bool, signed: bool, exact_fma: bool) -> str:
+def asm_nibbles(f16: bool, signed: bool, exact_fma: bool, bits: int = 4) -> str:
     """PTX for `_nibbles`: $0..$3 = nibble i (bits 4i..4i+3 of each 16-bit half of $4) as 16-bit
     weights, two per register; $5 = the two elements' scales, $6 their zero points (unused when
-    `signed`). `exact_fma` (bf16 with power-of-two scales): (MAGIC + c) s - (MAGIC + 8) s in one fma,
-    exact because both products are.
+    `signed`). `exact_fma` (bf16 with power-of-two scales): (MAGIC + c) s - (MAGIC + off) s in one
+    fma, exact because both products are. `bits` 2: eight 2-bit codes per 16-bit half, $0..$7 the
+    positions, $8 the word, $9 / $10 the scales / zero points.
 
     Example:
         >>> asm_nibbles(False, True, True).count("fma.rn.bf16x2")  # one for -(MAGIC + 8) s, one per nibble
         5
     """
-    magic = 0x6400 if f16 else 0x4300  # 1024.0 / 128.0
+    npos = 16 // bits
+    word, scale, zero = f"${npos}", f"${npos + 1}", f"${npos + 2}"
+    magic = 1024.0 if f16 else 128.0  # the unit in the last place is 1
     ty = "f16x2" if f16 else "bf16x2"
-    off = (1024 if f16 else 128) + (8 if signed else 0)
-    neg = {(True, 1032): 0xE408, (True, 1024): 0xE400, (False, 136): 0xC308, (False, 128): 0xC300}[(f16, off)]
+    neg = _half_bits(-(magic + ((1 << (bits - 1)) if signed else 0)), f16)
     one = 0x3C00 if f16 else 0x3F80
-    lines = ["{", ".reg .b32 t, v, mg, ng, one, nz, ns;", f"mov.b32 mg, {hex(magic * 0x10001)};",
+    mask = ((1 << bits) - 1) * 0x10001
+    lines = ["{", ".reg .b32 t, v, mg, ng, one, nz, ns;", f"mov.b32 mg, {hex(_half_bits(magic, f16) * 0x10001)};",
              f"mov.b32 ng, {hex(neg * 0x10001)};", f"mov.b32 one, {hex(one * 0x10001)};", "mov.b32 nz, 0x80008000;"]
     if exact_fma:
-        lines.append(f"fma.rn.{ty} ns, $5, ng, nz;")  # -(MAGIC + 8) s, exact
-    for i in range(4):
-        src = "$4"
+        lines.append(f"fma.rn.{ty} ns, {scale}, ng, nz;")  # -(MAGIC + off) s, exact
+    for i in range(npos):
+        src = word
         if i:
-            lines.append(f"shr.u32 t, $4, {4 * i};")
+            lines.append(f"shr.u32 t, {word}, {bits * i};")
             src = "t"
-        lines.append(f"lop3.b32 v, {src}, 0x000F000F, mg, 0xEA;")  # (src & mask) | magic
+        lines.append(f"lop3.b32 v, {src}, {hex(mask)}, mg, 0xEA;")  # (src & mask) | magic
         if exact_fma:
-            lines.append(f"fma.rn.{ty} ${i}, v, $5, ns;")
+            lines.append(f"fma.rn.{ty} ${i}, v, {scale}, ns;")
         else:
             lines.append(f"fma.rn.{ty} v, v, one, ng;")  # c - off, exact
-            lines.append(f"fma.rn.{ty} ${i}, v, $5, {'nz' if signed else '$6'};")
+            lines.append(f"fma.rn.{ty} ${i}, v, {scale}, {'nz' if signed else zero};")
     lines.append("}")
     return "\n".join(lines)
 

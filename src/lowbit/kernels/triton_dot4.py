@@ -131,6 +131,75 @@ def _nibbles(w, s, z, CODE: tl.constexpr, ASM: tl.constexpr, DT: tl.constexpr, N
 
 
 @triton.jit
+def _crumbs(w, s, z, CODE: tl.constexpr, ASM: tl.constexpr, DT: tl.constexpr, NIB_ASM: tl.constexpr):
+    """The eight 2-bit position tiles (DT, w's shape) of the uint16 tile `w`: c_p = (code p - off) s
+    + z (bits 2p..2p+1; CODE 0: off 2, CODE 2: affine, off 0, + z); NIB_ASM: `asm_nibbles(..., bits=2)`."""
+    if ASM:
+        if DT == tl.float16:
+            c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+                NIB_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [w, s, z], dtype=(tl.float16,) * 8, is_pure=True, pack=2)
+        else:
+            c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+                NIB_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [w, s, z], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
+    else:
+        wi = w.to(tl.int32)
+        sf = s.to(tl.float32)
+        if CODE == 2:
+            off = 0
+            zf = z.to(tl.float32)
+        else:
+            off = 2
+            zf = sf * 0.0
+        c0 = (((wi & 3) - off).to(tl.float32) * sf + zf).to(DT)
+        c1 = ((((wi >> 2) & 3) - off).to(tl.float32) * sf + zf).to(DT)
+        c2 = ((((wi >> 4) & 3) - off).to(tl.float32) * sf + zf).to(DT)
+        c3 = ((((wi >> 6) & 3) - off).to(tl.float32) * sf + zf).to(DT)
+        c4 = ((((wi >> 8) & 3) - off).to(tl.float32) * sf + zf).to(DT)
+        c5 = ((((wi >> 10) & 3) - off).to(tl.float32) * sf + zf).to(DT)
+        c6 = ((((wi >> 12) & 3) - off).to(tl.float32) * sf + zf).to(DT)
+        c7 = ((((wi >> 14) & 3) - off).to(tl.float32) * sf + zf).to(DT)
+    return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
+def _crumb_products(w, s, z, xk, x_rows, u, u_hi, mmask, plane, acc, CODE: tl.constexpr, ASM: tl.constexpr,
+                    DT: tl.constexpr, NIB_ASM: tl.constexpr, XPERM: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BKU: tl.constexpr):
+    """acc + the eight products of 2-bit codes (`_crumbs`) with x's columns 8u + p: from the host's
+    split planes (XPERM, `plane` elements apart) or split here (column 8u + 4a + 2b + c = position
+    p = 4a + 2b + c)."""
+    c0, c1, c2, c3, c4, c5, c6, c7 = _crumbs(w, s, z, CODE, ASM, DT, NIB_ASM)
+    if XPERM:
+        xt = x_rows[None, :] + u[:, None]
+        xmask = (u < u_hi)[:, None] & mmask[None, :]
+        acc = tl.dot(c0, tl.load(xt, mask=xmask, other=0.0).to(DT), acc)
+        acc = tl.dot(c1, tl.load(xt + plane, mask=xmask, other=0.0).to(DT), acc)
+        acc = tl.dot(c2, tl.load(xt + 2 * plane, mask=xmask, other=0.0).to(DT), acc)
+        acc = tl.dot(c3, tl.load(xt + 3 * plane, mask=xmask, other=0.0).to(DT), acc)
+        acc = tl.dot(c4, tl.load(xt + 4 * plane, mask=xmask, other=0.0).to(DT), acc)
+        acc = tl.dot(c5, tl.load(xt + 5 * plane, mask=xmask, other=0.0).to(DT), acc)
+        acc = tl.dot(c6, tl.load(xt + 6 * plane, mask=xmask, other=0.0).to(DT), acc)
+        acc = tl.dot(c7, tl.load(xt + 7 * plane, mask=xmask, other=0.0).to(DT), acc)
+    else:
+        xc0, xc1 = tl.split(xk.to(DT).reshape(BLOCK_M, BKU, 2, 2, 2))  # c = 0 / 1
+        xb00, xb01 = tl.split(xc0)  # b = 0 / 1
+        xb10, xb11 = tl.split(xc1)
+        x0, x4 = tl.split(xb00)  # a = 0 / 1
+        x2, x6 = tl.split(xb01)
+        x1, x5 = tl.split(xb10)
+        x3, x7 = tl.split(xb11)
+        acc = tl.dot(c0, tl.trans(x0), acc)
+        acc = tl.dot(c1, tl.trans(x1), acc)
+        acc = tl.dot(c2, tl.trans(x2), acc)
+        acc = tl.dot(c3, tl.trans(x3), acc)
+        acc = tl.dot(c4, tl.trans(x4), acc)
+        acc = tl.dot(c5, tl.trans(x5), acc)
+        acc = tl.dot(c6, tl.trans(x6), acc)
+        acc = tl.dot(c7, tl.trans(x7), acc)
+    return acc
+
+
+@triton.jit
 def _x_and_scales(x_rows, s_row, z_row, mmask, u0, u_hi, k_lim, UB: tl.constexpr, NB_T: tl.constexpr,
                   BKU: tl.constexpr, HAS_ZERO: tl.constexpr, XPERM: tl.constexpr, NPOS: tl.constexpr,
                   ROW_SCALE: tl.constexpr):
@@ -163,16 +232,17 @@ def _dot4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                  CODE: tl.constexpr, SMODE: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SMUL: tl.constexpr, UB: tl.constexpr, NB_T: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr,
-                 DOT_DTYPE: tl.constexpr, XPERM: tl.constexpr = False, NIB_ASM: tl.constexpr = ""):
+                 DOT_DTYPE: tl.constexpr, XPERM: tl.constexpr = False, NIB_ASM: tl.constexpr = "",
+                 BITS: tl.constexpr = 4):
     """y[ms, rows] = x[ms] @ W[rows]^T: BLOCK_N weight rows x BLOCK_M activation rows; per iteration
-    NB_T scale blocks of UB uint16 elements (NPOS UB codes each: 4 nibbles, or 2 bytes for int8,
-    CODE 1); split `pid_k` covers iterations [pid_k * iters_per_split, ...) of the KU uint16
+    NB_T scale blocks of UB uint16 elements (NPOS UB codes each: 4 nibbles, 2 bytes (BITS 8) or 8
+    2-bit codes (BITS 2)); split `pid_k` covers iterations [pid_k * iters_per_split, ...) of the KU uint16
     elements per row; SMUL: the format's constant factor (folded into the scale). SMODE 3 (one
     scale per row): the codes go to the products unscaled and the scale multiplies the sums.
     XPERM: x comes split by code position, (NPOS, M, KU) contiguous (x_perm[i, m, u] = x[m,
     NPOS u + i], made by the host): its tiles then feed the products straight from shared memory,
     in Triton's cp.async pipeline (better where x tiles are large, M >= 32)."""
-    NPOS: tl.constexpr = 2 if (CODE == 1 or CODE == 4 or CODE == 5) else 4  # codes per uint16 element
+    NPOS: tl.constexpr = 16 // BITS  # codes per uint16 element
     ROW_SCALE: tl.constexpr = SMODE == 3
     BKU: tl.constexpr = NB_T * UB  # uint16 elements per row per iteration (NPOS BKU codes)
     pid_n = tl.program_id(0)
@@ -214,8 +284,11 @@ def _dot4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                 z = s  # a placeholder: symmetric codes have no zero point (`_nibbles` ignores it)
             s = tl.broadcast_to(s[:, :, None], [BLOCK_N, NB_T, UB]).reshape(BLOCK_N, BKU)
             z = tl.broadcast_to(z[:, :, None], [BLOCK_N, NB_T, UB]).reshape(BLOCK_N, BKU)
-        n0, n1, n2, n3 = _nibbles(w, s, z, CODE, ASM, DOT_DTYPE, NIB_ASM)
-        if XPERM:  # x_perm[i] tiles, transposed [BKU, BLOCK_M]
+        if NPOS == 8:  # 2-bit codes
+            acc = _crumb_products(w, s, z, xk, x_rows, u, u_hi, mmask, M * KU, acc, CODE, ASM, DOT_DTYPE, NIB_ASM,
+                                  XPERM, BLOCK_M, BKU)
+        elif XPERM:  # x_perm[i] tiles, transposed [BKU, BLOCK_M]
+            n0, n1, n2, n3 = _nibbles(w, s, z, CODE, ASM, DOT_DTYPE, NIB_ASM)
             xt = x_rows[None, :] + u[:, None]
             xmask = (u < u_hi)[:, None] & mmask[None, :]
             plane = M * KU
@@ -225,10 +298,12 @@ def _dot4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                 acc = tl.dot(n2, tl.load(xt + 2 * plane, mask=xmask, other=0.0).to(DOT_DTYPE), acc)
                 acc = tl.dot(n3, tl.load(xt + 3 * plane, mask=xmask, other=0.0).to(DOT_DTYPE), acc)
         elif NPOS == 2:  # columns 2u + j of x for byte j
+            n0, n1, n2, n3 = _nibbles(w, s, z, CODE, ASM, DOT_DTYPE, NIB_ASM)
             x0, x1 = tl.split(xk.to(DOT_DTYPE).reshape(BLOCK_M, BKU, 2))
             acc = tl.dot(n0, tl.trans(x0), acc)
             acc = tl.dot(n1, tl.trans(x1), acc)
         else:  # columns 4u + i of x for nibble i: (m, u, a, b) = column 4u + 2a + b
+            n0, n1, n2, n3 = _nibbles(w, s, z, CODE, ASM, DOT_DTYPE, NIB_ASM)
             xe, xo = tl.split(xk.to(DOT_DTYPE).reshape(BLOCK_M, BKU, 2, 2))
             x0, x2 = tl.split(xe)
             x1, x3 = tl.split(xo)

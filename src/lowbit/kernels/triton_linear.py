@@ -181,7 +181,7 @@ def heuristic(spec: Spec, m: int, k: int, n: int, allow_dot4: bool = True) -> di
         split = 1
         while tiles * split < 2 * sm and split < 4 and k // (split * 2) >= 1024:
             split *= 2
-        return {"path": "dot4", "BLOCK_N": 64, "BLOCK_M": block_m, "NB_T": max(1, 128 // spec.bb), "num_warps": 4,
+        return {"path": "dot4", "BLOCK_N": 64, "BLOCK_M": block_m, "NB_T": dot_blocks(128, spec), "num_warps": 4,
                 "STAGES": 4 if block_m == 16 else 3, "SPLIT_K": split, "XPERM": block_m > 16}
     if m <= 64:
         block_m = max(16, triton.next_power_of_2(m))
@@ -209,9 +209,10 @@ def choose(spec: Spec, m: int, k: int, n: int) -> dict:
 
 
 def dot_blocks(kb_t: int, spec: Spec) -> int:
-    """Scale blocks per iteration of the `dot` tiles for `kb_t` bytes of a 4-bit row: formats under
-    4 bits get as many codes per iteration as 4-bit ones, not as many bytes (the decoded tile, in
-    shared memory, grows with the codes: int2 at 128 x 128 tiles asked for 256 KiB on an H200).
+    """Scale blocks per iteration of the `dot` / `dot4` tiles for `kb_t` bytes of a 4-bit row:
+    formats under 4 bits get as many codes per iteration as 4-bit ones, not as many bytes (the
+    decoded tile grows with the codes: in `dot`'s shared memory int2 at 128 x 128 tiles asked for
+    256 KiB on an H200; in `dot4`'s registers it would spill).
     E.g. `dot_blocks(64, spec_of(PRESETS["int2-e8m0"])) == 4`."""
     return max(1, kb_t * min(spec.bits, 4) // (4 * spec.bb))
 
@@ -220,7 +221,7 @@ def _fit(cfg: dict, spec: Spec, m: int) -> dict:
     """A table config (sizes in bytes per row per iteration, `KB_T`) made concrete for `spec`."""
     if "KB_T" in cfg:
         kbt = cfg.pop("KB_T")
-        cfg["NB_T"] = dot_blocks(kbt, spec) if cfg["path"] == "dot" else max(1, kbt // spec.bb)
+        cfg["NB_T"] = dot_blocks(kbt, spec) if cfg["path"] in ("dot", "dot4") else max(1, kbt // spec.bb)
         if cfg["path"] == "gemv":
             cfg["NW"] = max(4, kbt // 4)
     cfg.pop("us", None)
@@ -513,9 +514,11 @@ def dot4_tile_suits(block_m: int, m: int) -> bool:
 def dot4_format_ok(spec: Spec) -> bool:
     """Whether `triton_dot4._dot4_kernel` decodes this format: 4-bit integer codes (symmetric or
     affine) or e2m1 (mxfp4) with a scale per block, int8 codes with a scale per block or per row,
-    fp8 codes (mxfp8) with a scale per block."""
+    fp8 codes (mxfp8) with a scale per block, 2-bit integer codes with a scale per block."""
     if spec.bb % 2:
         return False
+    if spec.bits == 2:
+        return spec.code in (0, 2) and spec.smode in (1, 2)
     if spec.bits == 4:
         return (spec.code in (0, 2) and spec.smode in (1, 2)) or (spec.code == 3 and spec.smode == 2)
     return spec.bits == 8 and ((spec.code == 1 and spec.smode in (1, 2, 3)) or (spec.code in (4, 5) and spec.smode == 2))
@@ -574,7 +577,8 @@ def run_dot4(x2, planes, spec: Spec, n: int, k: int, bias, y, cfg: dict) -> torc
     elif spec.code in (4, 5):
         decode = asm_fp8(f16, spec.code == 5)
     else:
-        decode = asm_nibbles(f16, spec.code == 0, not f16 and spec.code == 0 and spec.smode == 2 and spec.cmul == 1.0)
+        decode = asm_nibbles(f16, spec.code == 0, not f16 and spec.code == 0 and spec.smode == 2 and spec.cmul == 1.0,
+                             bits=spec.bits)
     dot4._dot4_kernel[grid](
         x2, w16, s, z if z is not None else s, bias if bias is not None else w, y, ws, cnt,
         m, n, k, ku, x2.stride(1) if xperm else x2.stride(0), w16.stride(0), s.stride(0), y.stride(0), ips,
@@ -582,7 +586,7 @@ def run_dot4(x2, planes, spec: Spec, n: int, k: int, bias, y, cfg: dict) -> torc
         # fp codes: the PTX applies the format's constant factor itself
         SMUL=1.0 if spec.code in (3, 4, 5) else spec.cmul, UB=ub, NB_T=nb_t, BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"],
         SPLIT_K=split, STAGES=cfg.get("STAGES", 3), ASM=not _interpreting(), DOT_DTYPE=_dot_dtype(x2.dtype),
-        XPERM=xperm, NIB_ASM=decode,
+        XPERM=xperm, NIB_ASM=decode, BITS=spec.bits,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
     return y
 
