@@ -102,7 +102,8 @@ GPU_FORMATS = {
     "int4/g128": ("int4", {"block_size": 128}), "int4-asym": ("int4-asym", {}),
     "int4-asym/g128": ("int4-asym", {"block_size": 128, "scale_dtype": "bf16"}),
     "int4-e8m0": ("int4-e8m0", {}), "int2-e8m0": ("int2-e8m0", {}), "int2": ("int2", {}), "mxfp4": ("mxfp4", {}),
-    "mxfp8-e4m3": ("mxfp8-e4m3", {}), "mxfp8-e5m2": ("mxfp8-e5m2", {}), "mxint8": ("mxint8", {}), "lut4": ("lut4", {}), "lut8": ("lut8", {}),
+    "mxfp8-e4m3": ("mxfp8-e4m3", {}), "mxfp8-e5m2": ("mxfp8-e5m2", {}), "mxint8": ("mxint8", {}),
+    "lut4": ("lut4", {}), "lut8": ("lut8", {}),
     # a palette per 16 rows (coremltools' grouped-channel palettization), int8 tables, channel scales
     "lut4/g16-i8": ("lut4", {"group_size": 16, "lut_dtype": "int8", "per_channel_scale": True}),
 }

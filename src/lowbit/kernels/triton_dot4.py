@@ -1,5 +1,5 @@
 """Tensor-core matmul for packed codes (M = 2..256): the codes reach the MMA straight from shared
-memory, decoded in the registers of the MMA's operand layout. Formats: 4-bit integer codes
+memory, decoded in the registers of the MMA's operand layout. Formats: 4- and 2-bit integer codes
 (symmetric or affine), e2m1 (mxfp4), int8 codes (a scale per block or per row), fp8 (mxfp8).
 
 Only imported when Triton is importable (through `triton_linear._kern`). The general `_dot_kernel`
@@ -18,10 +18,11 @@ bits 4i..4i+3 (i = 0..3). The kernel decodes each nibble position i into its own
     y = sum_i n_i @ x[:, i::4]^T        (four products per iteration, no shuffles of the codes)
 
 8-bit planes (N, K) read as uint16 hold codes 2u and 2u + 1 in their two bytes: two positions,
-y = n_0 @ x[:, 0::2]^T + n_1 @ x[:, 1::2]^T (NPOS = 2).
+y = n_0 @ x[:, 0::2]^T + n_1 @ x[:, 1::2]^T (NPOS = 2); 2-bit planes hold codes 8u + p in bits
+2p..2p+1: eight positions (NPOS = 8, `_crumb_products`).
 
 Decode (PTX from `nibble_ptx`, per 32-bit word = two uint16 elements):
-    4-bit integers (`asm_nibbles`):
+    4-bit integers (`asm_nibbles`; 2-bit ones the same with 2-bit fields and off = 2):
     shr     t, w, 4i                      nibble i of each 16-bit half to its bits 0..3
     lop3    v, t, 0x000F000F, MAGIC       v = MAGIC + c, exact (MAGIC = 128.0 in bf16, 1024.0 in fp16,
                                           where the unit in the last place is 1)
@@ -79,7 +80,8 @@ def _nibbles(w, s, z, CODE: tl.constexpr, ASM: tl.constexpr, DT: tl.constexpr, N
     """The code-position tiles (DT, w's shape) of the uint16 tile `w` (held as int16): four nibble
     positions n_i = (c_i - off) * s + z (CODE 0: off 8; 2: affine, off 0, + z), or e2m1 values
     times s (CODE 3); two byte positions for int8 codes (CODE 1: n_0, n_1 = c_j * s, returned as
-    n_0, n_1, n_0, n_1) and fp8 codes (CODE 4 e4m3, 5 e5m2: their values times s). s, z: DT tiles of w's shape; NIB_ASM: the `nibble_ptx` text from the host."""
+    n_0, n_1, n_0, n_1) and fp8 codes (CODE 4 e4m3, 5 e5m2: their values times s). s, z: DT tiles
+    of w's shape; NIB_ASM: the `nibble_ptx` text from the host (2-bit codes: `_crumbs`)."""
     if ASM:
         if CODE == 1 or CODE == 4 or CODE == 5:
             if DT == tl.float16:
@@ -236,8 +238,8 @@ def _dot4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                  BITS: tl.constexpr = 4):
     """y[ms, rows] = x[ms] @ W[rows]^T: BLOCK_N weight rows x BLOCK_M activation rows; per iteration
     NB_T scale blocks of UB uint16 elements (NPOS UB codes each: 4 nibbles, 2 bytes (BITS 8) or 8
-    2-bit codes (BITS 2)); split `pid_k` covers iterations [pid_k * iters_per_split, ...) of the KU uint16
-    elements per row; SMUL: the format's constant factor (folded into the scale). SMODE 3 (one
+    2-bit codes (BITS 2)); split `pid_k` covers iterations [pid_k * iters_per_split, ...) of the
+    KU uint16 elements per row; SMUL: the format's constant factor (folded into the scale). SMODE 3 (one
     scale per row): the codes go to the products unscaled and the scale multiplies the sums.
     XPERM: x comes split by code position, (NPOS, M, KU) contiguous (x_perm[i, m, u] = x[m,
     NPOS u + i], made by the host): its tiles then feed the products straight from shared memory,

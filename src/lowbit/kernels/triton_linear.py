@@ -161,11 +161,12 @@ def decode_family(spec: Spec) -> str | None:
 def heuristic(spec: Spec, m: int, k: int, n: int, allow_dot4: bool = True) -> dict:
     """Config used where the table has no entry (and the tuner's starting point): a GEMV up to
     M = 4 (M = 2 for the codes dot4 decodes: the GEMV's work grows with M, at M = 4 int4 ran at
-    0.80-0.97x bf16 and int8 at 0.77x where dot4 ran 1.1-1.6x); `dot4` (`dot4_format_ok`: 4-bit
-    integers, e2m1, int8) at M = 3..16 and 65..128, and at 17..64 for weights of >= 16M
-    elements; the tensor-core `dot` tiles for other formats up to M = 64; dequantize + cuBLAS above. dot4 tiles are those that won
-    most often in the kernel table: 16-row x tiles split in the kernel up to M = 16, 32 / 64 rows
-    split by the host above, K split until about two programs per SM. The bounds come from timing
+    0.80-0.97x bf16 and int8 at 0.77x where dot4 ran 1.1-1.6x); `dot4` (`dot4_format_ok`: 2- and
+    4-bit integers, e2m1, int8, fp8) at M = 3..16 and 65..128, and at 17..64 for weights of >= 16M
+    elements; the tensor-core `dot` tiles for other formats up to M = 64; dequantize + cuBLAS
+    above. dot4 tiles are those that won most often in the kernel table: 16-row x tiles split in
+    the kernel up to M = 16, 32 / 64 rows split by the host above, K split until about two
+    programs per SM. The bounds come from timing
     both sides on eight untuned shapes (H200, RESULTS.md 2026-11-25: above M = 64 `dot` ran 2.5-4x
     slower than dequantize + cuBLAS). E.g.
     `heuristic(spec_of(PRESETS["int4"]), 16, 4096, 1024)["path"] == "dot4"`."""
@@ -521,7 +522,8 @@ def dot4_format_ok(spec: Spec) -> bool:
         return spec.code in (0, 2) and spec.smode in (1, 2)
     if spec.bits == 4:
         return (spec.code in (0, 2) and spec.smode in (1, 2)) or (spec.code == 3 and spec.smode == 2)
-    return spec.bits == 8 and ((spec.code == 1 and spec.smode in (1, 2, 3)) or (spec.code in (4, 5) and spec.smode == 2))
+    int8 = spec.code == 1 and spec.smode in (1, 2, 3)
+    return spec.bits == 8 and (int8 or (spec.code in (4, 5) and spec.smode == 2))
 
 
 def dot4_ok(spec: Spec, x2: torch.Tensor, has_lut: bool, w: torch.Tensor | None = None) -> bool:
@@ -583,8 +585,8 @@ def run_dot4(x2, planes, spec: Spec, n: int, k: int, bias, y, cfg: dict) -> torc
         x2, w16, s, z if z is not None else s, bias if bias is not None else w, y, ws, cnt,
         m, n, k, ku, x2.stride(1) if xperm else x2.stride(0), w16.stride(0), s.stride(0), y.stride(0), ips,
         CODE=spec.code, SMODE=spec.smode, HAS_ZERO=spec.has_zero, HAS_BIAS=bias is not None,
-        # fp codes: the PTX applies the format's constant factor itself
-        SMUL=1.0 if spec.code in (3, 4, 5) else spec.cmul, UB=ub, NB_T=nb_t, BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"],
+        SMUL=1.0 if spec.code in (3, 4, 5) else spec.cmul,  # fp codes: the PTX applies the constant factor
+        UB=ub, NB_T=nb_t, BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"],
         SPLIT_K=split, STAGES=cfg.get("STAGES", 3), ASM=not _interpreting(), DOT_DTYPE=_dot_dtype(x2.dtype),
         XPERM=xperm, NIB_ASM=decode, BITS=spec.bits,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
