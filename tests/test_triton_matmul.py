@@ -389,13 +389,15 @@ def test_lut_tables_scale_the_palette_into_one_to_two(int8_table, dtype):
 
 
 def test_dot_tiles_count_codes_and_fall_back_when_they_do_not_fit(monkeypatch):
-    """`dot` table entries give sub-4-bit formats as many codes per iteration as 4-bit ones (not as
+    """`dot` / `dot4` table entries give sub-4-bit formats as many codes per iteration as 4-bit ones (not as
     many bytes: int2 at 128 x 128 tiles asked an H200 for 256 KiB of shared memory), and a tile the
     GPU refuses (OutOfResources) falls back to dequantize + cuBLAS with a warning, same result."""
     specs = {p: tlin.spec_of(lowbit.PRESETS[p]) for p in ("int2-e8m0", "int4-e8m0", "mxfp4", "int8")}
     assert [tlin.dot_blocks(64, specs[p]) for p in specs] == [4, 4, 4, 2]
     assert tlin._fit({"path": "dot", "KB_T": 64}, specs["int2-e8m0"], 128)["NB_T"] == 4
     assert tlin._fit({"path": "dequant", "KB_T": 64}, specs["int2-e8m0"], 128)["NB_T"] == 8
+    # dot4 too (its decoded tiles live in registers: int2 at int4's bytes per iteration would spill)
+    assert [tlin._fit({"path": "dot4", "KB_T": 128}, specs[p], 16)["NB_T"] for p in specs] == [8, 8, 8, 4]
 
     class Refuses:
         def __getitem__(self, grid):
