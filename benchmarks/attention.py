@@ -11,8 +11,8 @@ error ||o - ref|| / ||ref|| against the fp32 reference twin (on the first 2 sequ
 Decode: one query token, GQA 32/8 heads, D = 128, (B, S) in {(1, 8192), (8, 8192), (32, 4096)}:
 lowbit's flash-decoding over an int8 cache (one fp16 scale per token per head) and an int4 cache
 (one fp16 scale per 32 values; "int4/tok": one per token) vs SDPA on a bf16 cache (the fastest of
-its backends, GQA native). The value codes are stored token-major, as `LowbitKVCache` stores them
-for the fused kernel (`triton_decode.token_major`).
+its backends, GQA native). The value codes are stored tile-blocked, as `LowbitKVCache` stores them
+for the fused kernel (`reference.block_tokens`).
 Each timed call reads a different cache copy (rotating over enough copies to exceed the L2), and
 the calls are captured in a CUDA graph so launch gaps (Python) do not count for either side; SDPA and
 lowbit are timed in interleaved rounds (median of 3), after a short warm-up of the GPU.
@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from lowbit.attention.reference import attention_reference, dequantize_kv, quantize_kv  # noqa: E402
-from lowbit.attention.triton_decode import decode_attention_triton, token_major  # noqa: E402
+from lowbit.attention.reference import (attention_reference, block_tokens, dequantize_kv, quantize_kv,  # noqa: E402
+                                       unblock_tokens)
+from lowbit.attention.triton_decode import decode_attention_triton  # noqa: E402
 from lowbit.attention.triton_prefill import CONFIGS, flash_attention_triton  # noqa: E402
 
 
@@ -196,9 +197,9 @@ def decode(args, rows: list) -> None:
         formats = {"int8": (8, None), "int4": (4, 32), "int4t": (4, None)}
         planes = {}
         for label, (bits, group) in formats.items():
-            # values stored token-major, as LowbitKVCache stores them for the fused kernel
+            # values stored tile-blocked, as LowbitKVCache stores them for the fused kernel
             pl = [(quantize_kv(ks[i], bits, group), quantize_kv(vs[i], bits, group)) for i in range(copies)]
-            planes[label] = [(kp, (token_major(vp[0]), vp[1])) for kp, vp in pl]
+            planes[label] = [(kp, (block_tokens(vp[0]), vp[1])) for kp, vp in pl]
             for j, cfg in enumerate(tune[label]):
                 def run(i, cfg=cfg, label=label, bits=bits):
                     (kd, ksc), (vd, vsc) = planes[label][i % copies]
@@ -242,7 +243,8 @@ def decode(args, rows: list) -> None:
             cfg = tune[label][key[1]]
             (kd, ksc), (vd, vsc) = planes[label][0]
             o = decode_attention_triton(qs[0], kd, ksc, vd, vsc, S, bits=bits, **cfg)
-            ref_q = attention_reference(qs[0].float(), dequantize_kv(kd, ksc, bits, D), dequantize_kv(vd, vsc, bits, D))
+            ref_q = attention_reference(qs[0].float(), dequantize_kv(kd, ksc, bits, D),
+                                        dequantize_kv(unblock_tokens(vd), vsc, bits, D))
             out[f"{label}_us"], out[f"{label}_config"] = med[key], cfg
             out[f"{label}_rounds_us"] = times[key]
             out[f"{label}_err_vs_float_cache"] = rel_err(o, ref_exact)

@@ -168,22 +168,32 @@ def test_profile_reports_where_attention_ran():
     assert p.decode_tokens_per_s > 0
 
 
-def test_fused_layer_stores_values_token_major(gen):
-    """A fused layer keeps its value codes token-major (what the fast decode kernel reads), through
-    growth and beam reordering; the logical planes are the same as an unfused layer's."""
+def test_fused_layer_stores_values_tile_blocked(gen):
+    """A fused layer keeps its value codes tile-blocked (what the fast decode kernel reads), through
+    appends across a block boundary, growth and beam reordering; its logical planes (what the
+    reference and `dequantized` see) are the same as an unfused layer's, and so is its byte count."""
     from lowbit.attention.kv_cache import LowbitKVLayer
+    from lowbit.attention.reference import VALUE_BLOCK, unblock_tokens
 
-    k, v = torch.randn(2, 2, 5, 64, generator=gen), torch.randn(2, 2, 5, 64, generator=gen)
+    n = VALUE_BLOCK + 9  # the second block, then growth past the first capacity
+    k, v = torch.randn(2, 2, 2 * n, 64, generator=gen), torch.randn(2, 2, 2 * n, 64, generator=gen)
     plain, fused = LowbitKVLayer(4, 32), LowbitKVLayer(4, 32)
     for layer in (plain, fused):
         layer.lazy_initialization(k, v)
     fused.fused = True  # as on a CUDA GPU with lowbit's attention
-    for i in range(0, 5, 2):  # several appends: the planes grow
+    for a, b in ((0, 5), (5, n), (n, n + 1), (n + 1, 2 * n)):  # prefill-sized and decode-sized appends
         for layer in (plain, fused):
-            layer._append(k[:, :, i:i + 2], v[:, :, i:i + 2])
-    assert fused.planes[2].stride(-2) == 1 and plain.planes[2].stride(-1) == 1
-    for a, b in zip(plain.planes, fused.planes):
-        assert torch.equal(a[:, :, :5], b[:, :, :5])
+            layer._append(k[:, :, a:b], v[:, :, a:b])
+    L = 2 * n
+    assert fused.planes[2].dim() == 5 and fused.planes[2].shape[-1] == VALUE_BLOCK and plain.planes[2].dim() == 4
+    for i in range(4):
+        assert torch.equal(plain._logical(i), fused._logical(i)), i
+    assert torch.equal(unblock_tokens(fused.planes[2])[:, :, :L], plain.planes[2][:, :, :L])
+    # int4 per 32 values: 32 code bytes + two fp16 scales per token per head, keys and values
+    assert fused.nbytes() == plain.nbytes() == 2 * 2 * 2 * L * (32 + 2 * 2)
+    fk, fv = fused.dequantized()
+    pk, pv = plain.dequantized()
+    assert torch.equal(fk, pk) and torch.equal(fv, pv)
     fused.reorder_cache(torch.tensor([1, 0]))
-    assert fused.planes[2].stride(-2) == 1
-    assert torch.equal(fused.planes[2][:, :, :5], plain.planes[2][[1, 0], :, :5])
+    assert fused.planes[2].dim() == 5
+    assert torch.equal(fused._logical(2), plain._logical(2)[[1, 0]])

@@ -221,3 +221,24 @@ def test_quantize_kv_layout_golden():
     assert d8.tolist() == [[64, -32]]
     with pytest.raises(ValueError, match="bits"):
         quantize_kv(x, bits=3)
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (4, None)])
+def test_decode_tile_blocked_values(gen, bits, group):
+    """Value codes stored tile-blocked (`block_tokens`, as `LowbitKVCache` stores them) give the
+    token-major result exactly, over a capacity of several blocks with a partial last block read."""
+    from lowbit.attention.reference import block_tokens
+    from lowbit.attention.triton_decode import decode_attention_triton, token_major
+
+    B, H, Hkv, cap, D, S = 2, 8, 2, 256, 64, 200
+    q, k, v = _qkv(gen, B, H, Hkv, 1, cap, D, DTYPES[0])
+    (kd, ks), (vd, vs) = quantize_kv(k, bits, group), quantize_kv(v, bits, group)
+    vb = block_tokens(vd)
+    assert vb.shape == (B, Hkv, cap // 128, vd.shape[-1], 128)
+    start = torch.tensor([0, 3], dtype=torch.int32)
+    out = decode_attention_triton(q, kd, ks, vb, vs, S, bits=bits, kv_start=start, splits=3)
+    same = decode_attention_triton(q, kd, ks, token_major(vd), vs, S, bits=bits, kv_start=start, splits=3)
+    ref = attention_reference(q.float(), dequantize_kv(kd, ks, bits, D)[:, :, :S], dequantize_kv(vd, vs, bits, D)[:, :, :S],
+                              kv_start=start)
+    assert torch.equal(out, same)
+    assert _rel(out, ref) < (1e-2 if bits == 8 else TOL)

@@ -11,10 +11,11 @@ Two modes, decided per layer when the first tokens arrive:
   like transformers' own quantized caches, so every attention implementation sees the same values.
 In both modes the prompt's own attention (prefill) uses the exact float keys and values.
 
-In fused mode with fp16 scales the value codes are stored token-major (the plane (B, Hkv, cap, W) is a view of a
-(B, Hkv, W, cap) buffer: token stride 1): the decode kernel's P @ V product contracts over the
-tokens and reads its operand straight into the tensor cores from that layout (see
-`triton_decode`). The logical plane, and so `dequantized()` and the reference twins, are unchanged.
+In fused mode with fp16 scales the value codes are stored tile-blocked (`reference.block_tokens`:
+(B, Hkv, cap / 128, W, 128), the codes of 128 consecutive tokens contiguous per dimension): the
+decode kernel's P @ V product contracts over the tokens and reads its operand straight into the
+tensor cores from that layout, and each 128-token tile is one contiguous run in memory (see
+`triton_decode`). `dequantized()`, and so the reference twins, see the logical plane unchanged.
 
 Example:
     >>> from lowbit.attention import LowbitKVCache                               # doctest: +SKIP
@@ -26,7 +27,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .reference import KV_FORMATS, dequantize_kv, kv_format, quantize_kv  # noqa: F401
+from .reference import (KV_FORMATS, VALUE_BLOCK, dequantize_kv, kv_format, quantize_kv,  # noqa: F401
+                        unblock_tokens, write_block_tokens)
 
 class LowbitKVLayer(DynamicLayer):
     """One decoder layer's quantized keys and values (see the module docstring)."""
@@ -51,34 +53,38 @@ class LowbitKVLayer(DynamicLayer):
         n = k.shape[-2]
         need = self.length + n
         cap = 0 if self.planes is None else self.planes[0].shape[2]
-        if need > cap:  # grow by doubling: appends stay amortized O(1); a multiple of 64 tokens keeps the
-            # fused decode's tile loads 16 bytes wide (`triton_decode`, CAP)
-            cap = -(-max(need, 2 * cap, 64) // 64) * 64
+        if need > cap:  # grow by doubling: appends stay amortized O(1); a multiple of 128 tokens keeps the
+            # fused decode's tile loads 16 bytes wide (`triton_decode`, CAP) and fills whole value blocks
+            cap = -(-max(need, 2 * cap, VALUE_BLOCK) // VALUE_BLOCK) * VALUE_BLOCK
             grown = [self._empty(i, t, cap) for i, t in enumerate(new)]
             if self.planes is not None:
                 for g, old in zip(grown, self.planes):
-                    g[:, :, : self.length] = old[:, :, : self.length]
+                    if g.dim() == 5:  # blocked values: the old blocks, whole
+                        g[:, :, : old.shape[2]] = old
+                    else:
+                        g[:, :, : self.length] = old[:, :, : self.length]
             self.planes = grown
         for plane, t in zip(self.planes, new):
-            plane[:, :, self.length: need] = t
+            if plane.dim() == 5:
+                write_block_tokens(plane, self.length, t)
+            else:
+                plane[:, :, self.length: need] = t
         self.length = need
 
     def _empty(self, i: int, t: torch.Tensor, cap: int) -> torch.Tensor:
         """An empty plane i (0 k codes, 1 k scales, 2 v codes, 3 v scales) with room for cap tokens."""
-        if i == 2 and self._token_major():  # token-major value codes (module docstring)
-            return torch.empty(*t.shape[:2], t.shape[3], cap, dtype=t.dtype, device=t.device).transpose(-1, -2)
+        if i == 2 and self._blocked_values():  # tile-blocked value codes (module docstring)
+            return torch.empty(*t.shape[:2], cap // VALUE_BLOCK, t.shape[3], VALUE_BLOCK, dtype=t.dtype, device=t.device)
         return torch.empty(*t.shape[:2], cap, t.shape[3], dtype=t.dtype, device=t.device)
 
-    def _token_major(self) -> bool:
-        """Value codes token-major: fused layers with fp16 scales (the fast decode path's layout)."""
+    def _blocked_values(self) -> bool:
+        """Value codes tile-blocked: fused layers with fp16 scales (the fast decode path's layout)."""
         return self.fused and self.scale_dtype == "fp16"
 
-    def _relayout(self) -> None:
-        """Back to the planes' storage order after an op that returns contiguous tensors."""
-        if self.planes is not None and self._token_major() and self.planes[2].stride(-2) != 1:
-            from .triton_decode import token_major
-
-            self.planes[2] = token_major(self.planes[2])
+    def _logical(self, i: int) -> torch.Tensor:
+        """Plane i as (B, Hkv, length, ...) (the blocked value plane unblocked: a copy)."""
+        p = self.planes[i]
+        return (unblock_tokens(p) if p.dim() == 5 else p)[:, :, : self.length]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -94,7 +100,7 @@ class LowbitKVLayer(DynamicLayer):
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (B, Hkv, length, D) as the planes define them, in the model's dtype."""
-        kd, ks, vd, vs = (p[:, :, : self.length] for p in self.planes)
+        kd, ks, vd, vs = (self._logical(i) for i in range(4))
         return (dequantize_kv(kd, ks, self.bits, self.head_dim, self.dtype),
                 dequantize_kv(vd, vs, self.bits, self.head_dim, self.dtype))
 
@@ -106,7 +112,10 @@ class LowbitKVLayer(DynamicLayer):
 
     def nbytes(self) -> int:
         """Bytes the planes hold for the cached tokens."""
-        return 0 if self.planes is None else sum(p[:, :, : self.length].numel() * p.element_size() for p in self.planes)
+        if self.planes is None:
+            return 0
+        return sum(p.numel() // p.shape[2] // (p.shape[-1] if p.dim() == 5 else 1) * self.length * p.element_size()
+                   for p in self.planes)
 
     def reset(self) -> None:
         self.planes, self.length = None, 0
@@ -115,17 +124,14 @@ class LowbitKVLayer(DynamicLayer):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.planes is not None:
             self.planes = [p.index_select(0, beam_idx.to(p.device)) for p in self.planes]
-            self._relayout()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.planes is not None:
             self.planes = [p[indices] for p in self.planes]
-            self._relayout()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.planes is not None:
             self.planes = [p.repeat_interleave(repeats, dim=0) for p in self.planes]
-            self._relayout()
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("LowbitKVCache: cropping (assisted decoding) is not supported; use the float cache")

@@ -141,3 +141,49 @@ def dequantize_kv(data: torch.Tensor, scale: torch.Tensor, bits: int, head_dim: 
     ng = s.shape[-1]
     out = codes.reshape(*codes.shape[:-1], ng, head_dim // ng) * s[..., None]
     return out.reshape(*codes.shape[:-1], head_dim).to(dtype)
+
+
+# Tile-blocked value codes: how `LowbitKVCache` stores the value plane for the fused decode kernel.
+# The logical plane (B, Hkv, cap, W) becomes (B, Hkv, cap / block, W, block): the codes of
+# `block` consecutive tokens are contiguous per dimension w, and one tile (all W dims of those
+# tokens) is one contiguous run of W * block bytes. The kernel's P @ V product contracts over the
+# tokens, so it wants them contiguous (token-major); blocking also keeps each tile's bytes together
+# in device memory (token-major rows of the whole capacity put each dim's 128-byte piece of a tile
+# `cap` bytes apart: 2-5 % slower on an H200, benchmarks/RESULTS.md).
+VALUE_BLOCK = 128
+
+
+def block_tokens(plane: torch.Tensor, block: int = VALUE_BLOCK) -> torch.Tensor:
+    """(B, Hkv, cap, W) -> (B, Hkv, cap // block, W, block), contiguous (cap a multiple of block).
+
+    Example:
+        >>> p = torch.arange(8).reshape(1, 1, 4, 2)
+        >>> block_tokens(p, 2)[0, 0].tolist()   # tokens 0-1, then 2-3; each row one dim
+        [[[0, 2], [1, 3]], [[4, 6], [5, 7]]]
+        >>> torch.equal(unblock_tokens(block_tokens(p, 2)), p)
+        True
+    """
+    B, H, cap, W = plane.shape
+    if cap % block:
+        raise ValueError(f"block_tokens: capacity {cap} is not a multiple of the block ({block} tokens)")
+    return plane.reshape(B, H, cap // block, block, W).transpose(-1, -2).contiguous()
+
+
+def unblock_tokens(blocked: torch.Tensor) -> torch.Tensor:
+    """The logical plane (B, Hkv, cap, W) of a `block_tokens` plane (a copy)."""
+    B, H, nb, W, block = blocked.shape
+    return blocked.transpose(-1, -2).reshape(B, H, nb * block, W)
+
+
+def write_block_tokens(blocked: torch.Tensor, start: int, t: torch.Tensor) -> None:
+    """Store t (B, Hkv, n, W) as tokens start .. start + n - 1 of a `block_tokens` plane.
+
+    Example:
+        >>> b = torch.zeros(1, 1, 2, 1, 2, dtype=torch.int64)
+        >>> write_block_tokens(b, 1, torch.tensor([[[[7], [8]]]]))
+        >>> unblock_tokens(b).flatten().tolist()
+        [0, 7, 8, 0]
+    """
+    block = blocked.shape[-1]
+    n = torch.arange(start, start + t.shape[2], device=blocked.device)
+    blocked[:, :, n // block, :, n % block] = t.permute(2, 0, 1, 3).to(blocked.dtype)

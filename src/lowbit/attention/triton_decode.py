@@ -10,10 +10,11 @@ Planes (see `reference.quantize_kv` for the byte layout): data (B, Hkv, cap, D) 
 (B, Hkv, cap, D/2) uint8 (int4, two codes per byte), scale (B, Hkv, cap, D / group) fp16 or
 uint8 E8M0. Two stage-1 kernels:
 
-* `_decode_split_vt`, the fast path (fp16 scales, value codes stored token-major, as
-  `LowbitKVCache` stores them: `token_major`): the P @ V product contracts over the tokens, and
-  from a token-contiguous tile the codes reach the tensor cores through ldmatrix (a d-contiguous
-  8-bit tile would need one shared-memory load per element). Codes become fp16 two per
+* `_decode_split_vt`, the fast path (fp16 scales, value codes token-contiguous: tile-blocked as
+  `LowbitKVCache` stores them, `reference.block_tokens`, or token-major, `token_major`): the
+  P @ V product contracts over the tokens, and from a token-contiguous tile the codes reach the
+  tensor cores through ldmatrix (a d-contiguous 8-bit tile would need one shared-memory load per
+  element). Codes become fp16 two per
   instruction with the magic-number trick (a byte OR 0x6400 read as fp16 is 1024 + byte), never
   through int -> float conversions. By default the products are transposed (SWAP: the tile's
   tokens / dims are the MMA's M side, the G query heads of the group its N side, padded to 8
@@ -410,7 +411,8 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
                      HEAD_D: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_RANGES: tl.constexpr, IMMA: tl.constexpr,
                      SWAP: tl.constexpr, FUSED: tl.constexpr, G_P2: tl.constexpr, NS_PAD: tl.constexpr,
-                     NS_STEP: tl.constexpr, INTERP: tl.constexpr, DIRECT: tl.constexpr = False):
+                     NS_STEP: tl.constexpr, INTERP: tl.constexpr, DIRECT: tl.constexpr = False,
+                     VBLK: tl.constexpr = 0):
     """Stage 1 of flash-decoding for fp16 scales and token-major value planes (see above).
 
     Keys (B, Hkv, cap, W) d-contiguous, values (B, Hkv, W, cap) token-contiguous, W = D (int8) or
@@ -494,7 +496,11 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
         # get no weight: their scores are masked and their scales are set to 0
         in_cap = offs_n < CAP
         kraw = tl.load(k_base + offs_n[:, None] * stride_kn + offs_w[None, :], mask=in_cap[:, None], other=0)
-        vraw = tl.load(v_base + offs_w[:, None] * stride_vw + offs_n[None, :], mask=in_cap[None, :], other=0)
+        if VBLK:  # tile-blocked values (B, Hkv, cap / VBLK, W, VBLK): each VBLK-token tile is contiguous
+            v_off = (offs_n // VBLK) * (W * VBLK) + offs_n % VBLK
+            vraw = tl.load(v_base + offs_w[:, None] * VBLK + v_off[None, :], mask=in_cap[None, :], other=0)
+        else:
+            vraw = tl.load(v_base + offs_w[:, None] * stride_vw + offs_n[None, :], mask=in_cap[None, :], other=0)
         # scores s (G_PAD, BLOCK_N), or s^T (BLOCK_N, G_PAD) when SWAP
         if PT:
             # scales, too, are loaded to CAP (wide, pipelined loads) and zeroed past hi (NaN-safe)
@@ -677,8 +683,9 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
     """Attention of q (B, H, 1, D) over the first `seq_len` tokens of quantized planes
     (B, Hkv, cap, ...); returns (B, H, 1, D) in q's dtype.
 
-    Two kernels: with fp16 scales and a token-major value plane (`token_major`, as `LowbitKVCache`
-    stores it) the fast path `_decode_split_vt`; otherwise (E8M0 scales, d-major values) the
+    Two kernels: with fp16 scales and a token-contiguous value plane (tile-blocked (B, Hkv, cap /
+    128, W, 128) as `LowbitKVCache` stores it, `reference.block_tokens`; or token-major,
+    `token_major`) the fast path `_decode_split_vt`; otherwise (E8M0 scales, d-major values) the
     generic `_decode_split`. Stage 2 is `_decode_reduce`, or, on the fast path with `fused`, the
     last program of each (batch, kv head) inside stage 1 (no second launch; see `_merge_last`).
     """
@@ -695,7 +702,8 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
     if group & (group - 1) or (bits == 4 and group < 32):
         raise ValueError(f"decode_attention: scale group {group} must be a power of two (>= 32 for int4)")
     G = H // Hkv
-    fast = (is_token_major(v_data) and k_scale.dtype == torch.float16 and v_scale.dtype == torch.float16
+    vblk = v_data.shape[-1] if v_data.dim() == 5 else 0  # tile-blocked values (see `_decode_split_vt`)
+    fast = ((vblk or is_token_major(v_data)) and k_scale.dtype == torch.float16 and v_scale.dtype == torch.float16
             and k_data.stride(-1) == 1 and k_scale.stride() == v_scale.stride() and (bits == 4 or group == D))
     if fast:
         # defaults: the best of `benchmarks/attention.py --tune` on an H200 at (B, S) = (8, 8192) and (32, 4096)
@@ -753,12 +761,12 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
         _decode_split_vt[(splits, B * Hkv)](
             q, k_data, k_scale, v_data, v_scale, op, lse, kv_start, kv_end, o, _counters(dev, B * Hkv) if fused else lse,
             q.stride(0), q.stride(1), k_data.stride(0), k_data.stride(1), k_data.stride(2),
-            v_data.stride(0), v_data.stride(1), v_data.stride(3),
+            v_data.stride(0), v_data.stride(1), v_data.stride(3) if not vblk else vblk,
             k_scale.stride(0), k_scale.stride(1), k_scale.stride(2), o.stride(0), o.stride(1),
             H, Hkv, seq_len, k_data.shape[2], chunk, splits, qk_scale,
             HEAD_D=D, G=G, G_PAD=g_pad, BLOCK_N=bn, BITS=bits, GROUP=group, HAS_RANGES=has_ranges,
             IMMA=int_mma, SWAP=swap, FUSED=fused, G_P2=g_p2, NS_PAD=ns_pad, NS_STEP=ns_step, INTERP=_INTERPRET,
-            DIRECT=fused and splits == 1, num_warps=num_warps, num_stages=num_stages)
+            DIRECT=fused and splits == 1, VBLK=vblk, num_warps=num_warps, num_stages=num_stages)
         if fused:
             return o
     else:
@@ -766,6 +774,10 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
             dt = tl.float32
         else:
             dt = tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16
+        if v_data.dim() == 5:  # tile-blocked values off the fast path (e.g. E8M0 scales): the logical plane
+            from .reference import unblock_tokens
+
+            v_data = unblock_tokens(v_data)
         if v_data.stride() != k_data.stride():  # e.g. token-major values with E8M0 scales: a d-major copy
             v_data = torch.empty_like(k_data).copy_(v_data)
         if v_scale.stride() != k_scale.stride():
