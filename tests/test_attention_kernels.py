@@ -238,7 +238,7 @@ def test_decode_tile_blocked_values(gen, bits, group):
     start = torch.tensor([0, 3], dtype=torch.int32)
     out = decode_attention_triton(q, kd, ks, vb, vs, S, bits=bits, kv_start=start, splits=3)
     same = decode_attention_triton(q, kd, ks, token_major(vd), vs, S, bits=bits, kv_start=start, splits=3)
-    ref = attention_reference(q.float(), dequantize_kv(kd, ks, bits, D)[:, :, :S], dequantize_kv(vd, vs, bits, D)[:, :, :S],
-                              kv_start=start)
+    k_ref, v_ref = dequantize_kv(kd, ks, bits, D)[:, :, :S], dequantize_kv(vd, vs, bits, D)[:, :, :S]
+    ref = attention_reference(q.float(), k_ref, v_ref, kv_start=start)
     assert torch.equal(out, same)
     assert _rel(out, ref) < (1e-2 if bits == 8 else TOL)

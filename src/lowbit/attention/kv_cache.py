@@ -74,7 +74,8 @@ class LowbitKVLayer(DynamicLayer):
     def _empty(self, i: int, t: torch.Tensor, cap: int) -> torch.Tensor:
         """An empty plane i (0 k codes, 1 k scales, 2 v codes, 3 v scales) with room for cap tokens."""
         if i == 2 and self._blocked_values():  # tile-blocked value codes (module docstring)
-            return torch.empty(*t.shape[:2], cap // VALUE_BLOCK, t.shape[3], VALUE_BLOCK, dtype=t.dtype, device=t.device)
+            shape = (*t.shape[:2], cap // VALUE_BLOCK, t.shape[3], VALUE_BLOCK)
+            return torch.empty(shape, dtype=t.dtype, device=t.device)
         return torch.empty(*t.shape[:2], cap, t.shape[3], dtype=t.dtype, device=t.device)
 
     def _blocked_values(self) -> bool:
