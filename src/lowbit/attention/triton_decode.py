@@ -405,6 +405,55 @@ def _merge_last(OP, LSEP, O, CNT, bh, b, hk, stride_ob, stride_oh, NSPLIT,
 
 
 @triton.jit
+def _prep_q(q_rows, offs_g, offs_w, G, qk_scale, BITS: tl.constexpr, PT: tl.constexpr, IMMA: tl.constexpr,
+            SWAP: tl.constexpr, FT: tl.constexpr, INTERP: tl.constexpr):
+    """The G query rows (pointers `q_rows`, padded to offs_g's length) as `_decode_split_vt`'s products
+    take them: (q0, q1, qs, qoff); int8: q0 holds all D columns (q1 = q0); int4: q0 / q1 the even /
+    odd columns (offs_w: the W column pairs). q is scaled by
+    qk_scale; with IMMA rounded to int8 per row (scale qs, 1 otherwise); for int4 with one scale per
+    token q1 carries the 1/16 of `_nib4`'s high nibbles; qoff is what the codes' constant offsets add
+    to each score (taken off after the key product); with SWAP q0 / q1 come transposed (W, G_PAD)."""
+    OFF8: tl.constexpr = 128.0 if INTERP else 1152.0  # `_cvt8`
+    OFF_LO: tl.constexpr = 8.0 if INTERP else 1032.0  # `_nib4`
+    OFF_HI: tl.constexpr = 8.0 if INTERP else 72.0
+    HI_MUL: tl.constexpr = 0.0625
+    W: tl.constexpr = offs_w.shape[0]
+    if BITS == 8:
+        q0 = tl.load(q_rows + offs_w[None, :], mask=offs_g[:, None] < G, other=0.0).to(tl.float32) * qk_scale
+        q1 = q0
+    else:  # one contiguous row load, split into the even / odd columns in registers
+        q = tl.load(q_rows + tl.arange(0, 2 * W)[None, :], mask=offs_g[:, None] < G, other=0.0).to(tl.float32)
+        q0, q1 = tl.split(q.reshape(q.shape[0], W, 2))
+        q0 = q0 * qk_scale
+        q1 = q1 * qk_scale
+    if IMMA:  # q rounded to int8 per row (scale qs); the cache codes go to the int8 tensor cores
+        qa = tl.max(tl.abs(q0), 1)
+        if BITS == 4:
+            qa = tl.maximum(qa, tl.max(tl.abs(q1), 1))
+        qs = tl.maximum(qa, 1e-30) / 127.0
+        q0 = _round_i8(q0 / qs[:, None], INTERP)
+        q1 = _round_i8(q1 / qs[:, None], INTERP)
+    else:
+        qs = tl.full([q0.shape[0]], 1.0, tl.float32)
+        q0 = q0.to(FT)
+        if BITS == 4 and PT:  # the high nibbles come 16x larger from `_nib4`
+            q1 = q1 * HI_MUL
+        q1 = q1.to(FT)
+    if BITS == 4 and PT and IMMA:  # codes + 8 from `_nib4i`
+        qoff = 8.0 * (tl.sum(q0.to(tl.float32), 1) + tl.sum(q1.to(tl.float32), 1))
+    elif BITS == 4 and PT:
+        qoff = OFF_LO * tl.sum(q0.to(tl.float32), 1) + (OFF_HI / HI_MUL) * tl.sum(q1.to(tl.float32), 1)
+    elif BITS == 8 and not IMMA:
+        qoff = OFF8 * tl.sum(q0.to(tl.float32), 1)
+    else:
+        qoff = qs * 0.0
+    if SWAP:
+        q0 = tl.trans(q0)
+        q1 = tl.trans(q1)
+    return q0, q1, qs, qoff
+
+
+@triton.jit
 def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
                      stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vw,
                      stride_sb, stride_sh, stride_sn, stride_ob, stride_oh, H, HKV, SEQ, CAP, CHUNK, NSPLIT, qk_scale,
@@ -412,7 +461,7 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_RANGES: tl.constexpr, IMMA: tl.constexpr,
                      SWAP: tl.constexpr, FUSED: tl.constexpr, G_P2: tl.constexpr, NS_PAD: tl.constexpr,
                      NS_STEP: tl.constexpr, INTERP: tl.constexpr, DIRECT: tl.constexpr = False,
-                     VBLK: tl.constexpr = 0):
+                     VBLK: tl.constexpr = 0, LATE_Q: tl.constexpr = False):
     """Stage 1 of flash-decoding for fp16 scales and token-major value planes (see above).
 
     Keys (B, Hkv, cap, W) d-contiguous, values (B, Hkv, W, cap) token-contiguous, W = D (int8) or
@@ -442,32 +491,22 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
     offs_g = tl.arange(0, G_PAD)
     offs_w = tl.arange(0, W)
     q_rows = Q + b * stride_qb + (hk * G + offs_g[:, None]) * stride_qh
-    q0 = tl.load(q_rows + offs_w[None, :] * STEP, mask=offs_g[:, None] < G, other=0.0).to(tl.float32) * qk_scale
-    if BITS == 4:
-        q1 = tl.load(q_rows + offs_w[None, :] * 2 + 1, mask=offs_g[:, None] < G, other=0.0).to(tl.float32) * qk_scale
-    if IMMA:  # q rounded to int8 per row (scale qs); the cache codes go to the int8 tensor cores
-        qa = tl.max(tl.abs(q0), 1)
-        if BITS == 4:
-            qa = tl.maximum(qa, tl.max(tl.abs(q1), 1))
-        qs = tl.maximum(qa, 1e-30) / 127.0
-        q0 = _round_i8(q0 / qs[:, None], INTERP)
-        if BITS == 4:
-            q1 = _round_i8(q1 / qs[:, None], INTERP)
+    # LATE_Q: q is loaded and prepared in the loop's first trip. Prepared before the loop, it holds back
+    # the pipeline's first tile loads until q arrives (sm_90 SASS: the prologue's cp.async after the
+    # wait; a timeline of the programs put q's arrival 0.9-1.4 us after their start on an H200), but
+    # carried through the loop it costs registers and a little per tile: faster for int4 per 32 values
+    # only (the host's default, `decode_attention_triton`)
+    KQT: tl.constexpr = tl.int8 if IMMA else FT
+    if LATE_Q:  # placeholders of the prepared values' types
+        if SWAP:
+            q0 = tl.zeros([W, G_PAD], KQT)
+        else:
+            q0 = tl.zeros([G_PAD, W], KQT)
+        q1 = q0
+        qs = tl.zeros([G_PAD], dtype=tl.float32)
+        qoff = qs
     else:
-        q0 = q0.to(FT)
-        if BITS == 4:
-            if PT:  # the high nibbles come 16x larger from `_nib4`
-                q1 = q1 * HI_MUL
-            q1 = q1.to(FT)
-    # what the codes' offsets add to each score, per query row (from q as the products see it)
-    if BITS == 4 and PT and IMMA:  # codes + 8 from `_nib4i`
-        qoff = 8.0 * (tl.sum(q0.to(tl.float32), 1) + tl.sum(q1.to(tl.float32), 1))
-    elif BITS == 4 and PT:
-        qoff = OFF_LO * tl.sum(q0.to(tl.float32), 1) + (OFF_HI / HI_MUL) * tl.sum(q1.to(tl.float32), 1)
-    elif BITS == 8 and not IMMA:
-        qoff = OFF8 * tl.sum(q0.to(tl.float32), 1)
-    else:
-        qoff = tl.zeros([G_PAD], dtype=tl.float32)
+        q0, q1, qs, qoff = _prep_q(q_rows, offs_g, offs_w, G, qk_scale, BITS, PT, IMMA, SWAP, FT, INTERP)
     kv_start, lo, hi = _chunk_bounds(KV_START, KV_END, b, split, SEQ, CHUNK, HAS_RANGES)
     k_base = KD + b * stride_kb + hk * stride_kh
     v_base = VD + b * stride_vb + hk * stride_vh
@@ -475,10 +514,8 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
     m_i = tl.full([G_PAD], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([G_PAD], dtype=tl.float32)
     if SWAP:  # transposed products: the tile's tokens / dims are the M side, the G rows the N side
-        q0 = tl.trans(q0)
         acc0 = tl.zeros([W, G_PAD], dtype=tl.float32)
         if BITS == 4:
-            q1 = tl.trans(q1)
             acc1 = tl.zeros([W, G_PAD], dtype=tl.float32)
     else:
         acc0 = tl.zeros([G_PAD, W], dtype=tl.float32)
@@ -487,6 +524,9 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
     offs_ng = tl.arange(0, NG)
     mv_run = 1.0  # SWAP and PT: the value accumulators' unit (see the value product below)
     for start_n in tl.range(lo, hi, BLOCK_N):
+        if LATE_Q:
+            if start_n == lo:
+                q0, q1, qs, qoff = _prep_q(q_rows, offs_g, offs_w, G, qk_scale, BITS, PT, IMMA, SWAP, FT, INTERP)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < hi
         valid = mask_n & (offs_n >= kv_start)
@@ -679,7 +719,8 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
                             kv_start: torch.Tensor | None = None, kv_end: torch.Tensor | None = None,
                             splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                             num_stages: int | None = None, programs_per_sm: int | None = None, swap: bool | None = None,
-                            int_mma: bool | None = None, g_pad: int | None = None, fused: bool | None = None) -> torch.Tensor:
+                            int_mma: bool | None = None, g_pad: int | None = None, fused: bool | None = None,
+                            late_q: bool | None = None) -> torch.Tensor:
     """Attention of q (B, H, 1, D) over the first `seq_len` tokens of quantized planes
     (B, Hkv, cap, ...); returns (B, H, 1, D) in q's dtype.
 
@@ -688,6 +729,8 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
     `token_major`) the fast path `_decode_split_vt`; otherwise (E8M0 scales, d-major values) the
     generic `_decode_split`. Stage 2 is `_decode_reduce`, or, on the fast path with `fused`, the
     last program of each (batch, kv head) inside stage 1 (no second launch; see `_merge_last`).
+    `late_q` (fast path): q read in the loop's first trip, after the first tiles' loads are issued
+    (default: for int4 with one scale per block of values, where it measured faster; RESULTS.md).
     """
     B, H, SQ, D = q.shape
     if SQ != 1:
@@ -719,8 +762,10 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
         else:
             bn, num_warps, num_stages, programs_per_sm = (block_n or 64, num_warps or 1, num_stages or 3,
                                                           programs_per_sm or 8)
-        if int_mma is None:
-            int_mma = bits == 8
+        if int_mma is None:  # keys on the int8 tensor cores wherever one scale per token allows it (int4 too:
+            int_mma = group == D  # 42.4 -> 41.1 us at (32, 4096), 25.8 -> 24.8 at (8, 8192); RESULTS.md, session 21)
+        if late_q is None:  # same-run A/B on an H200 (RESULTS.md, session 21): int4 per 32 values 74.5 -> 69.6 us
+            late_q = bits == 4 and group < D  # at (32, 4096); int8 and int4 per token 1-9 % slower with it
         if int_mma and group != D:
             raise ValueError("decode_attention: int_mma on the token-major path needs one scale per token")
         g_pad = g_pad or (max(8, triton.next_power_of_2(G)) if swap else max(16, triton.next_power_of_2(G)))
@@ -766,7 +811,7 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
             H, Hkv, seq_len, k_data.shape[2], chunk, splits, qk_scale,
             HEAD_D=D, G=G, G_PAD=g_pad, BLOCK_N=bn, BITS=bits, GROUP=group, HAS_RANGES=has_ranges,
             IMMA=int_mma, SWAP=swap, FUSED=fused, G_P2=g_p2, NS_PAD=ns_pad, NS_STEP=ns_step, INTERP=_INTERPRET,
-            DIRECT=fused and splits == 1, VBLK=vblk, num_warps=num_warps, num_stages=num_stages)
+            DIRECT=fused and splits == 1, VBLK=vblk, LATE_Q=late_q, num_warps=num_warps, num_stages=num_stages)
         if fused:
             return o
     else:
