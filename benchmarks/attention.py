@@ -3,6 +3,7 @@
     python benchmarks/attention.py                       # prefill + decode tables, bf16
     python benchmarks/attention.py --tune                # also sweep kernel configs, report the best
     python benchmarks/attention.py --only decode --json out.json
+    python benchmarks/attention.py --only decode --decode-shapes 1,1024 1,4096 2,8192   # other rows
 
 Prefill: forward TFLOP/s (4*B*H*S*S*D flops, half when causal) for B*S = 32k tokens, H = 16,
 D = 128, S in {1k, 4k, 16k}, causal and not: lowbit's Triton FlashAttention vs SDPA forced to the
@@ -177,7 +178,7 @@ def decode(args, rows: list) -> None:
     else:
         tune = {"int8": [{}], "int4": [{}], "int4t": [{}]}
     _warm_up(dev, dt)
-    for B, S in ((1, 8192), (8, 8192), (32, 4096)):
+    for B, S in args.decode_shapes:
         kv_bytes = 2 * B * HKV * S * D * 2
         copies = max(2, math.ceil(3 * l2 / kv_bytes))
         g = torch.Generator(device=dev).manual_seed(B * S)
@@ -267,7 +268,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--tune", action="store_true", help="sweep kernel configs and report the best (slower)")
     ap.add_argument("--json", help="write all rows as JSON")
+    ap.add_argument("--decode-shapes", nargs="+", default=["1,8192", "8,8192", "32,4096"], metavar="B,S",
+                    help="decode (batch, cache length) rows (default: the issue's three; e.g. add 1,1024 2,8192)")
     args = ap.parse_args()
+    args.decode_shapes = [tuple(int(v) for v in s.split(",")) for s in args.decode_shapes]
     if not torch.cuda.is_available():
         sys.exit("benchmarks/attention.py needs a CUDA GPU (the CPU path is the reference, tested in tests/)")
     import triton

@@ -265,3 +265,25 @@ def test_decode_q_prepared_in_the_first_trip(gen, bits, group, int_mma):
                               dequantize_kv(vd, vs, bits, D)[:, :, :S], kv_start=start)
     assert torch.equal(late, early)
     assert _rel(late, ref) < (1e-2 if int_mma else TOL)
+
+
+def test_decode_fast_config_small_batches_get_more_smaller_programs():
+    """The fast path's defaults (`_fast_config`): the tuned configs at the benchmark's (8, 8192) and
+    (32, 4096), 64-token tiles with more programs where the tuned ones would give two-tile programs
+    and few warps in flight (B = 1 up to 8k tokens, measured faster on an H200), and arguments given win."""
+    from lowbit.attention.triton_decode import _fast_config
+
+    def cfg(bits, per_token, B, S, **kw):
+        return _fast_config(bits, per_token, B * 8, S, 132, kw.get("bn"), kw.get("w"), kw.get("st"), kw.get("pps"))
+
+    for B, S in ((8, 8192), (32, 4096), (1, 32768)):
+        assert cfg(8, True, B, S) == (128, 2, 3, 2)
+        assert cfg(4, True, B, S) == (128, 1, 3, 4)
+        assert cfg(4, False, B, S) == (64, 1, 3, 8)
+    for S in (1024, 4096, 8192):
+        assert cfg(8, True, 1, S) == (64, 1, 3, 8)
+        assert cfg(4, True, 1, S) == (64, 1, 3, 8)
+        assert cfg(4, False, 1, S) == (64, 2, 3, 8)
+    assert cfg(4, True, 2, 8192) == (64, 1, 3, 8) and cfg(8, True, 2, 8192) == (128, 2, 3, 2)
+    assert cfg(8, True, 1, 1024, bn=32, w=4, st=2, pps=3) == (32, 4, 2, 3)
+    assert cfg(8, True, 1, 1024, bn=128) == (128, 1, 3, 8)

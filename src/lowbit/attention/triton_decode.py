@@ -714,6 +714,38 @@ def is_token_major(plane: torch.Tensor) -> bool:
     return plane.stride(-2) == 1 and plane.shape[-2] > 1
 
 
+def _fast_config(bits: int, per_token: bool, pairs: int, seq_len: int, sms: int, block_n, num_warps, num_stages,
+                 programs_per_sm) -> tuple[int, int, int, int]:
+    """(block_n, num_warps, num_stages, programs_per_sm) of the fast path; arguments given win.
+
+    Defaults: the best of `benchmarks/attention.py --tune` on an H200 at (B, S) = (8, 8192) and
+    (32, 4096) (RESULTS.md: int4 per 32 values 1 / 64 / 3 / 8; int8 2 / 128 / 3 / 2 and int4 per token
+    1 / 128 / 3 / 4: fewer programs with deeper pipelines). With few (batch, kv head) pairs and a short
+    cache those give programs of two tiles and few warps in flight (at (1, 1024) every format was
+    slower than SDPA); there 64-token tiles and more programs win (session 21 sweep, B = 1-4: int8
+    (1, 8192) 12.7 -> 12.0 us, int4 per token 11.8 -> 10.1, (1, 1024) 8.5 / 9.1 -> 7.1).
+
+    Example:
+        >>> _fast_config(8, True, 8, 8192, 132, None, None, None, None), _fast_config(8, True, 64, 8192, 132, None, None, None, None)
+        ((64, 1, 3, 8), (128, 2, 3, 2))
+    """
+    if bits == 8:
+        cfg = (128, 2, 3, 2)
+        small = (64, 1, 3, 8)
+    elif per_token:
+        cfg = (128, 1, 3, 4)
+        small = (64, 1, 3, 8)
+    else:
+        cfg = (64, 1, 3, 8)
+        small = (64, 2, 3, 8)
+    bn, warps, _, pps = cfg
+    want = max(1, pps * sms // pairs)
+    capped = want > triton.cdiv(seq_len, 2 * bn)  # each program would get the two-tile minimum
+    if capped and pairs * min(want, triton.cdiv(seq_len, 2 * bn)) * warps < 6 * sms:
+        cfg = small
+    return (block_n or cfg[0], num_warps or cfg[1], num_stages or cfg[2], programs_per_sm or cfg[3])
+
+
 def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torch.Tensor, v_data: torch.Tensor,
                             v_scale: torch.Tensor, seq_len: int, *, bits: int, scale: float | None = None,
                             kv_start: torch.Tensor | None = None, kv_end: torch.Tensor | None = None,
@@ -749,19 +781,9 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
     fast = ((vblk or is_token_major(v_data)) and k_scale.dtype == torch.float16 and v_scale.dtype == torch.float16
             and k_data.stride(-1) == 1 and k_scale.stride() == v_scale.stride() and (bits == 4 or group == D))
     if fast:
-        # defaults: the best of `benchmarks/attention.py --tune` on an H200 at (B, S) = (8, 8192) and (32, 4096)
-        # (RESULTS.md, 2026-11-24: int4 per 32 values from the issue6b sweep; int8 and int4 per token from the
-        # session-13 sweeps: fewer programs with deeper pipelines, 2 / 128 / 3 / 2 and 1 / 128 / 3 / 4)
         swap = True if swap is None else swap
-        if bits == 8:
-            bn, num_warps, num_stages, programs_per_sm = (block_n or 128, num_warps or 2, num_stages or 3,
-                                                          programs_per_sm or 2)
-        elif group == D:
-            bn, num_warps, num_stages, programs_per_sm = (block_n or 128, num_warps or 1, num_stages or 3,
-                                                          programs_per_sm or 4)
-        else:
-            bn, num_warps, num_stages, programs_per_sm = (block_n or 64, num_warps or 1, num_stages or 3,
-                                                          programs_per_sm or 8)
+        bn, num_warps, num_stages, programs_per_sm = _fast_config(
+            bits, group == D, B * Hkv, seq_len, _num_sms(q.device), block_n, num_warps, num_stages, programs_per_sm)
         if int_mma is None:  # keys on the int8 tensor cores wherever one scale per token allows it (int4 too:
             int_mma = group == D  # 42.4 -> 41.1 us at (32, 4096), 25.8 -> 24.8 at (8, 8192); RESULTS.md, session 21)
         if late_q is None:  # same-run A/B on an H200 (RESULTS.md, session 21): int4 per 32 values 74.5 -> 69.6 us
