@@ -61,7 +61,8 @@ def load_revision(rev: str, rev_file: str | None = None):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rev", default="HEAD", help="git revision to compare against (default HEAD)")
-    ap.add_argument("--rev-file", help="a copy of the old triton_decode.py to use instead of git (named --rev in the table)")
+    ap.add_argument("--rev-file", help="a copy of the old triton_decode.py to use instead of git "
+                                       "(named --rev in the table)")
     ap.add_argument("--shapes", nargs="+", default=["8,8192", "32,4096", "1,8192"], metavar="B,S")
     ap.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
     ap.add_argument("--configs", nargs="*", default=[], metavar="JSON", help="extra kwargs dicts for the working tree")

@@ -726,8 +726,10 @@ def _fast_config(bits: int, per_token: bool, pairs: int, seq_len: int, sms: int,
     (1, 8192) 12.7 -> 12.0 us, int4 per token 11.8 -> 10.1, (1, 1024) 8.5 / 9.1 -> 7.1).
 
     Example:
-        >>> _fast_config(8, True, 8, 8192, 132, None, None, None, None), _fast_config(8, True, 64, 8192, 132, None, None, None, None)
-        ((64, 1, 3, 8), (128, 2, 3, 2))
+        >>> _fast_config(8, True, 8, 8192, 132, None, None, None, None)     # B = 1: 8 (batch, kv head) pairs
+        (64, 1, 3, 8)
+        >>> _fast_config(8, True, 64, 8192, 132, None, None, None, None)    # B = 8
+        (128, 2, 3, 2)
     """
     if bits == 8:
         cfg = (128, 2, 3, 2)
