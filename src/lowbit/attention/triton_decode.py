@@ -296,6 +296,14 @@ prmt.b32 $3, h, $5, 0x4342;
 # int4 byte u (low nibble c0 + 8, high nibble c1 + 8) -> fp16 (1024 + c0 + 8, 1024 + 16 (c1 + 8)):
 # three instructions per two values, with no per-value offset or scale; `_nib4` says how to undo them.
 
+# The constant offsets of `_cvt8` / `_nib4` codes (and `_nib4`'s factor on the high nibbles), taken off
+# after each product; the interpreter twins use smaller ones (exact in fp32). Module constants, so that
+# the kernels and `_prep_q` share them (the kernels' INTERP argument is always `_INTERPRET`).
+OFF8 = tl.constexpr(128.0 if _INTERPRET else 1152.0)
+OFF_LO = tl.constexpr(8.0 if _INTERPRET else 1032.0)
+OFF_HI = tl.constexpr(8.0 if _INTERPRET else 72.0)
+HI_MUL = tl.constexpr(0.0625)
+
 
 @triton.jit
 def _cvt8(raw, INTERP: tl.constexpr):
@@ -311,7 +319,7 @@ def _cvt8(raw, INTERP: tl.constexpr):
 @triton.jit
 def _nib4(raw, INTERP: tl.constexpr):
     """int4 bytes (B, low nibble c0 + 8, high nibble c1 + 8) -> (lo, hi) fp16 tiles of raw's shape with
-    lo = c0 + OFF_LO, hi = (c1 + OFF_HI) / HI_MUL (see `_nib4_consts`): the offsets and the factor are
+    lo = c0 + OFF_LO, hi = (c1 + OFF_HI) / HI_MUL (the module constants OFF_LO, OFF_HI, HI_MUL): the offsets and the factor are
     undone once per product, through the other operand, instead of once per value. OFF_LO, OFF_HI,
     HI_MUL = 1032, 72, 1/16 (8, 8, 1/16 for the twin): value_lo = lo - OFF_LO, value_hi = hi * HI_MUL - OFF_HI."""
     if INTERP:  # the twin: codes + 8 and 16 (codes + 8), exact in fp32
@@ -413,10 +421,6 @@ def _prep_q(q_rows, offs_g, offs_w, G, qk_scale, BITS: tl.constexpr, PT: tl.cons
     qk_scale; with IMMA rounded to int8 per row (scale qs, 1 otherwise); for int4 with one scale per
     token q1 carries the 1/16 of `_nib4`'s high nibbles; qoff is what the codes' constant offsets add
     to each score (taken off after the key product); with SWAP q0 / q1 come transposed (W, G_PAD)."""
-    OFF8: tl.constexpr = 128.0 if INTERP else 1152.0  # `_cvt8`
-    OFF_LO: tl.constexpr = 8.0 if INTERP else 1032.0  # `_nib4`
-    OFF_HI: tl.constexpr = 8.0 if INTERP else 72.0
-    HI_MUL: tl.constexpr = 0.0625
     W: tl.constexpr = offs_w.shape[0]
     if BITS == 8:
         q0 = tl.load(q_rows + offs_w[None, :], mask=offs_g[:, None] < G, other=0.0).to(tl.float32) * qk_scale
@@ -484,10 +488,6 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
     STEP: tl.constexpr = 1 if BITS == 8 else 2
     FT: tl.constexpr = tl.float32 if INTERP else tl.float16
     PT: tl.constexpr = GROUP == HEAD_D  # one scale per token
-    OFF8: tl.constexpr = 128.0 if INTERP else 1152.0  # `_cvt8`
-    OFF_LO: tl.constexpr = 8.0 if INTERP else 1032.0  # `_nib4`
-    OFF_HI: tl.constexpr = 8.0 if INTERP else 72.0
-    HI_MUL: tl.constexpr = 0.0625
     offs_g = tl.arange(0, G_PAD)
     offs_w = tl.arange(0, W)
     q_rows = Q + b * stride_qb + (hk * G + offs_g[:, None]) * stride_qh
