@@ -223,6 +223,20 @@ def test_quantize_kv_layout_golden():
         quantize_kv(x, bits=3)
 
 
+def test_write_block_tokens_inside_one_block_and_across_blocks(gen):
+    """Appends inside one block (the strided-copy path) and across blocks (the indexed path) write
+    exactly their tokens of the blocked plane and nothing else."""
+    from lowbit.attention.reference import block_tokens, unblock_tokens, write_block_tokens
+
+    plane = torch.randint(-128, 128, (2, 3, 512, 16), generator=gen, dtype=torch.int8)
+    blocked = block_tokens(plane)
+    for start, count in ((0, 1), (5, 3), (127, 1), (126, 4), (128, 128), (3, 300)):
+        t = torch.randint(-128, 128, (2, 3, count, 16), generator=gen, dtype=torch.int8)
+        write_block_tokens(blocked, start, t)
+        plane[:, :, start: start + count] = t
+        assert torch.equal(unblock_tokens(blocked), plane), (start, count)
+
+
 @pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (4, None)])
 def test_decode_tile_blocked_values(gen, bits, group):
     """Value codes stored tile-blocked (`block_tokens`, as `LowbitKVCache` stores them) give the

@@ -184,6 +184,11 @@ def write_block_tokens(blocked: torch.Tensor, start: int, t: torch.Tensor) -> No
         >>> unblock_tokens(b).flatten().tolist()
         [0, 7, 8, 0]
     """
-    block = blocked.shape[-1]
-    n = torch.arange(start, start + t.shape[2], device=blocked.device)
+    block, count = blocked.shape[-1], t.shape[2]
+    first = start // block
+    if (start + count - 1) // block == first:  # inside one block (a decode step's append): one strided
+        off = start - first * block            # copy, no index tensors (an index_put is ~4 small kernels)
+        blocked[:, :, first, :, off: off + count] = t.transpose(2, 3).to(blocked.dtype)
+        return
+    n = torch.arange(start, start + count, device=blocked.device)
     blocked[:, :, n // block, :, n % block] = t.permute(2, 0, 1, 3).to(blocked.dtype)
