@@ -223,6 +223,41 @@ def test_quantize_kv_layout_golden():
         quantize_kv(x, bits=3)
 
 
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (4, None)])
+@pytest.mark.parametrize("blocked", [True, False])
+def test_quantize_append_kernel_equals_reference(gen, bits, group, blocked):
+    """`quantize_append_triton` writes the same bits as `quantize_kv` + plane copies: scales, codes,
+    rounding ties (half to even), an all-zero row, strided (transposed-view) inputs, token-major and
+    tile-blocked values, appends of 1 and several tokens across a 128-token block boundary."""
+    from lowbit.attention.reference import block_tokens, unblock_tokens
+    from lowbit.attention.triton_kv_write import quantize_append_triton
+
+    B, Hkv, D, cap = 2, 3, 64, 256
+    w = D if bits == 8 else D // 2
+    ng = D // (group or D)
+    cdt = torch.int8 if bits == 8 else torch.uint8
+    planes = [torch.zeros(B, Hkv, cap, w, dtype=cdt), torch.zeros(B, Hkv, cap, ng, dtype=torch.float16),
+              torch.zeros(B, Hkv, cap, w, dtype=cdt), torch.zeros(B, Hkv, cap, ng, dtype=torch.float16)]
+    ref = [p.clone() for p in planes]
+    if blocked:
+        planes[2] = block_tokens(planes[2])
+    dt = DTYPES[0] if CUDA else torch.bfloat16
+    for start, n in ((0, 1), (1, 5), (126, 3), (129, 1)):
+        k = torch.randn(B, n, Hkv, D, generator=gen).to(dt).transpose(1, 2)  # HF's (B, S, H, D) view
+        v = (torch.randn(B, Hkv, n, D, generator=gen) * 50).to(dt)
+        k[0, 0, 0] = 0.0  # a row with no scale
+        q = 7 if bits == 4 else 127  # a row whose every group has max |x| = QMAX: s = 1, ties at .5
+        v[1, 1, 0] = torch.tensor([q, q / 2, 0.5, -2.5, 1.5, -q, -0.5, 2.0]).repeat(D // 8)
+        dev_planes = [p.to(DEV) for p in planes]
+        quantize_append_triton(dev_planes, start, k.to(DEV), v.to(DEV), bits=bits, group=group)
+        planes = [p.cpu() for p in dev_planes]
+        for i, t in enumerate((*quantize_kv(k.float(), bits, group), *quantize_kv(v.float(), bits, group))):
+            ref[i][:, :, start: start + n] = t
+    got = [*planes[:2], unblock_tokens(planes[2]) if blocked else planes[2], planes[3]]
+    for i in range(4):
+        assert torch.equal(got[i], ref[i]), i
+
+
 def test_write_block_tokens_inside_one_block_and_across_blocks(gen):
     """Appends inside one block (the strided-copy path) and across blocks (the indexed path) write
     exactly their tokens of the blocked plane and nothing else."""

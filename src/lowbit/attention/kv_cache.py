@@ -24,6 +24,8 @@ Example:
 
 from __future__ import annotations
 
+import os
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -49,14 +51,16 @@ class LowbitKVLayer(DynamicLayer):
         self.is_initialized = True
 
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        new = [*quantize_kv(k, self.bits, self.group, self.scale_dtype), *quantize_kv(v, self.bits, self.group, self.scale_dtype)]
+        kernel = self._kernel_writes()
+        new = None if kernel else [*quantize_kv(k, self.bits, self.group, self.scale_dtype),
+                                   *quantize_kv(v, self.bits, self.group, self.scale_dtype)]
         n = k.shape[-2]
         need = self.length + n
         cap = 0 if self.planes is None else self.planes[0].shape[2]
         if need > cap:  # grow by doubling: appends stay amortized O(1); a multiple of 128 tokens keeps the
             # fused decode's tile loads 16 bytes wide (`triton_decode`, CAP) and fills whole value blocks
             cap = -(-max(need, 2 * cap, VALUE_BLOCK) // VALUE_BLOCK) * VALUE_BLOCK
-            grown = [self._empty(i, t, cap) for i, t in enumerate(new)]
+            grown = [self._empty(i, t, cap) for i, t in enumerate(new or self._no_tokens(k))]
             if self.planes is not None:
                 for g, old in zip(grown, self.planes):
                     if g.dim() == 5:  # blocked values: the old blocks, whole
@@ -64,12 +68,32 @@ class LowbitKVLayer(DynamicLayer):
                     else:
                         g[:, :, : self.length] = old[:, :, : self.length]
             self.planes = grown
-        for plane, t in zip(self.planes, new):
-            if plane.dim() == 5:
-                write_block_tokens(plane, self.length, t)
-            else:
-                plane[:, :, self.length: need] = t
+        if kernel:
+            from .triton_kv_write import quantize_append_triton
+
+            quantize_append_triton(self.planes, self.length, k, v, bits=self.bits, group=self.group)
+        else:
+            for plane, t in zip(self.planes, new):
+                if plane.dim() == 5:
+                    write_block_tokens(plane, self.length, t)
+                else:
+                    plane[:, :, self.length: need] = t
         self.length = need
+
+    def _kernel_writes(self) -> bool:
+        """Fused layers with fp16 scales quantize new tokens straight into the planes in one Triton
+        launch (`triton_kv_write`: same bits as `quantize_kv`; at batch 1 the ~30 small torch ops of
+        the reference path cost more host time than the attention)."""
+        on_gpu = self.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"  # (CPU tests: interpreter)
+        return self.fused and self.scale_dtype == "fp16" and on_gpu
+
+    def _no_tokens(self, k: torch.Tensor) -> list[torch.Tensor]:
+        """Zero-token planes with the shapes and dtypes `quantize_kv` gives (what `_empty` needs)."""
+        B, H, _, D = k.shape
+        w, ng = (D, D // (self.group or D)) if self.bits == 8 else (D // 2, D // (self.group or D))
+        codes = torch.empty(B, H, 0, w, dtype=torch.int8 if self.bits == 8 else torch.uint8, device=k.device)
+        scales = torch.empty(B, H, 0, ng, dtype=torch.float16, device=k.device)
+        return [codes, scales, codes, scales]
 
     def _empty(self, i: int, t: torch.Tensor, cap: int) -> torch.Tensor:
         """An empty plane i (0 k codes, 1 k scales, 2 v codes, 3 v scales) with room for cap tokens."""
