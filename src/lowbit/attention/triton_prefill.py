@@ -174,6 +174,10 @@ def _fa_fwd(Q, K, V, O, KV_START, KV_END,
 # (BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize]) per head dim, from the sweep of
 # `benchmarks/attention.py --tune` on an H200 (D = 128); the others are scaled to fit shared memory
 CONFIGS = {64: (64, 64, 4, 3), 80: (64, 64, 4, 3), 96: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 32, 4, 2)}
+# from this many query rows (two 64-row programs per SM of an H200) the host-side descriptors' kernel
+# speed pays for their launch cost (benchmarks/RESULTS.md, 2026-11-25 session 22: 129 vs 84 us of
+# host time per call at one query row per head)
+HOST_DESC_MIN_ROWS = 2 * 64 * 132
 _allocator_set = False
 
 
@@ -188,10 +192,13 @@ def _set_allocator() -> None:
 def flash_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                            scale: float | None = None, kv_start: torch.Tensor | None = None,
                            kv_end: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None,
-                           out: torch.Tensor | None = None, host_desc: bool = True) -> torch.Tensor:
+                           out: torch.Tensor | None = None, host_desc: bool | None = None) -> torch.Tensor:
     """FlashAttention forward: q (B, H, Sq, D), k/v (B, Hkv, Sk, D), any strides with the last one 1.
 
     Returns (B, H, Sq, D) contiguous in q's dtype (or writes `out`, which may be a strided view).
+    `host_desc`: TMA descriptors built on the host (faster kernel on large problems, ~45 us more
+    host time per call on an H200 host) or in the kernel; None picks host descriptors from
+    `HOST_DESC_MIN_ROWS` query rows (B * H * Sq) up, so decode-sized calls stay cheap to launch.
     """
     B, H, SQ, D = q.shape
     Hkv, SK = k.shape[1], k.shape[2]
@@ -225,6 +232,8 @@ def flash_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     else:
         kv_start = kv_end = q  # unused
     grid = (triton.cdiv(SQ, bm), B * H)
+    if host_desc is None:
+        host_desc = B * H * SQ >= HOST_DESC_MIN_ROWS
     host_desc = use_desc and host_desc
     if host_desc:  # TMA descriptors made here (from the real strides), passed as kernel arguments
         from triton.tools.tensor_descriptor import TensorDescriptor
