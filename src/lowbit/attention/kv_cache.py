@@ -1,7 +1,9 @@
 """A KV cache stored as int8 / int4 planes, usable by `model.generate` (transformers' Cache API).
 
 Each layer keeps four growing planes, (B, Hkv, capacity, ...): key codes, key scales, value codes,
-value scales (layout in `reference.quantize_kv`). New tokens are quantized once, on arrival.
+value scales (layout in `reference.quantize_kv`). New tokens are quantized once, on arrival: on fused
+GPU layers with fp16 scales by one Triton launch into the planes (`triton_kv_write`), elsewhere by
+`quantize_kv` and copies (the same bits).
 
 Two modes, decided per layer when the first tokens arrive:
 * fused (the model runs lowbit's attention on a CUDA GPU with Triton): `update` returns the new
