@@ -92,7 +92,7 @@ class LowbitKVLayer(DynamicLayer):
     def _no_tokens(self, k: torch.Tensor) -> list[torch.Tensor]:
         """Zero-token planes with the shapes and dtypes `quantize_kv` gives (what `_empty` needs)."""
         B, H, _, D = k.shape
-        w, ng = (D, D // (self.group or D)) if self.bits == 8 else (D // 2, D // (self.group or D))
+        w, ng = (D if self.bits == 8 else D // 2), D // (self.group or D)
         codes = torch.empty(B, H, 0, w, dtype=torch.int8 if self.bits == 8 else torch.uint8, device=k.device)
         scales = torch.empty(B, H, 0, ng, dtype=torch.float16, device=k.device)
         return [codes, scales, codes, scales]

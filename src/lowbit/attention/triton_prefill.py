@@ -174,9 +174,10 @@ def _fa_fwd(Q, K, V, O, KV_START, KV_END,
 # (BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize]) per head dim, from the sweep of
 # `benchmarks/attention.py --tune` on an H200 (D = 128); the others are scaled to fit shared memory
 CONFIGS = {64: (64, 64, 4, 3), 80: (64, 64, 4, 3), 96: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 32, 4, 2)}
-# from this many query rows (two 64-row programs per SM of an H200) the host-side descriptors' kernel
-# speed pays for their launch cost (benchmarks/RESULTS.md, 2026-11-25 session 22: 129 vs 84 us of
-# host time per call at one query row per head)
+# host-side descriptors from this many query rows (two 64-row programs per SM of an H200): they ran the
+# benchmark's prefill faster (S = 1k: 445 vs 385 TFLOP/s), while a decode-sized call is bound by its
+# launch, where in-kernel descriptors cost less host time (84 vs 129 us; RESULTS.md, session 22). The
+# crossover between the two was not measured.
 HOST_DESC_MIN_ROWS = 2 * 64 * 132
 _allocator_set = False
 
