@@ -236,24 +236,21 @@ def test_quantize_append_kernel_equals_reference(gen, bits, group, blocked):
     w = D if bits == 8 else D // 2
     ng = D // (group or D)
     cdt = torch.int8 if bits == 8 else torch.uint8
-    planes = [torch.zeros(B, Hkv, cap, w, dtype=cdt), torch.zeros(B, Hkv, cap, ng, dtype=torch.float16),
-              torch.zeros(B, Hkv, cap, w, dtype=cdt), torch.zeros(B, Hkv, cap, ng, dtype=torch.float16)]
-    ref = [p.clone() for p in planes]
+    ref = [torch.zeros(B, Hkv, cap, w, dtype=cdt), torch.zeros(B, Hkv, cap, ng, dtype=torch.float16),
+           torch.zeros(B, Hkv, cap, w, dtype=cdt), torch.zeros(B, Hkv, cap, ng, dtype=torch.float16)]
+    planes = [p.to(DEV, copy=True) for p in ref]  # a copy on CPU too: the kernel must not write into ref
     if blocked:
         planes[2] = block_tokens(planes[2])
-    dt = DTYPES[0] if CUDA else torch.bfloat16
     for start, n in ((0, 1), (1, 5), (126, 3), (129, 1)):
-        k = torch.randn(B, n, Hkv, D, generator=gen).to(dt).transpose(1, 2)  # HF's (B, S, H, D) view
-        v = (torch.randn(B, Hkv, n, D, generator=gen) * 50).to(dt)
+        k = torch.randn(B, n, Hkv, D, generator=gen).to(torch.bfloat16).transpose(1, 2)  # HF's (B, S, H, D) view
+        v = (torch.randn(B, Hkv, n, D, generator=gen) * 50).to(torch.bfloat16)
         k[0, 0, 0] = 0.0  # a row with no scale
         q = 7 if bits == 4 else 127  # a row whose every group has max |x| = QMAX: s = 1, ties at .5
         v[1, 1, 0] = torch.tensor([q, q / 2, 0.5, -2.5, 1.5, -q, -0.5, 2.0]).repeat(D // 8)
-        dev_planes = [p.to(DEV) for p in planes]
-        quantize_append_triton(dev_planes, start, k.to(DEV), v.to(DEV), bits=bits, group=group)
-        planes = [p.cpu() for p in dev_planes]
-        for i, t in enumerate((*quantize_kv(k.float(), bits, group), *quantize_kv(v.float(), bits, group))):
+        quantize_append_triton(planes, start, k.to(DEV), v.to(DEV), bits=bits, group=group)
+        for i, t in enumerate((*quantize_kv(k, bits, group), *quantize_kv(v, bits, group))):
             ref[i][:, :, start: start + n] = t
-    got = [*planes[:2], unblock_tokens(planes[2]) if blocked else planes[2], planes[3]]
+    got = [p.cpu() for p in (*planes[:2], unblock_tokens(planes[2]) if blocked else planes[2], planes[3])]
     for i in range(4):
         assert torch.equal(got[i], ref[i]), i
 
