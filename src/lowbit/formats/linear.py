@@ -38,8 +38,14 @@ def encode(w: torch.Tensor, fmt: Format, **_: object) -> dict[str, torch.Tensor]
         qmax = (1 << bits) - 1
         scale = scales.encode_float((hi - lo) / qmax, fmt.scale_dtype)
         zero = scales.encode_float(lo, fmt.scale_dtype, what="zero point")
-        s = scales.decode_float(scale).unsqueeze(-1)
         z = scales.decode_float(zero).unsqueeze(-1)
+        # as for symmetric codes below: where a (subnormal) scale rounded up so far that the block's
+        # top no longer reaches qmax, the next stored value below keeps it reachable, so that
+        # re-quantizing the output finds the same scale
+        top = elements.round_magnitude(_divide(hi - z.squeeze(-1), scales.decode_float(scale)), fmt.element_rounding)
+        lower = scales.step_down(scale, fmt.scale_dtype)
+        scale = torch.where((top < qmax) & (hi > lo) & (scales.decode_float(lower) > 0), lower, scale)
+        s = scales.decode_float(scale).unsqueeze(-1)
         q = _divide(blocks - z, s)
         codes = elements.round_magnitude(q.clamp(min=0), fmt.element_rounding).clamp(0, qmax)
         planes = {"scale": scale, "zero": zero}
