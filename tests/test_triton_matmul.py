@@ -245,6 +245,42 @@ def test_custom_op_has_a_fake_and_follows_x_shape():
                           test_utils=("test_schema", "test_faketensor"))
 
 
+
+def test_eager_calls_skip_the_custom_op_and_compiled_graphs_keep_it(monkeypatch):
+    """The kernel-table entry runs the op's body directly in eager mode (the custom op's Python
+    wrapper cost ~170 us a call on an H200 host, RESULTS.md) with the op's exact result, and goes
+    through `lowbit::qlinear` under torch.compile (one graph, the op in it) and for inputs that
+    need gradients."""
+    qt = _qweight("int4-e8m0", 24, 64, seed=6)
+    p = tlin.kernel_planes(qt)
+    x = torch.randn(2, 3, 64, dtype=torch.bfloat16)
+    op = torch.ops.lowbit.qlinear(x, p["data"], p["scale"], None, None, None, None, None,
+                                  tlin.spec_of(qt.fmt).key(), 24, 64, 0)
+    calls = []
+    real = tlin.qlinear
+
+    def counting(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(tlin, "qlinear", counting)
+    eager = tlin.linear(x, qt)
+    assert calls == [] and torch.equal(eager, op)
+    tlin.linear(x.float().requires_grad_(), qt)
+    assert calls == [1]
+    monkeypatch.setattr(tlin, "qlinear", real)
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append([str(n.target) for n in gm.graph.nodes if n.op == "call_function"])
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: tlin.linear(t, qt), backend=backend, fullgraph=True)(x)
+    assert len(graphs) == 1 and any("lowbit.qlinear" in t for t in graphs[0]), graphs
+    assert torch.equal(compiled, op)
+
 def test_table_registration_and_unsupported_formats():
     for preset in ("int4", "int4-e8m0", "mxfp4", "int8", "lut4"):
         assert tlin.supports(lowbit.PRESETS[preset], (64, 64)), preset

@@ -364,6 +364,7 @@ def load(
         elif attr in mod._buffers:
             _check_shape(mod._buffers[attr], t, key, path)
             mod._buffers[attr] = t
+            mod.__dict__.pop("_qweight_cache", None)  # QuantLinear's QTensor of the old planes
         else:
             raise PackageError(f"{path}: tensor {key!r}: {type(mod).__name__} {owner!r} has no parameter or buffer "
                                f"{attr!r} (is it the same architecture?)")

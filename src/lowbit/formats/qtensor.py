@@ -39,7 +39,10 @@ class QTensor:
         (32, 64)
     """
 
-    __slots__ = ("_planes", "fmt", "shape")
+    # kernel_cache: what a kernel backend derives from these planes once and reuses on every call
+    # (e.g. triton_linear's launch plans); it lives and dies with this object, which a module keeps
+    # for as long as its plane tensors stay the same objects (nn/modules.py)
+    __slots__ = ("_planes", "fmt", "shape", "kernel_cache")
 
     def __init__(self, planes: dict[str, torch.Tensor], fmt: Format, shape: Iterable[int]):
         if not isinstance(fmt, Format):
@@ -47,7 +50,12 @@ class QTensor:
         self.fmt = fmt
         self.shape = tuple(int(s) for s in shape)
         self._planes = dict(planes)
+        self.kernel_cache: dict = {}
         self._check_planes()
+
+    def __reduce__(self):
+        """Copies and pickles carry the planes, format and shape; `kernel_cache` starts empty."""
+        return QTensor, (self._planes, self.fmt, self.shape)
 
     # -- geometry --------------------------------------------------------------------------
     @property

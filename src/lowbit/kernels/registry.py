@@ -25,6 +25,7 @@ KERNELS: dict[tuple[str, str, str, str], Callable] = {}
 SUPPORTS: dict[tuple[str, str, str, str], Callable] = {}  # key -> predicate(fmt, shape) -> bool
 PLACEMENT: defaultdict[str, Counter] = defaultdict(Counter)
 _forced: dict[str, str] = {}  # op -> backend, for tests and benchmarks
+_generation = 0  # bumped by `register`
 
 
 def register(family: str, op: str, device: str, backend: str,
@@ -35,6 +36,8 @@ def register(family: str, op: str, device: str, backend: str,
         raise ValueError(f"unknown backend {backend!r}; known: {PREFERENCE}")
 
     def wrap(fn: Callable) -> Callable:
+        global _generation
+        _generation += 1  # choices remembered by `dispatch` before this registration are stale
         KERNELS[(family, op, device, backend)] = fn
         if supports is not None:
             SUPPORTS[(family, op, device, backend)] = supports
@@ -60,7 +63,18 @@ def select(fmt, op: str, device: str, backend: str | None = None, owner: str = "
 
 
 def dispatch(op: str, x: torch.Tensor, qweight: QTensor, *args, owner: str = "?", **kwargs) -> torch.Tensor:
-    backend, fn = select(qweight.fmt, op, x.device.type, owner=owner, shape=qweight.shape)
+    """Run `op` for `qweight` through the backend `select` picks, counting it under `owner`. The
+    choice is remembered in the QTensor's `kernel_cache` (a module keeps its QTensor from call to
+    call), except while `force_backend` is active."""
+    device = x.device.type
+    if _forced:
+        backend, fn = select(qweight.fmt, op, device, owner=owner, shape=qweight.shape)
+    else:
+        key = ("select", op, device, _generation)
+        hit = qweight.kernel_cache.get(key)
+        if hit is None:
+            hit = qweight.kernel_cache[key] = select(qweight.fmt, op, device, owner=owner, shape=qweight.shape)
+        backend, fn = hit
     if not torch.compiler.is_compiling():
         PLACEMENT[owner][backend] += 1
     return fn(x, qweight, *args, **kwargs)

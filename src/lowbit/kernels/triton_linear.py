@@ -34,6 +34,7 @@ import torch
 
 from ..formats import Format, QTensor
 from .gemv_ptx import word_asm
+from .launch import LaunchPlan
 from .nibble_ptx import asm_bytes, asm_fp4, asm_fp8, asm_nibbles
 from .registry import register
 from .triton_modes import interpreting, kernel_module
@@ -195,11 +196,25 @@ def heuristic(spec: Spec, m: int, k: int, n: int, allow_dot4: bool = True) -> di
     return {"path": "dequant", "BLOCK_N": 16, "NB_T": max(1, 128 // spec.bb), "num_warps": 4}
 
 
+_CHOSEN: dict = {}
+
+
 def choose(spec: Spec, m: int, k: int, n: int) -> dict:
     """The measured config for this format's decode family (`decode_family`), else its bits, else
     any format's at (M bucket, K, N), else the heuristic. A `dot4` entry is skipped by formats that
-    path does not decode (palettes), which then take the next entry."""
+    path does not decode (palettes), which then take the next entry. Remembered per (table, spec,
+    M, K, N): the returned dict is shared, callers must not change it."""
     table = _load_table()
+    key = (id(table), spec, m, k, n)
+    cfg = _CHOSEN.get(key)
+    if cfg is None:
+        if len(_CHOSEN) > 4096:  # prefill lengths vary: keep the memo bounded
+            _CHOSEN.clear()
+        cfg = _CHOSEN[key] = _choose(table, spec, m, k, n)
+    return cfg
+
+
+def _choose(table: dict, spec: Spec, m: int, k: int, n: int) -> dict:
     family = decode_family(spec)
     keys = ([table_key(family, m, k, n)] if family else []) + [table_key(spec.bits, m, k, n), table_key("*", m, k, n)]
     for key in keys:
@@ -327,7 +342,11 @@ def run(x2: torch.Tensor, planes: dict[str, torch.Tensor | None], spec: Spec, n:
     m = x2.shape[0]
     w = planes["data"]
     kb = w.shape[1]
-    cfg = _fit(dict(cfg), spec, m) if cfg else choose(spec, m, k, n)
+    if cfg:  # an explicit config (tuner, tests): no remembered launches
+        cfg = _fit(dict(cfg), spec, m)
+        planes = {**planes, "plans": None}
+    else:
+        cfg = choose(spec, m, k, n)
     y = out if out is not None else torch.empty(m, n, device=x2.device, dtype=x2.dtype)
     if m == 0 or n == 0:
         return y
@@ -455,8 +474,27 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 def run_fast_gemv(x2, planes, spec: Spec, n: int, k: int, bias, y, cfg: dict) -> torch.Tensor:
-    """y = x2 @ W^T by the packed-pair GEMV (see triton_gemv.py); `fast_gemv_ok` must hold."""
+    """y = x2 @ W^T by the packed-pair GEMV (see triton_gemv.py); `fast_gemv_ok` must hold.
+
+    With `planes["plans"]` (a dict the caller keeps per weight, `linear` does) the launch is
+    remembered per (M, dtype, config, x's and y's row strides and alignments, bias) as a
+    `LaunchPlan` (kernels/launch.py), and later calls with the same key only swap in x, y (and
+    the split-K workspace): 25-30 us less host time per call. Planes that needed a contiguous
+    copy are not remembered (the copy would go stale if the plane changed in place)."""
     m = x2.shape[0]
+    plans = planes.get("plans")
+    plan_key = None
+    if plans is not None and cfg.get("PROBE", 0) == 0:
+        plan_key = ("gemv", m, x2.dtype, x2.stride(0), x2.data_ptr() % 16, y.stride(0), y.data_ptr() % 16,
+                    None if bias is None else bias.data_ptr(), tuple(cfg.items()))
+        plan = plans.get(plan_key)
+        if plan is not None:
+            split = plan.split
+            if split > 1:
+                plan.launch(x=x2, y=y, ws=torch.empty(split, m, n, device=x2.device, dtype=torch.float32))
+            else:
+                plan.launch(x=x2, y=y)
+            return y
     w = planes["data"]
     w32 = w.view(torch.int32) if w.is_contiguous() else w.contiguous().view(torch.int32)
     s, z, rs = planes.get("scale"), planes.get("zero"), planes.get("row_scale")
@@ -492,17 +530,23 @@ def run_fast_gemv(x2, planes, spec: Spec, n: int, k: int, bias, y, cfg: dict) ->
     ws = torch.empty(split, m, n, device=x2.device, dtype=torch.float32) if split > 1 else dummy
     cnt = _counters(x2.device) if split > 1 else dummy
     gemv = _kern("triton_gemv")
-    gemv._gemv_fast_kernel[(rblocks, split)](
-        x2, w32, s if s is not None else dummy, z if z is not None else dummy, rs if rs is not None else dummy,
-        bias if bias is not None else dummy, y, ws, cnt, lut if lut is not None else dummy,
-        ls if ls is not None else dummy, m, n, k, kw, x2.stride(0), w32.stride(0),
-        s.stride(0) if s is not None else 0, y.stride(0), wps, lut_div,
-        BITS=spec.bits, SIGNED=spec.code == 0, SMODE=spec.smode, HAS_ZERO=spec.has_zero, HAS_RS=rs is not None,
-        HAS_BIAS=bias is not None, SMUL=smul, F16=x2.dtype == torch.float16, WB=wb, NWG=nwg, BLOCK_N=bn,
-        ASM=not _interpreting(), WPT=wpt, SPLIT_K=split, FP4=spec.code == 3,
-        WORD_ASM=word_asm(spec.bits, spec.code == 3, x2.dtype == torch.float16, spec.code == 0, spec.code == 6),
-        PROBE=cfg.get("PROBE", 0), LUT=spec.code == 6, HAS_LS=ls is not None,
-        num_warps=nw, num_stages=cfg.get("num_stages", 1))
+    args = (x2, w32, s if s is not None else dummy, z if z is not None else dummy, rs if rs is not None else dummy,
+            bias if bias is not None else dummy, y, ws, cnt, lut if lut is not None else dummy,
+            ls if ls is not None else dummy, m, n, k, kw, x2.stride(0), w32.stride(0),
+            s.stride(0) if s is not None else 0, y.stride(0), wps, lut_div)
+    consts = dict(BITS=spec.bits, SIGNED=spec.code == 0, SMODE=spec.smode, HAS_ZERO=spec.has_zero, HAS_RS=rs is not None,
+                  HAS_BIAS=bias is not None, SMUL=smul, F16=x2.dtype == torch.float16, WB=wb, NWG=nwg, BLOCK_N=bn,
+                  ASM=not _interpreting(), WPT=wpt, SPLIT_K=split, FP4=spec.code == 3,
+                  WORD_ASM=word_asm(spec.bits, spec.code == 3, x2.dtype == torch.float16, spec.code == 0, spec.code == 6),
+                  PROBE=cfg.get("PROBE", 0), LUT=spec.code == 6, HAS_LS=ls is not None)
+    compiled = gemv._gemv_fast_kernel[(rblocks, split)](*args, **consts, num_warps=nw, num_stages=cfg.get("num_stages", 1))
+    as_stored = (s is planes.get("scale") and z is planes.get("zero") and lut is planes.get("lut")
+                 and ls is planes.get("lut_scale"))  # no contiguous copies made above
+    if plans is not None and plan_key is not None and w.is_contiguous() and as_stored:
+        plan = LaunchPlan.of(gemv._gemv_fast_kernel, compiled, (rblocks, split), args, consts,
+                             {"x": 0, "y": 6, "ws": 7} if split > 1 else {"x": 0, "y": 6})
+        if plan is not None:
+            plans[plan_key] = plan
     return y
 
 
@@ -632,6 +676,14 @@ def kernel_planes(qweight: QTensor) -> dict:
 # ---------------------------------------------------------------------------------------------
 # the custom op (torch.compile / CUDA graphs) and the kernel-table entry
 # ---------------------------------------------------------------------------------------------
+def _qlinear_eager(x: torch.Tensor, planes: dict, spec: Spec, n: int, k: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """The op's body: y (..., N) = x (..., K) @ W^T (+ bias), W given by its planes."""
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return run(x2, planes, spec, n, k, bias).reshape(*x.shape[:-1], n)
+
+
 if HAVE_TRITON:
 
     @torch.library.custom_op("lowbit::qlinear", mutates_args=())
@@ -639,12 +691,9 @@ if HAVE_TRITON:
                 lut: torch.Tensor | None, lut_scale: torch.Tensor | None, row_scale: torch.Tensor | None,
                 bias: torch.Tensor | None, spec: str, n: int, k: int, lut_div: int) -> torch.Tensor:
         """y = x @ W^T (+ bias), W given by its planes; x is (..., K), y is (..., N) in x's dtype."""
-        x2 = x.reshape(-1, k)
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
         planes = {"data": data, "scale": scale, "zero": zero, "lut": lut, "lut_scale": lut_scale,
                   "row_scale": row_scale, "lut_div": lut_div or None}
-        return run(x2, planes, Spec.from_key(spec), n, k, bias).reshape(*x.shape[:-1], n)
+        return _qlinear_eager(x, planes, Spec.from_key(spec), n, k, bias)
 
     @qlinear.register_fake
     def _(x, data, scale, zero, lut, lut_scale, row_scale, bias, spec, n, k, lut_div):
@@ -652,13 +701,22 @@ if HAVE_TRITON:
 
     @register("*", "linear", "cuda", "triton", supports=supports)
     def linear(x: torch.Tensor, qweight: QTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """The kernel-table entry: the fused Triton kernel for `qweight` (a format `spec_of` accepts)."""
-        spec = spec_of(qweight.fmt)
-        if spec is None:
-            raise LookupError(f"no Triton kernel for format {qweight.fmt.name!r}")
-        n, k = qweight.shape
-        p = kernel_planes(qweight)
+        """The kernel-table entry: the fused Triton kernel for `qweight` (a format `spec_of` accepts).
+
+        Under torch.compile (and for inputs that need gradients) it goes through the custom op
+        `lowbit::qlinear`; in eager mode it calls the op's body directly: the custom op's Python
+        wrapper costs about 170 us of host time per call (H200 host, RESULTS.md 2026-11-25, session
+        23), five times an `F.linear`, which made eager generation of small models 3x slower."""
+        prep = qweight.kernel_cache.get("triton")
+        if prep is None:  # once per weight (QuantLinear keeps its QTensor while the planes stay the same)
+            spec = spec_of(qweight.fmt)
+            if spec is None:
+                raise LookupError(f"no Triton kernel for format {qweight.fmt.name!r}")
+            prep = qweight.kernel_cache["triton"] = (spec, *qweight.shape, {**kernel_planes(qweight), "plans": {}})
+        spec, n, k, p = prep
         if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             x = x.float()
+        if not torch.compiler.is_compiling() and not (x.requires_grad and torch.is_grad_enabled()):
+            return _qlinear_eager(x, p, spec, n, k, bias)
         return qlinear(x, p["data"], p.get("scale"), p.get("zero"), p.get("lut"), p.get("lut_scale"),
                        p.get("row_scale"), None if bias is None else bias, spec.key(), n, k, p.get("lut_div") or 0)

@@ -28,7 +28,21 @@ class _QuantWeight(nn.Module):
 
     @property
     def qweight(self) -> QTensor:
-        return QTensor({n: getattr(self, f"weight_{n}") for n in self.plane_names}, self.fmt, self.weight_shape)
+        """The planes as a QTensor. The same object while the plane buffers are the same tensor
+        objects (a new one after `.to()`, a reassignment or a load that replaces them), so that the
+        kernels' per-weight caches (`QTensor.kernel_cache`) survive from call to call."""
+        bufs = self._buffers
+        planes = tuple(bufs[f"weight_{n}"] for n in self.plane_names)
+        cached = self.__dict__.get("_qweight_cache")
+        if cached is not None and len(cached[0]) == len(planes) and all(a is b for a, b in zip(cached[0], planes)):
+            return cached[1]
+        qt = QTensor(dict(zip(self.plane_names, planes)), self.fmt, self.weight_shape)
+        self.__dict__["_qweight_cache"] = (planes, qt)
+        return qt
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_qweight_cache", None)  # .to() / .cuda() / .half(): the old planes are let go
+        return super()._apply(fn, *args, **kwargs)
 
     @property
     def layer_name(self) -> str:

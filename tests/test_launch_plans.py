@@ -1,0 +1,104 @@
+"""Eager host-time savings of QuantLinear: the module keeps one QTensor while its planes stay the
+same tensors (so the kernels' per-weight caches survive), and on CUDA the GEMV's launches are
+remembered as `LaunchPlan`s (kernels/launch.py) whose results must equal a normal launch's exactly.
+The CUDA test runs on the GPU machine; on CPU the caching rules are checked."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.nn import QuantLinear
+
+CUDA = torch.cuda.is_available()
+
+
+def _layer(fmt: str, n: int, k: int, gen, bias: bool = False) -> QuantLinear:
+    lin = torch.nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=gen) * 0.05)
+        if bias:
+            lin.bias.copy_(torch.randn(n, generator=gen))
+    return QuantLinear.from_float(lin, fmt)
+
+
+def test_module_keeps_its_qtensor_while_the_planes_stay(gen):
+    q = _layer("int4", 48, 64, gen)
+    qt = q.qweight
+    assert q.qweight is qt  # same planes: same object, its kernel_cache survives
+    qt.kernel_cache["probe"] = 1
+    q.weight_scale = q.weight_scale.clone()  # a replaced plane: a new QTensor, an empty cache
+    assert q.qweight is not qt and "probe" not in q.qweight.kernel_cache
+    assert torch.equal(q.qweight.dequantize(), qt.dequantize())
+    qt2 = q.qweight
+    q.to("cpu")  # .to() / .cuda() / .half() go through _apply, which drops the cache
+    assert q.qweight is not qt2
+    dup = copy.deepcopy(q)  # copies carry planes, not caches
+    assert dup.qweight.kernel_cache == {} and torch.equal(dup.qweight.dequantize(), q.qweight.dequantize())
+    back = pickle.loads(pickle.dumps(q.qweight))
+    assert back.kernel_cache == {} and torch.equal(back.dequantize(), q.qweight.dequantize())
+
+
+def test_launch_plan_is_none_outside_compiled_kernels():
+    pytest.importorskip("triton")
+    from lowbit.kernels.launch import LaunchPlan
+
+    assert LaunchPlan.of(None, None, (1,), (), {}, {}) is None  # the interpreter's launches return None
+
+
+@pytest.mark.skipif(not CUDA, reason="launch plans exist only for compiled kernels (a CUDA GPU)")
+@pytest.mark.parametrize("fmt", ["int4-e8m0", "int4", "int8", "int4-asym", "mxfp4", "lut4", "int2-e8m0"])
+def test_remembered_gemv_launches_equal_normal_launches(fmt, gen):
+    import lowbit.kernels.triton_linear as tlin
+
+    n, k = 200, 512
+    q = _layer(fmt, n, k, gen, bias=True).to("cuda")
+    spec = tlin.spec_of(q.qweight.fmt)
+    planes = tlin.kernel_planes(q.qweight)
+    xs = torch.randn(4, 3, k + 8, generator=gen).to("cuda", torch.bfloat16)
+    for m in (1, 2):
+        for off in (0, 1, 8):  # x's start: 16-byte aligned, 2 bytes past, 16 bytes past
+            for i in range(3):  # the first call launches normally, the next ones through the plan
+                x = xs[i, :m, off: off + k]
+                y = q(x)
+                cfg = dict(tlin.choose(spec, m, k, n))
+                ref = tlin.run(x, planes, spec, n, k, q.bias, cfg=cfg)  # an explicit config: no plan
+                assert torch.equal(y, ref), (fmt, m, off, i)
+    plans = q.qweight.kernel_cache["triton"][3]["plans"]
+    paths = {tlin.choose(spec, m, k, n)["path"] for m in (1, 2)}
+    if "gemv2" in paths or "gemv" in paths:
+        assert plans, f"{fmt}: no launch remembered"
+    assert lowbit.kernels.PLACEMENT[q.layer_name]["triton"] > 0
+
+
+def test_dispatch_remembers_its_choice_but_obeys_force_and_new_registrations(gen):
+    from lowbit.kernels import PLACEMENT, registry
+    from lowbit.kernels.registry import force_backend
+
+    q = _layer("int8", 32, 64, gen)
+    q._lowbit_name = "probe.dispatch"
+    x = torch.randn(2, 64, generator=gen)
+    y0 = q(x)
+    first = set(PLACEMENT["probe.dispatch"])
+    assert len(first) == 1 and ("select", "linear", "cpu", registry._generation) in q.qweight.kernel_cache
+    with force_backend("linear", "reference"):
+        q(x)
+    assert PLACEMENT["probe.dispatch"]["reference"] >= 1
+    calls = []
+
+    def fake(x, qweight, bias=None):
+        calls.append(1)
+        return torch.zeros(x.shape[0], 32)
+
+    key = (q.qweight.fmt.family, "linear", "cpu", "triton")
+    try:
+        registry.register(*key)(fake)  # a new, preferred backend: the remembered choice is stale
+        assert torch.equal(q(x), torch.zeros(2, 32)) and calls == [1]
+    finally:
+        registry.KERNELS.pop(key)
+        registry._generation += 1
+    assert torch.equal(q(x), y0)
