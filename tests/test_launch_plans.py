@@ -6,6 +6,7 @@ The CUDA test runs on the GPU machine; on CPU the caching rules are checked."""
 from __future__ import annotations
 
 import copy
+import os
 import pickle
 
 import pytest
@@ -15,6 +16,8 @@ import lowbit
 from lowbit.nn import QuantLinear
 
 CUDA = torch.cuda.is_available()
+if not CUDA:  # before the first import of Triton: its kernels run in the interpreter on CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _layer(fmt: str, n: int, k: int, gen, bias: bool = False) -> QuantLinear:
@@ -102,3 +105,40 @@ def test_dispatch_remembers_its_choice_but_obeys_force_and_new_registrations(gen
         registry.KERNELS.pop(key)
         registry._generation += 1
     assert torch.equal(q(x), y0)
+
+
+@pytest.mark.skipif(CUDA, reason="CPU-side keying with a stand-in plan; on the GPU real plans are checked by "
+                                  "test_remembered_gemv_launches_equal_normal_launches")
+def test_run_relaunches_a_remembered_plan_only_for_its_key(gen):
+    """`triton_linear.run`'s side of the plans, without a GPU: a plan stored under the key of one
+    call (M, dtype, x's row stride and 16-byte alignment, bias, kernel table) is relaunched for
+    calls with that key, with fresh y (and split-K workspace); not for another alignment, another
+    M, an explicit config or a given output."""
+    pytest.importorskip("triton")
+    import lowbit.kernels.triton_linear as tlin
+
+    q = _layer("int4", 24, 64, gen)
+    spec = tlin.spec_of(q.qweight.fmt)
+    planes = {**tlin.kernel_planes(q.qweight), "plans": {}}
+    launched = []
+
+    class FakePlan:
+        split = 2
+
+        def launch(self, **swap):
+            launched.append(swap)
+            swap["y"].fill_(7.0)
+
+    xs = torch.randn(3, 80, generator=gen)
+    x = xs[:1, :64]
+    key = (1, x.dtype, x.stride(0), x.data_ptr() % 16, None, id(tlin._load_table()))
+    planes["plans"][key] = FakePlan()
+    y = tlin.run(x, planes, spec, 24, 64, None)
+    assert len(launched) == 1 and launched[0]["x"] is x and launched[0]["y"] is y and torch.all(y == 7)
+    assert launched[0]["ws"].shape == (2, 1, 24) and launched[0]["ws"].dtype == torch.float32
+    others = [(xs[:1, 1:65], {}), (xs[:2, :64], {}), (x, {"cfg": dict(tlin.choose(spec, 1, 64, 24))}),
+              (x, {"out": torch.empty(1, 24)})]
+    for other, kw in others:  # these take the normal path (the interpreter's kernels here)
+        out = tlin.run(other, planes, spec, 24, 64, None, **kw)
+        ref = torch.nn.functional.linear(other.float(), q.qweight.dequantize())
+        assert len(launched) == 1 and ((out - ref).norm() / ref.norm()) < 1e-2

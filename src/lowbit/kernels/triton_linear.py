@@ -340,13 +340,22 @@ def run(x2: torch.Tensor, planes: dict[str, torch.Tensor | None], spec: Spec, n:
     import triton
 
     m = x2.shape[0]
+    plans = planes.get("plans") if not cfg and out is None else None
+    plan_key = None
+    if plans is not None:  # a launch remembered for this weight (see run_fast_gemv)
+        plan_key = (m, x2.dtype, x2.stride(0), x2.data_ptr() % 16, None if bias is None else bias.data_ptr(),
+                    id(_load_table()))
+        plan = plans.get(plan_key)
+        if plan is not None:
+            y = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
+            if plan.split > 1:
+                plan.launch(x=x2, y=y, ws=torch.empty(plan.split, m, n, device=x2.device, dtype=torch.float32))
+            else:
+                plan.launch(x=x2, y=y)
+            return y
     w = planes["data"]
     kb = w.shape[1]
-    if cfg:  # an explicit config (tuner, tests): no remembered launches
-        cfg = _fit(dict(cfg), spec, m)
-        planes = {**planes, "plans": None}
-    else:
-        cfg = choose(spec, m, k, n)
+    cfg = _fit(dict(cfg), spec, m) if cfg else choose(spec, m, k, n)
     y = out if out is not None else torch.empty(m, n, device=x2.device, dtype=x2.dtype)
     if m == 0 or n == 0:
         return y
@@ -372,7 +381,7 @@ def run(x2: torch.Tensor, planes: dict[str, torch.Tensor | None], spec: Spec, n:
     path = cfg["path"]
     if path in ("gemv", "gemv2") and cfg.get("fast", True) and fast_gemv_ok(spec, x2, w, k, lut is not None):
         fcfg = cfg if path == "gemv2" else fast_gemv_config(m, k, n, spec.bits)
-        return run_fast_gemv(x2, planes, spec, n, k, bias, y, fcfg)
+        return run_fast_gemv(x2, planes, spec, n, k, bias, y, fcfg, plan_key=plan_key)
     if path == "dot4" and dot4_ok(spec, x2, lut is not None, w):
         return run_dot4(x2, planes, spec, n, k, bias, y, cfg)
     if path in ("gemv2", "dot4"):  # a table entry for a fast path, on a format it does not cover
@@ -473,28 +482,18 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def run_fast_gemv(x2, planes, spec: Spec, n: int, k: int, bias, y, cfg: dict) -> torch.Tensor:
+def run_fast_gemv(x2, planes, spec: Spec, n: int, k: int, bias, y, cfg: dict, plan_key=None) -> torch.Tensor:
     """y = x2 @ W^T by the packed-pair GEMV (see triton_gemv.py); `fast_gemv_ok` must hold.
 
-    With `planes["plans"]` (a dict the caller keeps per weight, `linear` does) the launch is
-    remembered per (M, dtype, config, x's and y's row strides and alignments, bias) as a
-    `LaunchPlan` (kernels/launch.py), and later calls with the same key only swap in x, y (and
-    the split-K workspace): 25-30 us less host time per call. Planes that needed a contiguous
-    copy are not remembered (the copy would go stale if the plane changed in place)."""
+    With `plan_key` (from `run`: M, dtype, x's row stride and alignment, bias, kernel table) the
+    launch is remembered in `planes["plans"]` (a dict `linear` keeps per weight) as a `LaunchPlan`
+    (kernels/launch.py); `run` then relaunches it for calls with the same key, swapping in x, y
+    (allocated there: 512-byte aligned, row stride N) and the split-K workspace, without this
+    function's or Triton's per-call work: host time per call ~100 -> ~49 us on an H200 host
+    (RESULTS.md, session 23). Planes that needed a contiguous copy are not remembered (the copy
+    would go stale if the plane changed in place)."""
     m = x2.shape[0]
-    plans = planes.get("plans")
-    plan_key = None
-    if plans is not None and cfg.get("PROBE", 0) == 0:
-        plan_key = ("gemv", m, x2.dtype, x2.stride(0), x2.data_ptr() % 16, y.stride(0), y.data_ptr() % 16,
-                    None if bias is None else bias.data_ptr(), tuple(cfg.items()))
-        plan = plans.get(plan_key)
-        if plan is not None:
-            split = plan.split
-            if split > 1:
-                plan.launch(x=x2, y=y, ws=torch.empty(split, m, n, device=x2.device, dtype=torch.float32))
-            else:
-                plan.launch(x=x2, y=y)
-            return y
+    plans = planes.get("plans") if plan_key is not None and cfg.get("PROBE", 0) == 0 else None
     w = planes["data"]
     w32 = w.view(torch.int32) if w.is_contiguous() else w.contiguous().view(torch.int32)
     s, z, rs = planes.get("scale"), planes.get("zero"), planes.get("row_scale")
@@ -542,7 +541,7 @@ def run_fast_gemv(x2, planes, spec: Spec, n: int, k: int, bias, y, cfg: dict) ->
     compiled = gemv._gemv_fast_kernel[(rblocks, split)](*args, **consts, num_warps=nw, num_stages=cfg.get("num_stages", 1))
     as_stored = (s is planes.get("scale") and z is planes.get("zero") and lut is planes.get("lut")
                  and ls is planes.get("lut_scale"))  # no contiguous copies made above
-    if plans is not None and plan_key is not None and w.is_contiguous() and as_stored:
+    if plans is not None and w.is_contiguous() and as_stored and y.stride(0) == n and y.data_ptr() % 16 == 0:
         plan = LaunchPlan.of(gemv._gemv_fast_kernel, compiled, (rblocks, split), args, consts,
                              {"x": 0, "y": 6, "ws": 7} if split > 1 else {"x": 0, "y": 6})
         if plan is not None:
