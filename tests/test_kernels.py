@@ -43,17 +43,77 @@ def test_shapes_the_int8_kernel_cannot_take_use_the_reference():
 
 
 def test_formats_without_a_fast_path_use_the_reference():
-    for preset in ("int4", "mxfp4", "q4_0"):
+    for preset in ("mxfp4", "q4_0", "int2"):
         fmt = lowbit.PRESETS[preset]
         assert select(fmt, "linear", "cpu")[0] == "reference"
     assert select(lowbit.PRESETS["int8"].replace(block_size=32), "linear", "cpu")[0] == "reference"
+    int4 = lowbit.PRESETS["int4"]
+    assert select(int4.replace(block_size=16), "linear", "cpu")[0] == "reference"  # not a tinygemm group
+    assert select(int4, "linear", "cpu", shape=(40, 64))[0] == "reference"  # rows not a multiple of 16
+    assert select(int4, "linear", "cpu", shape=(48, 64))[0] == "cpu_fast"
+
+
+_INT4_CPU = [("int4", {}), ("int4-asym", {}), ("int4-e8m0", {}), ("int4", {"block_size": 128, "scale_dtype": "bf16"}),
+             ("int4", {"block_size": 64, "scale_dtype": "fp32"}), ("int4-asym", {"block_size": 256})]
+
+
+@pytest.mark.parametrize("preset,kw", _INT4_CPU)
+@pytest.mark.parametrize("m", [1, 3, 33])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_int4_fast_path_matches_reference(preset, kw, m, dtype):
+    """int4 in blocks through PyTorch's CPU int4 kernel (bf16 activations): every scale dtype, affine
+    zeros, group sizes 32-256, against the reference with the bias, in the activation dtype."""
+    g = torch.Generator().manual_seed(m * 7 + len(kw))
+    k, n = 512, 48
+    lin = torch.nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g) * 0.05)
+        lin.weight[:, :5] *= 20  # blocks with different scales
+        lin.bias.copy_(torch.randn(n, generator=g))
+    q = QuantLinear.from_float(lin, preset, **kw)
+    q._lowbit_name = "probe4"
+    x = torch.randn(2, m, k, generator=g).to(dtype)
+    PLACEMENT.clear()
+    fast = q(x)
+    with force_backend("linear", "reference"):
+        ref = q(x)
+    assert fast.dtype == dtype and fast.shape == (2, m, n)
+    assert ((fast.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+    assert PLACEMENT["probe4"] == {"cpu_fast": 1, "reference": 1}
+
+
+@pytest.mark.parametrize("preset", ["int4-e8m0", "int4", "int4-asym"])
+def test_cpu_int4_fast_path_uses_the_stored_weights(preset):
+    """One-hot activations read the weight matrix back: with power-of-two scales (E8M0) every
+    product is exact in bf16, so the output is the dequantized weight bit for bit (codes, nibble
+    order and repacking all checked); fp16 scales go through two bf16 parts whose sum is the scale
+    exactly, so each weight comes back within the two parts' output roundings (2^-9 relative)."""
+    from lowbit.kernels.cpu import _int4_prepared
+    from lowbit.formats.scales import decode_scale
+
+    g = torch.Generator().manual_seed(3)
+    k, n = 96, 32
+    lin = torch.nn.Linear(k, n, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g))
+    q = QuantLinear.from_float(lin, preset)
+    w = q.qweight.dequantize(torch.float32)
+    y = q(torch.eye(k))  # row i = column i of W
+    _, parts, zeros = _int4_prepared(q.qweight)
+    s = decode_scale(q.qweight.scale, q.fmt.scale_dtype)
+    if preset == "int4-e8m0":
+        assert torch.equal(y, w.t())
+    else:  # the bf16 roundings apply to the (code - 8) * scale part; affine zeros are added in fp32
+        scaled = w - (0 if zeros is None else zeros.repeat_interleave(32, 1))
+        assert ((y - w.t()).abs() <= scaled.t().abs() * 2.0**-8 + 1e-6).all()
+    assert torch.equal(sum(p[..., 0].float() for p in parts).t(), s)  # the scale parts add up exactly
 
 
 def test_forcing_a_layer_onto_an_unsupported_backend_is_reported():
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
-    lowbit.quantize(model, {"global": "int4"}, progress=False)
+    lowbit.quantize(model, {"global": "mxfp4"}, progress=False)
     with force_backend("linear", "cpu_fast", layer="1"):
-        with pytest.raises(LookupError, match=r"^1: no cpu_fast kernel .*int4"):
+        with pytest.raises(LookupError, match=r"^1: no cpu_fast kernel .*mxfp4"):
             model(torch.randn(2, 64))
 
 

@@ -67,7 +67,7 @@ def test_embedding_and_tensor_tasks():
 
 def test_profile_counts_placement_and_flags_fallbacks(tmp_path):
     model = tiny_llama()
-    lowbit.quantize(model, {"global": "int8", "names": {"model.layers.0.mlp.down_proj": "int4"}}, progress=False)
+    lowbit.quantize(model, {"global": "int8", "names": {"model.layers.0.mlp.down_proj": "mxfp4"}}, progress=False)
     prof = lowbit.profile(model, batch_sizes=(1, 2), repeats=2, seq_len=8, decode_tokens=3)
     assert prof.decode_tokens_per_s > 0 and prof.prefill_tokens_per_s > 0 and prof.best_batch_size in (1, 2)
     assert prof.placement["model.layers.0.mlp.up_proj"].keys() == {"cpu_fast"}

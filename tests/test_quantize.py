@@ -144,7 +144,7 @@ def test_report_rows_and_placement():
     assert row["shape"] == [128, 64] and row["bits_per_weight"] == 4.5 and row["bytes_before"] == 128 * 64 * 4
     assert 15 < row["sqnr_db"] < 30 and row["max_abs"] > 0
     model(torch.randint(0, 256, (1, 5)))
-    assert PLACEMENT["model.layers.0.mlp.up_proj"]["reference"] == 1
+    assert PLACEMENT["model.layers.0.mlp.up_proj"]["cpu_fast"] == 1  # int4 blocks: PyTorch's CPU int4 kernel
     assert PLACEMENT["model.embed_tokens"]["reference"] == 1
 
 
@@ -181,13 +181,20 @@ def test_hf_conv1d_is_swapped():
 
 
 def test_torch_compile_matches_eager():
+    """Compiled, the CPU fast paths trace the reference (kernels/cpu.py), so the compiled model gives
+    the eager reference's numbers; the eager fast path (bf16 activations) is within 1e-2 of them."""
+    from lowbit.kernels.registry import force_backend
+
     model = tiny_llama()
     lowbit.quantize(model, "int4", progress=False)
     ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         eager = model(ids).logits
+        with force_backend("linear", "reference"):
+            eager_ref = model(ids).logits
         compiled = torch.compile(model)(ids).logits
-    assert torch.allclose(eager, compiled, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(eager_ref, compiled, atol=1e-4, rtol=1e-4)
+    assert ((eager - compiled).norm() / compiled.norm()).item() < 1e-2
 
 
 def test_lut_groups_that_do_not_divide_the_rows_are_listed():

@@ -1,10 +1,22 @@
-"""CPU fast paths built on the int8 matmul that ships inside PyTorch.
+"""CPU fast paths built on the int8 / int4 matmuls that ship inside PyTorch.
 
-`torch._weight_int8pack_mm(x, w_int8, scales)` computes x @ w^T * scales with an int8 weight and
-per-output-channel scales, which is exactly the `int8` preset's meaning (w = q * scale, q the
-two's-complement data plane, so the plane is passed as is: no repack, no copy). The kernel is fast
-with bf16 activations; fp32 activations are rounded to bf16 for the product and the result is
-returned in fp32 (relative error ~ 2^-9, the same as running the layer in bf16).
+int8 per channel: `torch._weight_int8pack_mm(x, w_int8, scales)` computes x @ w^T * scales with an
+int8 weight and per-output-channel scales, which is exactly the `int8` preset's meaning (w = q *
+scale, q the two's-complement data plane, so the plane is passed as is: no repack, no copy). The
+kernel is fast with bf16 activations; fp32 activations are rounded to bf16 for the product and the
+result is returned in fp32 (relative error ~ 2^-9, the same as running the layer in bf16).
+
+int4 in blocks of 32 / 64 / 128 / 256 (symmetric or affine; fp16, bf16, E8M0 or fp32 scales):
+`torch._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros)` (PyTorch's CPU "tinygemm")
+computes w = (q - 8) * scale + zero in fp32 from its own nibble layout, with bf16 activations, scales
+and output (its fp32 and fp16 variants are 15-70x slower on this machine). The weight is repacked
+once per QTensor (`QTensor.kernel_cache`): the codes into that layout (q is the stored offset-binary
+code), each scale split into bf16 parts whose sum is the scale exactly (one part for bf16 / E8M0
+scales, two for fp16 and for fp32 scales, which keep 16 significant bits), one product per part, so
+the weights are the stored ones; an affine format's zeros (plus 8 * scale: w = c * s + z = (c - 8) *
+s + (z + 8 s)) go through one fp32 product with the activations' per-block sums. Like the int8 path:
+activations rounded to bf16, results to bf16 per part. The repacked copy costs as much memory as the
+data plane again (4 bits per weight) plus the bf16 scale parts.
 """
 
 from __future__ import annotations
@@ -22,14 +34,34 @@ def _int8_per_channel(fmt: Format, shape: tuple[int, ...] | None) -> bool:
     return fmt.family == "int" and fmt.element == "int8" and fmt.block_size is None and fmt.zero == "none" and k_ok
 
 
-@register("int", "linear", "cpu", "cpu_fast", supports=_int8_per_channel)
-def int8_linear(x: torch.Tensor, qweight: QTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+INT4_GROUPS = (32, 64, 128, 256)  # the group sizes _weight_int4pack_mm_for_cpu takes
+
+
+def _int4_blocked(fmt: Format, shape: tuple[int, ...] | None) -> bool:
+    # the packing wants rows in multiples of 16; whole blocks per row (no padded columns)
+    shape_ok = shape is None or (len(shape) == 2 and shape[0] % 16 == 0 and shape[1] % (fmt.block_size or 1) == 0)
+    return (fmt.family == "int" and fmt.element == "int4" and fmt.block_size in INT4_GROUPS
+            and fmt.scale_dtype in ("fp16", "bf16", "e8m0", "fp32") and shape_ok and _HAVE_INT4_MM)
+
+
+_HAVE_INT4_MM = hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(torch, "_convert_weight_to_int4pack_for_cpu")
+
+
+def _cpu_fast(fmt: Format, shape: tuple[int, ...] | None) -> bool:
+    return _int8_per_channel(fmt, shape) or _int4_blocked(fmt, shape)
+
+
+@register("int", "linear", "cpu", "cpu_fast", supports=_cpu_fast)
+def int_linear(x: torch.Tensor, qweight: QTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """int8 per channel or int4 in blocks through PyTorch's CPU kernels (module docstring)."""
     if torch.compiler.is_compiling():
         # inductor (torch 2.13) fails to lower _weight_int8pack_mm fed by a fused cast; under
         # torch.compile the reference path is traced instead (same numbers as the eager reference)
         from .reference import linear
 
         return linear(x, qweight, bias)
+    if qweight.fmt.element == "int4":
+        return _int4_linear(x, qweight, bias)
     out_dtype = x.dtype
     x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
     w = qweight.data.view(torch.int8)
@@ -38,3 +70,49 @@ def int8_linear(x: torch.Tensor, qweight: QTensor, bias: torch.Tensor | None = N
     if bias is not None:
         y = y + bias.to(out_dtype)
     return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+def _int4_prepared(qweight: QTensor) -> tuple | None:
+    """(packed codes, [bf16 (K / g, N, 2) scale parts with zero zeros], fp32 (N, K / g) zeros or None),
+    made once per QTensor; None (remembered) where the scales do not split into two bf16 parts
+    exactly (hand-made fp32 planes with more than 16 significant bits, NaN scales)."""
+    prep = qweight.kernel_cache.get("cpu_int4")
+    if prep is None:
+        from ..formats.packing import unpack
+        from ..formats.scales import decode_float, decode_scale
+
+        fmt = qweight.fmt
+        n, k = qweight.shape
+        codes = unpack(qweight.data, 4, k).to(torch.int32)
+        packed = torch._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+        s = decode_scale(qweight.scale, fmt.scale_dtype)  # (N, K / g) fp32
+        parts, rest = [], s
+        for _ in range(2):  # bf16 parts until the rest is 0 (fp16 and 16-bit fp32 scales: two)
+            part = rest.to(torch.bfloat16)
+            parts.append(torch.stack([part.t(), torch.zeros_like(part.t())], -1).contiguous())
+            rest = rest - part.float()
+            if not rest.any():
+                break
+        zeros = decode_float(qweight.zero) + 8.0 * s if fmt.zero == "float" else None
+        prep = qweight.kernel_cache["cpu_int4"] = (packed, parts, zeros) if not rest.any() else False
+    return prep or None
+
+
+def _int4_linear(x: torch.Tensor, qweight: QTensor, bias: torch.Tensor | None) -> torch.Tensor:
+    prep = _int4_prepared(qweight)
+    if prep is None:  # scales the bf16 kernel cannot reproduce: the reference's numbers
+        from .reference import linear
+
+        return linear(x, qweight, bias)
+    packed, parts, zeros = prep
+    n, k = qweight.shape
+    g = qweight.fmt.block_size
+    x2 = x.reshape(-1, k).to(torch.bfloat16).contiguous()
+    y = torch._weight_int4pack_mm_for_cpu(x2, packed, g, parts[0]).float()
+    for sz in parts[1:]:
+        y += torch._weight_int4pack_mm_for_cpu(x2, packed, g, sz).float()
+    if zeros is not None:  # sum_k x_k z_(n, k // g) = (per-block sums of x) @ zeros^T
+        y += x2.float().reshape(-1, k // g, g).sum(-1) @ zeros.t()
+    if bias is not None:
+        y += bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
