@@ -46,7 +46,7 @@ def test_formats_without_a_fast_path_use_the_reference():
     for preset in ("mxfp4", "q4_0", "int2"):
         fmt = lowbit.PRESETS[preset]
         assert select(fmt, "linear", "cpu")[0] == "reference"
-    assert select(lowbit.PRESETS["int8"].replace(block_size=32), "linear", "cpu")[0] == "reference"
+    assert select(lowbit.PRESETS["int8"].replace(block_size=16), "linear", "cpu")[0] == "reference"
     int4 = lowbit.PRESETS["int4"]
     assert select(int4.replace(block_size=16), "linear", "cpu")[0] == "reference"  # not a tinygemm group
     assert select(int4, "linear", "cpu", shape=(40, 64))[0] == "reference"  # rows not a multiple of 16
@@ -54,7 +54,8 @@ def test_formats_without_a_fast_path_use_the_reference():
 
 
 _INT4_CPU = [("int4", {}), ("int4-asym", {}), ("int4-e8m0", {}), ("int4", {"block_size": 128, "scale_dtype": "bf16"}),
-             ("int4", {"block_size": 64, "scale_dtype": "fp32"}), ("int4-asym", {"block_size": 256})]
+             ("int4", {"block_size": 64, "scale_dtype": "fp32"}), ("int4-asym", {"block_size": 256}),
+             ("int8", {"block_size": 32, "scale_dtype": "fp16"}), ("int8", {"block_size": 128, "scale_dtype": "e8m0"})]
 
 
 @pytest.mark.parametrize("preset,kw", _INT4_CPU)
@@ -82,12 +83,15 @@ def test_cpu_int4_fast_path_matches_reference(preset, kw, m, dtype):
     assert PLACEMENT["probe4"] == {"cpu_fast": 1, "reference": 1}
 
 
-@pytest.mark.parametrize("preset", ["int4-e8m0", "int4", "int4-asym"])
-def test_cpu_int4_fast_path_uses_the_stored_weights(preset):
+@pytest.mark.parametrize("preset,kw", [("int4-e8m0", {}), ("int4", {}), ("int4-asym", {}),
+                                       ("int8", {"block_size": 32, "scale_dtype": "e8m0"}),
+                                       ("int8", {"block_size": 32, "scale_dtype": "fp16"})])
+def test_cpu_int4_fast_path_uses_the_stored_weights(preset, kw):
     """One-hot activations read the weight matrix back: with power-of-two scales (E8M0) every
     product is exact in bf16, so the output is the dequantized weight bit for bit (codes, nibble
-    order and repacking all checked); fp16 scales go through two bf16 parts whose sum is the scale
-    exactly, so each weight comes back within the two parts' output roundings (2^-9 relative)."""
+    order, repacking and int8's split into two nibble terms all checked); fp16 scales go through
+    two bf16 parts whose sum is the scale exactly, so each weight comes back within the parts'
+    output roundings (2^-9 relative to each term)."""
     from lowbit.kernels.cpu import _int4_prepared
     from lowbit.formats.scales import decode_scale
 
@@ -96,17 +100,19 @@ def test_cpu_int4_fast_path_uses_the_stored_weights(preset):
     lin = torch.nn.Linear(k, n, bias=False)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(n, k, generator=g))
-    q = QuantLinear.from_float(lin, preset)
+    q = QuantLinear.from_float(lin, preset, **kw)
     w = q.qweight.dequantize(torch.float32)
     y = q(torch.eye(k))  # row i = column i of W
-    _, parts, zeros = _int4_prepared(q.qweight)
+    terms, zeros = _int4_prepared(q.qweight)
     s = decode_scale(q.qweight.scale, q.fmt.scale_dtype)
-    if preset == "int4-e8m0":
+    if q.fmt.scale_dtype == "e8m0":
         assert torch.equal(y, w.t())
-    else:  # the bf16 roundings apply to the (code - 8) * scale part; affine zeros are added in fp32
+    else:  # the bf16 roundings apply to the (code - 8) * scale terms; zeros are added in fp32
         scaled = w - (0 if zeros is None else zeros.repeat_interleave(32, 1))
-        assert ((y - w.t()).abs() <= scaled.t().abs() * 2.0**-8 + 1e-6).all()
-    assert torch.equal(sum(p[..., 0].float() for p in parts).t(), s)  # the scale parts add up exactly
+        bound = (scaled.abs() + (0 if zeros is None else 16 * s.repeat_interleave(32, 1))) * 2.0**-8
+        assert ((y - w.t()).abs() <= bound.t() + 1e-6).all()
+    for (_, parts), mul in zip(terms, (16.0, 1.0) if len(terms) == 2 else (1.0,)):
+        assert torch.equal(sum(p[..., 0].float() for p in parts).t(), mul * s)  # the parts add up exactly
 
 
 def test_forcing_a_layer_onto_an_unsupported_backend_is_reported():
