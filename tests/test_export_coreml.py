@@ -18,6 +18,9 @@ from lowbit.export.coreml import export_coreml, qtensor_to_coreml_op_inputs
 from lowbit.formats import QTensor
 from lowbit.nn import QuantLinear
 
+# exports reproduce the stored weights in fp32: compared with the reference path, not the CPU bf16 kernels
+pytestmark = pytest.mark.usefixtures("reference_linear")
+
 CASES = [
     ("int8", {}),
     ("int4", {}),

@@ -25,6 +25,9 @@ from lowbit.export.coreml_eval import evaluate_mlpackage
 from lowbit.nn.modules import QuantEmbedding, QuantLinear
 from tiny_models import tiny_llama
 
+# exports reproduce the stored weights in fp32: compared with the reference path, not the CPU bf16 kernels
+pytestmark = pytest.mark.usefixtures("reference_linear")
+
 
 def tiny_bert(pooler: bool = True) -> torch.nn.Module:
     """A 2-layer BertModel: hidden 64, 4 heads, vocab 300, 64 positions, seeded weights."""

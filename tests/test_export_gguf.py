@@ -11,6 +11,9 @@ from tiny_models import tiny_bpe_tokenizer, tiny_llama
 from lowbit.export import export_gguf, qtensor_to_gguf_bytes
 from lowbit.export.gguf import llama_permute_index
 
+# exports reproduce the stored weights in fp32: compared with the reference path, not the CPU bf16 kernels
+pytestmark = pytest.mark.usefixtures("reference_linear")
+
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 T = gguf.GGMLQuantizationType

@@ -10,6 +10,9 @@ import lowbit  # noqa: E402
 from lowbit.export import export_gguf  # noqa: E402
 from lowbit.export.gguf import gguf_tensor_name, llama_permute_index  # noqa: E402
 
+# exports reproduce the stored weights in fp32: compared with the reference path, not the CPU bf16 kernels
+pytestmark = pytest.mark.usefixtures("reference_linear")
+
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):

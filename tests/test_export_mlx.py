@@ -16,6 +16,9 @@ import lowbit
 from tiny_models import tiny_bpe_tokenizer, tiny_llama
 from lowbit.export.mlx import export_mlx, qtensor_to_mlx
 
+# exports reproduce the stored weights in fp32: compared with the reference path, not the CPU bf16 kernels
+pytestmark = pytest.mark.usefixtures("reference_linear")
+
 transformers = pytest.importorskip("transformers")
 
 

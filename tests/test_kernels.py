@@ -51,6 +51,10 @@ def test_formats_without_a_fast_path_use_the_reference():
     assert select(int4.replace(block_size=16), "linear", "cpu")[0] == "reference"  # not a tinygemm group
     assert select(int4, "linear", "cpu", shape=(40, 64))[0] == "reference"  # rows not a multiple of 16
     assert select(int4, "linear", "cpu", shape=(48, 64))[0] == "cpu_fast"
+    int8_blocks = lowbit.PRESETS["int8"].replace(block_size=32)  # exact reference for fp32 activations
+    assert select(int8_blocks, "linear", "cpu", shape=(48, 64), dtype=torch.float32)[0] == "reference"
+    assert select(int8_blocks, "linear", "cpu", shape=(48, 64), dtype=torch.bfloat16)[0] == "cpu_fast"
+    assert select(int4, "linear", "cpu", shape=(48, 64), dtype=torch.float32)[0] == "cpu_fast"
 
 
 _INT4_CPU = [("int4", {}), ("int4-asym", {}), ("int4-e8m0", {}), ("int4", {"block_size": 128, "scale_dtype": "bf16"}),
@@ -79,6 +83,9 @@ def test_cpu_int4_fast_path_matches_reference(preset, kw, m, dtype):
     with force_backend("linear", "reference"):
         ref = q(x)
     assert fast.dtype == dtype and fast.shape == (2, m, n)
+    if preset == "int8" and dtype == torch.float32:  # int8 blocks keep the exact reference for fp32
+        assert torch.equal(fast, ref) and PLACEMENT["probe4"] == {"reference": 2}
+        return
     assert ((fast.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
     assert PLACEMENT["probe4"] == {"cpu_fast": 1, "reference": 1}
 
@@ -102,7 +109,9 @@ def test_cpu_int4_fast_path_uses_the_stored_weights(preset, kw):
         lin.weight.copy_(torch.randn(n, k, generator=g))
     q = QuantLinear.from_float(lin, preset, **kw)
     w = q.qweight.dequantize(torch.float32)
-    y = q(torch.eye(k))  # row i = column i of W
+    one_hot = torch.eye(k, dtype=torch.bfloat16 if preset == "int8" else torch.float32)  # int8: fp32 takes the reference
+    assert select(q.fmt, "linear", "cpu", shape=q.weight_shape, dtype=one_hot.dtype)[0] == "cpu_fast"
+    y = q(one_hot).float()  # row i = column i of W
     terms, zeros = _int4_prepared(q.qweight)
     s = decode_scale(q.qweight.scale, q.fmt.scale_dtype)
     if q.fmt.scale_dtype == "e8m0":
@@ -110,6 +119,7 @@ def test_cpu_int4_fast_path_uses_the_stored_weights(preset, kw):
     else:  # the bf16 roundings apply to the (code - 8) * scale terms; zeros are added in fp32
         scaled = w - (0 if zeros is None else zeros.repeat_interleave(32, 1))
         bound = (scaled.abs() + (0 if zeros is None else 16 * s.repeat_interleave(32, 1))) * 2.0**-8
+        bound = bound + (w.abs() * 2.0**-8 if preset == "int8" else 0)  # the bf16 output
         assert ((y - w.t()).abs() <= bound.t() + 1e-6).all()
     for (_, parts), mul in zip(terms, (16.0, 1.0) if len(terms) == 2 else (1.0,)):
         assert torch.equal(sum(p[..., 0].float() for p in parts).t(), mul * s)  # the parts add up exactly

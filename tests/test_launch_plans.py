@@ -87,7 +87,7 @@ def test_dispatch_remembers_its_choice_but_obeys_force_and_new_registrations(gen
     x = torch.randn(2, 64, generator=gen)
     y0 = q(x)
     first = set(PLACEMENT["probe.dispatch"])
-    assert len(first) == 1 and ("select", "linear", "cpu", registry._generation) in q.qweight.kernel_cache
+    assert len(first) == 1 and ("select", "linear", "cpu", x.dtype, registry._generation) in q.qweight.kernel_cache
     with force_backend("linear", "reference"):
         q(x)
     assert PLACEMENT["probe.dispatch"]["reference"] >= 1

@@ -30,8 +30,9 @@ _generation = 0  # bumped by `register`
 
 def register(family: str, op: str, device: str, backend: str,
              supports: Callable | None = None) -> Callable[[Callable], Callable]:
-    """Decorator: register `fn` for (family, op, device type, backend); `supports(fmt, shape)`
-    narrows it to the formats whose numbers it reproduces and the weight shapes it handles."""
+    """Decorator: register `fn` for (family, op, device type, backend); `supports(fmt, shape, dtype)`
+    narrows it to the formats whose numbers it reproduces, the weight shapes it handles and the
+    activation dtypes it takes (shape and dtype None when unknown: answer for the format)."""
     if backend not in PREFERENCE:
         raise ValueError(f"unknown backend {backend!r}; known: {PREFERENCE}")
 
@@ -47,8 +48,9 @@ def register(family: str, op: str, device: str, backend: str,
 
 
 def select(fmt, op: str, device: str, backend: str | None = None, owner: str = "?",
-           shape: tuple[int, ...] | None = None) -> tuple[str, Callable]:
-    """(backend name, function) that would run for Format `fmt` (and weight `shape`, when known)."""
+           shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None) -> tuple[str, Callable]:
+    """(backend name, function) that would run for Format `fmt` (and weight `shape` and activation
+    `dtype`, when known)."""
     backend = backend or _forced.get((op, owner)) or _forced.get(op)
     order = (backend,) if backend else PREFERENCE
     for b in order:
@@ -56,7 +58,7 @@ def select(fmt, op: str, device: str, backend: str | None = None, owner: str = "
             for dev in (device, "*"):
                 key = (fam, op, dev, b)
                 fn = KERNELS.get(key)
-                if fn is not None and (key not in SUPPORTS or SUPPORTS[key](fmt, shape)):
+                if fn is not None and (key not in SUPPORTS or SUPPORTS[key](fmt, shape, dtype)):
                     return b, fn
     raise LookupError(f"{owner}: no {backend or 'any'} kernel for op {op!r}, format {fmt.name!r}, device {device!r}; "
                       f"the reference backend covers every format")
@@ -66,14 +68,15 @@ def dispatch(op: str, x: torch.Tensor, qweight: QTensor, *args, owner: str = "?"
     """Run `op` for `qweight` through the backend `select` picks, counting it under `owner`. The
     choice is remembered in the QTensor's `kernel_cache` (a module keeps its QTensor from call to
     call), except while `force_backend` is active."""
-    device = x.device.type
+    device, dtype = x.device.type, x.dtype
     if _forced:
-        backend, fn = select(qweight.fmt, op, device, owner=owner, shape=qweight.shape)
+        backend, fn = select(qweight.fmt, op, device, owner=owner, shape=qweight.shape, dtype=dtype)
     else:
-        key = ("select", op, device, _generation)
+        key = ("select", op, device, dtype, _generation)
         hit = qweight.kernel_cache.get(key)
         if hit is None:
-            hit = qweight.kernel_cache[key] = select(qweight.fmt, op, device, owner=owner, shape=qweight.shape)
+            hit = qweight.kernel_cache[key] = select(qweight.fmt, op, device, owner=owner, shape=qweight.shape,
+                                                     dtype=dtype)
         backend, fn = hit
     if not torch.compiler.is_compiling():
         PLACEMENT[owner][backend] += 1

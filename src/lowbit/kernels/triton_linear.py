@@ -113,7 +113,7 @@ def spec_of(fmt: Format) -> Spec | None:
     return Spec(bits, code, smode, fmt.zero == "float", cmul, bb)
 
 
-def supports(fmt: Format, shape: tuple[int, ...] | None) -> bool:
+def supports(fmt: Format, shape: tuple[int, ...] | None, dtype: torch.dtype | None = None) -> bool:
     return HAVE_TRITON and spec_of(fmt) is not None and (shape is None or len(shape) == 2)
 
 
