@@ -34,7 +34,7 @@ class _QuantWeight(nn.Module):
         bufs = self._buffers
         planes = tuple(bufs[f"weight_{n}"] for n in self.plane_names)
         cached = self.__dict__.get("_qweight_cache")
-        if cached is not None and len(cached[0]) == len(planes) and all(a is b for a, b in zip(cached[0], planes)):
+        if cached is not None and all(a is b for a, b in zip(cached[0], planes)):  # plane_names never change
             return cached[1]
         qt = QTensor(dict(zip(self.plane_names, planes)), self.fmt, self.weight_shape)
         self.__dict__["_qweight_cache"] = (planes, qt)
