@@ -50,6 +50,7 @@ def load_revision(rev: str, rev_file: str | None = None):
                      f"pass a copy with --rev-file")
         src = res.stdout
     src = src.replace("from .reference import", "from lowbit.attention.reference import")
+    src = src.replace("from ..kernels.", "from lowbit.kernels.")
     path = Path(tempfile.mkdtemp()) / "triton_decode_rev.py"
     path.write_text(src)
     spec = importlib.util.spec_from_file_location("triton_decode_rev", path)

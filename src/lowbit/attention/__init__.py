@@ -86,8 +86,9 @@ def decode_attention(q: torch.Tensor, layer, *, scale: float | None = None, kv_s
 
         _count(owner, "triton")
         kd, ks, vd, vs = layer.planes
+        plans = layer.launch_plans() if hasattr(layer, "launch_plans") else None
         return decode_attention_triton(q, kd, ks, vd, vs, layer.length, bits=layer.bits, scale=scale,
-                                       kv_start=kv_start, kv_end=kv_end)
+                                       kv_start=kv_start, kv_end=kv_end, plans=plans)
     _count(owner, "reference")
     k, v = layer.dequantized()
     return attention_reference(q, k, v, scale=scale, kv_start=kv_start, kv_end=kv_end)

@@ -73,7 +73,8 @@ class LowbitKVLayer(DynamicLayer):
         if kernel:
             from .triton_kv_write import quantize_append_triton
 
-            quantize_append_triton(self.planes, self.length, k, v, bits=self.bits, group=self.group)
+            quantize_append_triton(self.planes, self.length, k, v, bits=self.bits, group=self.group,
+                                   plans=self.launch_plans())
         else:
             for plane, t in zip(self.planes, new):
                 if plane.dim() == 5:
@@ -81,6 +82,15 @@ class LowbitKVLayer(DynamicLayer):
                 else:
                     plane[:, :, self.length: need] = t
         self.length = need
+
+    def launch_plans(self) -> dict:
+        """Remembered kernel launches (`kernels.launch`) for the current planes: a fresh dict whenever
+        the planes list was replaced (growth, reorder, batch select, reset), so that no plan outlives
+        (or keeps alive) the planes it was made for."""
+        held = self.__dict__.get("_plans")
+        if held is None or held[0] is not self.planes:
+            held = self._plans = (self.planes, {})
+        return held[1]
 
     def _kernel_writes(self) -> bool:
         """Fused layers with fp16 scales quantize new tokens straight into the planes in one Triton

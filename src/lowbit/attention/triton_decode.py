@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..kernels.launch import cdiv, int_class, launch_remembered, next_pow2
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -742,8 +744,8 @@ def _fast_config(bits: int, per_token: bool, pairs: int, seq_len: int, sms: int,
         small = (64, 2, 3, 8)
     bn, warps, _, pps = cfg
     want = max(1, pps * sms // pairs)
-    capped = want > triton.cdiv(seq_len, 2 * bn)  # each program would get the two-tile minimum
-    if capped and pairs * min(want, triton.cdiv(seq_len, 2 * bn)) * warps < 6 * sms:
+    capped = want > cdiv(seq_len, 2 * bn)  # each program would get the two-tile minimum
+    if capped and pairs * min(want, cdiv(seq_len, 2 * bn)) * warps < 6 * sms:
         cfg = small
     return (block_n or cfg[0], num_warps or cfg[1], num_stages or cfg[2], programs_per_sm or cfg[3])
 
@@ -754,7 +756,7 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
                             splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                             num_stages: int | None = None, programs_per_sm: int | None = None, swap: bool | None = None,
                             int_mma: bool | None = None, g_pad: int | None = None, fused: bool | None = None,
-                            late_q: bool | None = None) -> torch.Tensor:
+                            late_q: bool | None = None, plans: dict | None = None) -> torch.Tensor:
     """Attention of q (B, H, 1, D) over the first `seq_len` tokens of quantized planes
     (B, Hkv, cap, ...); returns (B, H, 1, D) in q's dtype.
 
@@ -765,6 +767,9 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
     last program of each (batch, kv head) inside stage 1 (no second launch; see `_merge_last`).
     `late_q` (fast path): q read in the loop's first trip, after the first tiles' loads are issued
     (default: for int4 with one scale per block of values, where it measured faster; RESULTS.md).
+    `plans` (a dict the caller keeps while the planes stay the same tensors, e.g. per cache layer):
+    the fast path's launches are remembered there (`kernels.launch.launch_remembered`), which cuts
+    Triton's per-call argument binding (~50 us of host time per call on an H200 host) in eager decoding.
     """
     B, H, SQ, D = q.shape
     if SQ != 1:
@@ -792,23 +797,23 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
             late_q = bits == 4 and group < D  # at (32, 4096); int8 and int4 per token 1-9 % slower with it
         if int_mma and group != D:
             raise ValueError("decode_attention: int_mma on the token-major path needs one scale per token")
-        g_pad = g_pad or (max(8, triton.next_power_of_2(G)) if swap else max(16, triton.next_power_of_2(G)))
+        g_pad = g_pad or (max(8, next_pow2(G)) if swap else max(16, next_pow2(G)))
     else:
         swap = bool(swap)
         bn = block_n or 64
         num_warps = num_warps or 4
         num_stages = num_stages or (3 if bits == 8 else 2)
         programs_per_sm = programs_per_sm or 8
-        g_pad = max(16, triton.next_power_of_2(G))
+        g_pad = max(16, next_pow2(G))
         if int_mma is None:  # int8 tensor cores for QK^T where the scales allow it (one scale per token)
             int_mma = group == D and not swap
         if int_mma and (group != D or swap):
             raise ValueError("decode_attention: int_mma needs one scale per token per head and swap=False")
     if splits is None:  # enough programs in flight per SM to hide the memory latency
         want = max(1, (programs_per_sm * _num_sms(q.device)) // (B * Hkv))
-        splits = max(1, min(want, triton.cdiv(seq_len, 2 * bn)))
-    chunk = triton.cdiv(triton.cdiv(seq_len, splits), bn) * bn
-    splits = triton.cdiv(seq_len, chunk)
+        splits = max(1, min(want, cdiv(seq_len, 2 * bn)))
+    chunk = cdiv(cdiv(seq_len, splits), bn) * bn
+    splits = cdiv(seq_len, chunk)
     dev = q.device
     op = torch.empty(B * Hkv * splits * G, D, dtype=torch.float32, device=dev)
     lse = torch.empty(B * Hkv * splits * G, dtype=torch.float32, device=dev)
@@ -820,22 +825,35 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
         kv_start = kv_end = lse
     qk_scale = (scale if scale is not None else D ** -0.5) * math.log2(math.e)
     o = torch.empty(B, H, 1, D, dtype=q.dtype, device=dev)
-    ns_pad = max(2, triton.next_power_of_2(splits))
+    ns_pad = max(2, next_pow2(splits))
     if fast:
         if fused is None:  # one launch; with many splits the separate merge kernel is faster (RESULTS.md)
             fused = splits <= 16
-        g_p2 = triton.next_power_of_2(G)
+        g_p2 = next_pow2(G)
         # partial rows merged per step in `_merge_last`: about 128 fp32 registers per thread
         ns_step = min(ns_pad, max(1, 1 << ((4096 * num_warps) // (g_p2 * D)).bit_length() - 1))
-        _decode_split_vt[(splits, B * Hkv)](
-            q, k_data, k_scale, v_data, v_scale, op, lse, kv_start, kv_end, o, _counters(dev, B * Hkv) if fused else lse,
-            q.stride(0), q.stride(1), k_data.stride(0), k_data.stride(1), k_data.stride(2),
-            v_data.stride(0), v_data.stride(1), v_data.stride(3) if not vblk else vblk,
-            k_scale.stride(0), k_scale.stride(1), k_scale.stride(2), o.stride(0), o.stride(1),
-            H, Hkv, seq_len, k_data.shape[2], chunk, splits, qk_scale,
-            HEAD_D=D, G=G, G_PAD=g_pad, BLOCK_N=bn, BITS=bits, GROUP=group, HAS_RANGES=has_ranges,
-            IMMA=int_mma, SWAP=swap, FUSED=fused, G_P2=g_p2, NS_PAD=ns_pad, NS_STEP=ns_step, INTERP=_INTERPRET,
-            DIRECT=fused and splits == 1, VBLK=vblk, LATE_Q=late_q, num_warps=num_warps, num_stages=num_stages)
+        grid = (splits, B * Hkv)
+        args = (q, k_data, k_scale, v_data, v_scale, op, lse, kv_start, kv_end, o,
+                _counters(dev, B * Hkv) if fused else lse,
+                q.stride(0), q.stride(1), k_data.stride(0), k_data.stride(1), k_data.stride(2),
+                v_data.stride(0), v_data.stride(1), v_data.stride(3) if not vblk else vblk,
+                k_scale.stride(0), k_scale.stride(1), k_scale.stride(2), o.stride(0), o.stride(1),
+                H, Hkv, seq_len, k_data.shape[2], chunk, splits, qk_scale)
+        consts = dict(HEAD_D=D, G=G, G_PAD=g_pad, BLOCK_N=bn, BITS=bits, GROUP=group, HAS_RANGES=has_ranges,
+                      IMMA=int_mma, SWAP=swap, FUSED=fused, G_P2=g_p2, NS_PAD=ns_pad, NS_STEP=ns_step,
+                      INTERP=_INTERPRET, DIRECT=fused and splits == 1, VBLK=vblk, LATE_Q=late_q,
+                      num_warps=num_warps, num_stages=num_stages)
+        key = None
+        if plans is not None and not torch.compiler.is_compiling():
+            # what the slots (q, the fresh buffers, the ranges, seq_len, chunk, the scale) specialize
+            # on; the planes are pinned by identity, their strides and capacity with them; the fresh
+            # buffers come from the caching allocator (512-byte aligned), their strides follow the
+            # shapes in the key
+            key = (grid, tuple(consts.values()), id(k_data), id(k_scale), id(v_data), id(v_scale), q.dtype, q.shape,
+                   q.stride(), q.data_ptr() % 16 == 0, int_class(seq_len), int_class(chunk),
+                   has_ranges and (kv_start.data_ptr() % 16 == 0, kv_end.data_ptr() % 16 == 0))
+        launch_remembered(plans if key is not None else None, key, _decode_split_vt, grid, args, consts,
+                          slots=(0, 5, 6, 7, 8, 9, 10, 26, 28, 30))
         if fused:
             return o
     else:

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..kernels.launch import int_class, launch_remembered
 from .reference import QMAX
 
 
@@ -74,10 +75,11 @@ def _quantize_append(k_ptr, v_ptr, kd_ptr, ks_ptr, vd_ptr, vs_ptr, start, Hkv, c
 
 
 def quantize_append_triton(planes: list[torch.Tensor], start: int, k: torch.Tensor, v: torch.Tensor, *,
-                           bits: int, group: int | None) -> None:
+                           bits: int, group: int | None, plans: dict | None = None) -> None:
     """Quantize k, v (B, Hkv, n, D) into tokens start .. start + n - 1 of `planes` ([key codes, key
     scales, value codes, value scales], fp16 scales, contiguous; value codes token-major 4-D or
-    tile-blocked 5-D), as `reference.quantize_kv` would, in one launch."""
+    tile-blocked 5-D), as `reference.quantize_kv` would, in one launch. `plans`: a dict kept while
+    the planes stay the same tensors, where the launch is remembered (`kernels.launch`)."""
     B, Hkv, n, D = k.shape
     kd, ks, vd, vs = planes
     cap = kd.shape[2]
@@ -85,7 +87,13 @@ def quantize_append_triton(planes: list[torch.Tensor], start: int, k: torch.Tens
         k = k.contiguous()
     if v.stride(-1) != 1:
         v = v.contiguous()
-    _quantize_append[(n, B * Hkv)](k, v, kd, ks, vd, vs, start, Hkv, cap,
-                                   k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-                                   D=D, GROUP=group or D, BITS=bits, QM=QMAX[bits],
-                                   VBLK=vd.shape[-1] if vd.dim() == 5 else 0, num_warps=1)
+    grid = (n, B * Hkv)
+    args = (k, v, kd, ks, vd, vs, start, Hkv, cap,
+            k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
+    consts = dict(D=D, GROUP=group or D, BITS=bits, QM=QMAX[bits], VBLK=vd.shape[-1] if vd.dim() == 5 else 0,
+                  num_warps=1)
+    key = None
+    if plans is not None and not torch.compiler.is_compiling():  # slots k, v, start; planes by identity
+        key = (grid, tuple(consts.values()), id(kd), id(ks), id(vd), id(vs), k.dtype, v.dtype, k.stride(), v.stride(),
+               k.data_ptr() % 16 == 0, v.data_ptr() % 16 == 0, int_class(start))
+    launch_remembered(plans if key is not None else None, key, _quantize_append, grid, args, consts, slots=(0, 1, 6))

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from ..kernels.launch import cdiv, next_pow2  # noqa: E402
 from .triton_prefill_dims import HEAD_DIMS  # noqa: E402
 
 
@@ -213,7 +214,7 @@ def flash_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     o = out if out is not None else torch.empty(B, H, SQ, D, dtype=q.dtype, device=q.device)
     bm, bn, warps, stages, *ws = config or CONFIGS[D]
     ws = bool(ws and ws[0]) and not _INTERPRET
-    d_pad = triton.next_power_of_2(D)
+    d_pad = next_pow2(D)
     use_desc = not _INTERPRET and q.is_cuda
     if use_desc:
         _set_allocator()
@@ -232,7 +233,7 @@ def flash_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         kv_end = (kv_end if kv_end is not None else torch.full((B,), SK, dtype=torch.int32, device=dev)).to(dev, torch.int32)
     else:
         kv_start = kv_end = q  # unused
-    grid = (triton.cdiv(SQ, bm), B * H)
+    grid = (cdiv(SQ, bm), B * H)
     if host_desc is None:
         host_desc = B * H * SQ >= HOST_DESC_MIN_ROWS
     host_desc = use_desc and host_desc

@@ -12,6 +12,10 @@ pointers aligned to 16 bytes), so the key must hold every integer argument that 
 alignment of every swapped pointer (`triton_linear.run_fast_gemv`: M, dtype, x's row stride and
 alignment, the bias; the output and workspace come from the caching allocator, 512-byte aligned).
 
+`launch_remembered` is the same for call sites that build their full argument list anyway (the
+attention decode and the KV-cache append): the caller names the positions that change between calls
+and a key that holds everything else Triton would specialize on.
+
 Example:
     >>> # compiled = kern[grid](*args, **consts)          # the normal launch, once
     >>> # plan = LaunchPlan.of(kern, compiled, grid, args, consts, {"x": 0, "y": 6})
@@ -68,3 +72,62 @@ class LaunchPlan:
         for name, i in self.slots.items():
             a[i] = swap[name]
         self.compiled[self.grid](*a)
+
+    def relaunch(self, args: tuple) -> None:
+        """Launch with every slot taken from `args`, a full positional argument list like the first
+        launch's (only the slots are read)."""
+        a = list(self.args)
+        for i in self.slots.values():
+            a[i] = args[i]
+        self.compiled[self.grid](*a)
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the host's launch arithmetic (`triton.cdiv` is a constexpr function: ~3-7 us a
+    call from Python, several per launch).
+
+    Example:
+        >>> cdiv(200, 64), cdiv(128, 64)
+        (4, 2)
+    """
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), as `triton.next_power_of_2` without its call cost.
+
+    Example:
+        >>> next_pow2(1), next_pow2(9), next_pow2(16)
+        (1, 16, 16)
+    """
+    return 1 << (n - 1).bit_length()
+
+
+def int_class(v: int) -> tuple[bool, bool]:
+    """How Triton specializes an integer argument (equal to 1, divisible by 16): a key part for
+    integer slots. (Every int this module's callers swap is far inside int32.)"""
+    return v == 1, v % 16 == 0
+
+
+def launch_remembered(plans: dict | None, key, jit_fn, grid: tuple, args: tuple, consts: dict,
+                      slots: tuple[int, ...]) -> None:
+    """`jit_fn[grid](*args, **consts)`, relaunched through the plan stored under `key` in `plans`
+    when there is one (and stored there after a normal launch otherwise; `plans=None`: always the
+    normal launch). `slots` are the positions of `args` that may differ between calls with one key;
+    the key must pin every other argument (tensors by identity: the plan keeps them alive) and how
+    Triton specializes the slots (dtype and 16-byte alignment of tensors, `int_class` of ints), the
+    grid and the constexprs.
+
+    Example:
+        >>> # launch_remembered(layer_plans, (grid, id(planes), x.data_ptr() % 16 == 0, int_class(n)),
+        >>> #                   _kernel, grid, (x, planes, n), {"BLOCK": 64}, slots=(0, 2))
+    """
+    plan = plans.get(key) if plans is not None else None
+    if plan is not None:
+        plan.relaunch(args)
+        return
+    compiled = jit_fn[grid](*args, **consts)
+    if plans is not None:
+        plan = LaunchPlan.of(jit_fn, compiled, grid, args, consts, {str(i): i for i in slots})
+        if plan is not None:
+            plans[key] = plan

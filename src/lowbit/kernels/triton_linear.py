@@ -34,7 +34,7 @@ import torch
 
 from ..formats import Format, QTensor
 from .gemv_ptx import word_asm
-from .launch import LaunchPlan
+from .launch import LaunchPlan, cdiv, next_pow2
 from .nibble_ptx import asm_bytes, asm_fp4, asm_fp8, asm_nibbles
 from .registry import register
 from .triton_modes import interpreting, kernel_module
@@ -171,23 +171,21 @@ def heuristic(spec: Spec, m: int, k: int, n: int, allow_dot4: bool = True) -> di
     both sides on eight untuned shapes (H200, RESULTS.md 2026-11-25: above M = 64 `dot` ran 2.5-4x
     slower than dequantize + cuBLAS). E.g.
     `heuristic(spec_of(PRESETS["int4"]), 16, 4096, 1024)["path"] == "dot4"`."""
-    import triton
-
     sm = _sm_count()
     dot4 = allow_dot4 and dot4_format_ok(spec)
     if m <= 2 or (m <= 4 and not dot4):
         return {"path": "gemv", "BLOCK_N": 4, "NB_T": max(1, 1024 // spec.bb), "NW": 256, "num_warps": 4}
     if dot4 and (m <= 16 or 64 < m <= 128 or (m <= 64 and n * k >= 1 << 24)):
         block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-        tiles = triton.cdiv(n, 64) * triton.cdiv(m, block_m)
+        tiles = cdiv(n, 64) * cdiv(m, block_m)
         split = 1
         while tiles * split < 2 * sm and split < 4 and k // (split * 2) >= 1024:
             split *= 2
         return {"path": "dot4", "BLOCK_N": 64, "BLOCK_M": block_m, "NB_T": dot_blocks(128, spec), "num_warps": 4,
                 "STAGES": 4 if block_m == 16 else 3, "SPLIT_K": split, "XPERM": block_m > 16}
     if m <= 64:
-        block_m = max(16, triton.next_power_of_2(m))
-        tiles = triton.cdiv(n, 64) * triton.cdiv(m, block_m)
+        block_m = max(16, next_pow2(m))
+        tiles = cdiv(n, 64) * cdiv(m, block_m)
         split = 1
         while tiles * split < 2 * sm and split < 16 and k // (split * 2) >= 512:
             split *= 2
@@ -246,8 +244,6 @@ def _fit(cfg: dict, spec: Spec, m: int) -> dict:
 
 def candidates(spec: Spec, m: int, k: int, n: int) -> list[dict]:
     """Configs the tuner times for one (M, K, N) (`KB_T`: bytes of one weight row per iteration)."""
-    import triton
-
     out: list[dict] = []
     if m <= 4:
         # (BLOCK_N, warps, NWG, WPT, SPLIT_K). Programs of one or two warps over few rows win (H200,
@@ -286,7 +282,7 @@ def candidates(spec: Spec, m: int, k: int, n: int) -> list[dict]:
                                        (128, 256, False, 64, 8, 3), (128, 64, False, 64, 4, 3)):
         if (m <= 4 and bm > 16) or bm > 2 * max(16, m) or (m > 64 and swap) or (m >= 512 and bm < 128):
             continue
-        tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
+        tiles = cdiv(n, bn) * cdiv(m, bm)
         split = 1
         while tiles * split < 2 * sm and split < 16 and k // (split * 2) >= 512:
             split *= 2
@@ -390,8 +386,8 @@ def run(x2: torch.Tensor, planes: dict[str, torch.Tensor | None], spec: Spec, n:
     if path == "gemv" and kb % 4 == 0 and w.stride(0) % 4 == 0 and w.data_ptr() % 4 == 0:
         # the word GEMV: data plane viewed as int32, one word (32 / bits codes) per thread and row
         w32 = w.view(torch.int32) if w.is_contiguous() else w.contiguous().view(torch.int32)
-        nw = cfg.get("NW") or max(4, triton.next_power_of_2(cfg["NB_T"] * spec.bb // 4))
-        grid = (m * triton.cdiv(n, cfg["BLOCK_N"]),)
+        nw = cfg.get("NW") or max(4, next_pow2(cfg["NB_T"] * spec.bb // 4))
+        grid = (m * cdiv(n, cfg["BLOCK_N"]),)
         _kern()._gemv_w_kernel[grid](x2, w32, *ptrs, bias if bias is not None else dummy, y,
                                      m, n, k, kb // 4, x2.stride(0), w32.stride(0), stride_sn, y.stride(0), lut_div,
                                      BITS=spec.bits, CODE=spec.code, SMODE=spec.smode, HAS_ZERO=spec.has_zero,
@@ -399,18 +395,18 @@ def run(x2: torch.Tensor, planes: dict[str, torch.Tensor | None], spec: Spec, n:
                                      CMUL=spec.cmul, WB=max(1, spec.bb // 4), NW=nw, BLOCK_N=cfg["BLOCK_N"],
                                      num_warps=cfg["num_warps"])
     elif path == "gemv":
-        grid = (m * triton.cdiv(n, cfg["BLOCK_N"]),)
+        grid = (m * cdiv(n, cfg["BLOCK_N"]),)
         _kern()._gemv_kernel[grid](x2, w, *ptrs, bias if bias is not None else dummy, y,
                               m, n, k, kb, x2.stride(0), w.stride(0), stride_sn, y.stride(0), lut_div,
                               HAS_BIAS=bias is not None, NB_T=cfg["NB_T"], BLOCK_N=cfg["BLOCK_N"],
                               num_warps=cfg["num_warps"], **common)
     elif path == "dot":
-        nblk = triton.cdiv(kb, spec.bb)
+        nblk = cdiv(kb, spec.bb)
         split = cfg["SPLIT_K"]
         nb_t = cfg["NB_T"]
-        bps = triton.cdiv(triton.cdiv(nblk, split), nb_t) * nb_t
-        split = triton.cdiv(nblk, bps)  # no empty splits
-        grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), split)
+        bps = cdiv(cdiv(nblk, split), nb_t) * nb_t
+        split = cdiv(nblk, bps)  # no empty splits
+        grid = (cdiv(n, cfg["BLOCK_N"]), cdiv(m, cfg["BLOCK_M"]), split)
         if split > 1 and grid[0] * grid[1] > _N_COUNTERS:
             split, bps = 1, nblk
             grid = grid[:2] + (1,)
@@ -582,8 +578,6 @@ def dot4_ok(spec: Spec, x2: torch.Tensor, has_lut: bool, w: torch.Tensor | None 
 
 def run_dot4(x2, planes, spec: Spec, n: int, k: int, bias, y, cfg: dict) -> torch.Tensor:
     """y = x2 @ W^T by the packed-code tensor-core kernel (see triton_dot4.py); `dot4_ok` must hold."""
-    import triton
-
     m = x2.shape[0]
     w = planes["data"]
     if w.stride(1) != 1:
@@ -596,13 +590,13 @@ def run_dot4(x2, planes, spec: Spec, n: int, k: int, bias, y, cfg: dict) -> torc
         z = z.contiguous()
     ku = w16.shape[1]
     ub = spec.bb // 2  # uint16 elements per scale block
-    nb_t = max(cfg.get("NB_T", 1), triton.cdiv(16, ub))  # >= 16 elements per product (the MMA's K)
+    nb_t = max(cfg.get("NB_T", 1), cdiv(16, ub))  # >= 16 elements per product (the MMA's K)
     bku = nb_t * ub
-    iters = triton.cdiv(ku, bku)
+    iters = cdiv(ku, bku)
     split = cfg.get("SPLIT_K", 1)
-    ips = triton.cdiv(iters, split)
-    split = triton.cdiv(iters, ips)  # no empty splits
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), split)
+    ips = cdiv(iters, split)
+    split = cdiv(iters, ips)  # no empty splits
+    grid = (cdiv(n, cfg["BLOCK_N"]), cdiv(m, cfg["BLOCK_M"]), split)
     if split > 1 and grid[0] * grid[1] > _N_COUNTERS:
         ips, grid = iters, grid[:2] + (1,)
         split = 1
@@ -638,8 +632,6 @@ def run_dot4(x2, planes, spec: Spec, n: int, k: int, bias, y, cfg: dict) -> torc
 
 def dequantize(planes: dict, spec: Spec, n: int, k: int, dtype: torch.dtype, cfg: dict | None = None) -> torch.Tensor:
     """Dense (N, K) weight in `dtype`, decoded by the Triton kernel (one pass over the planes)."""
-    import triton
-
     cfg = cfg or {"BLOCK_N": 16, "NB_T": max(1, 128 // spec.bb), "num_warps": 4}
     w = planes["data"]
     if w.stride(1) != 1:
@@ -652,7 +644,7 @@ def dequantize(planes: dict, spec: Spec, n: int, k: int, dtype: torch.dtype, cfg
         z = z.contiguous()
     out = torch.empty(n, k, device=w.device, dtype=dtype)
     nb_t = cfg["NB_T"]
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(triton.cdiv(kb, spec.bb), nb_t))
+    grid = (cdiv(n, cfg["BLOCK_N"]), cdiv(cdiv(kb, spec.bb), nb_t))
     _kern()._dequant_kernel[grid](w, s if s is not None else w, z if z is not None else w, lut if lut is not None else w,
                              rs if rs is not None else w, ls if ls is not None else w, out,
                              n, k, kb, w.stride(0), s.stride(0) if s is not None else 0, out.stride(0),
