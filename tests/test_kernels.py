@@ -133,6 +133,32 @@ def test_forcing_a_layer_onto_an_unsupported_backend_is_reported():
             model(torch.randn(2, 64))
 
 
+def test_model_dtype_casts_keep_the_stored_planes(gen):
+    """`model.to(torch.bfloat16)` / `.half()` / `.float()` cast the bias and the embedding's output
+    dtype but never the planes: fp16 / fp32 scales and fp16 palettes are stored values (a cast
+    would round them, silently changing the weights); the output follows the activation dtype."""
+    lin = torch.nn.Linear(64, 32)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(32, 64, generator=gen) * 0.05)
+    table = torch.randn(100, 64, generator=gen)
+    for preset in ("int8", "int4", "lut4", "mxfp4"):
+        model = torch.nn.Sequential(QuantEmbedding(lowbit.quantize_tensor(table, preset)),
+                                    QuantLinear.from_float(lin, preset))
+        before = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(("weight_scale", "weight_lut", "weight_data"))}
+        ids = torch.tensor([[1, 7, 99]])
+        y32 = model(ids)
+        for cast, dt in ((lambda m: m.to(torch.bfloat16), torch.bfloat16), (lambda m: m.half(), torch.float16),
+                         (lambda m: m.float(), torch.float32)):
+            cast(model)
+            after = model.state_dict()
+            for k, v in before.items():
+                assert after[k].dtype == v.dtype and torch.equal(after[k], v), (preset, k, dt)
+            assert model[1].bias.dtype == dt and model[0].out_dtype == dt
+            y = model(ids)
+            assert y.dtype == dt
+            assert ((y.float() - y32).norm() / y32.norm()) < 1e-2, (preset, dt)
+
+
 def test_embedding_reference_dequantizes_only_needed_rows_and_matches_full_table():
     g = torch.Generator().manual_seed(0)
     table = torch.randn(500, 64, generator=g)

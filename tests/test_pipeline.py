@@ -80,6 +80,28 @@ def test_profile_counts_placement_and_flags_fallbacks(tmp_path):
     assert again.regressions and again.regressions[0].startswith("batch 1: p50")
 
 
+def test_profile_in_bf16_measures_a_copy_on_the_fast_path(tmp_path, capsys):
+    """`profile(dtype=torch.bfloat16)` / `lowbit profile --dtype bfloat16`: the model runs in bf16
+    (on CPU the int4 blocks take the fast path, which wants 16-bit activations), the module passed
+    in is left in fp32 with its planes untouched."""
+    model = tiny_llama()
+    lowbit.quantize(model, {"global": "int4"}, progress=False)
+    planes = {k: v.clone() for k, v in model.state_dict().items() if ".weight_" in k}
+    prof = lowbit.profile(model, batch_sizes=(1,), repeats=2, seq_len=8, decode_tokens=3, dtype=torch.bfloat16)
+    assert prof.dtype == "bfloat16" and prof.decode_tokens_per_s > 0
+    assert prof.placement["model.layers.0.mlp.up_proj"].keys() == {"cpu_fast"}
+    assert next(model.parameters()).dtype == torch.float32
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in planes.items())
+    from lowbit import package
+
+    pkg = package.save(model, tmp_path / "pkg")
+    assert cli.main(["profile", str(pkg), "--no-baseline", "--dtype", "bfloat16", "--batch-sizes", "1",
+                     "--repeats", "2", "--decode-tokens", "2", "--json", str(tmp_path / "p.json")]) == 0
+    saved = json.loads((tmp_path / "p.json").read_text())
+    assert saved["dtype"] == "bfloat16" and set(saved["placement"]["model.layers.1.self_attn.q_proj"]) == {"cpu_fast"}
+    assert "cpu_fast" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_run_on_minilm_writes_reports_and_exit_code_3_on_impossible_threshold(tmp_path, capsys):
     report = run("minilm", recipes=["int8"], output=tmp_path / "ok", profile_model=False, log=lambda s: None)

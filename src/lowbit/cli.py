@@ -17,13 +17,17 @@ EXAMPLES = {
     "inspect": "lowbit inspect out/smollm2-int4",
     "models": "lowbit models",
     "recipes": "lowbit recipes",
-    "run": "lowbit run                      # smollm2, recipe int8, report in out/run-smollm2\n  lowbit run minilm -r int8 -r int4 -r lut4",
+    "run": "lowbit run                      # smollm2, recipe int8, report in out/run-smollm2\n  lowbit run minilm -r int8 -r int4 -r lut4\n"
+           "  lowbit run -r int4 --dtype bfloat16   # speed measured in bf16",
     "validate": "lowbit validate out/smollm2-int4 --threshold max_delta_ppl=1.0",
-    "profile": "lowbit profile out/smollm2-int4 --json prof.json   # later: --compare prof.json",
+    "profile": "lowbit profile out/smollm2-int4 --json prof.json   # later: --compare prof.json\n"
+               "  lowbit profile out/smollm2-int4 --dtype bfloat16     # CPU: the 4-bit fast path",
     "plan": "lowbit plan smollm2 --candidates int8 int4-e8m0 int2-e8m0 lut4 --target-bits 4.5 -o plan.toml\n"
             "  lowbit plan minilm --candidates int8 int4 lut4 --min-cosine-p1 0.99 -o plan.toml && lowbit quantize minilm -r plan.toml -o out/m",
     "export": "lowbit quantize smollm2 -r gguf-q4_0 -o out/s && lowbit export out/s --to gguf -o s.gguf --tokenizer-pre smollm",
 }
+
+DTYPES = ["float32", "bfloat16", "float16"]
 
 
 def _console():
@@ -156,6 +160,13 @@ def cmd_recipes(args) -> int:
     return 0
 
 
+def _dtype(name: str | None):
+    """torch dtype of a --dtype choice (None: as loaded)."""
+    import torch
+
+    return getattr(torch, name) if name else None
+
+
 def cmd_run(args) -> int:
     """load -> quantize -> save/reload -> validate -> profile -> report, for one or more recipes."""
     from .pipeline import ThresholdError, run
@@ -164,7 +175,7 @@ def cmd_run(args) -> int:
     try:
         report = run(args.source, recipes=args.recipe or ["int8"], output=args.output, n_seqs=args.seqs,
                      profile_model=not args.no_profile, log=console.print, attention=args.attention,
-                     kv_cache=args.kv_cache)
+                     kv_cache=args.kv_cache, profile_dtype=_dtype(args.dtype))
     except ThresholdError as e:
         print(f"lowbit run: validation failed: {e}", file=sys.stderr)
         return 3
@@ -185,10 +196,12 @@ def _print_run_summary(console, report) -> None:
     labels = {"ppl_quant": "ppl", "delta_ppl_pct": "Δppl %", "kl_mean": "KL mean", "kl_p99": "KL p99",
               "top1_agreement": "top-1", "cosine_mean": "cos mean", "cosine_p1": "cos p1", "retrieval_top5_overlap": "top-5"}
     keys = [k for k in labels if k in m0]
-    t = Table(title=f"lowbit run · {report['source']['name']} · {report['data']}", title_justify="left")
+    base = report.get("baseline_profile") or {}
+    speed_dtype = base.get("dtype") or (runs[0].get("profile") or {}).get("dtype")
+    t = Table(title=f"lowbit run · {report['source']['name']} · {report['data']}"
+              + (f" · speed in {speed_dtype}" if speed_dtype else ""), title_justify="left")
     for col in ["recipe", "bits/w", "MB"] + [labels[k] for k in keys] + ["tok/s"]:
         t.add_column(col, justify="right" if col != "recipe" else "left", no_wrap=(col == "recipe"))
-    base = report.get("baseline_profile") or {}
     if base.get("decode_tokens_per_s"):
         t.add_row("float", "32", "", *([f"{m0['ppl_base']:.4g}"] if "ppl_quant" in keys else []),
                   *([""] * (len(keys) - (1 if "ppl_quant" in keys else 0))), f"{base['decode_tokens_per_s']:.1f}")
@@ -273,6 +286,7 @@ def cmd_profile(args) -> int:
 
     console = _console()
     kw = dict(batch_sizes=tuple(args.batch_sizes), repeats=args.repeats, decode_tokens=args.decode_tokens)
+    kw["dtype"] = _dtype(args.dtype)
     q = profile(args.package, compare=args.compare, **kw)
     rows = [("lowbit " + Path(args.package).name, q)]
     if not args.no_baseline:
@@ -393,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--rows", type=int, default=10, help="layers shown per recipe in the summary (lowest SQNR first)")
     r.add_argument("--attention", choices=["lowbit"], help="run lowbit's attention kernels (overrides the recipe's key)")
     r.add_argument("--kv-cache", choices=["int8", "int4"], help="quantized KV cache for generation (overrides the recipe's key)")
+    r.add_argument("--dtype", choices=DTYPES, help="run the speed measurements (float and quantized) in this dtype; "
+                   "bfloat16 takes the CPU's 4-bit fast path (default: as loaded, float32)")
 
     v = add("validate", "compare a package with its float source (exit 3 when a threshold fails)", cmd_validate)
     v.add_argument("package")
@@ -413,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--repeats", type=int, default=5)
     pr.add_argument("--decode-tokens", type=int, default=32)
     pr.add_argument("--compare", help="a previous --json output: flag regressions beyond noise")
+    pr.add_argument("--dtype", choices=DTYPES, help="run both models in this dtype (quantized planes keep theirs); "
+                    "bfloat16 takes the CPU's 4-bit fast path (default: as loaded)")
     pr.add_argument("--json", help="write the result as JSON")
     return p
 

@@ -31,6 +31,7 @@ from .kernels import PLACEMENT
 @dataclass
 class ProfileResult:
     device: str
+    dtype: str | None = None  # the floating dtype the model ran in
     load_seconds: float | None = None
     package_bytes: int | None = None
     latency: list[dict[str, Any]] = field(default_factory=list)   # per batch size
@@ -104,7 +105,8 @@ def _pct(xs: list[float], q: float) -> float:
 @torch.no_grad()
 def profile(model_or_pkg: nn.Module | str | Path, *, example: torch.Tensor | dict | None = None, task: str = "auto",
             batch_sizes: tuple[int, ...] = (1, 2, 4, 8), seq_len: int = 64, decode_tokens: int = 32,
-            repeats: int = 10, device: str | None = None, compare: str | Path | None = None) -> ProfileResult:
+            repeats: int = 10, device: str | None = None, compare: str | Path | None = None,
+            dtype: torch.dtype | None = None) -> ProfileResult:
     """Measure a model or a saved package.
 
     Args:
@@ -116,6 +118,13 @@ def profile(model_or_pkg: nn.Module | str | Path, *, example: torch.Tensor | dic
         seq_len: prompt length for LMs. decode_tokens: tokens generated one at a time for decode speed.
         repeats: timed runs per point (after one warm-up).
         compare: a previous `profile.json`; latencies slower beyond the repeat-run spread are listed.
+        dtype: run the model in this floating dtype (e.g. torch.bfloat16: on CPU the 4-bit formats'
+            fast path wants 16-bit activations). Quantized planes keep their own dtypes; a module
+            passed in is measured on a copy and left as it was.
+
+    Example:
+        >>> r = profile("out/run-smollm2/int4", dtype=torch.bfloat16)       # doctest: +SKIP
+        >>> r.decode_tokens_per_s, r.placement                                # doctest: +SKIP
     """
     res = ProfileResult(device=device or "cpu")
     if isinstance(model_or_pkg, (str, Path)):
@@ -131,7 +140,12 @@ def profile(model_or_pkg: nn.Module | str | Path, *, example: torch.Tensor | dic
         model = model_or_pkg
     device = device or next((p.device.type for p in model.parameters()), "cpu")
     res.device = device
-    model = model.to(device).eval()
+    if dtype is not None and model is model_or_pkg:  # the caller's module stays as it was
+        import copy
+
+        model = copy.deepcopy(model)
+    model = model.to(device, dtype).eval()
+    res.dtype = str(next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)).replace("torch.", "")
     is_lm = task == "causal_lm" or (task == "auto" and type(model).__name__.endswith("ForCausalLM"))
     vocab = getattr(getattr(model, "config", None), "vocab_size", 1000)
     energy = _Energy(device)
@@ -145,9 +159,12 @@ def profile(model_or_pkg: nn.Module | str | Path, *, example: torch.Tensor | dic
             return torch.randint(0, vocab, (b, seq_len), generator=torch.Generator().manual_seed(b)).to(device)
         if example is None:
             raise ValueError("profile: pass example= (one input with batch dim 1) for non-LM models")
+        def to(v):  # float inputs follow the model's dtype when one is asked for
+            return v.to(device, dtype) if dtype is not None and v.is_floating_point() else v.to(device)
+
         if isinstance(example, dict):  # tokenizer output: keyword inputs
-            return {k: v.expand(b, *v.shape[1:]).contiguous().to(device) for k, v in example.items()}
-        return example.expand(b, *example.shape[1:]).contiguous().to(device)
+            return {k: to(v.expand(b, *v.shape[1:]).contiguous()) for k, v in example.items()}
+        return to(example.expand(b, *example.shape[1:]).contiguous())
 
     def call(x):
         return model(**x) if isinstance(x, dict) else model(x)

@@ -41,8 +41,19 @@ class _QuantWeight(nn.Module):
         return qt
 
     def _apply(self, fn, *args, **kwargs):
-        self.__dict__.pop("_qweight_cache", None)  # .to() / .cuda() / .half(): the old planes are let go
-        return super()._apply(fn, *args, **kwargs)
+        """`.to()` / `.cuda()` / `.half()`: the planes follow device moves but keep their dtypes (fp16 /
+        fp32 scales, palettes: stored values that a cast to the model's dtype would round); the bias
+        and other floating tensors are cast as usual."""
+        self.__dict__.pop("_qweight_cache", None)  # the old planes are let go
+        planes = {id(self._buffers[f"weight_{n}"]) for n in self.plane_names}
+
+        def move_planes_only(t):
+            if id(t) not in planes:
+                return fn(t)
+            target = fn(torch.empty(0, dtype=t.dtype, device=t.device))  # where fn sends t, without casting t
+            return fn(t) if target.dtype == t.dtype else t.to(target.device)
+
+        return super()._apply(move_planes_only, *args, **kwargs)
 
     @property
     def layer_name(self) -> str:
@@ -97,6 +108,12 @@ class QuantEmbedding(_QuantWeight):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return dispatch("embedding", ids, self.qweight, self.out_dtype, owner=self.layer_name)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = fn(torch.empty(0, dtype=self.out_dtype))  # `.to(torch.bfloat16)` / `.half()`: rows come out in it
+        if out.is_floating_point():
+            self.out_dtype = out.dtype
+        return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, format={self.fmt.name}"
