@@ -134,3 +134,33 @@ def test_cache_layer_gives_new_plans_when_its_planes_are_replaced():
     assert layer.launch_plans() is plans
     layer.planes = [p.clone() for p in layer.planes]
     assert layer.launch_plans() == {} and layer.launch_plans() is not plans
+
+
+def test_remembered_prefill_launches_equal_normal_launches(gen, counted_plans, monkeypatch):
+    """`flash_attention_triton` remembers its launches in a module-level dict with every argument a
+    slot (key: how Triton specializes each): decode steps over a float cache that grows (fresh
+    tensors, and views into one buffer), prompts of a few lengths, causal or not, with ranges."""
+    from lowbit.attention import triton_prefill as tp
+
+    B, H, Hkv, D = 2, 4, 2, 64
+    remembered: dict = {}
+    buf_k = torch.randn(B, Hkv, 64, D, generator=gen).to(DEV, DTYPE)
+    buf_v = torch.randn(B, Hkv, 64, D, generator=gen).to(DEV, DTYPE)
+    steps = [(1, 17, False, None), (1, 18, False, None), (1, 19, True, None), (1, 32, False, None),
+             (1, 33, False, (0, 3)), (1, 34, False, (2, 0)), (17, 17, True, None), (17, 20, True, None),
+             (1, 35, False, None), (1, 36, False, None)]
+    for i, (sq, sk, view, starts) in enumerate(steps):
+        q = torch.randn(B, sq, H, D, generator=gen).to(DEV, DTYPE).transpose(1, 2)
+        if view:  # a static-cache-like view: strides of the whole buffer
+            k, v = buf_k[:, :, :sk], buf_v[:, :, :sk]
+        else:
+            k = torch.randn(B, Hkv, sk, D, generator=gen).to(DEV, DTYPE)
+            v = torch.randn(B, Hkv, sk, D, generator=gen).to(DEV, DTYPE)
+        kv_start = None if starts is None else torch.tensor(starts, dtype=torch.int32, device=DEV)
+        kw = dict(causal=sq > 1, scale=0.1 if i % 2 else None, kv_start=kv_start)
+        monkeypatch.setattr(tp, "_PLANS", remembered)
+        got = tp.flash_attention_triton(q, k, v, **kw)
+        monkeypatch.setattr(tp, "_PLANS", {})  # a normal launch
+        want = tp.flash_attention_triton(q, k, v, **kw)
+        assert torch.equal(got, want), (i, sq, sk, view)
+    assert counted_plans.relaunches >= 4, counted_plans.relaunches

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-from ..kernels.launch import cdiv, next_pow2  # noqa: E402
+from ..kernels.launch import cdiv, launch_remembered, next_pow2, spec_key  # noqa: E402
 from .triton_prefill_dims import HEAD_DIMS  # noqa: E402
 
 
@@ -246,11 +246,22 @@ def flash_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         qa, ka, va, oa = desc(q, bm), desc(k, bn), desc(v, bn), desc(o, bm)
     else:
         qa, ka, va, oa = q, k, v, o
-    _fa_fwd[grid](qa, ka, va, oa, kv_start, kv_end,
-                  q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                  v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-                  B, H, H // Hkv, SQ, SK, (scale if scale is not None else D ** -0.5) * math.log2(math.e),
-                  HEAD_D=D, D_PAD=d_pad, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, HAS_RANGES=has_ranges,
+    args = (qa, ka, va, oa, kv_start, kv_end,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+            B, H, H // Hkv, SQ, SK, (scale if scale is not None else D ** -0.5) * math.log2(math.e))
+    consts = dict(HEAD_D=D, D_PAD=d_pad, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, HAS_RANGES=has_ranges,
                   USE_DESC=use_desc, DOT_DTYPE=dot_dtype, WS=ws, HOST_DESC=host_desc, num_warps=warps,
                   num_stages=stages)
+    key = None
+    if not host_desc and not torch.compiler.is_compiling():  # every argument a slot: nothing kept alive
+        key = (q.device, grid, tuple(consts.values()), spec_key(args))
+        if len(_PLANS) > 256:  # many prompt lengths seen: start over rather than grow without bound
+            _PLANS.clear()
+    launch_remembered(_PLANS if key is not None else None, key, _fa_fwd, grid, args, consts, slots=tuple(range(len(args))))
     return o
+
+
+# remembered launches (`kernels.launch`) of the calls without host-side descriptors: a decode step
+# on a float cache is one such launch per layer, ~50 us of Triton's argument binding each
+_PLANS: dict = {}

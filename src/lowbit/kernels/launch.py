@@ -27,6 +27,8 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import torch
+
 
 class LaunchPlan:
     """A compiled kernel, its grid and full argument list (signature order) with swappable slots."""
@@ -107,6 +109,19 @@ def int_class(v: int) -> tuple[bool, bool]:
     """How Triton specializes an integer argument (equal to 1, divisible by 16): a key part for
     integer slots. (Every int this module's callers swap is far inside int32.)"""
     return v == 1, v % 16 == 0
+
+
+def spec_key(args: tuple) -> tuple:
+    """How Triton specializes each argument: tensors by dtype and 16-byte alignment, integers by
+    `int_class` and 32-bit range, anything else by type. A key for call sites whose every argument
+    is a slot (nothing pinned by identity); ~0.2-0.4 us an argument.
+
+    Example:
+        >>> spec_key((torch.zeros(4), 32, 7, 0.5))[1:]
+        ((False, True, True), (False, False, True), <class 'float'>)
+    """
+    return tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else
+                 (a == 1, a % 16 == 0, -2 ** 31 <= a < 2 ** 31) if type(a) is int else type(a) for a in args)
 
 
 def launch_remembered(plans: dict | None, key, jit_fn, grid: tuple, args: tuple, consts: dict,
