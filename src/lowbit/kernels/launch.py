@@ -102,7 +102,7 @@ def next_pow2(n: int) -> int:
         >>> next_pow2(1), next_pow2(9), next_pow2(16)
         (1, 16, 16)
     """
-    return 1 << (n - 1).bit_length()
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def int_class(v: int) -> tuple[bool, bool]:
