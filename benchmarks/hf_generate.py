@@ -7,8 +7,10 @@ The model is a `LlamaForCausalLM` built from a SmolLM2-135M-shaped config with r
 (hidden 576, 30 layers, 9 query / 3 key-value heads, head dim 64; no download). Greedy generation of
 `--new-tokens` tokens after a `--prompt`-token random prompt, batch 1, in eager mode as a user's
 `model.generate` runs: SDPA with the float cache (the peer), lowbit's attention with the float cache,
-and lowbit's attention with the int8 / int4 caches (`lowbit.attention.enable`). Medians of
-`--rounds` timed runs after one warm-up run. A small model in eager mode is bound by the host (Python
+and lowbit's attention with the int8 / int4 caches (`lowbit.attention.enable`), each on its own copy
+of the model. Medians of `--rounds` rounds after one warm-up run of each; a round runs every option
+once, so that a change in the host's speed during the run hits all of them alike (on a shared host
+sequential runs moved by up to 25 %). A small model in eager mode is bound by the host (Python
 and kernel launches), so this measures the per-token overhead each option adds, not the kernels;
 `benchmarks/attention.py` times the kernels. `--profile` prints cProfile's top functions of one
 int8-cache run (the profiler's own cost inflates Python-heavy lines; read the shares).
@@ -56,32 +58,33 @@ def main() -> None:
             return model.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
 
     def tokens_per_s(model) -> float:
+        sync()
+        t0 = time.perf_counter()
         generate(model)
-        runs = []
-        for _ in range(args.rounds):
-            sync()
-            t0 = time.perf_counter()
-            generate(model)
-            sync()
-            runs.append(args.new_tokens / (time.perf_counter() - t0))
-        return statistics.median(runs)
+        sync()
+        return args.new_tokens / (time.perf_counter() - t0)
 
     peer = transformers.LlamaForCausalLM(cfg).eval().to(dev, dtype)
-    model = transformers.LlamaForCausalLM(cfg).eval().to(dev, dtype)
-    model.load_state_dict(peer.state_dict())
-    rows = [("SDPA, float cache", tokens_per_s(peer))]
-    la.enable(model, attention="lowbit")
-    rows.append(("lowbit attention, float cache", tokens_per_s(model)))
-    for kind in ("int8", "int4"):
+    options = {"SDPA, float cache": peer}
+    for kind in (None, "int8", "int4"):
+        model = transformers.LlamaForCausalLM(cfg).eval().to(dev, dtype)
+        model.load_state_dict(peer.state_dict())
         la.enable(model, attention="lowbit", kv_cache=kind)
-        rows.append((f"lowbit attention, {kind} cache", tokens_per_s(model)))
+        options[f"lowbit attention, {kind or 'float'} cache"] = model
+    for model in options.values():  # warm-up: compiles the kernels
+        generate(model)
+    runs: dict[str, list[float]] = {name: [] for name in options}
+    for _ in range(args.rounds):
+        for name, model in options.items():
+            runs[name].append(tokens_per_s(model))
+    rows = [(name, statistics.median(r)) for name, r in runs.items()]
+    model = options["lowbit attention, int8 cache"]
     print(f"{torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}; SmolLM2-135M-shaped, {dtype}, batch 1, "
           f"prompt {args.prompt}, {args.new_tokens} new tokens, eager")
     print(f"{'':34s} {'tok/s':>7s} {'x SDPA':>7s}")
     for name, tps in rows:
         print(f"{name:34s} {tps:7.1f} {tps / rows[0][1]:6.2f}x")
     if args.profile:
-        la.enable(model, attention="lowbit", kv_cache="int8")
         prof = cProfile.Profile()
         prof.enable()
         generate(model)
