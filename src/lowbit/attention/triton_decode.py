@@ -852,7 +852,7 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
             key = (grid, tuple(consts.values()), id(k_data), id(k_scale), id(v_data), id(v_scale), q.dtype, q.shape,
                    q.stride(), q.data_ptr() % 16 == 0, int_class(seq_len), int_class(chunk),
                    has_ranges and (kv_start.data_ptr() % 16 == 0, kv_end.data_ptr() % 16 == 0))
-        launch_remembered(plans if key is not None else None, key, _decode_split_vt, grid, args, consts,
+        launch_remembered(plans, key, _decode_split_vt, grid, args, consts,
                           slots=(0, 5, 6, 7, 8, 9, 10, 26, 28, 30))
         if fused:
             return o

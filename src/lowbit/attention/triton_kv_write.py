@@ -96,4 +96,4 @@ def quantize_append_triton(planes: list[torch.Tensor], start: int, k: torch.Tens
     if plans is not None and not torch.compiler.is_compiling():  # slots k, v, start; planes by identity
         key = (grid, tuple(consts.values()), id(kd), id(ks), id(vd), id(vs), k.dtype, v.dtype, k.stride(), v.stride(),
                k.data_ptr() % 16 == 0, v.data_ptr() % 16 == 0, int_class(start))
-    launch_remembered(plans if key is not None else None, key, _quantize_append, grid, args, consts, slots=(0, 1, 6))
+    launch_remembered(plans, key, _quantize_append, grid, args, consts, slots=(0, 1, 6))

@@ -258,7 +258,7 @@ def flash_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         key = (q.device, grid, tuple(consts.values()), spec_key(args))
         if len(_PLANS) > 256:  # many prompt lengths seen: start over rather than grow without bound
             _PLANS.clear()
-    launch_remembered(_PLANS if key is not None else None, key, _fa_fwd, grid, args, consts, slots=tuple(range(len(args))))
+    launch_remembered(_PLANS, key, _fa_fwd, grid, args, consts, slots=tuple(range(len(args))))
     return o
 
 

@@ -127,8 +127,8 @@ def spec_key(args: tuple) -> tuple:
 def launch_remembered(plans: dict | None, key, jit_fn, grid: tuple, args: tuple, consts: dict,
                       slots: tuple[int, ...]) -> None:
     """`jit_fn[grid](*args, **consts)`, relaunched through the plan stored under `key` in `plans`
-    when there is one (and stored there after a normal launch otherwise; `plans=None`: always the
-    normal launch). `slots` are the positions of `args` that may differ between calls with one key;
+    when there is one (and stored there after a normal launch otherwise; `plans` or `key` None:
+    always the normal launch, e.g. while torch.compile traces). `slots` are the positions of `args` that may differ between calls with one key;
     the key must pin every other argument (tensors by identity: the plan keeps them alive) and how
     Triton specializes the slots (dtype and 16-byte alignment of tensors, `int_class` of ints), the
     grid and the constexprs.
@@ -137,12 +137,13 @@ def launch_remembered(plans: dict | None, key, jit_fn, grid: tuple, args: tuple,
         >>> # launch_remembered(layer_plans, (grid, id(planes), x.data_ptr() % 16 == 0, int_class(n)),
         >>> #                   _kernel, grid, (x, planes, n), {"BLOCK": 64}, slots=(0, 2))
     """
-    plan = plans.get(key) if plans is not None else None
+    remember = plans is not None and key is not None
+    plan = plans.get(key) if remember else None
     if plan is not None:
         plan.relaunch(args)
         return
     compiled = jit_fn[grid](*args, **consts)
-    if plans is not None:
+    if remember:
         plan = LaunchPlan.of(jit_fn, compiled, grid, args, consts, {str(i): i for i in slots})
         if plan is not None:
             plans[key] = plan
