@@ -121,7 +121,7 @@ def spec_key(args: tuple) -> tuple:
         ((False, True, True), (False, False, True), <class 'float'>)
     """
     return tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else
-                 (a == 1, a % 16 == 0, -2 ** 31 <= a < 2 ** 31) if type(a) is int else type(a) for a in args)
+                 (*int_class(a), -2 ** 31 <= a < 2 ** 31) if type(a) is int else type(a) for a in args)
 
 
 def launch_remembered(plans: dict | None, key, jit_fn, grid: tuple, args: tuple, consts: dict,
