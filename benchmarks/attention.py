@@ -6,9 +6,10 @@
     python benchmarks/attention.py --only decode --decode-shapes 1,1024 1,4096 2,8192   # other rows
 
 Prefill: forward TFLOP/s (4*B*H*S*S*D flops, half when causal) for B*S = 32k tokens, H = 16,
-D = 128, S in {1k, 4k, 16k}, causal and not: lowbit's Triton FlashAttention vs SDPA forced to the
-FLASH and the CUDNN backends, medians of `triton.testing.do_bench` in the same run, plus the relative
-error ||o - ref|| / ||ref|| against the fp32 reference twin (on the first 2 sequences).
+D = 128, S in {1k, 4k, 16k}, causal and not: lowbit's default prefill (the warp-specialized Gluon
+kernel on sm_90, else the Triton kernel) and the Triton kernel vs SDPA forced to the FLASH and the
+CUDNN backends, medians of `triton.testing.do_bench` over interleaved rounds in the same run, plus
+the relative error ||o - ref|| / ||ref|| against the fp32 reference twin (on the first 2 sequences).
 Decode: one query token, GQA 32/8 heads, D = 128, (B, S) in {(1, 8192), (8, 8192), (32, 4096)}:
 lowbit's flash-decoding over an int8 cache (one fp16 scale per token per head) and an int4 cache
 (one fp16 scale per 32 values; "int4/tok": one per token) vs SDPA on a bf16 cache (the fastest of
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from lowbit.attention.reference import (attention_reference, block_tokens, dequantize_kv, quantize_kv,  # noqa: E402
                                        unblock_tokens)
 from lowbit.attention.triton_decode import decode_attention_triton  # noqa: E402
-from lowbit.attention.triton_prefill import CONFIGS, flash_attention_triton  # noqa: E402
+from lowbit.attention.triton_prefill import CONFIGS, _gluon_prefill, flash_attention_triton  # noqa: E402
 
 
 def bench_ms(fn, reps: int = 50) -> float:
@@ -53,11 +54,15 @@ def rel_err(o: torch.Tensor, ref: torch.Tensor) -> float:
 def prefill(args, rows: list) -> None:
     dev, dt = "cuda", getattr(torch, args.dtype)
     H, D = 16, 128
-    # (config, host-side TMA descriptors); config = (BLOCK_M, BLOCK_N, warps, stages[, warp_specialize])
+    # the Triton kernel's (config, host-side TMA descriptors); config = (BLOCK_M, BLOCK_N, warps, stages[, ws])
     tune = ([(c, True) for c in ((64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 2), (128, 128, 8, 3), (128, 64, 8, 3),
                                  (128, 64, 4, 3))] + [((64, 64, 4, 3), False)]) if args.tune else [(CONFIGS[D], True)]
-    print(f"\nprefill: B*S = 32768 tokens, H = {H}, D = {D}, {args.dtype}; TFLOP/s (median)")
-    print(f"{'S':>6} {'causal':>6} {'lowbit':>8} {'FLASH':>8} {'CUDNN':>8} {'x FLASH':>8} {'x CUDNN':>8} {'rel err':>9}  config")
+    gp = _gluon_prefill()
+    print(f"\nprefill: B*S = 32768 tokens, H = {H}, D = {D}, {args.dtype}; TFLOP/s (median of {args.rounds} "
+          "interleaved rounds); lowbit = the default choice (Gluon warp-specialized kernel on sm_90), "
+          "triton = the Triton kernel")
+    print(f"{'S':>6} {'causal':>6} {'lowbit':>8} {'FLASH':>8} {'CUDNN':>8} {'x FLASH':>8} {'x CUDNN':>8} {'triton':>8} "
+          f"{'rel err':>9}  kernel / triton config")
     for S in (1024, 4096, 16384):
         B = 32768 // S
         g = torch.Generator(device=dev).manual_seed(S)
@@ -76,23 +81,39 @@ def prefill(args, rows: list) -> None:
                     print(f"   config {cfg}: {tf(ms):.0f} TFLOP/s")
                 if best is None or ms < best[0]:
                     best = (ms, cfg)
-            res = {}
-            for name, be in (("FLASH", SDPBackend.FLASH_ATTENTION), ("CUDNN", SDPBackend.CUDNN_ATTENTION)):
-                try:
+            use_gluon = gp is not None and gp.supports(q, k, v, causal=causal, has_ranges=False)
+
+            def sdpa(be):
+                def call():
                     with sdpa_kernel([be]):
-                        res[name] = tf(bench_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)))
-                except RuntimeError as e:
-                    print(f"   SDPA {name}: unavailable ({str(e)[:60]})")
-                    res[name] = float("nan")
+                        F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                return call
+
+            fns = {"lowbit": lambda: flash_attention_triton(q, k, v, causal=causal, gluon=use_gluon),
+                   "triton": lambda: flash_attention_triton(q, k, v, causal=causal, config=best[1][0],
+                                                            host_desc=best[1][1]),
+                   "FLASH": sdpa(SDPBackend.FLASH_ATTENTION), "CUDNN": sdpa(SDPBackend.CUDNN_ATTENTION)}
+            times = {name: [] for name in fns}
+            for _ in range(args.rounds):
+                for name, fn in fns.items():
+                    try:
+                        times[name].append(tf(bench_ms(fn)))
+                    except RuntimeError as e:
+                        print(f"   {name}: unavailable ({str(e)[:60]})")
+                        times[name].append(float("nan"))
+            res = {name: statistics.median(t) for name, t in times.items()}
             o = torch.full_like(q[:2], float("nan"))
-            flash_attention_triton(q[:2], k[:2], v[:2], causal=causal, config=best[1][0], host_desc=best[1][1], out=o)
+            flash_attention_triton(q[:2], k[:2], v[:2], causal=causal, gluon=use_gluon, out=o)
             err = rel_err(o, attention_reference(q[:2].float(), k[:2].float(), v[:2].float(), causal=causal))
-            ours = tf(best[0])
-            row = {"kind": "prefill", "S": S, "B": B, "causal": causal, "lowbit_tflops": ours, "flash_tflops": res["FLASH"],
-                   "cudnn_tflops": res["CUDNN"], "rel_err": err, "config": best[1]}
+            ours = res["lowbit"]
+            kernel = "gluon" if use_gluon else "triton"
+            row = {"kind": "prefill", "S": S, "B": B, "causal": causal, "lowbit_tflops": ours, "kernel": kernel,
+                   "triton_tflops": res["triton"], "flash_tflops": res["FLASH"], "cudnn_tflops": res["CUDNN"],
+                   "rel_err": err, "triton_config": best[1]}
             rows.append(row)
             print(f"{S:>6} {str(causal):>6} {ours:>8.0f} {res['FLASH']:>8.0f} {res['CUDNN']:>8.0f} "
-                  f"{ours / res['FLASH']:>7.2f}x {ours / res['CUDNN']:>7.2f}x {err:>9.2e}  {best[1]}")
+                  f"{ours / res['FLASH']:>7.2f}x {ours / res['CUDNN']:>7.2f}x {res['triton']:>8.0f} {err:>9.2e}  "
+                  f"{kernel} / {best[1]}")
         del q, k, v
         torch.cuda.empty_cache()
 
@@ -268,6 +289,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--tune", action="store_true", help="sweep kernel configs and report the best (slower)")
     ap.add_argument("--json", help="write all rows as JSON")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved prefill rounds (median)")
     ap.add_argument("--decode-shapes", nargs="+", default=["1,8192", "8,8192", "32,4096"], metavar="B,S",
                     help="decode (batch, cache length) rows (default: the issue's three; e.g. add 1,1024 2,8192)")
     args = ap.parse_args()

@@ -333,3 +333,46 @@ def test_decode_fast_config_small_batches_get_more_smaller_programs():
     assert cfg(4, True, 2, 8192) == (64, 1, 3, 8) and cfg(8, True, 2, 8192) == (128, 2, 3, 2)
     assert cfg(8, True, 1, 1024, bn=32, w=4, st=2, pps=3) == (32, 4, 2, 3)
     assert cfg(8, True, 1, 1024, bn=128) == (128, 1, 3, 8)
+
+
+HOPPER = CUDA and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Gluon prefill kernel is compiled for sm_90 only (no interpreter for Gluon)")
+@pytest.mark.parametrize("B,H,Hkv,Sq,Sk,D,causal", [(2, 4, 2, 130, 130, 128, False), (2, 4, 2, 130, 130, 128, True),
+                                                    (1, 3, 1, 1000, 1000, 64, True), (2, 4, 4, 257, 300, 128, True),
+                                                    (1, 2, 2, 64, 1, 128, False), (1, 2, 1, 17, 17, 64, False),
+                                                    (1, 8, 2, 1, 515, 128, True)])
+def test_gluon_prefill_matches_reference(gen, B, H, Hkv, Sq, Sk, D, causal):
+    """Warp-specialized Hopper kernel vs the fp32 twin: tails of Sq / Sk, GQA, causal Sq < Sk, HF views."""
+    from lowbit.attention.triton_prefill import flash_attention_triton
+
+    for dtype in DTYPES:
+        for q_view in (True, False):
+            q, _, _ = _qkv(gen, B, H, Hkv, Sq, Sk, D, dtype, q_view=q_view)
+            k = torch.randn(B, Sk, Hkv, D, generator=gen).to(DEV, dtype).transpose(1, 2)  # strided keys too
+            v = torch.randn(B, Hkv, Sk, D, generator=gen).to(DEV, dtype)
+            out = torch.full(q.shape, float("nan"), dtype=dtype, device=DEV)
+            flash_attention_triton(q, k, v, causal=causal, scale=0.7 / D ** 0.5, out=out, gluon=True)
+            ref = attention_reference(q.float(), k.float(), v.float(), causal=causal, scale=0.7 / D ** 0.5)
+            assert not out.isnan().any()
+            assert _rel(out, ref) < 1e-2
+
+
+def test_gluon_prefill_is_chosen_only_where_it_runs(gen):
+    """gluon=True insists (clear error where it cannot run); the default falls back to the Triton kernel."""
+    from lowbit.attention import gluon_prefill
+    from lowbit.attention.triton_prefill import flash_attention_triton
+
+    q, k, v = _qkv(gen, 1, 2, 2, 17, 17, 80, DTYPES[0])  # head dim 80: Triton kernel only
+    assert not gluon_prefill.supports(q, k, v, causal=True, has_ranges=False)
+    with pytest.raises(ValueError, match="gluon=None"):
+        flash_attention_triton(q, k, v, causal=True, gluon=True)
+    ref = attention_reference(q.float(), k.float(), v.float(), causal=True)
+    assert _rel(flash_attention_triton(q, k, v, causal=True), ref) < TOL
+    q, k, v = _qkv(gen, 1, 2, 2, 17, 17, 64, DTYPES[0])
+    ranges = torch.tensor([2], dtype=torch.int32, device=DEV)
+    assert not gluon_prefill.supports(q, k, v, causal=False, has_ranges=True)
+    assert not gluon_prefill.supports(q, k[:, :, :9], v[:, :, :9], causal=True, has_ranges=False)  # causal Sq > Sk
+    with pytest.raises(ValueError, match="key ranges"):
+        flash_attention_triton(q, k, v, kv_start=ranges, gluon=True)

@@ -19,6 +19,7 @@ Example (GPU):
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -194,16 +195,29 @@ def _set_allocator() -> None:
 def flash_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                            scale: float | None = None, kv_start: torch.Tensor | None = None,
                            kv_end: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None,
-                           out: torch.Tensor | None = None, host_desc: bool | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, host_desc: bool | None = None,
+                           gluon: bool | None = None) -> torch.Tensor:
     """FlashAttention forward: q (B, H, Sq, D), k/v (B, Hkv, Sk, D), any strides with the last one 1.
 
     Returns (B, H, Sq, D) contiguous in q's dtype (or writes `out`, which may be a strided view).
     `host_desc`: TMA descriptors built on the host (faster kernel on large problems, ~45 us more
     host time per call on an H200 host) or in the kernel; None picks host descriptors from
     `HOST_DESC_MIN_ROWS` query rows (B * H * Sq) up, so decode-sized calls stay cheap to launch.
+    `gluon`: run the warp-specialized Hopper kernel (`gluon_prefill`) instead; None picks it for
+    calls it supports from `HOST_DESC_MIN_ROWS` query rows up when no `config` is given, True
+    insists (ValueError where it cannot run), False never.
     """
     B, H, SQ, D = q.shape
     Hkv, SK = k.shape[1], k.shape[2]
+    has_ranges = kv_start is not None or kv_end is not None
+    if gluon or (gluon is None and config is None and not _INTERPRET and B * H * SQ >= HOST_DESC_MIN_ROWS):
+        gp = _gluon_prefill()
+        if gp is not None and gp.supports(q, k, v, causal=causal, has_ranges=has_ranges, out=out):
+            return gp.flash_attention_gluon(q, k, v, causal=causal, scale=scale, out=out)
+        if gluon:
+            raise ValueError("flash_attention: the Gluon kernel needs an sm_90 GPU, Triton with Gluon, bf16 / fp16, "
+                             f"head dim in {getattr(gp, 'HEAD_DIMS', (64, 128))}, no key ranges, causal Sq <= Sk and "
+                             "16-byte strides; pass gluon=None to fall back to the Triton kernel")
     if D not in HEAD_DIMS:
         raise ValueError(f"flash_attention: head dim {D} not supported (supported: {HEAD_DIMS}); use the reference")
     if H % Hkv:
@@ -226,7 +240,6 @@ def flash_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         dot_dtype = tl.float32
     else:
         dot_dtype = tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16
-    has_ranges = kv_start is not None or kv_end is not None
     if has_ranges:
         dev = q.device
         kv_start = (kv_start if kv_start is not None else torch.zeros(B, dtype=torch.int32, device=dev)).to(dev, torch.int32)
@@ -260,6 +273,16 @@ def flash_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             _PLANS.clear()
     launch_remembered(_PLANS, key, _fa_fwd, grid, args, consts, slots=tuple(range(len(args))))
     return o
+
+
+@functools.cache
+def _gluon_prefill():
+    """The Gluon kernel's module, or None where this Triton has no (compatible) Gluon."""
+    try:
+        from . import gluon_prefill
+    except (ImportError, AttributeError):
+        return None
+    return gluon_prefill
 
 
 # remembered launches (`kernels.launch`) of the calls without host-side descriptors: a decode step
