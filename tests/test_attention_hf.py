@@ -197,3 +197,24 @@ def test_fused_layer_stores_values_tile_blocked(gen):
     fused.reorder_cache(torch.tensor([1, 0]))
     assert fused.planes[2].dim() == 5
     assert torch.equal(fused._logical(2), plain._logical(2)[[1, 0]])
+
+
+@torch.no_grad()
+def test_enable_leaves_models_that_share_the_config_alone(gen):
+    """Two models built from one config object: switching one must not switch the other."""
+    model = _llama()
+    peer = transformers.LlamaForCausalLM(model.config).eval().to(DEV, DT)
+    peer.load_state_dict(model.state_dict())
+    assert peer.config is model.config
+    la.enable(model, attention="lowbit")
+    assert peer.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == "lowbit"
+    assert all(m.config is model.config for m in model.modules() if hasattr(m, "config"))
+    ids, mask = _left_padded(gen)
+    PLACEMENT.clear()
+    ref = peer(input_ids=ids, attention_mask=mask).logits
+    assert not PLACEMENT  # the peer ran its own SDPA attention
+    out = model(input_ids=ids, attention_mask=mask).logits
+    assert dict(PLACEMENT["model.layers.0.self_attn"]) == {BACKEND: 1}
+    keep = mask.bool()
+    assert _rel(out[keep], ref[keep]) < TOL

@@ -130,6 +130,7 @@ def enable(model: torch.nn.Module, attention: str | None = "lowbit", kv_cache: s
         if config is None:
             raise ValueError("enable(attention='lowbit'): the model has no transformers config")
         register()
+        config = _own_config(model, config)
         if hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation(NAME)
         else:  # pragma: no cover - older transformers
@@ -157,6 +158,27 @@ def enable(model: torch.nn.Module, attention: str | None = "lowbit", kv_cache: s
             model.generate = types.MethodType(generate, model)
             model._lowbit_generate_wrapped = True
     return model
+
+
+def _own_config(model: torch.nn.Module, config):
+    """Give `model` (and every submodule that shares it) a private copy of its config.
+
+    transformers models built from one config object share it, and the attention implementation
+    is read from the config at every forward: switching one model would switch all of them (a
+    "SDPA" peer built from the same config would silently run lowbit attention).
+    """
+    import copy
+
+    own = copy.deepcopy(config)
+    swap = {id(config): own}
+    for name in getattr(config, "sub_configs", {}) or {}:  # multimodal: text_config, vision_config, ...
+        old, new = getattr(config, name, None), getattr(own, name, None)
+        if old is not None and new is not None:
+            swap[id(old)] = new
+    for m in model.modules():
+        if id(getattr(m, "config", None)) in swap:
+            m.config = swap[id(m.config)]
+    return own
 
 
 def make_cache(model: torch.nn.Module, kind: str | None = None):
