@@ -26,6 +26,7 @@ Example (GPU):
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -209,10 +210,15 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
                for t in tensors)
 
 
+@functools.cache
+def _smem_layout(rows: int, d: int, bf16: bool):
+    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, d], gl.bfloat16 if bf16 else gl.float16)
+
+
 def _desc(t: torch.Tensor, rows: int) -> TensorDescriptor:
     block = [1, 1, rows, t.shape[-1]]
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16)
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block,
+                            _smem_layout(rows, t.shape[-1], t.dtype == torch.bfloat16))
 
 
 def flash_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,

@@ -176,11 +176,20 @@ def _fa_fwd(Q, K, V, O, KV_START, KV_END,
 # (BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize]) per head dim, from the sweep of
 # `benchmarks/attention.py --tune` on an H200 (D = 128); the others are scaled to fit shared memory
 CONFIGS = {64: (64, 64, 4, 3), 80: (64, 64, 4, 3), 96: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 32, 4, 2)}
-# host-side descriptors from this many query rows (two 64-row programs per SM of an H200): they ran the
-# benchmark's prefill faster (S = 1k: 445 vs 385 TFLOP/s), while a decode-sized call is bound by its
-# launch, where in-kernel descriptors cost less host time (84 vs 129 us; RESULTS.md, session 22). The
-# crossover between the two was not measured.
-HOST_DESC_MIN_ROWS = 2 * 64 * 132
+# Calls whose GPU work is small are bound by their launch's host time (H200 host, RESULTS.md session 25):
+# ~40 us for a remembered in-kernel-descriptor launch (`launch_remembered`), ~120-150 us with host-side
+# TMA descriptors, ~190 us for the Gluon kernel, while SDPA enqueues in 20-30 us. So the faster kernels
+# (host descriptors: S = 1k benchmark 445 vs 385 TFLOP/s; Gluon: 1.2-1.4x the Triton kernel at 32k
+# tokens) are picked only from this much work (4 * B * H * Sq * Sk * D flops, half when causal):
+# ~200 us of tensor-core time at ~500 TFLOP/s.
+BIG_CALL_FLOPS = 1e11
+
+
+def prefill_flops(B: int, H: int, SQ: int, SK: int, D: int, causal: bool) -> float:
+    """Forward flops of one attention call (QK^T and PV), half when causal (the benchmark's count)."""
+    return 4.0 * B * H * SQ * SK * D / (2 if causal else 1)
+
+
 _allocator_set = False
 
 
@@ -200,17 +209,18 @@ def flash_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     """FlashAttention forward: q (B, H, Sq, D), k/v (B, Hkv, Sk, D), any strides with the last one 1.
 
     Returns (B, H, Sq, D) contiguous in q's dtype (or writes `out`, which may be a strided view).
-    `host_desc`: TMA descriptors built on the host (faster kernel on large problems, ~45 us more
+    `host_desc`: TMA descriptors built on the host (faster kernel on large problems, ~100 us more
     host time per call on an H200 host) or in the kernel; None picks host descriptors from
-    `HOST_DESC_MIN_ROWS` query rows (B * H * Sq) up, so decode-sized calls stay cheap to launch.
+    `BIG_CALL_FLOPS` up, so small calls stay cheap to launch.
     `gluon`: run the warp-specialized Hopper kernel (`gluon_prefill`) instead; None picks it for
-    calls it supports from `HOST_DESC_MIN_ROWS` query rows up when no `config` is given, True
-    insists (ValueError where it cannot run), False never.
+    calls it supports from `BIG_CALL_FLOPS` up when no `config` is given, True insists
+    (ValueError where it cannot run), False never.
     """
     B, H, SQ, D = q.shape
     Hkv, SK = k.shape[1], k.shape[2]
     has_ranges = kv_start is not None or kv_end is not None
-    if gluon or (gluon is None and config is None and not _INTERPRET and B * H * SQ >= HOST_DESC_MIN_ROWS):
+    big = prefill_flops(B, H, SQ, SK, D, causal) >= BIG_CALL_FLOPS
+    if gluon or (gluon is None and config is None and not _INTERPRET and big):
         gp = _gluon_prefill()
         if gp is not None and gp.supports(q, k, v, causal=causal, has_ranges=has_ranges, out=out):
             return gp.flash_attention_gluon(q, k, v, causal=causal, scale=scale, out=out)
@@ -248,7 +258,7 @@ def flash_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         kv_start = kv_end = q  # unused
     grid = (cdiv(SQ, bm), B * H)
     if host_desc is None:
-        host_desc = B * H * SQ >= HOST_DESC_MIN_ROWS
+        host_desc = big
     host_desc = use_desc and host_desc
     if host_desc:  # TMA descriptors made here (from the real strides), passed as kernel arguments
         from triton.tools.tensor_descriptor import TensorDescriptor
