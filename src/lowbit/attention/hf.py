@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import functools
 import types
 import weakref
@@ -167,8 +168,6 @@ def _own_config(model: torch.nn.Module, config):
     is read from the config at every forward: switching one model would switch all of them (a
     "SDPA" peer built from the same config would silently run lowbit attention).
     """
-    import copy
-
     own = copy.deepcopy(config)
     swap = {id(config): own}
     for name in getattr(config, "sub_configs", {}) or {}:  # multimodal: text_config, vision_config, ...

@@ -176,9 +176,9 @@ def _fa_fwd(Q, K, V, O, KV_START, KV_END,
 # (BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize]) per head dim, from the sweep of
 # `benchmarks/attention.py --tune` on an H200 (D = 128); the others are scaled to fit shared memory
 CONFIGS = {64: (64, 64, 4, 3), 80: (64, 64, 4, 3), 96: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 32, 4, 2)}
-# Calls whose GPU work is small are bound by their launch's host time (H200 host, RESULTS.md session 25):
-# ~40 us for a remembered in-kernel-descriptor launch (`launch_remembered`), ~120-150 us with host-side
-# TMA descriptors, ~190 us for the Gluon kernel, while SDPA enqueues in 20-30 us. So the faster kernels
+# Calls whose GPU work is small are bound by their launch's host time (two H200 hosts, RESULTS.md session
+# 25): ~40 us for a remembered in-kernel-descriptor launch (`launch_remembered`), ~70-150 us with host-side
+# TMA descriptors, ~70-190 us for the Gluon kernel, while SDPA enqueues in 15-30 us. So the faster kernels
 # (host descriptors: S = 1k benchmark 445 vs 385 TFLOP/s; Gluon: 1.2-1.4x the Triton kernel at 32k
 # tokens) are picked only from this much work (4 * B * H * Sq * Sk * D flops, half when causal):
 # ~200 us of tensor-core time at ~500 TFLOP/s.
@@ -209,7 +209,7 @@ def flash_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     """FlashAttention forward: q (B, H, Sq, D), k/v (B, Hkv, Sk, D), any strides with the last one 1.
 
     Returns (B, H, Sq, D) contiguous in q's dtype (or writes `out`, which may be a strided view).
-    `host_desc`: TMA descriptors built on the host (faster kernel on large problems, ~100 us more
+    `host_desc`: TMA descriptors built on the host (faster kernel on large problems, ~35-110 us more
     host time per call on an H200 host) or in the kernel; None picks host descriptors from
     `BIG_CALL_FLOPS` up, so small calls stay cheap to launch.
     `gluon`: run the warp-specialized Hopper kernel (`gluon_prefill`) instead; None picks it for
