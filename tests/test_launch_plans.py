@@ -53,6 +53,59 @@ def test_launch_plan_is_none_outside_compiled_kernels():
     assert LaunchPlan.of(None, None, (1,), (), {}, {}) is None  # the interpreter's launches return None
 
 
+class _FakeCudaLauncher:
+    """Stands for Triton 3.6's `CudaLauncher` (what `CompiledKernel.run` is)."""
+
+    global_scratch_size = profile_scratch_size = 0
+    launch_cooperative_grid, launch_pdl = False, True
+
+    def __init__(self):
+        self.calls = []
+
+    def launch(self, *a):
+        self.calls.append(("direct", a))
+
+
+class _FakeCompiled:
+    function, packed_metadata = 4242, (4, 1, 0)
+
+    def __init__(self):
+        self.run = _FakeCudaLauncher()
+
+    def _init_handles(self):
+        pass
+
+    def __getitem__(self, grid):
+        return lambda *a: self.run.calls.append(("full", grid, a))
+
+
+def test_direct_launcher_calls_the_c_entry_point_unless_a_hook_is_set(monkeypatch):
+    """The argument order of Triton 3.6's C launcher, and the full path while a profiler's hook is set
+    (on the GPU, `test_remembered_gemv_launches_equal_normal_launches` and the attention plan tests
+    check that results through it equal normal launches exactly)."""
+    pytest.importorskip("triton")
+    from triton import knobs
+
+    from lowbit.kernels.launch import direct_launcher
+
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 1000 + device, raising=False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    compiled = _FakeCompiled()
+    go = direct_launcher(compiled)
+    go((5, 2, 1), ["x", 7])
+    assert compiled.run.calls[-1] == ("direct", (5, 2, 1, 1003, 4242, False, True, None, None, (4, 1, 0),
+                                                 None, None, None, "x", 7))
+    hook = lambda metadata: None  # noqa: E731
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        go((5, 2, 1), ["x", 7])
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert compiled.run.calls[-1] == ("full", (5, 2, 1), ("x", 7))
+    compiled.run.global_scratch_size = 64  # kernels that need scratch memory keep the full path
+    assert direct_launcher(compiled) is None
+
+
 @pytest.mark.skipif(not CUDA, reason="launch plans exist only for compiled kernels (a CUDA GPU)")
 @pytest.mark.parametrize("fmt", ["int4-e8m0", "int4", "int8", "int4-asym", "mxfp4", "lut4", "int2-e8m0"])
 def test_remembered_gemv_launches_equal_normal_launches(fmt, gen):

@@ -33,10 +33,11 @@ import torch
 class LaunchPlan:
     """A compiled kernel, its grid and full argument list (signature order) with swappable slots."""
 
-    __slots__ = ("compiled", "grid", "args", "slots", "consts")
+    __slots__ = ("compiled", "grid", "args", "slots", "consts", "_direct")
 
     def __init__(self, compiled, grid: tuple, args: list, slots: dict[str, int], consts: dict[str, Any]):
         self.compiled, self.grid, self.args, self.slots, self.consts = compiled, grid, args, slots, consts
+        self._direct = direct_launcher(compiled) if DIRECT_LAUNCH else None
 
     @property
     def split(self) -> int:
@@ -73,7 +74,7 @@ class LaunchPlan:
         a = list(self.args)
         for name, i in self.slots.items():
             a[i] = swap[name]
-        self.compiled[self.grid](*a)
+        self._go(a)
 
     def relaunch(self, args: tuple) -> None:
         """Launch with every slot taken from `args`, a full positional argument list like the first
@@ -81,7 +82,58 @@ class LaunchPlan:
         a = list(self.args)
         for i in self.slots.values():
             a[i] = args[i]
-        self.compiled[self.grid](*a)
+        self._go(a)
+
+    def _go(self, a: list) -> None:
+        if self._direct is not None:
+            self._direct(self.grid, a)
+        else:
+            self.compiled[self.grid](*a)
+
+
+# plans launch through `direct_launcher` (False: through `CompiledKernel.__getitem__`, for A/B timing)
+DIRECT_LAUNCH = True
+
+
+def direct_launcher(compiled):
+    """A launch function `(grid, args) -> None` for a Triton `CompiledKernel` that calls its C
+    launcher directly; None where this Triton's `CompiledKernel` is not the one this was written
+    against (3.6: `CompiledKernel.run` is a `CudaLauncher` whose `launch(gx, gy, gz, stream,
+    function, cooperative, pdl, global_scratch, profile_scratch, packed_metadata, launch_metadata,
+    enter_hook, exit_hook, *args)` is the C entry point).
+
+    `compiled[grid](*args)` makes two closures, looks up the current device and stream through
+    Triton's driver proxy, builds a launch-metadata dict and has the launcher call two (empty) hook
+    chains on every launch. Here the handles are looked up once and, while no launch hook is set
+    (a profiler may add some: then the full path runs) and the kernel needs no scratch memory,
+    metadata, hooks and scratch are None.
+
+    Example:
+        >>> # run = direct_launcher(compiled); run((blocks, 1, 1), full_args)
+    """
+    try:
+        from triton import knobs
+
+        compiled._init_handles()
+        launcher, function, packed = compiled.run, compiled.function, compiled.packed_metadata
+        if launcher.global_scratch_size or launcher.profile_scratch_size:
+            return None
+        raw, coop, pdl = launcher.launch, launcher.launch_cooperative_grid, launcher.launch_pdl
+        runtime = knobs.runtime
+        runtime.launch_enter_hook.calls, runtime.launch_exit_hook.calls  # noqa: B018 - the 3.6 hook chains
+        current_stream = torch._C._cuda_getCurrentRawStream
+        current_device = torch.cuda.current_device
+    except Exception:  # another Triton (or no CUDA build): the plan keeps the normal launch
+        return None
+
+    def launch(grid: tuple, args: list) -> None:
+        if runtime.launch_enter_hook.calls or runtime.launch_exit_hook.calls:
+            compiled[grid](*args)
+            return
+        raw(grid[0], grid[1], grid[2], current_stream(current_device()), function, coop, pdl, None, None, packed,
+            None, None, None, *args)
+
+    return launch
 
 
 def cdiv(a: int, b: int) -> int:
