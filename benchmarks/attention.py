@@ -81,7 +81,7 @@ def prefill(args, rows: list) -> None:
                     print(f"   config {cfg}: {tf(ms):.0f} TFLOP/s")
                 if best is None or ms < best[0]:
                     best = (ms, cfg)
-            use_gluon = gp is not None and gp.supports(q, k, v, causal=causal, has_ranges=False)
+            use_gluon = gp is not None and gp.supports(q, k, v, causal=causal)
 
             def sdpa(be):
                 def call():

@@ -360,7 +360,7 @@ def test_gluon_prefill_matches_reference(gen, B, H, Hkv, Sq, Sk, D, causal):
     if (H - 1) % Hkv:  # query heads not a multiple of the kv heads: never the Gluon kernel
         from lowbit.attention import gluon_prefill
 
-        assert not gluon_prefill.supports(q[:, : H - 1], k, v, causal=causal, has_ranges=False)
+        assert not gluon_prefill.supports(q[:, : H - 1], k, v, causal=causal)
 
 
 def test_gluon_prefill_is_chosen_only_where_it_runs(gen):
@@ -369,14 +369,37 @@ def test_gluon_prefill_is_chosen_only_where_it_runs(gen):
     from lowbit.attention.triton_prefill import flash_attention_triton
 
     q, k, v = _qkv(gen, 1, 2, 2, 17, 17, 80, DTYPES[0])  # head dim 80: Triton kernel only
-    assert not gluon_prefill.supports(q, k, v, causal=True, has_ranges=False)
+    assert not gluon_prefill.supports(q, k, v, causal=True)
     with pytest.raises(ValueError, match="gluon=None"):
         flash_attention_triton(q, k, v, causal=True, gluon=True)
     ref = attention_reference(q.float(), k.float(), v.float(), causal=True)
     assert _rel(flash_attention_triton(q, k, v, causal=True), ref) < TOL
-    q, k, v = _qkv(gen, 1, 2, 2, 17, 17, 64, DTYPES[0])
-    ranges = torch.tensor([2], dtype=torch.int32, device=DEV)
-    assert not gluon_prefill.supports(q, k, v, causal=False, has_ranges=True)
-    assert not gluon_prefill.supports(q, k[:, :, :9], v[:, :, :9], causal=True, has_ranges=False)  # causal Sq > Sk
-    with pytest.raises(ValueError, match="key ranges"):
-        flash_attention_triton(q, k, v, kv_start=ranges, gluon=True)
+    q, k, v = _qkv(gen, 1, 2, 2, 17, 9, 64, DTYPES[0])
+    assert not gluon_prefill.supports(q, k, v, causal=True)  # causal with more queries than keys
+    with pytest.raises(ValueError, match="causal Sq <= Sk"):
+        flash_attention_triton(q, k, v, causal=True, gluon=True)
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Gluon prefill kernel is compiled for sm_90 only (no interpreter for Gluon)")
+@pytest.mark.parametrize("Sq,Sk,D,causal", [(300, 300, 128, True), (300, 300, 64, False), (17, 300, 128, True),
+                                            (130, 130, 64, True)])
+def test_gluon_prefill_padding_ranges(gen, Sq, Sk, D, causal):
+    """Per-batch valid key ranges (left / right padding, a row whose keys start past 128), rows that see no
+    key written as 0, against the fp32 twin and the Triton kernel."""
+    from lowbit.attention.triton_prefill import flash_attention_triton
+
+    starts = [0, 5, min(170, Sk - 3)]
+    ends = [Sk, Sk - 43, min(201, Sk)]
+    start = torch.tensor(starts, dtype=torch.int32, device=DEV)
+    end = torch.tensor(ends, dtype=torch.int32, device=DEV)
+    for dtype in DTYPES:
+        q, k, v = _qkv(gen, 3, 4, 2, Sq, Sk, D, dtype)
+        out = torch.full(q.shape, float("nan"), dtype=dtype, device=DEV)
+        flash_attention_triton(q, k, v, causal=causal, kv_start=start, kv_end=end, out=out, gluon=True)
+        ref = attention_reference(q.float(), k.float(), v.float(), causal=causal, kv_start=start, kv_end=end)
+        assert not out.isnan().any()
+        assert _rel(out, ref) < 1e-2
+        tri = flash_attention_triton(q, k, v, causal=causal, kv_start=start, kv_end=end, gluon=False)
+        assert _rel(out, tri) < 1e-2
+        if causal and Sq == Sk:  # left-padded query rows see no key: exactly 0
+            assert out[2, :, : starts[2]].abs().max() == 0

@@ -16,9 +16,9 @@ FlashAttention-3 does:
 No CTA-wide barrier is left in the loop; the two consumers and the loader only meet at mbarriers.
 
 Scope (the caller falls back to the Triton kernel elsewhere): CUDA capability 9.x, head dim 64 or
-128, bf16 / fp16, no per-batch key ranges (padding masks), causal only with Sq <= Sk (causal
-aligned to the end of the keys, as in `triton_prefill`). Tails of Sq / Sk are handled by TMA's
-bounds (zero-filled loads, clipped stores) and a key mask on the last tiles.
+128, bf16 / fp16, causal only with Sq <= Sk (causal aligned to the end of the keys, as in
+`triton_prefill`), per-batch valid key ranges (padding) as in `triton_prefill`. Tails of Sq / Sk
+are handled by TMA's bounds (zero-filled loads, clipped stores) and a key mask on the edge tiles.
 
 Example (GPU):
     >>> o = flash_attention_gluon(q, k, v, causal=True)                   # doctest: +SKIP
@@ -47,7 +47,7 @@ _NEG = gl.constexpr(-1.0e30)  # finite "minus infinity": a fully masked tile giv
 
 @gluon.jit
 def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_free, v_free,
-            b, h, hk, m0, n_tiles, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+            b, h, hk, m0, first, n_tiles, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [b, h, m0, 0], q_bar, q_smem.index(0))
     tma.async_copy_global_to_shared(q_desc, [b, h, m0 + BLOCK_M, 0], q_bar, q_smem.index(1))
@@ -56,28 +56,29 @@ def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_re
         free_phase = ((j // STAGES) & 1) ^ 1  # a fresh barrier counts as freed once
         mbarrier.wait(k_free.index(s), free_phase)
         mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [b, hk, j * BLOCK_N, 0], k_ready.index(s), k_smem.index(s))
+        tma.async_copy_global_to_shared(k_desc, [b, hk, (first + j) * BLOCK_N, 0], k_ready.index(s), k_smem.index(s))
         mbarrier.wait(v_free.index(s), free_phase)
         mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [b, hk, j * BLOCK_N, 0], v_ready.index(s), v_smem.index(s))
+        tma.async_copy_global_to_shared(v_desc, [b, hk, (first + j) * BLOCK_N, 0], v_ready.index(s), v_smem.index(s))
 
 
 @gluon.jit
-def _masked(s, j, rows, mask_lo, SK, off_causal, s_layout: gl.constexpr, BLOCK_N: gl.constexpr,
+def _masked(s, t0, rows, kv_lo, kv_hi, mask_hi, off_causal, s_layout: gl.constexpr, BLOCK_N: gl.constexpr,
             CAUSAL: gl.constexpr):
-    """Scores of tile j with keys past Sk (and above the causal diagonal) set to _NEG."""
-    if (j + 1) * BLOCK_N > mask_lo:
-        cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        valid = gl.expand_dims(cols, 0) < SK
+    """Scores of the tile of keys t0.. with keys outside [kv_lo, kv_hi) (and above the causal
+    diagonal) set to _NEG; tiles wholly inside [kv_lo, mask_hi) pass untouched."""
+    if (t0 < kv_lo) | (t0 + BLOCK_N > mask_hi):
+        cols = gl.expand_dims(t0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout)), 0)
+        valid = (cols >= kv_lo) & (cols < kv_hi)
         if CAUSAL:
-            valid = valid & (gl.expand_dims(cols, 0) <= gl.expand_dims(rows, 1) + off_causal)
+            valid = valid & (cols <= gl.expand_dims(rows, 1) + off_causal)
         s = gl.where(valid, s, _NEG)
     return s
 
 
 @gluon.jit
 def _consumer(o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_free, v_free,
-              b, h, m0, n_tiles, SK, off_causal, qk_scale,
+              b, h, m0, first, n_tiles, kv_lo, kv_hi, off_causal, qk_scale,
               WHICH: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
               STAGES: gl.constexpr, CAUSAL: gl.constexpr):
     dtype: gl.constexpr = o_desc.dtype
@@ -91,9 +92,9 @@ def _consumer(o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_free, v
 
     r0 = m0 + WHICH * BLOCK_M
     rows = r0 + gl.arange(0, BLOCK_M, layout=row_s)
-    mask_lo = SK
+    mask_hi = kv_hi  # tiles past it need the mask (the sequence's end, the causal diagonal)
     if CAUSAL:
-        mask_lo = gl.minimum(mask_lo, r0 + off_causal + 1)
+        mask_hi = gl.minimum(mask_hi, r0 + off_causal + 1)
     q = q_smem.index(WHICH).reshape([BLOCK_M, HEAD_D])
     zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, o_layout)
@@ -105,7 +106,7 @@ def _consumer(o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_free, v
                           use_acc=False, is_async=True)
     s = warpgroup_mma_wait(0, deps=(s_tok, ))
     mbarrier.arrive(k_free.index(0))
-    s = _masked(s, 0, rows, mask_lo, SK, off_causal, s_layout, BLOCK_N, CAUSAL)
+    s = _masked(s, first * BLOCK_N, rows, kv_lo, kv_hi, mask_hi, off_causal, s_layout, BLOCK_N, CAUSAL)
     m_i = gl.max(s, 1)
     p = gl.exp2(s * qk_scale - gl.expand_dims(m_i * qk_scale, 1))
     l_i = gl.sum(p, 1)
@@ -121,7 +122,7 @@ def _consumer(o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_free, v
         acc_tok = warpgroup_mma(p_op, v_smem.index(prev).reshape([BLOCK_N, HEAD_D]), acc, is_async=True)
         s = warpgroup_mma_wait(1, deps=(s_tok, ))  # groups retire in order: QK^T of tile j is done
         mbarrier.arrive(k_free.index(st))
-        s = _masked(s, j, rows, mask_lo, SK, off_causal, s_layout, BLOCK_N, CAUSAL)
+        s = _masked(s, (first + j) * BLOCK_N, rows, kv_lo, kv_hi, mask_hi, off_causal, s_layout, BLOCK_N, CAUSAL)
         m_new = gl.maximum(m_i, gl.max(s, 1))
         p = gl.exp2(s * qk_scale - gl.expand_dims(m_new * qk_scale, 1))
         alpha = gl.exp2((m_i - m_new) * qk_scale)
@@ -139,6 +140,11 @@ def _consumer(o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_free, v
     mbarrier.arrive(v_free.index(last))
 
     out = acc / gl.expand_dims(gl.convert_layout(l_i, row_o), 1)
+    # rows that see no key at all (left-padded queries) are written as 0, as the reference does
+    row_ok = (r0 + gl.arange(0, BLOCK_M, layout=row_o) >= 0) & (kv_lo < kv_hi)
+    if CAUSAL:
+        row_ok = row_ok & (r0 + gl.arange(0, BLOCK_M, layout=row_o) + off_causal >= kv_lo)
+    out = gl.where(gl.expand_dims(row_ok, 1), out, 0.0)
     # the query tile is no longer read: it becomes the output's staging buffer for the TMA store
     q.store(out.to(dtype))
     fence_async_shared()
@@ -147,9 +153,9 @@ def _consumer(o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_free, v
 
 
 @gluon.jit
-def _fa3_fwd(q_desc, k_desc, v_desc, o_desc, H, GROUP, SK, off_causal, qk_scale,
+def _fa3_fwd(q_desc, k_desc, v_desc, o_desc, KV_START, KV_END, H, GROUP, SK, off_causal, qk_scale,
              HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-             CAUSAL: gl.constexpr):
+             CAUSAL: gl.constexpr, HAS_RANGES: gl.constexpr):
     pid_m = gl.program_id(0)
     if CAUSAL:  # the longest rows first: fewer idle SMs at the end of the launch
         pid_m = gl.num_programs(0) - 1 - pid_m
@@ -158,10 +164,17 @@ def _fa3_fwd(q_desc, k_desc, v_desc, o_desc, H, GROUP, SK, off_causal, qk_scale,
     h = bh % H
     hk = h // GROUP
     m0 = pid_m * (2 * BLOCK_M)
-    n_keys = SK
+    kv_lo = 0
+    kv_hi = SK
+    if HAS_RANGES:  # this batch row's valid keys (padding)
+        kv_lo = gl.load(KV_START + b)
+        kv_hi = gl.load(KV_END + b)
+    first = kv_lo // BLOCK_N  # the first key tile
+    n_keys = kv_hi
     if CAUSAL:
         n_keys = gl.minimum(n_keys, m0 + 2 * BLOCK_M + off_causal)
-    n_tiles = gl.cdiv(n_keys, BLOCK_N)
+    # at least one tile: the consumers' pipeline starts with one (rows without keys become 0)
+    n_tiles = gl.maximum(gl.cdiv(n_keys, BLOCK_N) - first, 1)
 
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_M, HEAD_D], q_desc.layout)
@@ -181,28 +194,28 @@ def _fa3_fwd(q_desc, k_desc, v_desc, o_desc, H, GROUP, SK, off_causal, qk_scale,
 
     gl.warp_specialize([
         (_consumer, (o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_free, v_free,
-                     b, h, m0, n_tiles, SK, off_causal, qk_scale, 0, BLOCK_M, BLOCK_N, HEAD_D, STAGES, CAUSAL)),
+                     b, h, m0, first, n_tiles, kv_lo, kv_hi, off_causal, qk_scale, 0, BLOCK_M, BLOCK_N, HEAD_D, STAGES, CAUSAL)),
         (_consumer, (o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_free, v_free,
-                     b, h, m0, n_tiles, SK, off_causal, qk_scale, 1, BLOCK_M, BLOCK_N, HEAD_D, STAGES, CAUSAL)),
+                     b, h, m0, first, n_tiles, kv_lo, kv_hi, off_causal, qk_scale, 1, BLOCK_M, BLOCK_N, HEAD_D, STAGES, CAUSAL)),
         (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_free, v_free,
-                   b, h, hk, m0, n_tiles, BLOCK_M, BLOCK_N, STAGES)),
+                   b, h, hk, m0, first, n_tiles, BLOCK_M, BLOCK_N, STAGES)),
     ], [4, 1], [232, 40])
 
 
-def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, has_ranges: bool,
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
              out: torch.Tensor | None = None) -> bool:
     """Whether `flash_attention_gluon` runs this call (else the Triton kernel does).
 
     Example (CPU tensors are never supported):
         >>> t = torch.randn(1, 2, 8, 64)
-        >>> supports(t, t, t, causal=False, has_ranges=False)
+        >>> supports(t, t, t, causal=False)
         False
     """
     if not (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9):
         return False
     if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
         return False
-    if q.shape[-1] not in HEAD_DIMS or has_ranges or (causal and q.shape[2] > k.shape[2]):
+    if q.shape[-1] not in HEAD_DIMS or (causal and q.shape[2] > k.shape[2]):
         return False
     if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[-1] != q.shape[-1] or q.shape[1] % k.shape[1]:
         return False  # the Triton path names what is wrong
@@ -224,17 +237,21 @@ def _desc(t: torch.Tensor, rows: int) -> TensorDescriptor:
 
 
 def flash_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                          scale: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                          scale: float | None = None, kv_start: torch.Tensor | None = None,
+                          kv_end: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """FlashAttention forward on Hopper: q (B, H, Sq, D), k / v (B, Hkv, Sk, D), any 16-byte strides.
 
-    Returns (B, H, Sq, D) in q's dtype (or writes `out`). Check `supports(...)` first.
+    `kv_start` / `kv_end`: (B,) int32 CUDA tensors, each batch row's valid key range (rows that see
+    no key are 0). Returns (B, H, Sq, D) in q's dtype (or writes `out`). Check `supports(...)` first.
     """
     B, H, SQ, D = q.shape
     Hkv, SK = k.shape[1], k.shape[2]
     o = out if out is not None else torch.empty(B, H, SQ, D, dtype=q.dtype, device=q.device)
     qk_scale = (scale if scale is not None else D ** -0.5) * math.log2(math.e)
     grid = (cdiv(SQ, 2 * BLOCK_M), B * H)
+    has_ranges = kv_start is not None
     _fa3_fwd[grid](_desc(q, BLOCK_M), _desc(k, BLOCK_N), _desc(v, BLOCK_N), _desc(o, BLOCK_M),
-                   H, H // Hkv, SK, SK - SQ, qk_scale,
-                   HEAD_D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=causal, num_warps=4)
+                   kv_start if has_ranges else o, kv_end if has_ranges else o, H, H // Hkv, SK, SK - SQ, qk_scale,
+                   HEAD_D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=causal, HAS_RANGES=has_ranges,
+                   num_warps=4)
     return o

@@ -219,14 +219,19 @@ def flash_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     B, H, SQ, D = q.shape
     Hkv, SK = k.shape[1], k.shape[2]
     has_ranges = kv_start is not None or kv_end is not None
+    if has_ranges:
+        dev = q.device
+        kv_start = (kv_start if kv_start is not None else torch.zeros(B, dtype=torch.int32, device=dev)).to(dev, torch.int32)
+        kv_end = (kv_end if kv_end is not None else torch.full((B,), SK, dtype=torch.int32, device=dev)).to(dev, torch.int32)
     big = prefill_flops(B, H, SQ, SK, D, causal) >= BIG_CALL_FLOPS
     if gluon or (gluon is None and config is None and not _INTERPRET and big):
         gp = _gluon_prefill()
-        if gp is not None and gp.supports(q, k, v, causal=causal, has_ranges=has_ranges, out=out):
-            return gp.flash_attention_gluon(q, k, v, causal=causal, scale=scale, out=out)
+        if gp is not None and gp.supports(q, k, v, causal=causal, out=out):
+            return gp.flash_attention_gluon(q, k, v, causal=causal, scale=scale, kv_start=kv_start, kv_end=kv_end,
+                                            out=out)
         if gluon:
             raise ValueError("flash_attention: the Gluon kernel needs an sm_90 GPU, Triton with Gluon, bf16 / fp16, "
-                             f"head dim in {getattr(gp, 'HEAD_DIMS', (64, 128))}, no key ranges, causal Sq <= Sk and "
+                             f"head dim in {getattr(gp, 'HEAD_DIMS', (64, 128))}, causal Sq <= Sk and "
                              "16-byte strides; pass gluon=None to fall back to the Triton kernel")
     if D not in HEAD_DIMS:
         raise ValueError(f"flash_attention: head dim {D} not supported (supported: {HEAD_DIMS}); use the reference")
@@ -250,11 +255,7 @@ def flash_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         dot_dtype = tl.float32
     else:
         dot_dtype = tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16
-    if has_ranges:
-        dev = q.device
-        kv_start = (kv_start if kv_start is not None else torch.zeros(B, dtype=torch.int32, device=dev)).to(dev, torch.int32)
-        kv_end = (kv_end if kv_end is not None else torch.full((B,), SK, dtype=torch.int32, device=dev)).to(dev, torch.int32)
-    else:
+    if not has_ranges:
         kv_start = kv_end = q  # unused
     grid = (cdiv(SQ, bm), B * H)
     if host_desc is None:
