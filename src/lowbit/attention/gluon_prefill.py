@@ -42,7 +42,10 @@ BLOCK_M = 64     # query rows per consumer warpgroup (wgmma's M is 64 per warpgr
 BLOCK_N = 128    # keys per tile
 STAGES = 2       # K / V ring depth
 HEAD_DIMS = (64, 128)
-_NEG = gl.constexpr(-1.0e30)  # finite "minus infinity": a fully masked tile gives p = 0, never NaN
+# finite "minus infinity" for masked scores: never NaN (inf - inf). Once a row has a real key they get
+# p = 0; a row's tiles before its first real key give it p = 1 garbage, which that key's tile wipes
+# (alpha = exp2(-1e30 - m) = 0); rows that never see a key are written as 0
+_NEG = gl.constexpr(-1.0e30)
 
 
 @gluon.jit
@@ -141,9 +144,10 @@ def _consumer(o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_free, v
 
     out = acc / gl.expand_dims(gl.convert_layout(l_i, row_o), 1)
     # rows that see no key at all (left-padded queries) are written as 0, as the reference does
-    row_ok = (r0 + gl.arange(0, BLOCK_M, layout=row_o) >= 0) & (kv_lo < kv_hi)
+    rows_o = r0 + gl.arange(0, BLOCK_M, layout=row_o)
+    row_ok = (rows_o >= 0) & (kv_lo < kv_hi)
     if CAUSAL:
-        row_ok = row_ok & (r0 + gl.arange(0, BLOCK_M, layout=row_o) + off_causal >= kv_lo)
+        row_ok = row_ok & (rows_o + off_causal >= kv_lo)
     out = gl.where(gl.expand_dims(row_ok, 1), out, 0.0)
     # the query tile is no longer read: it becomes the output's staging buffer for the TMA store
     q.store(out.to(dtype))
