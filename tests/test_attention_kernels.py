@@ -403,3 +403,27 @@ def test_gluon_prefill_padding_ranges(gen, Sq, Sk, D, causal):
         assert _rel(out, tri) < 1e-2
         if causal and Sq == Sk:  # left-padded query rows see no key: exactly 0
             assert out[2, :, : starts[2]].abs().max() == 0
+
+
+def test_gluon_failure_falls_back_once_with_a_warning(monkeypatch):
+    """A Gluon kernel that does not build on the installed Triton turns itself off (one warning) and the
+    Triton kernel runs; gluon=True raises the error instead."""
+    from lowbit.attention import triton_prefill as tp
+
+    class Broken:
+        calls = 0
+
+        @staticmethod
+        def flash_attention_gluon(*a, **kw):
+            Broken.calls += 1
+            raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(tp, "_GLUON_BROKEN", [])
+    t = torch.zeros(1)
+    with pytest.raises(RuntimeError, match="PassManager"):
+        tp._run_gluon(Broken, t, t, t, insist=True)
+    assert not tp._GLUON_BROKEN
+    with pytest.warns(RuntimeWarning, match="the Triton kernel runs instead"):
+        assert tp._run_gluon(Broken, t, t, t, insist=False) is None
+    assert tp._run_gluon(Broken, t, t, t, insist=False) is None  # no second try, no second warning
+    assert Broken.calls == 2

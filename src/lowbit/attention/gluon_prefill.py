@@ -38,6 +38,11 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..kernels.launch import cdiv
 
+# TMA copies: `async_copy_global_to_shared` / `async_copy_shared_to_global` in Triton 3.6, renamed
+# `async_load` / `async_store` (same positional arguments) by 3.9
+_tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+_tma_store = tma.async_store if hasattr(tma, "async_store") else tma.async_copy_shared_to_global
+
 BLOCK_M = 64     # query rows per consumer warpgroup (wgmma's M is 64 per warpgroup)
 BLOCK_N = 128    # keys per tile
 STAGES = 2       # K / V ring depth
@@ -52,17 +57,17 @@ _NEG = gl.constexpr(-1.0e30)
 def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_free, v_free,
             b, h, hk, m0, first, n_tiles, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [b, h, m0, 0], q_bar, q_smem.index(0))
-    tma.async_copy_global_to_shared(q_desc, [b, h, m0 + BLOCK_M, 0], q_bar, q_smem.index(1))
+    _tma_load(q_desc, [b, h, m0, 0], q_bar, q_smem.index(0))
+    _tma_load(q_desc, [b, h, m0 + BLOCK_M, 0], q_bar, q_smem.index(1))
     for j in range(n_tiles):
         s = j % STAGES
         free_phase = ((j // STAGES) & 1) ^ 1  # a fresh barrier counts as freed once
         mbarrier.wait(k_free.index(s), free_phase)
         mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [b, hk, (first + j) * BLOCK_N, 0], k_ready.index(s), k_smem.index(s))
+        _tma_load(k_desc, [b, hk, (first + j) * BLOCK_N, 0], k_ready.index(s), k_smem.index(s))
         mbarrier.wait(v_free.index(s), free_phase)
         mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [b, hk, (first + j) * BLOCK_N, 0], v_ready.index(s), v_smem.index(s))
+        _tma_load(v_desc, [b, hk, (first + j) * BLOCK_N, 0], v_ready.index(s), v_smem.index(s))
 
 
 @gluon.jit
@@ -152,7 +157,7 @@ def _consumer(o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_free, v
     # the query tile is no longer read: it becomes the output's staging buffer for the TMA store
     q.store(out.to(dtype))
     fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [b, h, r0, 0], q_smem.index(WHICH))
+    _tma_store(o_desc, [b, h, r0, 0], q_smem.index(WHICH))
     tma.store_wait(0)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 
 import torch
 import triton
@@ -227,9 +228,11 @@ def flash_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if gluon or (gluon is None and config is None and not _INTERPRET and big):
         gp = _gluon_prefill()
         if gp is not None and gp.supports(q, k, v, causal=causal, out=out):
-            return gp.flash_attention_gluon(q, k, v, causal=causal, scale=scale, kv_start=kv_start, kv_end=kv_end,
-                                            out=out)
-        if gluon:
+            o = _run_gluon(gp, q, k, v, causal=causal, scale=scale, kv_start=kv_start, kv_end=kv_end, out=out,
+                           insist=bool(gluon))
+            if o is not None:
+                return o
+        elif gluon:
             raise ValueError("flash_attention: the Gluon kernel needs an sm_90 GPU, Triton with Gluon, bf16 / fp16, "
                              f"head dim in {getattr(gp, 'HEAD_DIMS', (64, 128))}, causal Sq <= Sk and "
                              "16-byte strides; pass gluon=None to fall back to the Triton kernel")
@@ -286,6 +289,9 @@ def flash_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     return o
 
 
+_GLUON_BROKEN: list = []  # the error that turned the Gluon kernel off in this process, if any
+
+
 @functools.cache
 def _gluon_prefill():
     """The Gluon kernel's module, or None where this Triton has no (compatible) Gluon."""
@@ -294,6 +300,26 @@ def _gluon_prefill():
     except (ImportError, AttributeError):
         return None
     return gluon_prefill
+
+
+def _run_gluon(gp, q, k, v, *, insist: bool, **kw) -> torch.Tensor | None:
+    """The Gluon kernel's output, or None (once it failed to build on this Triton: Gluon's API moves
+    between releases, and the kernel was checked on Triton 3.6) so that the caller runs the Triton
+    kernel; with `insist` the error is raised."""
+    if _GLUON_BROKEN and not insist:
+        return None
+    try:
+        return gp.flash_attention_gluon(q, k, v, **kw)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as err:  # a compile error (CompilationError, an MLIR pass failure) on another Triton
+        if insist:
+            raise
+        _GLUON_BROKEN.append(err)
+        warnings.warn(f"lowbit: the Gluon prefill kernel failed on Triton {triton.__version__} "
+                      f"({type(err).__name__}: {str(err)[:200]}); the Triton kernel runs instead", RuntimeWarning,
+                      stacklevel=3)
+        return None
 
 
 # remembered launches (`kernels.launch`) of the calls without host-side descriptors: a decode step
