@@ -195,3 +195,19 @@ def test_run_relaunches_a_remembered_plan_only_for_its_key(gen):
         out = tlin.run(other, planes, spec, 24, 64, None, **kw)
         ref = torch.nn.functional.linear(other.float(), q.qweight.dequantize())
         assert len(launched) == 1 and ((out - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_spec_key_states_how_triton_specializes_each_argument(gen):
+    """Against a plain restatement of the rule, on a random mix of tensors (aligned or not), ints around
+    1 / multiples of 16 / the int32 range, floats, bools and None."""
+    from lowbit.kernels.launch import spec_key
+
+    base = torch.randn(64, generator=gen)
+    pool = [base, base[1:], base[4:], base.to(torch.bfloat16)[3:], torch.zeros(3, dtype=torch.int32),
+            1, 0, 16, 17, 48, -16, 2 ** 31 - 16, 2 ** 31, -2 ** 31, -2 ** 31 - 1, 0.5, True, None]
+    for _ in range(50):
+        idx = torch.randint(len(pool), (12,), generator=gen).tolist()
+        args = tuple(pool[i] for i in idx)
+        want = tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else
+                     (a == 1, a % 16 == 0, -2 ** 31 <= a < 2 ** 31) if type(a) is int else type(a) for a in args)
+        assert spec_key(args) == want
