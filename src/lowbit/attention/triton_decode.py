@@ -833,12 +833,11 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
         # partial rows merged per step in `_merge_last`: about 128 fp32 registers per thread
         ns_step = min(ns_pad, max(1, 1 << ((4096 * num_warps) // (g_p2 * D)).bit_length() - 1))
         grid = (splits, B * Hkv)
+        qst, kst, vst, sst, ost = q.stride(), k_data.stride(), v_data.stride(), k_scale.stride(), o.stride()
         args = (q, k_data, k_scale, v_data, v_scale, op, lse, kv_start, kv_end, o,
                 _counters(dev, B * Hkv) if fused else lse,
-                q.stride(0), q.stride(1), k_data.stride(0), k_data.stride(1), k_data.stride(2),
-                v_data.stride(0), v_data.stride(1), v_data.stride(3) if not vblk else vblk,
-                k_scale.stride(0), k_scale.stride(1), k_scale.stride(2), o.stride(0), o.stride(1),
-                H, Hkv, seq_len, k_data.shape[2], chunk, splits, qk_scale)
+                qst[0], qst[1], kst[0], kst[1], kst[2], vst[0], vst[1], vst[3] if not vblk else vblk,
+                sst[0], sst[1], sst[2], ost[0], ost[1], H, Hkv, seq_len, k_data.shape[2], chunk, splits, qk_scale)
         consts = dict(HEAD_D=D, G=G, G_PAD=g_pad, BLOCK_N=bn, BITS=bits, GROUP=group, HAS_RANGES=has_ranges,
                       IMMA=int_mma, SWAP=swap, FUSED=fused, G_P2=g_p2, NS_PAD=ns_pad, NS_STEP=ns_step,
                       INTERP=_INTERPRET, DIRECT=fused and splits == 1, VBLK=vblk, LATE_Q=late_q,
@@ -850,7 +849,7 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
             # buffers come from the caching allocator (512-byte aligned), their strides follow the
             # shapes in the key
             key = (grid, tuple(consts.values()), id(k_data), id(k_scale), id(v_data), id(v_scale), q.dtype, q.shape,
-                   q.stride(), q.data_ptr() % 16 == 0, int_class(seq_len), int_class(chunk),
+                   qst, q.data_ptr() % 16 == 0, int_class(seq_len), int_class(chunk),
                    has_ranges and (kv_start.data_ptr() % 16 == 0, kv_end.data_ptr() % 16 == 0))
         launch_remembered(plans, key, _decode_split_vt, grid, args, consts,
                           slots=(0, 5, 6, 7, 8, 9, 10, 26, 28, 30))
