@@ -228,6 +228,8 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
         return False
     if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[-1] != q.shape[-1] or q.shape[1] % k.shape[1]:
         return False  # the Triton path names what is wrong
+    if q.numel() == 0 or k.numel() == 0:  # TMA descriptors need non-empty tensors
+        return False
     es = q.element_size()
     tensors = (q, k, v) if out is None else (q, k, v, out)
     return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all((s * es) % 16 == 0 for s in t.stride()[:-1])
