@@ -91,7 +91,8 @@ class LaunchPlan:
             self.compiled[self.grid](*a)
 
 
-# plans launch through `direct_launcher` (False: through `CompiledKernel.__getitem__`, for A/B timing)
+# plans made while this is True launch through `direct_launcher`; False keeps Triton's own
+# `CompiledKernel.__getitem__` path (a switch for a Triton whose launcher changed, or for A/B timing)
 DIRECT_LAUNCH = True
 
 
