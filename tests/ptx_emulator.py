@@ -79,7 +79,7 @@ def run_ptx(text: str, args: dict[str, int], dt: torch.dtype) -> dict[str, int]:
             continue
         op, rest = line.split(None, 1)
         if op == "mov.b32" and rest.lstrip().startswith("{"):  # unpack: mov.b32 {lo, hi}, r
-            lo, hi = re.match(r"\{\s*(\w+)\s*,\s*(\w+)\s*\}\s*,\s*(\S+)", rest).groups()[:2]
+            lo, hi = re.match(r"\{\s*([\w$]+)\s*,\s*([\w$]+)\s*\}\s*,\s*(\S+)", rest).groups()[:2]
             src = val(rest.rsplit(",", 1)[1])
             regs[lo], regs[hi] = src & 0xFFFF, (src >> 16) & 0xFFFF
             continue

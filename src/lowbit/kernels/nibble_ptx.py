@@ -186,3 +186,29 @@ def asm_fp8(f16: bool, e5m2: bool) -> str:
         lines.append(f"mul.rn.{ty} ${j}, t, $3;")
     lines.append("}")
     return "\n".join(lines)
+
+
+@functools.cache
+def asm_words(f16: bool) -> str:
+    """PTX for the Hopper int4 kernel's decode (`gluon_w4._decode`): $0..$7 = the eight codes c of the
+    32-bit word $8 as 16-bit values c - 8 (exact), ordered nibble position i = 0..3 (bits 4i..4i+3 of
+    the low half, then of the high half): MAGIC | c (MAGIC = 1024 in fp16, 128 in bf16, where the
+    unit in the last place is 1), then one FMA by 1 minus (MAGIC + 8).
+
+    Example:
+        >>> asm_words(False).count("lop3.b32")
+        4
+    """
+    magic, one, ty = (1024.0, 0x3C00, "f16x2") if f16 else (128.0, 0x3F80, "bf16x2")
+    lines = ["{", ".reg .b32 t, v, mg, ng, one;", f"mov.b32 mg, {hex(_half_bits(magic, f16) * 0x10001)};",
+             f"mov.b32 ng, {hex(_half_bits(-(magic + 8), f16) * 0x10001)};", f"mov.b32 one, {hex(one * 0x10001)};"]
+    for i in range(4):
+        src = "$8"
+        if i:
+            lines.append(f"shr.u32 t, $8, {4 * i};")
+            src = "t"
+        lines.append(f"lop3.b32 v, {src}, 0x000F000F, mg, 0xEA;")  # (src & mask) | magic
+        lines.append(f"fma.rn.{ty} v, v, one, ng;")  # c - 8, exact
+        lines.append(f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, v;")
+    lines.append("}")
+    return "\n".join(lines)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,6 +195,51 @@ def heuristic(spec: Spec, m: int, k: int, n: int, allow_dot4: bool = True) -> di
     return {"path": "dequant", "BLOCK_N": 16, "NB_T": max(1, 128 // spec.bb), "num_warps": 4}
 
 
+# the Hopper int4 kernel (gluon_w4.py): on by default where it runs; LOWBIT_GLUON_W4=0 turns it off
+GLUON_W4 = os.environ.get("LOWBIT_GLUON_W4", "1") != "0"
+_SM90: dict[int, bool] = {}
+
+
+def _sm90() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    dev = torch.cuda.current_device()
+    if dev not in _SM90:
+        _SM90[dev] = torch.cuda.get_device_capability(dev)[0] == 9
+    return _SM90[dev]
+
+
+def gluon4_config(spec: Spec, m: int, k: int, n: int, sm90: bool | None = None) -> dict | None:
+    """The config of the Hopper int4 kernel (`gluon_w4.matmul_w4`) for this call, or None where it
+    does not run: symmetric 4-bit integer codes with fp16 / bf16 / fp32 / E8M0 scales per 32, 64 or
+    128 values, 9 <= M <= 64 (below, the GEMV / dot4; above, dot4 and cuBLAS were faster), K a
+    multiple of 128, N of 64, an sm_90 GPU. Split-K brings the programs near one per SM. The
+    configs are the best of a sweep on an H200 (RESULTS.md, 2026-11-25 session 26): two consumer
+    warpgroups (128 weight rows per program) at M <= 32 and where N >= 8192, else one.
+
+    Example:
+        >>> from lowbit.formats import PRESETS
+        >>> gluon4_config(spec_of(PRESETS["int4-e8m0"]), 16, 8192, 8192, sm90=True)
+        {'path': 'gluon4', 'num_wg': 2, 'block_m': 16, 'split_k': 2, 'stages': 4}
+        >>> gluon4_config(spec_of(PRESETS["int8"]), 16, 8192, 8192, sm90=True) is None
+        True
+    """
+    if not (GLUON_W4 and 9 <= m <= 64 and k % 128 == 0 and n % 64 == 0):
+        return None
+    if not (spec.bits == 4 and spec.code == 0 and not spec.has_zero and spec.smode in (1, 2) and spec.cmul == 1.0
+            and spec.bb in (16, 32, 64)):
+        return None
+    if not (sm90 if sm90 is not None else _sm90()):
+        return None
+    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+    num_wg = 2 if (block_m <= 32 or n >= 8192) and n % 128 == 0 else 1
+    split = max(1, min(4, round(_sm_count() / (n // (64 * num_wg)))))
+    while split > 1 and k // 128 < split:
+        split -= 1
+    return {"path": "gluon4", "num_wg": num_wg, "block_m": block_m, "split_k": split,
+            "stages": 4 if block_m <= 32 else (5 if num_wg == 2 else 6)}
+
+
 _CHOSEN: dict = {}
 
 
@@ -213,6 +259,9 @@ def choose(spec: Spec, m: int, k: int, n: int) -> dict:
 
 
 def _choose(table: dict, spec: Spec, m: int, k: int, n: int) -> dict:
+    g4 = gluon4_config(spec, m, k, n)
+    if g4 is not None:
+        return g4
     family = decode_family(spec)
     keys = ([table_key(family, m, k, n)] if family else []) + [table_key(spec.bits, m, k, n), table_key("*", m, k, n)]
     for key in keys:
@@ -378,6 +427,13 @@ def run(x2: torch.Tensor, planes: dict[str, torch.Tensor | None], spec: Spec, n:
     if path in ("gemv", "gemv2") and cfg.get("fast", True) and fast_gemv_ok(spec, x2, w, k, lut is not None):
         fcfg = cfg if path == "gemv2" else fast_gemv_config(m, k, n, spec.bits)
         return run_fast_gemv(x2, planes, spec, n, k, bias, y, fcfg, plan_key=plan_key)
+    if path == "gluon4":
+        from .gluon_w4 import run_planes
+
+        if run_planes(x2, planes, spec.bb * 2, n, k, bias, y, cfg, _counters(x2.device)):
+            return y
+        cfg = heuristic(spec, m, k, n)  # this call does not suit it (see gluon_w4.run_planes)
+        path = cfg["path"]
     if path == "dot4" and dot4_ok(spec, x2, lut is not None, w):
         return run_dot4(x2, planes, spec, n, k, bias, y, cfg)
     if path in ("gemv2", "dot4"):  # a table entry for a fast path, on a format it does not cover

@@ -1,0 +1,375 @@
+"""Hopper (sm_90) int4 matmul in Gluon: y = x @ W^T with W's 4-bit codes decoded in the registers
+of the tensor cores' A operand, for M = 5..128 activation rows.
+
+Why: the Triton `dot4` kernel (triton_dot4.py) ran M = 16 at ~1.45x bf16 and M = 64 near 1.0x on
+an H200 (RESULTS.md, session 19): every warp loads, decodes and multiplies in lock step, and
+Triton's pipeline of the code tiles plus the x split leave the loads exposed. Here, as in the
+Gluon prefill (`attention/gluon_prefill.py`), a loader warp streams the codes, the activations and
+the scales into a ring of shared-memory stages with TMA, and consumer warpgroups only decode and
+multiply:
+
+- the product is computed transposed (y^T = W x^T): the weight rows are wgmma's M side (64 per
+  warpgroup), the activation rows its N side (BLOCK_M = 8..128), so small M wastes nothing;
+- the codes are repacked once (`pack_words`) so that each thread's 32-bit word holds exactly the
+  eight codes of its A-operand fragment for one 16-wide k step (see the byte layout below): one
+  shared-memory word per 8 weights, decoded by 3 shifts, 4 LOP3 and 4 FMA (`nibble_ptx.asm_words`),
+  no shuffles;
+- the scales are applied to the fp32 accumulator once per scale group (GS = 32..128 along K): each
+  group's codes are multiplied into a fresh accumulator (wgmma in flight while the previous group's
+  result is scaled and added), so the decode does no per-weight multiply and the scale is exact
+  (fp32) instead of rounded to the 16-bit weight;
+- split-K over programs, partial sums reduced by the last program of each tile (atomic counter,
+  as `triton_split_k.split_k_total`).
+
+Word layout (`pack_words`). For 16-row block rb, scale group gq, lane l = 4 g + t (g = 0..7,
+t = 0..3) and k step ks (0..GS/16-1), the int32 word at [gq, rb, l * GS/16 + ks] holds, in bits
+4 i..4 i+3 (i = b1 + 2 b2) and 16 + 4 i..16 + 4 i + 3, the codes (0..15, value c - 8) of
+
+    row = 16 rb + 8 b1 + g,   col = GS gq + 16 ks + 8 b2 + 2 t + b0   (b0 = 0 low half, 1 high half)
+
+which is the mma m16n8k16 A fragment (registers a0..a3 = i, each a pair along k).
+
+Example (GPU, sm_90):
+    >>> words, scales = pack_words(data, scale, 32)                   # doctest: +SKIP
+    >>> y = matmul_w4(x, words, scales, n=4096, k=4096, gs=32)           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from .launch import cdiv
+from .nibble_ptx import asm_words
+
+_tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+
+
+_ASM_F16 = gl.constexpr(asm_words(True))
+_ASM_BF16 = gl.constexpr(asm_words(False))
+_F16X8 = gl.constexpr((gl.float16, ) * 8)
+_BF16X8 = gl.constexpr((gl.bfloat16, ) * 8)
+
+
+@gluon.jit
+def _decode(w, a_layout: gl.constexpr, F16: gl.constexpr):
+    """Words [4, 32, KS] (one per warp / lane / k step) -> the [64, 16 KS] A operand in `a_layout`."""
+    KS: gl.constexpr = w.shape[2]
+    if F16:
+        o = gl.inline_asm_elementwise(_ASM_F16, "=h,=h,=h,=h,=h,=h,=h,=h,r", [w], dtype=_F16X8, is_pure=True, pack=1)
+    else:
+        o = gl.inline_asm_elementwise(_ASM_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r", [w], dtype=_BF16X8, is_pure=True, pack=1)
+    # o[2 i + b0], i = b1 + 2 b2 -> [4, 32, KS, b0, b1, b2]
+    t = gl.join(gl.join(gl.join(o[0], o[1]), gl.join(o[2], o[3])), gl.join(gl.join(o[4], o[5]), gl.join(o[6], o[7])))
+    t = t.reshape([4, 8, 4, KS, 2, 2, 2])            # lane -> (g, t)
+    t = t.permute((0, 5, 1, 3, 6, 2, 4))              # (warp, b1, g, ks, b2, t, b0)
+    t = t.reshape([64, 16 * KS])
+    return gl.convert_layout(t, a_layout, assert_trivial=True)
+
+
+@gluon.jit
+def _stage_a(w_smem, slot, which, w_layout: gl.constexpr, a_layout: gl.constexpr, KS: gl.constexpr, F16: gl.constexpr):
+    """The A operand of one scale group: slot `slot` of the word ring, this warpgroup's 64 rows."""
+    w = w_smem.index(slot).reshape([w_smem.shape[1], 32, KS]).slice(4 * which, 4).load(w_layout)
+    return _decode(w, a_layout, F16)
+
+
+@gluon.jit
+def _scales(s_smem, idx, which, acc_layout: gl.constexpr, E8M0: gl.constexpr):
+    """The fp32 scales of this warpgroup's 64 rows in slot `idx` of the scale ring, as a [64, 1]
+    tensor in the accumulator's layout (broadcast along its columns)."""
+    s = s_smem.index(idx).slice(64 * which, 64, dim=1).permute((1, 0)).load(acc_layout)
+    if E8M0:  # 2^(e - 127): the exponent byte placed in an fp32's exponent field
+        return (s.to(gl.int32) << 23).to(gl.float32, bitcast=True)
+    return s.to(gl.float32)
+
+
+@gluon.jit
+def _loader(w_desc, s_desc, x_desc, w_smem, s_smem, x_smem, ready, free, rb0, n0, m0, g_lo, n_iters,
+            NGS: gl.constexpr, GS: gl.constexpr, STAGES: gl.constexpr, NB16: gl.constexpr):
+    nbytes: gl.constexpr = NGS * (w_desc.block_type.nbytes + x_desc.block_type.nbytes + s_desc.block_type.nbytes)
+    for i in range(n_iters):
+        st = i % STAGES
+        mbarrier.wait(free.index(st), ((i // STAGES) & 1) ^ 1)  # a fresh barrier counts as freed once
+        mbarrier.expect(ready.index(st), nbytes)
+        g0 = g_lo + i * NGS
+        for q in gl.static_range(NGS):
+            _tma_load(w_desc, [(g0 + q) * NB16 + rb0, 0], ready.index(st), w_smem.index(st * NGS + q))
+            _tma_load(x_desc, [m0, (g0 + q) * GS], ready.index(st), x_smem.index(st * NGS + q))
+            _tma_load(s_desc, [g0 + q, n0], ready.index(st), s_smem.index(st * NGS + q))
+
+
+@gluon.jit
+def _consumer(w_smem, s_smem, x_smem, ready, free, y_ptr, ws_ptr, cnt_ptr, bias_ptr, M, N, stride_ym, m0, n0,
+              pid_k, tile, n_iters, WHICH: gl.constexpr, BLOCK_M: gl.constexpr, GS: gl.constexpr, NGS: gl.constexpr,
+              STAGES: gl.constexpr, F16: gl.constexpr, E8M0: gl.constexpr, SPLIT_K: gl.constexpr,
+              HAS_BIAS: gl.constexpr, NUM_WG: gl.constexpr):
+    KS: gl.constexpr = GS // 16
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, BLOCK_M, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    w_layout: gl.constexpr = gl.BlockedLayout([1, 1, KS], [1, 32, 1], [4, 1, 1], [2, 1, 0])
+    zero = gl.zeros([64, BLOCK_M], gl.float32, acc_layout)
+    total = zero
+
+    # one stage (NGS <= 4 groups) per trip: its NGS wgmmas (one fresh accumulator per group) run
+    # while the next stage's codes are decoded; then each group's result is scaled into `total`.
+    # No wgmma is in flight across the loop's back edge: an accumulator carried there in flight
+    # would be copied before it is written
+    mbarrier.wait(ready.index(0), 0)
+    a0 = _stage_a(w_smem, 0, WHICH, w_layout, a_layout, KS, F16)
+    if NGS >= 2:
+        a1 = _stage_a(w_smem, 1, WHICH, w_layout, a_layout, KS, F16)
+    if NGS >= 4:
+        a2 = _stage_a(w_smem, 2, WHICH, w_layout, a_layout, KS, F16)
+        a3 = _stage_a(w_smem, 3, WHICH, w_layout, a_layout, KS, F16)
+    for i in range(n_iters):
+        st = i % STAGES
+        b = st * NGS
+        t0 = warpgroup_mma(a0, x_smem.index(b).permute((1, 0)), zero, use_acc=False, is_async=True)
+        if NGS >= 2:
+            t1 = warpgroup_mma(a1, x_smem.index(b + 1).permute((1, 0)), zero, use_acc=False, is_async=True)
+        if NGS >= 4:
+            t2 = warpgroup_mma(a2, x_smem.index(b + 2).permute((1, 0)), zero, use_acc=False, is_async=True)
+            t3 = warpgroup_mma(a3, x_smem.index(b + 3).permute((1, 0)), zero, use_acc=False, is_async=True)
+        if i + 1 < n_iters:  # decode the next stage while the tensor cores work
+            st_n = (i + 1) % STAGES
+            mbarrier.wait(ready.index(st_n), ((i + 1) // STAGES) & 1)
+            a0 = _stage_a(w_smem, st_n * NGS, WHICH, w_layout, a_layout, KS, F16)
+            if NGS >= 2:
+                a1 = _stage_a(w_smem, st_n * NGS + 1, WHICH, w_layout, a_layout, KS, F16)
+            if NGS >= 4:
+                a2 = _stage_a(w_smem, st_n * NGS + 2, WHICH, w_layout, a_layout, KS, F16)
+                a3 = _stage_a(w_smem, st_n * NGS + 3, WHICH, w_layout, a_layout, KS, F16)
+        if NGS == 1:
+            c0 = warpgroup_mma_wait(0, deps=(t0, ))
+            total += c0 * _scales(s_smem, b, WHICH, acc_layout, E8M0)
+        elif NGS == 2:
+            c0, c1 = warpgroup_mma_wait(0, deps=(t0, t1))
+            total += c0 * _scales(s_smem, b, WHICH, acc_layout, E8M0)
+            total += c1 * _scales(s_smem, b + 1, WHICH, acc_layout, E8M0)
+        else:
+            c0, c1, c2, c3 = warpgroup_mma_wait(0, deps=(t0, t1, t2, t3))
+            total += c0 * _scales(s_smem, b, WHICH, acc_layout, E8M0)
+            total += c1 * _scales(s_smem, b + 1, WHICH, acc_layout, E8M0)
+            total += c2 * _scales(s_smem, b + 2, WHICH, acc_layout, E8M0)
+            total += c3 * _scales(s_smem, b + 3, WHICH, acc_layout, E8M0)
+        mbarrier.arrive(free.index(st))  # the loader may refill this stage
+
+    # epilogue: total is y^T for rows n0 + 64 WHICH.. and columns m0..; store transposed
+    out_layout: gl.constexpr = gl.BlockedLayout([4, 1], [32, 1], [1, 4], [0, 1])  # n fastest: coalesced
+    res = gl.convert_layout(total, out_layout)
+    rn = n0 + 64 * WHICH + gl.arange(0, 64, layout=gl.SliceLayout(1, out_layout))
+    cm = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, out_layout))
+    rn2 = gl.expand_dims(rn, 1)
+    cm2 = gl.expand_dims(cm, 0)
+    mask = (cm2 < M) & (rn2 < N)
+    if SPLIT_K > 1:
+        mn = M * N
+        offs = cm2 * N + rn2
+        gl.store(ws_ptr + pid_k * mn + offs, res, mask=mask)
+        gl.thread_barrier()  # every thread's partial is stored before the release below
+        seen = gl.atomic_add(cnt_ptr + tile * NUM_WG + WHICH, 1, sem="acq_rel")
+        if seen == SPLIT_K - 1:
+            res = gl.zeros([64, BLOCK_M], gl.float32, out_layout)
+            for sk in range(SPLIT_K):
+                res += gl.load(ws_ptr + sk * mn + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            gl.atomic_xchg(cnt_ptr + tile * NUM_WG + WHICH, 0)
+            if HAS_BIAS:
+                res += gl.expand_dims(gl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(gl.float32), 1)
+            gl.store(y_ptr + cm2 * stride_ym + rn2, res.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        if HAS_BIAS:
+            res += gl.expand_dims(gl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(gl.float32), 1)
+        gl.store(y_ptr + cm2 * stride_ym + rn2, res.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@gluon.jit
+def _w4_kernel(w_desc, s_desc, x_desc, y_ptr, ws_ptr, cnt_ptr, bias_ptr, M, N, stride_ym, groups_per_split,
+               n_groups_total, BLOCK_M: gl.constexpr, GS: gl.constexpr, NGS: gl.constexpr, STAGES: gl.constexpr,
+               NUM_WG: gl.constexpr, NB16: gl.constexpr, F16: gl.constexpr, E8M0: gl.constexpr,
+               SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr, REGS: gl.constexpr = 232):
+    pid_n = gl.program_id(0)
+    pid_m = gl.program_id(1)
+    pid_k = gl.program_id(2)
+    n0 = pid_n * (64 * NUM_WG)
+    m0 = pid_m * BLOCK_M
+    g_lo = pid_k * groups_per_split
+    n_iters = gl.minimum(groups_per_split, n_groups_total - g_lo) // NGS
+    tile = pid_m * gl.num_programs(0) + pid_n
+
+    x_dtype: gl.constexpr = x_desc.dtype
+    w_smem = gl.allocate_shared_memory(gl.int32, [STAGES * NGS, 4 * NUM_WG, 2 * GS], w_desc.layout)
+    x_smem = gl.allocate_shared_memory(x_dtype, [STAGES * NGS, BLOCK_M, GS], x_desc.layout)
+    s_smem = gl.allocate_shared_memory(s_desc.dtype, [STAGES * NGS, 1, s_desc.block_type.shape[1]], s_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(free.index(i), count=NUM_WG)
+
+    # the first consumer is the default partition (the kernel's 4 warps), the others are workers
+    if NUM_WG == 1:
+        gl.warp_specialize([
+            (_consumer, (w_smem, s_smem, x_smem, ready, free, y_ptr, ws_ptr, cnt_ptr, bias_ptr, M, N, stride_ym, m0, n0, pid_k, tile,
+                       n_iters, 0, BLOCK_M, GS, NGS, STAGES, F16, E8M0, SPLIT_K, HAS_BIAS, NUM_WG)),
+            (_loader, (w_desc, s_desc, x_desc, w_smem, s_smem, x_smem, ready, free, n0 // 16, n0, m0, g_lo, n_iters, NGS, GS,
+                     STAGES, NB16)),
+        ], [1], [40])
+    elif NUM_WG == 2:
+        gl.warp_specialize([
+            (_consumer, (w_smem, s_smem, x_smem, ready, free, y_ptr, ws_ptr, cnt_ptr, bias_ptr, M, N, stride_ym, m0, n0, pid_k, tile,
+                       n_iters, 0, BLOCK_M, GS, NGS, STAGES, F16, E8M0, SPLIT_K, HAS_BIAS, NUM_WG)),
+            (_consumer, (w_smem, s_smem, x_smem, ready, free, y_ptr, ws_ptr, cnt_ptr, bias_ptr, M, N, stride_ym, m0, n0, pid_k, tile,
+                       n_iters, 1, BLOCK_M, GS, NGS, STAGES, F16, E8M0, SPLIT_K, HAS_BIAS, NUM_WG)),
+            (_loader, (w_desc, s_desc, x_desc, w_smem, s_smem, x_smem, ready, free, n0 // 16, n0, m0, g_lo, n_iters, NGS, GS,
+                     STAGES, NB16)),
+        ], [4, 1], [REGS, 40])
+    else:
+        gl.static_assert(NUM_WG == 4, "1, 2 or 4 consumer warpgroups")
+        gl.warp_specialize([
+            (_consumer, (w_smem, s_smem, x_smem, ready, free, y_ptr, ws_ptr, cnt_ptr, bias_ptr, M, N, stride_ym, m0, n0, pid_k, tile,
+                       n_iters, 0, BLOCK_M, GS, NGS, STAGES, F16, E8M0, SPLIT_K, HAS_BIAS, NUM_WG)),
+            (_consumer, (w_smem, s_smem, x_smem, ready, free, y_ptr, ws_ptr, cnt_ptr, bias_ptr, M, N, stride_ym, m0, n0, pid_k, tile,
+                       n_iters, 1, BLOCK_M, GS, NGS, STAGES, F16, E8M0, SPLIT_K, HAS_BIAS, NUM_WG)),
+            (_consumer, (w_smem, s_smem, x_smem, ready, free, y_ptr, ws_ptr, cnt_ptr, bias_ptr, M, N, stride_ym, m0, n0, pid_k, tile,
+                       n_iters, 2, BLOCK_M, GS, NGS, STAGES, F16, E8M0, SPLIT_K, HAS_BIAS, NUM_WG)),
+            (_consumer, (w_smem, s_smem, x_smem, ready, free, y_ptr, ws_ptr, cnt_ptr, bias_ptr, M, N, stride_ym, m0, n0, pid_k, tile,
+                       n_iters, 3, BLOCK_M, GS, NGS, STAGES, F16, E8M0, SPLIT_K, HAS_BIAS, NUM_WG)),
+            (_loader, (w_desc, s_desc, x_desc, w_smem, s_smem, x_smem, ready, free, n0 // 16, n0, m0, g_lo, n_iters, NGS, GS,
+                     STAGES, NB16)),
+        ], [4, 4, 4, 1], [REGS, REGS, REGS, 24])
+
+
+# ---------------------------------------------------------------------------------------------
+# host side
+# ---------------------------------------------------------------------------------------------
+def pack_words(data: torch.Tensor, scale: torch.Tensor, gs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's planes from the stored ones: data (N, K/2) uint8 (code 2j in the low nibble of
+    byte j), scale (N, K/gs) fp16 / bf16 / uint8 E8M0 -> words (K/gs * N/16, 2 gs) int32 (layout in
+    the module docstring) and scales (K/gs, N), same dtype, transposed.
+
+    Example:
+        >>> d = torch.randint(0, 256, (32, 64), dtype=torch.uint8)
+        >>> w, s = pack_words(d, torch.ones(32, 4, dtype=torch.float16), 32)
+        >>> w.shape, w.dtype, s.shape
+        (torch.Size([8, 64]), torch.int32, torch.Size([4, 32]))
+    """
+    n, kb = data.shape
+    k = 2 * kb
+    if n % 16 or k % gs or gs % 16:
+        raise ValueError(f"pack_words: N = {n} must be a multiple of 16 and K = {k} of the group {gs} (itself of 16)")
+    codes = torch.stack((data & 15, data >> 4), -1).reshape(n, k).to(torch.int64)
+    ks = gs // 16
+    # row = 16 rb + 8 b1 + g; col = gs gq + 16 ks + 8 b2 + 2 t + b0
+    c = codes.reshape(n // 16, 2, 8, k // gs, ks, 2, 4, 2)          # rb, b1, g, gq, ks, b2, t, b0
+    c = c.permute(3, 0, 2, 6, 4, 7, 5, 1)                            # gq, rb, g, t, ks, b0, b2, b1
+    shift = (16 * torch.arange(2).view(2, 1, 1) + 4 * (torch.arange(2).view(1, 1, 2) + 2 * torch.arange(2).view(1, 2, 1)))
+    words = (c << shift.to(c.device)).sum((-3, -2, -1))              # bits never overlap: the sum is an OR
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # the same 32 bits, signed
+    return words.reshape(k // gs * n // 16, 32 * ks).contiguous(), scale.t().contiguous()
+
+
+def unpack_words(words: torch.Tensor, n: int, k: int, gs: int) -> torch.Tensor:
+    """The (N, K) codes 0..15 of `pack_words`' words (its inverse on the codes; for tests)."""
+    ks = gs // 16
+    w = words.reshape(k // gs, n // 16, 8, 4, ks).to(torch.int64) & 0xFFFFFFFF
+    out = torch.empty(k // gs, n // 16, 8, 4, ks, 2, 2, 2, dtype=torch.int64, device=words.device)
+    for b0 in range(2):
+        for b2 in range(2):
+            for b1 in range(2):
+                out[..., b0, b2, b1] = (w >> (16 * b0 + 4 * (b1 + 2 * b2))) & 15
+    # gq, rb, g, t, ks, b0, b2, b1 -> rb, b1, g, gq, ks, b2, t, b0
+    return out.permute(1, 7, 2, 0, 4, 6, 3, 5).reshape(n, k).to(torch.uint8)
+
+
+@functools.cache
+def _layouts(block_m: int, gs: int, num_wg: int, f16: bool, s_bits: int):
+    xdt = gl.float16 if f16 else gl.bfloat16
+    return (gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2),
+            gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=s_bits, rank=2),
+            gl.NVMMASharedLayout.get_default_for([block_m, gs], xdt))
+
+
+def matmul_w4(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, *, n: int, k: int, gs: int,
+              bias: torch.Tensor | None = None, block_m: int = 16, num_wg: int = 2, ngs: int | None = None,
+              stages: int = 4, split_k: int = 1, counters: torch.Tensor | None = None,
+              out: torch.Tensor | None = None, regs: int = 232, maxnreg: int | None = None) -> torch.Tensor:
+    """y (M, N) = x (M, K) @ W^T (+ bias) from `pack_words`' planes; x bf16 / fp16, contiguous rows."""
+    m = x.shape[0]
+    ngs = ngs or max(1, 128 // gs)
+    if ngs not in (1, 2, 4):
+        raise ValueError(f"matmul_w4: {ngs} groups per stage (1, 2 or 4)")
+    bn = 64 * num_wg
+    if n % bn:
+        raise ValueError(f"matmul_w4: N = {n} must be a multiple of {bn}")
+    n_groups = k // gs
+    iters = n_groups // ngs
+    if iters * ngs != n_groups:
+        raise ValueError(f"matmul_w4: K / group = {n_groups} must be a multiple of {ngs} groups per stage")
+    ips = cdiv(iters, split_k)
+    split_k = cdiv(iters, ips)
+    y = out if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
+    f16 = x.dtype == torch.float16
+    e8m0 = scales.dtype == torch.uint8
+    wl, sl, xl = _layouts(block_m, gs, num_wg, f16, scales.element_size() * 8)
+    w_desc = TensorDescriptor(words, list(words.shape), list(words.stride()), [4 * num_wg, 2 * gs], wl)
+    # >= 128 bytes per scale row: TMA writes shared memory at 128-byte aligned slots (E8M0 bytes, one warpgroup)
+    s_desc = TensorDescriptor(scales, list(scales.shape), list(scales.stride()), [1, max(bn, 128 // scales.element_size())], sl)
+    x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [block_m, gs], xl)
+    grid = (n // bn, cdiv(m, block_m), split_k)
+    if split_k > 1:
+        ws = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
+        cnt = counters if counters is not None else torch.zeros(num_wg * grid[0] * grid[1], dtype=torch.int32, device=x.device)
+    else:
+        ws = cnt = y
+    _w4_kernel[grid](w_desc, s_desc, x_desc, y, ws, cnt, bias if bias is not None else y, m, n, y.stride(0),
+                     ips * ngs, n_groups, BLOCK_M=block_m, GS=gs, NGS=ngs, STAGES=stages, NUM_WG=num_wg,
+                     NB16=n // 16, F16=f16, E8M0=e8m0, SPLIT_K=split_k, HAS_BIAS=bias is not None, REGS=regs, num_warps=4,
+                     **({"maxnreg": maxnreg} if maxnreg else {}))
+    return y
+
+
+# repacked planes per stored data plane (by identity; dropped with it)
+_PACKED: dict[int, tuple] = {}
+
+
+def packed_planes(data: torch.Tensor, scale: torch.Tensor, gs: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`pack_words(data, scale, gs)`, made once per data plane and kept while that tensor lives;
+    None while a CUDA graph is being captured and the planes are not packed yet (packing allocates)."""
+    hit = _PACKED.get(id(data))
+    if hit is not None and hit[0]() is data and hit[1] is scale:
+        return hit[2]
+    if torch.cuda.is_current_stream_capturing():
+        return None
+    key = id(data)
+    ref = weakref.ref(data, lambda _r, key=key: _PACKED.pop(key, None))
+    packed = pack_words(data, scale, gs)
+    _PACKED[key] = (ref, scale, packed)
+    return packed
+
+
+def run_planes(x: torch.Tensor, planes: dict, gs: int, n: int, k: int, bias, y: torch.Tensor, cfg: dict,
+               counters: torch.Tensor) -> bool:
+    """y = x @ W^T (+ bias) from the stored planes (`triton_linear.run`'s "gluon4" path); False, with
+    y untouched, where this call does not suit the kernel (x not 16-byte aligned rows, activations
+    other than bf16 / fp16, scales of another type, a capture before the planes were packed)."""
+    if x.dtype not in (torch.bfloat16, torch.float16) or x.stride(-1) != 1 or x.data_ptr() % 16 or (x.stride(0) * 2) % 16:
+        return False
+    scale = planes.get("scale")
+    if scale is None or scale.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.uint8):
+        return False
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    packed = packed_planes(planes["data"], scale, gs)
+    if packed is None:
+        return False
+    matmul_w4(x, *packed, n=n, k=k, gs=gs, bias=bias, block_m=cfg["block_m"], num_wg=cfg["num_wg"],
+              stages=cfg["stages"], split_k=cfg["split_k"], counters=counters, out=y)
+    return True

@@ -1,0 +1,157 @@
+"""The Hopper int4 matmul (`kernels/gluon_w4.py`): its repacked word layout against the tensor
+cores' A-fragment definition, its PTX decode through the emulator, the routing rule (CPU), and the
+kernel itself against dequantize-then-matmul (sm_90 only: Gluon has no interpreter)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ptx_emulator import halves_to_float, run_ptx
+
+import lowbit
+from lowbit.formats import PRESETS
+from lowbit.kernels import triton_linear as tlin
+from lowbit.kernels.nibble_ptx import asm_words
+
+CUDA = torch.cuda.is_available()
+HOPPER = CUDA and torch.cuda.get_device_capability()[0] == 9
+
+
+def _fragment_words(codes: torch.Tensor, gs: int) -> torch.Tensor:
+    """The words the kernel wants, from PTX's mma.m16n8k16 A fragment (one warp, 16 x 16 tile):
+    lane = 4 g + t holds a0 = (row g, cols 2t, 2t+1), a1 = (row g+8, same cols), a2 = (row g,
+    cols 2t+8, 2t+9), a3 = (row g+8, cols 2t+8, 2t+9); register ai's two elements are nibble i of
+    the word's low and high half. Written with plain loops: an independent twin of `pack_words`."""
+    n, k = codes.shape
+    ks_n = gs // 16
+    c = codes.tolist()
+    out = np.zeros((k // gs, n // 16, 32, ks_n), dtype=np.int64)
+    for gq in range(k // gs):
+        for rb in range(n // 16):
+            for lane in range(32):
+                g, t = divmod(lane, 4)
+                for ks in range(ks_n):
+                    word = 0
+                    for i, (dr, dc) in enumerate(((0, 0), (8, 0), (0, 8), (8, 8))):
+                        row, col = 16 * rb + g + dr, gs * gq + 16 * ks + 2 * t + dc
+                        word |= c[row][col] << (4 * i)
+                        word |= c[row][col + 1] << (16 + 4 * i)
+                    out[gq, rb, lane, ks] = word
+    out = np.where(out >= 2**31, out - 2**32, out)
+    return torch.from_numpy(out.reshape(k // gs * n // 16, 32 * ks_n)).to(torch.int32)
+
+
+@pytest.mark.parametrize("n,k,gs", [(16, 32, 32), (48, 256, 64), (32, 256, 128)])
+def test_pack_words_puts_each_fragment_in_its_lane(n, k, gs):
+    from lowbit.kernels.gluon_w4 import pack_words, unpack_words
+
+    gen = torch.Generator().manual_seed(n + k + gs)
+    data = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8)
+    scale = torch.rand(n, k // gs, generator=gen).half()
+    words, scales = pack_words(data, scale, gs)
+    codes = torch.stack((data & 15, data >> 4), -1).reshape(n, k)
+    assert torch.equal(words, _fragment_words(codes, gs))
+    assert torch.equal(scales, scale.t())
+    assert torch.equal(unpack_words(words, n, k, gs), codes)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        pack_words(data[:8], scale[:8], gs)
+
+
+@pytest.mark.parametrize("f16", [False, True])
+def test_word_decode_ptx(f16):
+    """asm_words: output 2 i + h is nibble i of half h, as c - 8, exactly."""
+    dt = torch.float16 if f16 else torch.bfloat16
+    text = asm_words(f16)
+    rng = np.random.default_rng(int(f16))
+    for _ in range(300):
+        word = int(rng.integers(0, 2**32))
+        out = run_ptx(text, {"$8": word}, dt)
+        for i in range(4):
+            for h in range(2):
+                got = halves_to_float(out[f"${2 * i + h}"], dt)[0]
+                assert got == ((word >> (16 * h + 4 * i)) & 15) - 8, (hex(word), i, h, got)
+
+
+def test_gluon4_is_chosen_only_where_it_runs(monkeypatch):
+    """Symmetric int4 codes with 32..128-value groups at M = 9..64 on sm_90; nothing else."""
+    spec = tlin.spec_of(PRESETS["int4-e8m0"])
+    cfg = tlin.gluon4_config(spec, 16, 8192, 8192, sm90=True)
+    assert cfg == {"path": "gluon4", "num_wg": 2, "block_m": 16, "split_k": 2, "stages": 4}
+    assert tlin.gluon4_config(spec, 64, 14336, 4096, sm90=True)["num_wg"] == 1  # few row blocks: one warpgroup
+    assert tlin.gluon4_config(spec, 40, 4096, 14336, sm90=True)["split_k"] == 1  # 112 programs without a split
+    for m, k, n in ((8, 4096, 4096), (65, 4096, 4096), (16, 4160, 4096), (16, 4096, 4100)):
+        assert tlin.gluon4_config(spec, m, k, n, sm90=True) is None, (m, k, n)
+    assert tlin.gluon4_config(spec, 16, 4096, 4096, sm90=False) is None
+    for name in ("int4-asym", "mxfp4", "int2-e8m0", "int8", "lut4"):
+        s = tlin.spec_of(PRESETS[name])
+        assert s is None or tlin.gluon4_config(s, 16, 4096, 4096, sm90=True) is None, name
+    s256 = tlin.spec_of(PRESETS["int4"].replace(block_size=256))
+    assert tlin.gluon4_config(s256, 16, 4096, 4096, sm90=True) is None
+    monkeypatch.setattr(tlin, "GLUON_W4", False)
+    assert tlin.gluon4_config(spec, 16, 4096, 4096, sm90=True) is None
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Gluon int4 kernel is compiled for sm_90 only (no interpreter for Gluon)")
+@pytest.mark.parametrize("preset,gs", [("int4", 32), ("int4-e8m0", 32), ("int4", 64), ("int4-e8m0", 128)])
+def test_gluon4_matches_dequantize_then_matmul(preset, gs):
+    """Every config shape (warpgroups, split-K, stages, groups per stage) at odd M, bf16 / fp16,
+    with and without bias, outputs NaN-poisoned, vs the fp32 product of the dequantized weight."""
+    from lowbit.kernels.gluon_w4 import matmul_w4, pack_words
+
+    gen = torch.Generator(device="cuda").manual_seed(gs)
+    n, k = 384, 1024
+    qt = lowbit.quantize_tensor(torch.randn(n, k, device="cuda", generator=gen) * 0.02,
+                                PRESETS[preset].replace(block_size=gs))
+    words, scales = pack_words(qt.planes["data"], qt.planes["scale"], gs)
+    ref_w = qt.dequantize(torch.float32)
+    cnt = torch.zeros(1024, dtype=torch.int32, device="cuda")
+    for dt in (torch.bfloat16, torch.float16):
+        for m, cfg in ((9, dict(num_wg=2, block_m=16, split_k=1, stages=4)),
+                       (33, dict(num_wg=1, block_m=64, split_k=2, stages=6)),
+                       (64, dict(num_wg=2, block_m=64, split_k=3, stages=3, ngs=max(1, 64 // gs))),
+                       (20, dict(num_wg=2, block_m=32, split_k=4, stages=5))):
+            x = torch.randn(m, k, device="cuda", generator=gen).to(dt)
+            bias = torch.randn(n, device="cuda", generator=gen).to(dt) if m == 33 else None
+            out = torch.full((m, n), float("nan"), device="cuda", dtype=dt)
+            matmul_w4(x, words, scales, n=n, k=k, gs=gs, bias=bias, counters=cnt, out=out, **cfg)
+            ref = x.float() @ ref_w.T + (0 if bias is None else bias.float())
+            assert not out.isnan().any(), (dt, m, cfg)
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            assert err < 1e-2, (dt, m, cfg, err)
+    assert int(cnt.abs().sum()) == 0  # the last program of each tile resets its counter
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Gluon int4 kernel is compiled for sm_90 only (no interpreter for Gluon)")
+def test_gluon4_runs_inside_quant_linear_and_cuda_graphs():
+    """The kernel table routes M = 16 to it; a graph captured before the planes were packed falls back."""
+    from lowbit.kernels import gluon_w4
+    from lowbit.nn import QuantLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(1024, 512, bias=True).cuda()
+    q = QuantLinear.from_float(lin, "int4-e8m0").cuda()
+    x = torch.randn(16, 1024, device="cuda", dtype=torch.bfloat16)
+    spec = tlin.spec_of(q.qweight.fmt)
+    assert tlin.choose(spec, 16, 1024, 512)["path"] == "gluon4"
+    ref = x.float() @ q.qweight.dequantize(torch.float32).T + lin.bias.float()
+    gluon_w4._PACKED.clear()
+    graph = torch.cuda.CUDAGraph()
+    out = torch.empty(16, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        with torch.cuda.graph(graph):  # not packed yet: this capture takes the dot4 path
+            out.copy_(q(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
+        assert not gluon_w4._PACKED
+        y = q(x)  # eager: packs the planes, runs the kernel
+        assert len(gluon_w4._PACKED) == 1
+        assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
+        graph2 = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph2):
+            out.copy_(q(x))
+        out.zero_()
+        graph2.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, y)
