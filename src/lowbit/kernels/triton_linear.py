@@ -5,8 +5,9 @@ accepts: `int8` (per channel), `int4` / `int4-asym` / `int2` (any block whose pa
 power of two of bytes: 32, 64, 128, ...; fp16 / bf16 / fp32 scales), `int4-e8m0`, `int2-e8m0`,
 `mxfp4`, `mxfp8-e4m3`, `mxfp8-e5m2`, `mxint8`, and palettes `lut2` / `lut4` / `lut8` (fp16 or
 int8 tables, per tensor or per channel group, optional per-channel scale). Other formats keep the
-reference path. The kernels read the stored planes as they are (no repacked copy, nothing added to
-the state dict or the package format).
+reference path. The kernels read the stored planes as they are (nothing added to the state dict or
+the package format), except the Hopper int4 kernel (`gluon_w4.py`, path "gluon4": symmetric int4 at
+M = 9..64 on sm_90), which keeps a repacked copy of the codes made on its first call.
 
 Path per call (`choose`): M <= 4 a GEMV (one program per output-row block, CUDA cores); up to a
 few hundred rows a tensor-core tile kernel (`tl.dot`, split-K with an in-kernel reduction for
