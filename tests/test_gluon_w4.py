@@ -58,6 +58,24 @@ def test_pack_words_puts_each_fragment_in_its_lane(n, k, gs):
         pack_words(data[:8], scale[:8], gs)
 
 
+def test_packed_planes_are_made_once_and_dropped_with_the_plane():
+    """Another tensor object over the same storage (what torch.compile may pass) reuses the words."""
+    import gc
+
+    from lowbit.kernels import gluon_w4
+
+    gluon_w4._PACKED.clear()
+    data = torch.randint(0, 256, (32, 64), dtype=torch.uint8)
+    scale = torch.rand(32, 4).half()
+    first = gluon_w4.packed_planes(data, scale, 32)
+    assert gluon_w4.packed_planes(data.view(32, 64), scale, 32) is first
+    assert torch.equal(first[0], gluon_w4.pack_words(data, scale, 32)[0])
+    assert gluon_w4.packed_planes(data, scale.clone(), 32) is not first  # other scales: packed again
+    del data, first
+    gc.collect()
+    assert not gluon_w4._PACKED
+
+
 @pytest.mark.parametrize("f16", [False, True])
 def test_word_decode_ptx(f16):
     """asm_words: output 2 i + h is nibble i of half h, as c - 8, exactly."""

@@ -336,23 +336,26 @@ def matmul_w4(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, *, n: 
     return y
 
 
-# repacked planes per stored data plane (by identity; dropped with it)
-_PACKED: dict[int, tuple] = {}
+# repacked planes per stored data plane: keyed by address (torch.compile may hand the op other
+# tensor objects over the same storage), valid while the first tensor seen there is alive and still
+# points there (a live tensor keeps its storage, so the bytes are the ones packed); dropped with it
+_PACKED: dict[tuple, tuple] = {}
 
 
 def packed_planes(data: torch.Tensor, scale: torch.Tensor, gs: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """`pack_words(data, scale, gs)`, made once per data plane and kept while that tensor lives;
+    """`pack_words(data, scale, gs)`, made once per data plane and kept while that plane lives;
     None while a CUDA graph is being captured and the planes are not packed yet (packing allocates)."""
-    hit = _PACKED.get(id(data))
-    if hit is not None and hit[0]() is data and hit[1] is scale:
-        return hit[2]
-    if torch.cuda.is_current_stream_capturing():
+    key = (data.data_ptr(), scale.data_ptr(), tuple(data.shape), gs)
+    hit = _PACKED.get(key)
+    if hit is not None:
+        d, s = hit[0](), hit[1]()
+        if d is not None and s is not None and d.data_ptr() == key[0] and s.data_ptr() == key[1]:
+            return hit[2]
+    if data.is_cuda and torch.cuda.is_current_stream_capturing():
         return None
-    key = id(data)
-    ref = weakref.ref(data, lambda _r, key=key: _PACKED.pop(key, None))
-    packed = pack_words(data, scale, gs)
-    _PACKED[key] = (ref, scale, packed)
-    return packed
+    drop = lambda _r, key=key: _PACKED.pop(key, None)  # noqa: E731
+    _PACKED[key] = (weakref.ref(data, drop), weakref.ref(scale, drop), pack_words(data, scale, gs))
+    return _PACKED[key][2]
 
 
 def run_planes(x: torch.Tensor, planes: dict, gs: int, n: int, k: int, bias, y: torch.Tensor, cfg: dict,
