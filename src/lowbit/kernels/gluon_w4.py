@@ -194,7 +194,7 @@ def _consumer(w_smem, s_smem, x_smem, ready, free, y_ptr, ws_ptr, cnt_ptr, bias_
 def _w4_kernel(w_desc, s_desc, x_desc, y_ptr, ws_ptr, cnt_ptr, bias_ptr, M, N, stride_ym, groups_per_split,
                n_groups_total, BLOCK_M: gl.constexpr, GS: gl.constexpr, NGS: gl.constexpr, STAGES: gl.constexpr,
                NUM_WG: gl.constexpr, NB16: gl.constexpr, F16: gl.constexpr, E8M0: gl.constexpr,
-               SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr, REGS: gl.constexpr = 232):
+               SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr):
     pid_n = gl.program_id(0)
     pid_m = gl.program_id(1)
     pid_k = gl.program_id(2)
@@ -214,37 +214,24 @@ def _w4_kernel(w_desc, s_desc, x_desc, y_ptr, ws_ptr, cnt_ptr, bias_ptr, M, N, s
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(free.index(i), count=NUM_WG)
 
-    # the first consumer is the default partition (the kernel's 4 warps), the others are workers
+    # the first consumer is the default partition (the kernel's 4 warps), the other one a worker
+    gl.static_assert((NUM_WG == 1) | (NUM_WG == 2), "one or two consumer warpgroups")
     if NUM_WG == 1:
         gl.warp_specialize([
-            (_consumer, (w_smem, s_smem, x_smem, ready, free, y_ptr, ws_ptr, cnt_ptr, bias_ptr, M, N, stride_ym, m0, n0, pid_k, tile,
-                       n_iters, 0, BLOCK_M, GS, NGS, STAGES, F16, E8M0, SPLIT_K, HAS_BIAS, NUM_WG)),
-            (_loader, (w_desc, s_desc, x_desc, w_smem, s_smem, x_smem, ready, free, n0 // 16, n0, m0, g_lo, n_iters, NGS, GS,
-                     STAGES, NB16)),
+            (_consumer, (w_smem, s_smem, x_smem, ready, free, y_ptr, ws_ptr, cnt_ptr, bias_ptr, M, N, stride_ym, m0,
+                         n0, pid_k, tile, n_iters, 0, BLOCK_M, GS, NGS, STAGES, F16, E8M0, SPLIT_K, HAS_BIAS, NUM_WG)),
+            (_loader, (w_desc, s_desc, x_desc, w_smem, s_smem, x_smem, ready, free, n0 // 16, n0, m0, g_lo, n_iters,
+                       NGS, GS, STAGES, NB16)),
         ], [1], [40])
-    elif NUM_WG == 2:
-        gl.warp_specialize([
-            (_consumer, (w_smem, s_smem, x_smem, ready, free, y_ptr, ws_ptr, cnt_ptr, bias_ptr, M, N, stride_ym, m0, n0, pid_k, tile,
-                       n_iters, 0, BLOCK_M, GS, NGS, STAGES, F16, E8M0, SPLIT_K, HAS_BIAS, NUM_WG)),
-            (_consumer, (w_smem, s_smem, x_smem, ready, free, y_ptr, ws_ptr, cnt_ptr, bias_ptr, M, N, stride_ym, m0, n0, pid_k, tile,
-                       n_iters, 1, BLOCK_M, GS, NGS, STAGES, F16, E8M0, SPLIT_K, HAS_BIAS, NUM_WG)),
-            (_loader, (w_desc, s_desc, x_desc, w_smem, s_smem, x_smem, ready, free, n0 // 16, n0, m0, g_lo, n_iters, NGS, GS,
-                     STAGES, NB16)),
-        ], [4, 1], [REGS, 40])
     else:
-        gl.static_assert(NUM_WG == 4, "1, 2 or 4 consumer warpgroups")
         gl.warp_specialize([
-            (_consumer, (w_smem, s_smem, x_smem, ready, free, y_ptr, ws_ptr, cnt_ptr, bias_ptr, M, N, stride_ym, m0, n0, pid_k, tile,
-                       n_iters, 0, BLOCK_M, GS, NGS, STAGES, F16, E8M0, SPLIT_K, HAS_BIAS, NUM_WG)),
-            (_consumer, (w_smem, s_smem, x_smem, ready, free, y_ptr, ws_ptr, cnt_ptr, bias_ptr, M, N, stride_ym, m0, n0, pid_k, tile,
-                       n_iters, 1, BLOCK_M, GS, NGS, STAGES, F16, E8M0, SPLIT_K, HAS_BIAS, NUM_WG)),
-            (_consumer, (w_smem, s_smem, x_smem, ready, free, y_ptr, ws_ptr, cnt_ptr, bias_ptr, M, N, stride_ym, m0, n0, pid_k, tile,
-                       n_iters, 2, BLOCK_M, GS, NGS, STAGES, F16, E8M0, SPLIT_K, HAS_BIAS, NUM_WG)),
-            (_consumer, (w_smem, s_smem, x_smem, ready, free, y_ptr, ws_ptr, cnt_ptr, bias_ptr, M, N, stride_ym, m0, n0, pid_k, tile,
-                       n_iters, 3, BLOCK_M, GS, NGS, STAGES, F16, E8M0, SPLIT_K, HAS_BIAS, NUM_WG)),
-            (_loader, (w_desc, s_desc, x_desc, w_smem, s_smem, x_smem, ready, free, n0 // 16, n0, m0, g_lo, n_iters, NGS, GS,
-                     STAGES, NB16)),
-        ], [4, 4, 4, 1], [REGS, REGS, REGS, 24])
+            (_consumer, (w_smem, s_smem, x_smem, ready, free, y_ptr, ws_ptr, cnt_ptr, bias_ptr, M, N, stride_ym, m0,
+                         n0, pid_k, tile, n_iters, 0, BLOCK_M, GS, NGS, STAGES, F16, E8M0, SPLIT_K, HAS_BIAS, NUM_WG)),
+            (_consumer, (w_smem, s_smem, x_smem, ready, free, y_ptr, ws_ptr, cnt_ptr, bias_ptr, M, N, stride_ym, m0,
+                         n0, pid_k, tile, n_iters, 1, BLOCK_M, GS, NGS, STAGES, F16, E8M0, SPLIT_K, HAS_BIAS, NUM_WG)),
+            (_loader, (w_desc, s_desc, x_desc, w_smem, s_smem, x_smem, ready, free, n0 // 16, n0, m0, g_lo, n_iters,
+                       NGS, GS, STAGES, NB16)),
+        ], [4, 1], [232, 40])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,7 +287,7 @@ def _layouts(block_m: int, gs: int, num_wg: int, f16: bool, s_bits: int):
 def matmul_w4(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, *, n: int, k: int, gs: int,
               bias: torch.Tensor | None = None, block_m: int = 16, num_wg: int = 2, ngs: int | None = None,
               stages: int = 4, split_k: int = 1, counters: torch.Tensor | None = None,
-              out: torch.Tensor | None = None, regs: int = 232, maxnreg: int | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None) -> torch.Tensor:
     """y (M, N) = x (M, K) @ W^T (+ bias) from `pack_words`' planes; x bf16 / fp16, contiguous rows."""
     m = x.shape[0]
     ngs = ngs or max(1, 128 // gs)
@@ -331,8 +318,7 @@ def matmul_w4(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, *, n: 
         ws = cnt = y
     _w4_kernel[grid](w_desc, s_desc, x_desc, y, ws, cnt, bias if bias is not None else y, m, n, y.stride(0),
                      ips * ngs, n_groups, BLOCK_M=block_m, GS=gs, NGS=ngs, STAGES=stages, NUM_WG=num_wg,
-                     NB16=n // 16, F16=f16, E8M0=e8m0, SPLIT_K=split_k, HAS_BIAS=bias is not None, REGS=regs, num_warps=4,
-                     **({"maxnreg": maxnreg} if maxnreg else {}))
+                     NB16=n // 16, F16=f16, E8M0=e8m0, SPLIT_K=split_k, HAS_BIAS=bias is not None, num_warps=4)
     return y
 
 
