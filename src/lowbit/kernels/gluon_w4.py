@@ -257,7 +257,8 @@ def pack_words(data: torch.Tensor, scale: torch.Tensor, gs: int) -> tuple[torch.
     # row = 16 rb + 8 b1 + g; col = gs gq + 16 ks + 8 b2 + 2 t + b0
     c = codes.reshape(n // 16, 2, 8, k // gs, ks, 2, 4, 2)          # rb, b1, g, gq, ks, b2, t, b0
     c = c.permute(3, 0, 2, 6, 4, 7, 5, 1)                            # gq, rb, g, t, ks, b0, b2, b1
-    shift = (16 * torch.arange(2).view(2, 1, 1) + 4 * (torch.arange(2).view(1, 1, 2) + 2 * torch.arange(2).view(1, 2, 1)))
+    b = torch.arange(2)
+    shift = 16 * b.view(2, 1, 1) + 4 * (b.view(1, 1, 2) + 2 * b.view(1, 2, 1))  # (b0, b2, b1) -> bit position
     words = (c << shift.to(c.device)).sum((-3, -2, -1))              # bits never overlap: the sum is an OR
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # the same 32 bits, signed
     return words.reshape(k // gs * n // 16, 32 * ks).contiguous(), scale.t().contiguous()
@@ -308,12 +309,15 @@ def matmul_w4(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, *, n: 
     wl, sl, xl = _layouts(block_m, gs, num_wg, f16, scales.element_size() * 8)
     w_desc = TensorDescriptor(words, list(words.shape), list(words.stride()), [4 * num_wg, 2 * gs], wl)
     # >= 128 bytes per scale row: TMA writes shared memory at 128-byte aligned slots (E8M0 bytes, one warpgroup)
-    s_desc = TensorDescriptor(scales, list(scales.shape), list(scales.stride()), [1, max(bn, 128 // scales.element_size())], sl)
+    s_box = [1, max(bn, 128 // scales.element_size())]
+    s_desc = TensorDescriptor(scales, list(scales.shape), list(scales.stride()), s_box, sl)
     x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [block_m, gs], xl)
     grid = (n // bn, cdiv(m, block_m), split_k)
     if split_k > 1:
         ws = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
-        cnt = counters if counters is not None else torch.zeros(num_wg * grid[0] * grid[1], dtype=torch.int32, device=x.device)
+        cnt = counters
+        if cnt is None:
+            cnt = torch.zeros(num_wg * grid[0] * grid[1], dtype=torch.int32, device=x.device)
     else:
         ws = cnt = y
     _w4_kernel[grid](w_desc, s_desc, x_desc, y, ws, cnt, bias if bias is not None else y, m, n, y.stride(0),
@@ -349,7 +353,8 @@ def run_planes(x: torch.Tensor, planes: dict, gs: int, n: int, k: int, bias, y: 
     """y = x @ W^T (+ bias) from the stored planes (`triton_linear.run`'s "gluon4" path); False, with
     y untouched, where this call does not suit the kernel (x not 16-byte aligned rows, activations
     other than bf16 / fp16, scales of another type, a capture before the planes were packed)."""
-    if x.dtype not in (torch.bfloat16, torch.float16) or x.stride(-1) != 1 or x.data_ptr() % 16 or (x.stride(0) * 2) % 16:
+    tma_ok = x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and (x.stride(0) * 2) % 16 == 0
+    if x.dtype not in (torch.bfloat16, torch.float16) or not tma_ok:
         return False
     scale = planes.get("scale")
     if scale is None or scale.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.uint8):
