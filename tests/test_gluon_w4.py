@@ -98,7 +98,7 @@ def test_gluon4_is_chosen_only_where_it_runs(monkeypatch):
     assert cfg == {"path": "gluon4", "num_wg": 2, "block_m": 16, "split_k": 2, "stages": 4}
     assert tlin.gluon4_config(spec, 64, 14336, 4096, sm90=True)["num_wg"] == 1  # few row blocks: one warpgroup
     assert tlin.gluon4_config(spec, 40, 4096, 14336, sm90=True)["split_k"] == 1  # 112 programs without a split
-    for m, k, n in ((8, 4096, 4096), (65, 4096, 4096), (16, 4160, 4096), (16, 4096, 4100)):
+    for m, k, n in ((8, 4096, 4096), (65, 4096, 4096), (16, 4160, 4096), (16, 4096, 4100), (16, 4096, 0)):
         assert tlin.gluon4_config(spec, m, k, n, sm90=True) is None, (m, k, n)
     assert tlin.gluon4_config(spec, 16, 4096, 4096, sm90=False) is None
     for name in ("int4-asym", "mxfp4", "int2-e8m0", "int8", "lut4"):

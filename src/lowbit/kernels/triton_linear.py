@@ -225,7 +225,7 @@ def gluon4_config(spec: Spec, m: int, k: int, n: int, sm90: bool | None = None) 
         >>> gluon4_config(spec_of(PRESETS["int8"]), 16, 8192, 8192, sm90=True) is None
         True
     """
-    if not (GLUON_W4 and 9 <= m <= 64 and k % 128 == 0 and n % 64 == 0):
+    if not (GLUON_W4 and 9 <= m <= 64 and k > 0 and n > 0 and k % 128 == 0 and n % 64 == 0):
         return None
     if not (spec.bits == 4 and spec.code == 0 and not spec.has_zero and spec.smode in (1, 2) and spec.cmul == 1.0
             and spec.bb in (16, 32, 64)):
