@@ -173,3 +173,22 @@ def test_gluon4_runs_inside_quant_linear_and_cuda_graphs():
         graph2.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, y)
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Gluon int4 kernel is compiled for sm_90 only (no interpreter for Gluon)")
+def test_gluon4_under_torch_compile():
+    """torch.compile keeps the custom op; its calls reuse the words packed by the eager call."""
+    from lowbit.kernels import gluon_w4
+    from lowbit.nn import QuantLinear
+
+    torch.manual_seed(1)
+    q = QuantLinear.from_float(torch.nn.Linear(2048, 1024, bias=False), "int4").cuda()
+    x = torch.randn(24, 2048, device="cuda", dtype=torch.bfloat16)
+    gluon_w4._PACKED.clear()
+    with torch.no_grad():
+        eager = q(x)
+        assert len(gluon_w4._PACKED) == 1
+        compiled = torch.compile(q, fullgraph=True)
+        for _ in range(3):
+            assert torch.equal(compiled(x), eager)
+    assert len(gluon_w4._PACKED) == 1
