@@ -1,5 +1,6 @@
 """Hopper (sm_90) int4 matmul in Gluon: y = x @ W^T with W's 4-bit codes decoded in the registers
-of the tensor cores' A operand, for M = 5..128 activation rows.
+of the tensor cores' A operand, for a few to 64 activation rows (`triton_linear.gluon4_config`
+routes M = 9..64 here; 128 rows with four accumulators spill).
 
 Why: the Triton `dot4` kernel (triton_dot4.py) ran M = 16 at ~1.45x bf16 and M = 64 near 1.0x on
 an H200 (RESULTS.md, session 19): every warp loads, decodes and multiplies in lock step, and
@@ -9,15 +10,15 @@ the scales into a ring of shared-memory stages with TMA, and consumer warpgroups
 multiply:
 
 - the product is computed transposed (y^T = W x^T): the weight rows are wgmma's M side (64 per
-  warpgroup), the activation rows its N side (BLOCK_M = 8..128), so small M wastes nothing;
+  warpgroup), the activation rows its N side (BLOCK_M = 16..64), so small M wastes little;
 - the codes are repacked once (`pack_words`) so that each thread's 32-bit word holds exactly the
   eight codes of its A-operand fragment for one 16-wide k step (see the byte layout below): one
   shared-memory word per 8 weights, decoded by 3 shifts, 4 LOP3 and 4 FMA (`nibble_ptx.asm_words`),
   no shuffles;
 - the scales are applied to the fp32 accumulator once per scale group (GS = 32..128 along K): each
-  group's codes are multiplied into a fresh accumulator (wgmma in flight while the previous group's
-  result is scaled and added), so the decode does no per-weight multiply and the scale is exact
-  (fp32) instead of rounded to the 16-bit weight;
+  of a stage's groups (up to 4) is multiplied into a fresh accumulator while the next stage's codes
+  are decoded, then scaled and added, so the decode does no per-weight multiply and the scale is
+  exact (fp32) instead of rounded to the 16-bit weight;
 - split-K over programs, partial sums reduced by the last program of each tile (atomic counter,
   as `triton_split_k.split_k_total`).
 
