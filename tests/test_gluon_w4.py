@@ -192,3 +192,27 @@ def test_gluon4_under_torch_compile():
         for _ in range(3):
             assert torch.equal(compiled(x), eager)
     assert len(gluon_w4._PACKED) == 1
+
+
+def test_measured_gluon4_entries_win_only_where_it_runs(monkeypatch):
+    """A `gluon4` table entry serves the formats / devices that run it; older entries there give way."""
+    monkeypatch.setattr(tlin, "_sm90", lambda: True)
+    spec = tlin.spec_of(PRESETS["int4"])
+    g4_entry = {"path": "gluon4", "num_wg": 1, "block_m": 16, "split_k": 4, "stages": 6, "us": 9.0}
+    dot4_entry = {"path": "dot4", "BLOCK_N": 64, "BLOCK_M": 16, "KB_T": 128, "num_warps": 4, "STAGES": 4,
+                  "SPLIT_K": 4, "XPERM": False, "us": 10.0}
+    table = {"*|16|4096|4096": g4_entry, "*|16|4096|8192": dot4_entry, "4|64|4096|4096": dot4_entry}
+    monkeypatch.setattr(tlin, "_load_table", lambda: table)
+    tlin._CHOSEN.clear()
+    cfg = tlin.choose(spec, 16, 4096, 4096)
+    assert cfg == {k: v for k, v in g4_entry.items() if k != "us"}
+    assert tlin.choose(spec, 16, 4096, 8192) == tlin.gluon4_config(spec, 16, 4096, 8192)  # old entry gives way
+    assert tlin.choose(spec, 64, 4096, 4096)["path"] == "gluon4"
+    mx = tlin.spec_of(PRESETS["mxfp4"])  # a "*" entry of the int4 kernel is not for e2m1 codes
+    assert tlin.choose(mx, 16, 4096, 4096)["path"] != "gluon4"
+    assert any(c["path"] == "gluon4" for c in tlin.candidates(spec, 16, 4096, 4096))
+    assert not any(c["path"] == "gluon4" for c in tlin.candidates(mx, 16, 4096, 4096))
+    monkeypatch.setattr(tlin, "_sm90", lambda: False)
+    tlin._CHOSEN.clear()
+    assert tlin.choose(spec, 16, 4096, 4096)["path"] != "gluon4"  # not on this device: next entry / heuristic
+    tlin._CHOSEN.clear()

@@ -260,16 +260,19 @@ def choose(spec: Spec, m: int, k: int, n: int) -> dict:
 
 
 def _choose(table: dict, spec: Spec, m: int, k: int, n: int) -> dict:
+    """Where the Hopper int4 kernel runs (`gluon4_config`), a measured `gluon4` entry or else its
+    own config (it beat every older entry where both were timed); elsewhere the first entry whose
+    path decodes this format, else the heuristic."""
     g4 = gluon4_config(spec, m, k, n)
-    if g4 is not None:
-        return g4
     family = decode_family(spec)
     keys = ([table_key(family, m, k, n)] if family else []) + [table_key(spec.bits, m, k, n), table_key("*", m, k, n)]
     for key in keys:
         cfg = table.get(key)
-        if cfg and (cfg["path"] != "dot4" or dot4_format_ok(spec)):
+        if not cfg or (cfg["path"] == "gluon4") != (g4 is not None):
+            continue
+        if cfg["path"] != "dot4" or dot4_format_ok(spec):
             return _fit(dict(cfg), spec, m)
-    return heuristic(spec, m, k, n)
+    return g4 if g4 is not None else heuristic(spec, m, k, n)
 
 
 def dot_blocks(kb_t: int, spec: Spec) -> int:
@@ -309,6 +312,12 @@ def candidates(spec: Spec, m: int, k: int, n: int) -> list[dict]:
                             (2, 1024, 4), (4, 2048, 8), (8, 2048, 8), (16, 512, 4)):
             out.append({"path": "gemv", "BLOCK_N": bn, "KB_T": kbt, "num_warps": nw})
     sm = _sm_count()
+    g4 = gluon4_config(spec, m, k, n)
+    if g4 is not None:  # the Hopper int4 kernel: warpgroups, split-K, stages around its own config
+        for nwg in (1, 2) if n % 128 == 0 else (1, ):
+            for split in sorted({1, 2, 4, g4["split_k"]}):
+                for stages in (4, 6):
+                    out.append(dict(g4, num_wg=nwg, split_k=split, stages=stages))
     if 1 < m <= 256 and dot4_format_ok(spec):  # the packed-code tensor-core path
         # (BLOCK_N, BLOCK_M, KB_T, warps, STAGES, SPLIT_K, XPERM), from the H200 sweeps of
         # benchmarks/gemv_probe.py --m 16 64 256 (RESULTS.md): split K 2-4 and 256-512 codes per
