@@ -401,7 +401,7 @@ def tune(args, shapes, ms, bw) -> None:
             for _ in range(c - 1)]
         for m in ms:
             xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(c)]
-            best = None
+            best = best_other = None  # over all candidates / without the Hopper int4 kernel's
             for cfg in tlin.candidates(spec, m, k, n):
                 if args.tune_paths and cfg["path"] not in args.tune_paths:
                     continue
@@ -413,10 +413,16 @@ def tune(args, shapes, ms, bw) -> None:
                 print(f"  K={k} N={n} M={m} {t:8.1f} us  {cfg}", flush=True)
                 if best is None or t < best[0]:
                     best = (t, cfg)
+                if cfg["path"] != "gluon4" and (best_other is None or t < best_other[0]):
+                    best_other = (t, cfg)
             if best is None:
                 continue
             key = "*" if args.tune_preset == "int4-e8m0" else (tlin.decode_family(spec) or str(spec.bits))
-            entries[f"{key}|{tlin.m_bucket(m)}|{k}|{n}"] = dict(best[1], us=round(best[0], 2))
+            bucket = f"{tlin.m_bucket(m)}|{k}|{n}"
+            if best_other is not None:  # the entry other formats read ('*': all of them)
+                entries[f"{key}|{bucket}"] = dict(best_other[1], us=round(best_other[0], 2))
+            if tlin.gluon4_config(spec, m, k, n) is not None:  # what calls the int4 kernel could take read
+                entries[f"gluon4|{bucket}"] = dict(best[1], us=round(best[0], 2))
             print(f"best K={k} N={n} M={m}: {best[0]:.1f} us {best[1]}", flush=True)
         del copies, qt, w
     try:  # merge: entries measured now replace those of the same key, the others are kept

@@ -194,25 +194,25 @@ def test_gluon4_under_torch_compile():
     assert len(gluon_w4._PACKED) == 1
 
 
-def test_measured_gluon4_entries_win_only_where_it_runs(monkeypatch):
-    """A `gluon4` table entry serves the formats / devices that run it; older entries there give way."""
+def test_measured_gluon4_entries_serve_the_calls_it_can_run(monkeypatch):
+    """'gluon4|M|K|N' entries (the fastest of any path, timed where the kernel runs) serve those calls;
+    other formats keep the other keys; without an entry the kernel's own config."""
     monkeypatch.setattr(tlin, "_sm90", lambda: True)
     spec = tlin.spec_of(PRESETS["int4"])
     g4_entry = {"path": "gluon4", "num_wg": 1, "block_m": 16, "split_k": 4, "stages": 6, "us": 9.0}
     dot4_entry = {"path": "dot4", "BLOCK_N": 64, "BLOCK_M": 16, "KB_T": 128, "num_warps": 4, "STAGES": 4,
                   "SPLIT_K": 4, "XPERM": False, "us": 10.0}
-    table = {"*|16|4096|4096": g4_entry, "*|16|4096|8192": dot4_entry, "4|64|4096|4096": dot4_entry}
+    table = {"gluon4|16|4096|4096": g4_entry, "*|16|4096|4096": dot4_entry, "gluon4|64|4096|4096": dot4_entry}
     monkeypatch.setattr(tlin, "_load_table", lambda: table)
     tlin._CHOSEN.clear()
-    cfg = tlin.choose(spec, 16, 4096, 4096)
-    assert cfg == {k: v for k, v in g4_entry.items() if k != "us"}
-    assert tlin.choose(spec, 16, 4096, 8192) == tlin.gluon4_config(spec, 16, 4096, 8192)  # old entry gives way
-    assert tlin.choose(spec, 64, 4096, 4096)["path"] == "gluon4"
-    mx = tlin.spec_of(PRESETS["mxfp4"])  # a "*" entry of the int4 kernel is not for e2m1 codes
-    assert tlin.choose(mx, 16, 4096, 4096)["path"] != "gluon4"
+    assert tlin.choose(spec, 16, 4096, 4096) == {k: v for k, v in g4_entry.items() if k != "us"}
+    assert tlin.choose(spec, 64, 4096, 4096)["path"] == "dot4"  # measured faster there: taken
+    assert tlin.choose(spec, 32, 4096, 4096) == tlin.gluon4_config(spec, 32, 4096, 4096)  # no entry
+    mx = tlin.spec_of(PRESETS["mxfp4"])
+    assert tlin.choose(mx, 16, 4096, 4096)["path"] == "dot4"  # the '*' entry
     assert any(c["path"] == "gluon4" for c in tlin.candidates(spec, 16, 4096, 4096))
     assert not any(c["path"] == "gluon4" for c in tlin.candidates(mx, 16, 4096, 4096))
     monkeypatch.setattr(tlin, "_sm90", lambda: False)
     tlin._CHOSEN.clear()
-    assert tlin.choose(spec, 16, 4096, 4096)["path"] != "gluon4"  # not on this device: next entry / heuristic
+    assert tlin.choose(spec, 16, 4096, 4096)["path"] == "dot4"  # not on this device: the '*' entry
     tlin._CHOSEN.clear()

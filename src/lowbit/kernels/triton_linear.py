@@ -260,19 +260,21 @@ def choose(spec: Spec, m: int, k: int, n: int) -> dict:
 
 
 def _choose(table: dict, spec: Spec, m: int, k: int, n: int) -> dict:
-    """Where the Hopper int4 kernel runs (`gluon4_config`), a measured `gluon4` entry or else its
-    own config (it beat every older entry where both were timed); elsewhere the first entry whose
-    path decodes this format, else the heuristic."""
+    """Where the Hopper int4 kernel runs (`gluon4_config`): the fastest config measured for such
+    calls (key 'gluon4|M|K|N', any path), else the kernel's own config (it beat every older entry
+    where both were timed). Elsewhere: the first entry of the decode family, the bits, or any format
+    whose path decodes this format, else the heuristic."""
     g4 = gluon4_config(spec, m, k, n)
+    if g4 is not None:
+        cfg = table.get(table_key("gluon4", m, k, n))
+        return _fit(dict(cfg), spec, m) if cfg else g4
     family = decode_family(spec)
     keys = ([table_key(family, m, k, n)] if family else []) + [table_key(spec.bits, m, k, n), table_key("*", m, k, n)]
     for key in keys:
         cfg = table.get(key)
-        if not cfg or (cfg["path"] == "gluon4") != (g4 is not None):
-            continue
-        if cfg["path"] != "dot4" or dot4_format_ok(spec):
+        if cfg and cfg["path"] != "gluon4" and (cfg["path"] != "dot4" or dot4_format_ok(spec)):
             return _fit(dict(cfg), spec, m)
-    return g4 if g4 is not None else heuristic(spec, m, k, n)
+    return heuristic(spec, m, k, n)
 
 
 def dot_blocks(kb_t: int, spec: Spec) -> int:
