@@ -9,7 +9,8 @@ in one process, in interleaved rounds (same caches, same SDPA peer), on one GPU.
 Each row: the revision's defaults, the working tree's defaults, then the working tree with each
 `--configs` dict of `decode_attention_triton` keyword arguments; us per call (median of --rounds
 interleaved rounds, CUDA graph, caches rotating past the L2) and x SDPA (CUDNN backend, bf16 cache).
-Before the timing, both sides' outputs are compared at a length that ends inside a tile.
+Before the timing, both sides' outputs are compared at a length that ends inside a tile, and each
+side's relative error against fp32 attention over the float (unquantized) cache is printed.
 """
 
 from __future__ import annotations
@@ -104,6 +105,11 @@ def main() -> None:
             a = old.decode_attention_triton(qs[0], kd, ksc, vd, vsc, n, bits=bits).float()
             b = current.decode_attention_triton(qs[0], kd, ksc, vd, vsc, n, bits=bits).float()
             print(f"  ({B}, {S}) {fmt}: tree vs {args.rev}, relative difference {float((a - b).norm() / a.norm()):.2e}")
+            kf, vf = ks[0][:, :, :n].float(), vs[0][:, :, :n].float()
+            ref = F.scaled_dot_product_attention(qs[0].float(), kf, vf, enable_gqa=True)
+            for name, mod, kw in sides:
+                o = mod.decode_attention_triton(qs[0], kd, ksc, vd, vsc, n, bits=bits, **kw).float()
+                print(f"    {name:<50} error vs the float cache {float((o - ref).norm() / ref.norm()):.3e}")
         times: dict = {key: [] for key in cands}
         for _ in range(args.rounds):
             for key, fn in cands.items():
