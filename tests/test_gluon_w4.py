@@ -141,6 +141,32 @@ def test_gluon4_matches_dequantize_then_matmul(preset, gs):
 
 
 @pytest.mark.skipif(not HOPPER, reason="the Gluon int4 kernel is compiled for sm_90 only (no interpreter for Gluon)")
+def test_gluon4_remembered_launches_match_the_full_launch():
+    """`plans`: the weight's descriptors made once, launches relaunched with new x / y / bias / M;
+    exactly the full launch's output, for a sequence of calls that changes M, the bias, the dtype
+    and the output buffer (new keys) and repeats them (the remembered plans)."""
+    from lowbit.kernels.gluon_w4 import matmul_w4, pack_words
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    n, k = 512, 2048
+    qt = lowbit.quantize_tensor(torch.randn(n, k, device="cuda", generator=gen) * 0.02, PRESETS["int4-e8m0"])
+    words, scales = pack_words(qt.planes["data"], qt.planes["scale"], 32)
+    cnt = torch.zeros(1024, dtype=torch.int32, device="cuda")
+    plans: dict = {}
+    for m, dt, with_bias, split in [(16, torch.bfloat16, False, 2), (16, torch.bfloat16, False, 2), (40, torch.bfloat16, True, 2),
+                                    (16, torch.float16, True, 1), (40, torch.bfloat16, True, 2), (16, torch.bfloat16, False, 2)]:
+        x = torch.randn(m, k, device="cuda", generator=gen).to(dt)
+        bias = torch.randn(n, device="cuda", generator=gen).to(dt) if with_bias else None
+        kw = dict(n=n, k=k, gs=32, bias=bias, block_m=16 if m <= 16 else 64, split_k=split, counters=cnt)
+        full = matmul_w4(x, words, scales, **kw)
+        out = torch.full((m, n), float("nan"), device="cuda", dtype=dt)
+        fast = matmul_w4(x, words, scales, out=out, plans=plans, **kw)
+        assert fast is out and torch.equal(fast, full), (m, dt, with_bias)
+    assert ("desc", 2) in plans and len(plans) == 1 + 3  # one descriptor pair, three launch keys
+    assert int(cnt.abs().sum()) == 0
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Gluon int4 kernel is compiled for sm_90 only (no interpreter for Gluon)")
 def test_gluon4_runs_inside_quant_linear_and_cuda_graphs():
     """The kernel table routes M = 16 to it; a graph captured before the planes were packed falls back."""
     from lowbit.kernels import gluon_w4

@@ -46,7 +46,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .launch import cdiv
+from .launch import cdiv, int_class, launch_remembered
 from .nibble_ptx import asm_words
 
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
@@ -289,8 +289,14 @@ def _layouts(block_m: int, gs: int, num_wg: int, f16: bool, s_bits: int):
 def matmul_w4(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, *, n: int, k: int, gs: int,
               bias: torch.Tensor | None = None, block_m: int = 16, num_wg: int = 2, ngs: int | None = None,
               stages: int = 4, split_k: int = 1, counters: torch.Tensor | None = None,
-              out: torch.Tensor | None = None) -> torch.Tensor:
-    """y (M, N) = x (M, K) @ W^T (+ bias) from `pack_words`' planes; x bf16 / fp16, contiguous rows."""
+              out: torch.Tensor | None = None, plans: dict | None = None) -> torch.Tensor:
+    """y (M, N) = x (M, K) @ W^T (+ bias) from `pack_words`' planes; x bf16 / fp16, contiguous rows.
+
+    `plans` (a dict kept with `words` / `scales`, as `packed_planes` keeps one): the weight's two
+    TMA descriptors are made once and the launch is remembered (`kernels.launch.launch_remembered`),
+    so an eager call builds one descriptor (x's) instead of three and skips Gluon's argument binding
+    (eager QuantLinear at M = 16 on an H200 host: ~140-160 us per call through the full launch
+    against ~80 us for the Triton dot4 kernel; RESULTS.md, session 27)."""
     m = x.shape[0]
     ngs = ngs or max(1, 128 // gs)
     if ngs not in (1, 2, 4):
@@ -308,10 +314,15 @@ def matmul_w4(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, *, n: 
     f16 = x.dtype == torch.float16
     e8m0 = scales.dtype == torch.uint8
     wl, sl, xl = _layouts(block_m, gs, num_wg, f16, scales.element_size() * 8)
-    w_desc = TensorDescriptor(words, list(words.shape), list(words.stride()), [4 * num_wg, 2 * gs], wl)
-    # >= 128 bytes per scale row: TMA writes shared memory at 128-byte aligned slots (E8M0 bytes, one warpgroup)
-    s_box = [1, max(bn, 128 // scales.element_size())]
-    s_desc = TensorDescriptor(scales, list(scales.shape), list(scales.stride()), s_box, sl)
+    remember = plans is not None and not torch.compiler.is_compiling()
+    descs = plans.get(("desc", num_wg)) if remember else None
+    if descs is None:
+        w_desc = TensorDescriptor(words, list(words.shape), list(words.stride()), [4 * num_wg, 2 * gs], wl)
+        # >= 128 bytes per scale row: TMA writes shared memory at 128-byte aligned slots (E8M0 bytes, one warpgroup)
+        s_box = [1, max(bn, 128 // scales.element_size())]
+        descs = (w_desc, TensorDescriptor(scales, list(scales.shape), list(scales.stride()), s_box, sl))
+        if remember:
+            plans[("desc", num_wg)] = descs
     x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [block_m, gs], xl)
     grid = (n // bn, cdiv(m, block_m), split_k)
     if split_k > 1:
@@ -321,9 +332,19 @@ def matmul_w4(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, *, n: 
             cnt = torch.zeros(num_wg * grid[0] * grid[1], dtype=torch.int32, device=x.device)
     else:
         ws = cnt = y
-    _w4_kernel[grid](w_desc, s_desc, x_desc, y, ws, cnt, bias if bias is not None else y, m, n, y.stride(0),
-                     ips * ngs, n_groups, BLOCK_M=block_m, GS=gs, NGS=ngs, STAGES=stages, NUM_WG=num_wg,
-                     NB16=n // 16, F16=f16, E8M0=e8m0, SPLIT_K=split_k, HAS_BIAS=bias is not None, num_warps=4)
+    b = bias if bias is not None else y
+    args = (*descs, x_desc, y, ws, cnt, b, m, n, y.stride(0), ips * ngs, n_groups)
+    consts = dict(BLOCK_M=block_m, GS=gs, NGS=ngs, STAGES=stages, NUM_WG=num_wg, NB16=n // 16, F16=f16, E8M0=e8m0,
+                  SPLIT_K=split_k, HAS_BIAS=bias is not None, num_warps=4)
+    # the slots (x's descriptor, y, the split-K buffers, the bias, M, y's row stride) change between
+    # calls; the key holds how Triton specializes them (x's descriptor: its layout follows the consts
+    # and x's dtype, its shape and strides are run-time values), the grid and the constexprs
+    key = (grid, tuple(consts.values()), int_class(m), int_class(y.stride(0)), y.data_ptr() % 16 == 0,
+           cnt.data_ptr() % 16 == 0, b.data_ptr() % 16 == 0) if remember else None
+    if remember and len(plans) > 64:  # prefill lengths vary: keep the plans bounded (descriptors stay)
+        for old in [kk for kk in plans if kk[0] != "desc"]:
+            del plans[old]
+    launch_remembered(plans, key, _w4_kernel, grid, args, consts, slots=(2, 3, 4, 5, 6, 7, 9))
     return y
 
 
@@ -333,9 +354,10 @@ def matmul_w4(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, *, n: 
 _PACKED: dict[tuple, tuple] = {}
 
 
-def packed_planes(data: torch.Tensor, scale: torch.Tensor, gs: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """`pack_words(data, scale, gs)`, made once per data plane and kept while that plane lives;
-    None while a CUDA graph is being captured and the planes are not packed yet (packing allocates)."""
+def packed_planes(data: torch.Tensor, scale: torch.Tensor, gs: int) -> tuple[torch.Tensor, torch.Tensor, dict] | None:
+    """`pack_words(data, scale, gs)` and a dict for `matmul_w4`'s remembered launches, made once per
+    data plane and kept while that plane lives; None while a CUDA graph is being captured and the
+    planes are not packed yet (packing allocates)."""
     key = (data.data_ptr(), scale.data_ptr(), tuple(data.shape), gs)
     hit = _PACKED.get(key)
     if hit is not None:
@@ -345,7 +367,7 @@ def packed_planes(data: torch.Tensor, scale: torch.Tensor, gs: int) -> tuple[tor
     if data.is_cuda and torch.cuda.is_current_stream_capturing():
         return None
     drop = lambda _r, key=key: _PACKED.pop(key, None)  # noqa: E731
-    _PACKED[key] = (weakref.ref(data, drop), weakref.ref(scale, drop), pack_words(data, scale, gs))
+    _PACKED[key] = (weakref.ref(data, drop), weakref.ref(scale, drop), (*pack_words(data, scale, gs), {}))
     return _PACKED[key][2]
 
 
@@ -365,6 +387,7 @@ def run_planes(x: torch.Tensor, planes: dict, gs: int, n: int, k: int, bias, y: 
     packed = packed_planes(planes["data"], scale, gs)
     if packed is None:
         return False
-    matmul_w4(x, *packed, n=n, k=k, gs=gs, bias=bias, block_m=cfg["block_m"], num_wg=cfg["num_wg"],
-              stages=cfg["stages"], split_k=cfg["split_k"], counters=counters, out=y)
+    words, scales, plans = packed
+    matmul_w4(x, words, scales, n=n, k=k, gs=gs, bias=bias, block_m=cfg["block_m"], num_wg=cfg["num_wg"],
+              stages=cfg["stages"], split_k=cfg["split_k"], counters=counters, out=y, plans=plans)
     return True
