@@ -113,8 +113,9 @@ def test_gluon4_is_chosen_only_where_it_runs(monkeypatch):
 @pytest.mark.skipif(not HOPPER, reason="the Gluon int4 kernel is compiled for sm_90 only (no interpreter for Gluon)")
 @pytest.mark.parametrize("preset,gs", [("int4", 32), ("int4-e8m0", 32), ("int4", 64), ("int4-e8m0", 128)])
 def test_gluon4_matches_dequantize_then_matmul(preset, gs):
-    """Every config shape (warpgroups, split-K, stages, groups per stage) at odd M, bf16 / fp16,
-    with and without bias, outputs NaN-poisoned, vs the fp32 product of the dequantized weight."""
+    """Every config shape (warpgroups, split-K, stages, groups per stage; odd, even and single
+    stage counts per program) at odd M, bf16 / fp16, with and without bias, outputs NaN-poisoned,
+    vs the fp32 product of the dequantized weight."""
     from lowbit.kernels.gluon_w4 import matmul_w4, pack_words
 
     gen = torch.Generator(device="cuda").manual_seed(gs)
@@ -128,7 +129,8 @@ def test_gluon4_matches_dequantize_then_matmul(preset, gs):
         for m, cfg in ((9, dict(num_wg=2, block_m=16, split_k=1, stages=4)),
                        (33, dict(num_wg=1, block_m=64, split_k=2, stages=6)),
                        (64, dict(num_wg=2, block_m=64, split_k=3, stages=3, ngs=max(1, 64 // gs))),
-                       (20, dict(num_wg=2, block_m=32, split_k=4, stages=5))):
+                       (20, dict(num_wg=2, block_m=32, split_k=4, stages=5)),
+                       (12, dict(num_wg=1, block_m=16, split_k=8, stages=2))):  # one stage per split
             x = torch.randn(m, k, device="cuda", generator=gen).to(dt)
             bias = torch.randn(n, device="cuda", generator=gen).to(dt) if m == 33 else None
             out = torch.full((m, n), float("nan"), device="cuda", dtype=dt)

@@ -92,6 +92,57 @@ def _scales(s_smem, idx, which, acc_layout: gl.constexpr, E8M0: gl.constexpr):
 
 
 @gluon.jit
+def _decode_stage(w_smem, st, which, w_layout: gl.constexpr, a_layout: gl.constexpr, KS: gl.constexpr,
+                  NGS: gl.constexpr, F16: gl.constexpr):
+    """The A operands of stage `st`'s NGS groups (unused ones repeat the first)."""
+    a0 = _stage_a(w_smem, st * NGS, which, w_layout, a_layout, KS, F16)
+    a1 = a0
+    a2 = a0
+    a3 = a0
+    if NGS >= 2:
+        a1 = _stage_a(w_smem, st * NGS + 1, which, w_layout, a_layout, KS, F16)
+    if NGS >= 4:
+        a2 = _stage_a(w_smem, st * NGS + 2, which, w_layout, a_layout, KS, F16)
+        a3 = _stage_a(w_smem, st * NGS + 3, which, w_layout, a_layout, KS, F16)
+    return a0, a1, a2, a3
+
+
+@gluon.jit
+def _mma_stage(a0, a1, a2, a3, x_smem, b, zero, NGS: gl.constexpr):
+    """The stage's wgmmas (x slots b..b+NGS-1), each into a fresh accumulator, left in flight."""
+    t0 = warpgroup_mma(a0, x_smem.index(b).permute((1, 0)), zero, use_acc=False, is_async=True)
+    t1 = t0
+    t2 = t0
+    t3 = t0
+    if NGS >= 2:
+        t1 = warpgroup_mma(a1, x_smem.index(b + 1).permute((1, 0)), zero, use_acc=False, is_async=True)
+    if NGS >= 4:
+        t2 = warpgroup_mma(a2, x_smem.index(b + 2).permute((1, 0)), zero, use_acc=False, is_async=True)
+        t3 = warpgroup_mma(a3, x_smem.index(b + 3).permute((1, 0)), zero, use_acc=False, is_async=True)
+    return t0, t1, t2, t3
+
+
+@gluon.jit
+def _scale_stage(t0, t1, t2, t3, total, s_smem, b, which, acc_layout: gl.constexpr, E8M0: gl.constexpr,
+                 NGS: gl.constexpr):
+    """Wait for the stage's wgmmas; add each group's product times its scales (slots b..) to total."""
+    if NGS == 1:
+        c0 = warpgroup_mma_wait(0, deps=(t0, ))
+        total += c0 * _scales(s_smem, b, which, acc_layout, E8M0)
+    elif NGS == 2:
+        c0, c1 = warpgroup_mma_wait(0, deps=(t0, t1))
+        total += c0 * _scales(s_smem, b, which, acc_layout, E8M0)
+        total += c1 * _scales(s_smem, b + 1, which, acc_layout, E8M0)
+    else:
+        c0, c1, c2, c3 = warpgroup_mma_wait(0, deps=(t0, t1, t2, t3))
+        total += c0 * _scales(s_smem, b, which, acc_layout, E8M0)
+        total += c1 * _scales(s_smem, b + 1, which, acc_layout, E8M0)
+        total += c2 * _scales(s_smem, b + 2, which, acc_layout, E8M0)
+        total += c3 * _scales(s_smem, b + 3, which, acc_layout, E8M0)
+    return total
+
+
+@gluon.jit
 def _loader(w_desc, s_desc, x_desc, w_smem, s_smem, x_smem, ready, free, rb0, n0, m0, g_lo, n_iters,
             NGS: gl.constexpr, GS: gl.constexpr, STAGES: gl.constexpr, NB16: gl.constexpr):
     nbytes: gl.constexpr = NGS * (w_desc.block_type.nbytes + x_desc.block_type.nbytes + s_desc.block_type.nbytes)
@@ -119,49 +170,37 @@ def _consumer(w_smem, s_smem, x_smem, ready, free, y_ptr, ws_ptr, cnt_ptr, bias_
     zero = gl.zeros([64, BLOCK_M], gl.float32, acc_layout)
     total = zero
 
-    # one stage (NGS <= 4 groups) per trip: its NGS wgmmas (one fresh accumulator per group) run
+    # one stage (NGS <= 4 groups) at a time: its NGS wgmmas (one fresh accumulator per group) run
     # while the next stage's codes are decoded; then each group's result is scaled into `total`.
-    # No wgmma is in flight across the loop's back edge: an accumulator carried there in flight
-    # would be copied before it is written
+    # Two stages per trip with two register sets (a, b): a stage's operands are decoded into the set
+    # whose wgmmas were waited for, so nothing decoded crosses the back edge while its registers are
+    # read in flight (one set carried across it cost a register copy per operand word, 32 IMAD.MOV a
+    # stage). The decode past the last stage reads a slot it does not wait for; its values go unused.
+    # No wgmma is in flight across the back edge: an accumulator carried there in flight would be
+    # copied before it is written
     mbarrier.wait(ready.index(0), 0)
-    a0 = _stage_a(w_smem, 0, WHICH, w_layout, a_layout, KS, F16)
-    if NGS >= 2:
-        a1 = _stage_a(w_smem, 1, WHICH, w_layout, a_layout, KS, F16)
-    if NGS >= 4:
-        a2 = _stage_a(w_smem, 2, WHICH, w_layout, a_layout, KS, F16)
-        a3 = _stage_a(w_smem, 3, WHICH, w_layout, a_layout, KS, F16)
-    for i in range(n_iters):
+    a0, a1, a2, a3 = _decode_stage(w_smem, 0, WHICH, w_layout, a_layout, KS, NGS, F16)
+    for j in range(n_iters // 2):
+        i = 2 * j
         st = i % STAGES
-        b = st * NGS
-        t0 = warpgroup_mma(a0, x_smem.index(b).permute((1, 0)), zero, use_acc=False, is_async=True)
-        if NGS >= 2:
-            t1 = warpgroup_mma(a1, x_smem.index(b + 1).permute((1, 0)), zero, use_acc=False, is_async=True)
-        if NGS >= 4:
-            t2 = warpgroup_mma(a2, x_smem.index(b + 2).permute((1, 0)), zero, use_acc=False, is_async=True)
-            t3 = warpgroup_mma(a3, x_smem.index(b + 3).permute((1, 0)), zero, use_acc=False, is_async=True)
-        if i + 1 < n_iters:  # decode the next stage while the tensor cores work
-            st_n = (i + 1) % STAGES
-            mbarrier.wait(ready.index(st_n), ((i + 1) // STAGES) & 1)
-            a0 = _stage_a(w_smem, st_n * NGS, WHICH, w_layout, a_layout, KS, F16)
-            if NGS >= 2:
-                a1 = _stage_a(w_smem, st_n * NGS + 1, WHICH, w_layout, a_layout, KS, F16)
-            if NGS >= 4:
-                a2 = _stage_a(w_smem, st_n * NGS + 2, WHICH, w_layout, a_layout, KS, F16)
-                a3 = _stage_a(w_smem, st_n * NGS + 3, WHICH, w_layout, a_layout, KS, F16)
-        if NGS == 1:
-            c0 = warpgroup_mma_wait(0, deps=(t0, ))
-            total += c0 * _scales(s_smem, b, WHICH, acc_layout, E8M0)
-        elif NGS == 2:
-            c0, c1 = warpgroup_mma_wait(0, deps=(t0, t1))
-            total += c0 * _scales(s_smem, b, WHICH, acc_layout, E8M0)
-            total += c1 * _scales(s_smem, b + 1, WHICH, acc_layout, E8M0)
-        else:
-            c0, c1, c2, c3 = warpgroup_mma_wait(0, deps=(t0, t1, t2, t3))
-            total += c0 * _scales(s_smem, b, WHICH, acc_layout, E8M0)
-            total += c1 * _scales(s_smem, b + 1, WHICH, acc_layout, E8M0)
-            total += c2 * _scales(s_smem, b + 2, WHICH, acc_layout, E8M0)
-            total += c3 * _scales(s_smem, b + 3, WHICH, acc_layout, E8M0)
+        st_n = (i + 1) % STAGES
+        t0, t1, t2, t3 = _mma_stage(a0, a1, a2, a3, x_smem, st * NGS, zero, NGS)
+        mbarrier.wait(ready.index(st_n), ((i + 1) // STAGES) & 1)
+        b0, b1, b2, b3 = _decode_stage(w_smem, st_n, WHICH, w_layout, a_layout, KS, NGS, F16)
+        total = _scale_stage(t0, t1, t2, t3, total, s_smem, st * NGS, WHICH, acc_layout, E8M0, NGS)
         mbarrier.arrive(free.index(st))  # the loader may refill this stage
+        t0, t1, t2, t3 = _mma_stage(b0, b1, b2, b3, x_smem, st_n * NGS, zero, NGS)
+        st_2 = (i + 2) % STAGES
+        if i + 2 < n_iters:
+            mbarrier.wait(ready.index(st_2), ((i + 2) // STAGES) & 1)
+        a0, a1, a2, a3 = _decode_stage(w_smem, st_2, WHICH, w_layout, a_layout, KS, NGS, F16)
+        total = _scale_stage(t0, t1, t2, t3, total, s_smem, st_n * NGS, WHICH, acc_layout, E8M0, NGS)
+        mbarrier.arrive(free.index(st_n))
+    if n_iters % 2 == 1:  # the last stage, decoded into the a set
+        st = (n_iters - 1) % STAGES
+        t0, t1, t2, t3 = _mma_stage(a0, a1, a2, a3, x_smem, st * NGS, zero, NGS)
+        total = _scale_stage(t0, t1, t2, t3, total, s_smem, st * NGS, WHICH, acc_layout, E8M0, NGS)
+        mbarrier.arrive(free.index(st))
 
     # epilogue: total is y^T for rows n0 + 64 WHICH.. and columns m0..; store transposed
     out_layout: gl.constexpr = gl.BlockedLayout([4, 1], [32, 1], [1, 4], [0, 1])  # n fastest: coalesced
