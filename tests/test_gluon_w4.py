@@ -91,6 +91,26 @@ def test_word_decode_ptx(f16):
                 assert got == ((word >> (16 * h + 4 * i)) & 15) - 8, (hex(word), i, h, got)
 
 
+def test_word_decode_ptx_with_row_scales():
+    """asm_words(scaled=True): pair i times the scale of its row ($9 for positions 0, 2, $10 for 1, 3),
+    rounded once to bf16: what dequantizing the weight to bf16 gives."""
+    text = asm_words(False, scaled=True)
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        word = int(rng.integers(0, 2**32))
+        sg, sg8 = (float(torch.tensor(float(v)).to(torch.bfloat16)) for v in rng.uniform(-0.05, 0.05, 2))
+        pair = {s: int(torch.tensor([s, s], dtype=torch.bfloat16).view(torch.int32)) & 0xFFFFFFFF for s in (sg, sg8)}
+        out = run_ptx(text, {"$8": word, "$9": pair[sg], "$10": pair[sg8]}, torch.bfloat16)
+        for i in range(4):
+            scale = sg if i % 2 == 0 else sg8
+            for h in range(2):
+                got = halves_to_float(out[f"${2 * i + h}"], torch.bfloat16)[0]
+                want = float(torch.tensor(((word >> (16 * h + 4 * i)) & 15) - 8.0) * torch.tensor(scale)
+                             .to(torch.bfloat16).float())
+                want = float(torch.tensor(want).to(torch.bfloat16))
+                assert got == want, (hex(word), i, h, got, want)
+
+
 def test_gluon4_is_chosen_only_where_it_runs(monkeypatch):
     """Symmetric int4 codes with 32..128-value groups at M = 9..64 on sm_90; nothing else."""
     spec = tlin.spec_of(PRESETS["int4-e8m0"])
@@ -114,8 +134,9 @@ def test_gluon4_is_chosen_only_where_it_runs(monkeypatch):
 @pytest.mark.parametrize("preset,gs", [("int4", 32), ("int4-e8m0", 32), ("int4", 64), ("int4-e8m0", 128)])
 def test_gluon4_matches_dequantize_then_matmul(preset, gs):
     """Every config shape (warpgroups, split-K, stages, groups per stage; odd, even and single
-    stage counts per program) at odd M, bf16 / fp16, with and without bias, outputs NaN-poisoned,
-    vs the fp32 product of the dequantized weight."""
+    stage counts per program) at odd M, bf16 / fp16, with and without bias, the scales applied to the
+    products or (bf16) folded into the operands, outputs NaN-poisoned, vs the fp32 product of the
+    dequantized weight."""
     from lowbit.kernels.gluon_w4 import matmul_w4, pack_words
 
     gen = torch.Generator(device="cuda").manual_seed(gs)
@@ -133,12 +154,13 @@ def test_gluon4_matches_dequantize_then_matmul(preset, gs):
                        (12, dict(num_wg=1, block_m=16, split_k=8, stages=2))):  # one stage per split
             x = torch.randn(m, k, device="cuda", generator=gen).to(dt)
             bias = torch.randn(n, device="cuda", generator=gen).to(dt) if m == 33 else None
-            out = torch.full((m, n), float("nan"), device="cuda", dtype=dt)
-            matmul_w4(x, words, scales, n=n, k=k, gs=gs, bias=bias, counters=cnt, out=out, **cfg)
             ref = x.float() @ ref_w.T + (0 if bias is None else bias.float())
-            assert not out.isnan().any(), (dt, m, cfg)
-            err = ((out.float() - ref).norm() / ref.norm()).item()
-            assert err < 1e-2, (dt, m, cfg, err)
+            for fold in ((False, True) if dt == torch.bfloat16 else (False, )):  # scales in the operands: bf16 only
+                out = torch.full((m, n), float("nan"), device="cuda", dtype=dt)
+                matmul_w4(x, words, scales, n=n, k=k, gs=gs, bias=bias, counters=cnt, out=out, fold=fold, **cfg)
+                assert not out.isnan().any(), (dt, m, cfg, fold)
+                err = ((out.float() - ref).norm() / ref.norm()).item()
+                assert err < 1e-2, (dt, m, cfg, fold, err)
     assert int(cnt.abs().sum()) == 0  # the last program of each tile resets its counter
 
 

@@ -18,7 +18,10 @@ multiply:
 - the scales are applied to the fp32 accumulator once per scale group (GS = 32..128 along K): each
   of a stage's groups (up to 4) is multiplied into a fresh accumulator while the next stage's codes
   are decoded, then scaled and added, so the decode does no per-weight multiply and the scale is
-  exact (fp32) instead of rounded to the 16-bit weight;
+  exact (fp32) instead of rounded to the 16-bit weight; or, for bf16 activations with 32-value
+  groups at 32 / 64 rows (`matmul_w4(fold=)`), each pair of weights is multiplied by its row's
+  scale in the decode (one more instruction per pair) and a stage's groups share one accumulator:
+  at 64 rows the per-group scale FMAs (32 per group per thread) cost more than that;
 - split-K over programs, partial sums reduced by the last program of each tile (atomic counter,
   as `triton_split_k.split_k_total`).
 
@@ -54,15 +57,20 @@ _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_glo
 
 _ASM_F16 = gl.constexpr(asm_words(True))
 _ASM_BF16 = gl.constexpr(asm_words(False))
+_ASM_BF16_SCALED = gl.constexpr(asm_words(False, scaled=True))
 _F16X8 = gl.constexpr((gl.float16, ) * 8)
 _BF16X8 = gl.constexpr((gl.bfloat16, ) * 8)
 
 
 @gluon.jit
-def _decode(w, a_layout: gl.constexpr, F16: gl.constexpr):
-    """Words [4, 32, KS] (one per warp / lane / k step) -> the [64, 16 KS] A operand in `a_layout`."""
+def _decode(w, a_layout: gl.constexpr, F16: gl.constexpr, sg=None, sg8=None):
+    """Words [4, 32, KS] (one per warp / lane / k step) -> the [64, 16 KS] A operand in `a_layout`;
+    with `sg` / `sg8` (bf16 pairs of the rows' scales, `_row_scales`) the weights times their scales."""
     KS: gl.constexpr = w.shape[2]
-    if F16:
+    if sg is not None:
+        o = gl.inline_asm_elementwise(_ASM_BF16_SCALED, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [w, sg, sg8], dtype=_BF16X8,
+                                      is_pure=True, pack=1)
+    elif F16:
         o = gl.inline_asm_elementwise(_ASM_F16, "=h,=h,=h,=h,=h,=h,=h,=h,r", [w], dtype=_F16X8, is_pure=True, pack=1)
     else:
         o = gl.inline_asm_elementwise(_ASM_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r", [w], dtype=_BF16X8, is_pure=True, pack=1)
@@ -75,10 +83,38 @@ def _decode(w, a_layout: gl.constexpr, F16: gl.constexpr):
 
 
 @gluon.jit
-def _stage_a(w_smem, slot, which, w_layout: gl.constexpr, a_layout: gl.constexpr, KS: gl.constexpr, F16: gl.constexpr):
-    """The A operand of one scale group: slot `slot` of the word ring, this warpgroup's 64 rows."""
+def _stage_a(w_smem, slot, which, w_layout: gl.constexpr, a_layout: gl.constexpr, KS: gl.constexpr, F16: gl.constexpr,
+             s_smem, FOLD: gl.constexpr, E8M0: gl.constexpr):
+    """The A operand of one scale group: slot `slot` of the word ring, this warpgroup's 64 rows (FOLD:
+    times the group's scales, from the same slot of the scale ring)."""
     w = w_smem.index(slot).reshape([w_smem.shape[1], 32, KS]).slice(4 * which, 4).load(w_layout)
+    if FOLD:
+        sg, sg8 = _row_scales(s_smem, slot, which, w_layout, KS, E8M0)
+        return _decode(w, a_layout, F16, sg, sg8)
     return _decode(w, a_layout, F16)
+
+
+@gluon.jit
+def _row_scales(s_smem, idx, which, w_layout: gl.constexpr, KS: gl.constexpr, E8M0: gl.constexpr):
+    """The scales of rows 16 w + g and 16 w + g + 8 (warp w, lane 4 g + t) of this warpgroup's 64 rows
+    in slot `idx` of the scale ring, each as a bf16 pair in an int32, [4, 32, KS] in the word layout."""
+    rows = s_smem.index(idx).reshape([s_smem.shape[2] // 16, 16]).slice(4 * which, 4, dim=0)  # (warp, 8 b1 + g)
+    return (_half_scales(rows.slice(0, 8, dim=1), w_layout, KS, E8M0),
+            _half_scales(rows.slice(8, 8, dim=1), w_layout, KS, E8M0))
+
+
+@gluon.jit
+def _half_scales(rows, w_layout: gl.constexpr, KS: gl.constexpr, E8M0: gl.constexpr):
+    l3: gl.constexpr = gl.BlockedLayout([1, 1, 1], [1, 8, 4], [4, 1, 1], [2, 1, 0])  # (warp, g, t)
+    v = rows.load(gl.SliceLayout(2, l3))
+    if E8M0:  # 2^(e - 127): the exponent byte in a bf16's exponent field
+        bits = v.to(gl.int32) << 7
+    else:
+        bits = v.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+    pair = bits | (bits << 16)
+    pair = (gl.expand_dims(pair, 2) + gl.zeros([4, 8, 4], gl.int32, l3)).reshape([4, 32])  # the same for every t
+    pair = gl.convert_layout(pair, gl.SliceLayout(2, w_layout))
+    return gl.expand_dims(pair, 2) + gl.zeros([4, 32, KS], gl.int32, w_layout)
 
 
 @gluon.jit
@@ -93,24 +129,32 @@ def _scales(s_smem, idx, which, acc_layout: gl.constexpr, E8M0: gl.constexpr):
 
 @gluon.jit
 def _decode_stage(w_smem, st, which, w_layout: gl.constexpr, a_layout: gl.constexpr, KS: gl.constexpr,
-                  NGS: gl.constexpr, F16: gl.constexpr):
+                  NGS: gl.constexpr, F16: gl.constexpr, s_smem, FOLD: gl.constexpr, E8M0: gl.constexpr):
     """The A operands of stage `st`'s NGS groups (unused ones repeat the first)."""
-    a0 = _stage_a(w_smem, st * NGS, which, w_layout, a_layout, KS, F16)
+    a0 = _stage_a(w_smem, st * NGS, which, w_layout, a_layout, KS, F16, s_smem, FOLD, E8M0)
     a1 = a0
     a2 = a0
     a3 = a0
     if NGS >= 2:
-        a1 = _stage_a(w_smem, st * NGS + 1, which, w_layout, a_layout, KS, F16)
+        a1 = _stage_a(w_smem, st * NGS + 1, which, w_layout, a_layout, KS, F16, s_smem, FOLD, E8M0)
     if NGS >= 4:
-        a2 = _stage_a(w_smem, st * NGS + 2, which, w_layout, a_layout, KS, F16)
-        a3 = _stage_a(w_smem, st * NGS + 3, which, w_layout, a_layout, KS, F16)
+        a2 = _stage_a(w_smem, st * NGS + 2, which, w_layout, a_layout, KS, F16, s_smem, FOLD, E8M0)
+        a3 = _stage_a(w_smem, st * NGS + 3, which, w_layout, a_layout, KS, F16, s_smem, FOLD, E8M0)
     return a0, a1, a2, a3
 
 
 @gluon.jit
-def _mma_stage(a0, a1, a2, a3, x_smem, b, zero, NGS: gl.constexpr):
-    """The stage's wgmmas (x slots b..b+NGS-1), each into a fresh accumulator, left in flight."""
+def _mma_stage(a0, a1, a2, a3, x_smem, b, zero, NGS: gl.constexpr, FOLD: gl.constexpr):
+    """The stage's wgmmas (x slots b..b+NGS-1), each into a fresh accumulator (FOLD: the scales are in
+    the operands, so all into one), left in flight."""
     t0 = warpgroup_mma(a0, x_smem.index(b).permute((1, 0)), zero, use_acc=False, is_async=True)
+    if FOLD:
+        if NGS >= 2:
+            t0 = warpgroup_mma(a1, x_smem.index(b + 1).permute((1, 0)), t0, is_async=True)
+        if NGS >= 4:
+            t0 = warpgroup_mma(a2, x_smem.index(b + 2).permute((1, 0)), t0, is_async=True)
+            t0 = warpgroup_mma(a3, x_smem.index(b + 3).permute((1, 0)), t0, is_async=True)
+        return t0, t0, t0, t0
     t1 = t0
     t2 = t0
     t3 = t0
@@ -124,9 +168,13 @@ def _mma_stage(a0, a1, a2, a3, x_smem, b, zero, NGS: gl.constexpr):
 
 @gluon.jit
 def _scale_stage(t0, t1, t2, t3, total, s_smem, b, which, acc_layout: gl.constexpr, E8M0: gl.constexpr,
-                 NGS: gl.constexpr):
-    """Wait for the stage's wgmmas; add each group's product times its scales (slots b..) to total."""
-    if NGS == 1:
+                 NGS: gl.constexpr, FOLD: gl.constexpr):
+    """Wait for the stage's wgmmas; add each group's product times its scales (slots b..) to total
+    (FOLD: the one product, scaled already)."""
+    if FOLD:
+        c0 = warpgroup_mma_wait(0, deps=(t0, ))
+        total += c0
+    elif NGS == 1:
         c0 = warpgroup_mma_wait(0, deps=(t0, ))
         total += c0 * _scales(s_smem, b, which, acc_layout, E8M0)
     elif NGS == 2:
@@ -161,7 +209,7 @@ def _loader(w_desc, s_desc, x_desc, w_smem, s_smem, x_smem, ready, free, rb0, n0
 def _consumer(w_smem, s_smem, x_smem, ready, free, y_ptr, ws_ptr, cnt_ptr, bias_ptr, M, N, stride_ym, m0, n0,
               pid_k, tile, n_iters, WHICH: gl.constexpr, BLOCK_M: gl.constexpr, GS: gl.constexpr, NGS: gl.constexpr,
               STAGES: gl.constexpr, F16: gl.constexpr, E8M0: gl.constexpr, SPLIT_K: gl.constexpr,
-              HAS_BIAS: gl.constexpr, NUM_WG: gl.constexpr):
+              HAS_BIAS: gl.constexpr, NUM_WG: gl.constexpr, FOLD: gl.constexpr):
     KS: gl.constexpr = GS // 16
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, BLOCK_M, 16])
@@ -179,27 +227,27 @@ def _consumer(w_smem, s_smem, x_smem, ready, free, y_ptr, ws_ptr, cnt_ptr, bias_
     # No wgmma is in flight across the back edge: an accumulator carried there in flight would be
     # copied before it is written
     mbarrier.wait(ready.index(0), 0)
-    a0, a1, a2, a3 = _decode_stage(w_smem, 0, WHICH, w_layout, a_layout, KS, NGS, F16)
+    a0, a1, a2, a3 = _decode_stage(w_smem, 0, WHICH, w_layout, a_layout, KS, NGS, F16, s_smem, FOLD, E8M0)
     for j in range(n_iters // 2):
         i = 2 * j
         st = i % STAGES
         st_n = (i + 1) % STAGES
-        t0, t1, t2, t3 = _mma_stage(a0, a1, a2, a3, x_smem, st * NGS, zero, NGS)
+        t0, t1, t2, t3 = _mma_stage(a0, a1, a2, a3, x_smem, st * NGS, zero, NGS, FOLD)
         mbarrier.wait(ready.index(st_n), ((i + 1) // STAGES) & 1)
-        b0, b1, b2, b3 = _decode_stage(w_smem, st_n, WHICH, w_layout, a_layout, KS, NGS, F16)
-        total = _scale_stage(t0, t1, t2, t3, total, s_smem, st * NGS, WHICH, acc_layout, E8M0, NGS)
+        b0, b1, b2, b3 = _decode_stage(w_smem, st_n, WHICH, w_layout, a_layout, KS, NGS, F16, s_smem, FOLD, E8M0)
+        total = _scale_stage(t0, t1, t2, t3, total, s_smem, st * NGS, WHICH, acc_layout, E8M0, NGS, FOLD)
         mbarrier.arrive(free.index(st))  # the loader may refill this stage
-        t0, t1, t2, t3 = _mma_stage(b0, b1, b2, b3, x_smem, st_n * NGS, zero, NGS)
+        t0, t1, t2, t3 = _mma_stage(b0, b1, b2, b3, x_smem, st_n * NGS, zero, NGS, FOLD)
         st_2 = (i + 2) % STAGES
         if i + 2 < n_iters:
             mbarrier.wait(ready.index(st_2), ((i + 2) // STAGES) & 1)
-        a0, a1, a2, a3 = _decode_stage(w_smem, st_2, WHICH, w_layout, a_layout, KS, NGS, F16)
-        total = _scale_stage(t0, t1, t2, t3, total, s_smem, st_n * NGS, WHICH, acc_layout, E8M0, NGS)
+        a0, a1, a2, a3 = _decode_stage(w_smem, st_2, WHICH, w_layout, a_layout, KS, NGS, F16, s_smem, FOLD, E8M0)
+        total = _scale_stage(t0, t1, t2, t3, total, s_smem, st_n * NGS, WHICH, acc_layout, E8M0, NGS, FOLD)
         mbarrier.arrive(free.index(st_n))
     if n_iters % 2 == 1:  # the last stage, decoded into the a set
         st = (n_iters - 1) % STAGES
-        t0, t1, t2, t3 = _mma_stage(a0, a1, a2, a3, x_smem, st * NGS, zero, NGS)
-        total = _scale_stage(t0, t1, t2, t3, total, s_smem, st * NGS, WHICH, acc_layout, E8M0, NGS)
+        t0, t1, t2, t3 = _mma_stage(a0, a1, a2, a3, x_smem, st * NGS, zero, NGS, FOLD)
+        total = _scale_stage(t0, t1, t2, t3, total, s_smem, st * NGS, WHICH, acc_layout, E8M0, NGS, FOLD)
         mbarrier.arrive(free.index(st))
 
     # epilogue: total is y^T for rows n0 + 64 WHICH.. and columns m0..; store transposed
@@ -234,7 +282,7 @@ def _consumer(w_smem, s_smem, x_smem, ready, free, y_ptr, ws_ptr, cnt_ptr, bias_
 def _w4_kernel(w_desc, s_desc, x_desc, y_ptr, ws_ptr, cnt_ptr, bias_ptr, M, N, stride_ym, groups_per_split,
                n_groups_total, BLOCK_M: gl.constexpr, GS: gl.constexpr, NGS: gl.constexpr, STAGES: gl.constexpr,
                NUM_WG: gl.constexpr, NB16: gl.constexpr, F16: gl.constexpr, E8M0: gl.constexpr,
-               SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr):
+               SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr, FOLD: gl.constexpr):
     pid_n = gl.program_id(0)
     pid_m = gl.program_id(1)
     pid_k = gl.program_id(2)
@@ -259,16 +307,16 @@ def _w4_kernel(w_desc, s_desc, x_desc, y_ptr, ws_ptr, cnt_ptr, bias_ptr, M, N, s
     if NUM_WG == 1:
         gl.warp_specialize([
             (_consumer, (w_smem, s_smem, x_smem, ready, free, y_ptr, ws_ptr, cnt_ptr, bias_ptr, M, N, stride_ym, m0,
-                         n0, pid_k, tile, n_iters, 0, BLOCK_M, GS, NGS, STAGES, F16, E8M0, SPLIT_K, HAS_BIAS, NUM_WG)),
+                         n0, pid_k, tile, n_iters, 0, BLOCK_M, GS, NGS, STAGES, F16, E8M0, SPLIT_K, HAS_BIAS, NUM_WG, FOLD)),
             (_loader, (w_desc, s_desc, x_desc, w_smem, s_smem, x_smem, ready, free, n0 // 16, n0, m0, g_lo, n_iters,
                        NGS, GS, STAGES, NB16)),
         ], [1], [40])
     else:
         gl.warp_specialize([
             (_consumer, (w_smem, s_smem, x_smem, ready, free, y_ptr, ws_ptr, cnt_ptr, bias_ptr, M, N, stride_ym, m0,
-                         n0, pid_k, tile, n_iters, 0, BLOCK_M, GS, NGS, STAGES, F16, E8M0, SPLIT_K, HAS_BIAS, NUM_WG)),
+                         n0, pid_k, tile, n_iters, 0, BLOCK_M, GS, NGS, STAGES, F16, E8M0, SPLIT_K, HAS_BIAS, NUM_WG, FOLD)),
             (_consumer, (w_smem, s_smem, x_smem, ready, free, y_ptr, ws_ptr, cnt_ptr, bias_ptr, M, N, stride_ym, m0,
-                         n0, pid_k, tile, n_iters, 1, BLOCK_M, GS, NGS, STAGES, F16, E8M0, SPLIT_K, HAS_BIAS, NUM_WG)),
+                         n0, pid_k, tile, n_iters, 1, BLOCK_M, GS, NGS, STAGES, F16, E8M0, SPLIT_K, HAS_BIAS, NUM_WG, FOLD)),
             (_loader, (w_desc, s_desc, x_desc, w_smem, s_smem, x_smem, ready, free, n0 // 16, n0, m0, g_lo, n_iters,
                        NGS, GS, STAGES, NB16)),
         ], [4, 1], [232, 40])
@@ -328,14 +376,20 @@ def _layouts(block_m: int, gs: int, num_wg: int, f16: bool, s_bits: int):
 def matmul_w4(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, *, n: int, k: int, gs: int,
               bias: torch.Tensor | None = None, block_m: int = 16, num_wg: int = 2, ngs: int | None = None,
               stages: int = 4, split_k: int = 1, counters: torch.Tensor | None = None,
-              out: torch.Tensor | None = None, plans: dict | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, plans: dict | None = None, fold: bool | None = None) -> torch.Tensor:
     """y (M, N) = x (M, K) @ W^T (+ bias) from `pack_words`' planes; x bf16 / fp16, contiguous rows.
 
     `plans` (a dict kept with `words` / `scales`, as `packed_planes` keeps one): the weight's two
     TMA descriptors are made once and the launch is remembered (`kernels.launch.launch_remembered`),
     so an eager call builds one descriptor (x's) instead of three and skips Gluon's argument binding
-    (eager QuantLinear at M = 16 on an H200 host: ~140-160 us per call through the full launch
-    against ~80 us for the Triton dot4 kernel; RESULTS.md, session 27)."""
+    (eager QuantLinear at M = 16 on an H200 host: ~95-160 us per call through the full launch, ~65-110
+    remembered; RESULTS.md, session 27).
+
+    `fold` (bf16 activations only): each weight is multiplied by its scale in the decode (rounded once
+    to bf16, as dequantizing the weight to bf16 does; exact for E8M0 scales) and a stage's groups go
+    into one accumulator, instead of one fp32 accumulator per group scaled afterwards. Default: on
+    for 32 / 64-row activation blocks with 32-value groups, where the per-group scale FMAs (32 per
+    group per thread at 64 rows) cost more than the multiplies."""
     m = x.shape[0]
     ngs = ngs or max(1, 128 // gs)
     if ngs not in (1, 2, 4):
@@ -352,6 +406,10 @@ def matmul_w4(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, *, n: 
     y = out if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
     f16 = x.dtype == torch.float16
     e8m0 = scales.dtype == torch.uint8
+    if fold is None:  # scales in the operands where four groups' scale FMAs per stage cost more than the
+        fold = not f16 and block_m >= 32 and ngs >= 4  # multiplies (RESULTS.md, session 27: M = 64, GS 32 1.27-1.33x -> 1.44-1.52x bf16)
+    if fold and f16:
+        raise ValueError("matmul_w4: scales folded into the weights need bf16 activations")
     wl, sl, xl = _layouts(block_m, gs, num_wg, f16, scales.element_size() * 8)
     remember = plans is not None and not torch.compiler.is_compiling()
     descs = plans.get(("desc", num_wg)) if remember else None
@@ -374,7 +432,7 @@ def matmul_w4(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, *, n: 
     b = bias if bias is not None else y
     args = (*descs, x_desc, y, ws, cnt, b, m, n, y.stride(0), ips * ngs, n_groups)
     consts = dict(BLOCK_M=block_m, GS=gs, NGS=ngs, STAGES=stages, NUM_WG=num_wg, NB16=n // 16, F16=f16, E8M0=e8m0,
-                  SPLIT_K=split_k, HAS_BIAS=bias is not None, num_warps=4)
+                  SPLIT_K=split_k, HAS_BIAS=bias is not None, FOLD=fold, num_warps=4)
     # the slots (x's descriptor, y, the split-K buffers, the bias, M, y's row stride) change between
     # calls; the key holds how Triton specializes them (x's descriptor: its layout follows the consts
     # and x's dtype, its shape and strides are run-time values), the grid and the constexprs

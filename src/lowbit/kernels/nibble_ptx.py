@@ -189,11 +189,13 @@ def asm_fp8(f16: bool, e5m2: bool) -> str:
 
 
 @functools.cache
-def asm_words(f16: bool) -> str:
+def asm_words(f16: bool, scaled: bool = False) -> str:
     """PTX for the Hopper int4 kernel's decode (`gluon_w4._decode`): $0..$7 = the eight codes c of the
     32-bit word $8 as 16-bit values c - 8 (exact), ordered nibble position i = 0..3 (bits 4i..4i+3 of
     the low half, then of the high half): MAGIC | c (MAGIC = 1024 in fp16, 128 in bf16, where the
-    unit in the last place is 1), then one FMA by 1 minus (MAGIC + 8).
+    unit in the last place is 1), then one FMA by 1 minus (MAGIC + 8). `scaled`: each pair is then
+    multiplied (rounded once) by the 16-bit pair $9 (positions 0, 2) or $10 (positions 1, 3): the
+    scales of the fragment's two rows.
 
     Example:
         >>> asm_words(False).count("lop3.b32")
@@ -209,6 +211,8 @@ def asm_words(f16: bool) -> str:
             src = "t"
         lines.append(f"lop3.b32 v, {src}, 0x000F000F, mg, 0xEA;")  # (src & mask) | magic
         lines.append(f"fma.rn.{ty} v, v, one, ng;")  # c - 8, exact
+        if scaled:  # nibble positions 0, 2 are the fragment's row g, 1, 3 its row g + 8
+            lines.append(f"mul.rn.{ty} v, v, {'$9' if i % 2 == 0 else '$10'};")
         lines.append(f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, v;")
     lines.append("}")
     return "\n".join(lines)
