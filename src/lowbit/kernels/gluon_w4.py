@@ -218,8 +218,9 @@ def _consumer(w_smem, s_smem, x_smem, ready, free, y_ptr, ws_ptr, cnt_ptr, bias_
     zero = gl.zeros([64, BLOCK_M], gl.float32, acc_layout)
     total = zero
 
-    # one stage (NGS <= 4 groups) at a time: its NGS wgmmas (one fresh accumulator per group) run
-    # while the next stage's codes are decoded; then each group's result is scaled into `total`.
+    # one stage (NGS <= 4 groups) at a time: its NGS wgmmas (one fresh accumulator per group, or one
+    # for the stage with FOLD) run while the next stage's codes are decoded; then each group's result
+    # is scaled into `total` (FOLD: the stage's result is added).
     # Two stages per trip with two register sets (a, b): a stage's operands are decoded into the set
     # whose wgmmas were waited for, so nothing decoded crosses the back edge while its registers are
     # read in flight (one set carried across it cost a register copy per operand word, 32 IMAD.MOV a
