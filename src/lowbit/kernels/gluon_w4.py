@@ -144,17 +144,18 @@ def _decode_stage(w_smem, st, which, w_layout: gl.constexpr, a_layout: gl.conste
 
 
 @gluon.jit
-def _mma_stage(a0, a1, a2, a3, x_smem, b, zero, NGS: gl.constexpr, FOLD: gl.constexpr):
+def _mma_stage(a0, a1, a2, a3, x_smem, b, zero, total, NGS: gl.constexpr, FOLD: gl.constexpr):
     """The stage's wgmmas (x slots b..b+NGS-1), each into a fresh accumulator (FOLD: the scales are in
-    the operands, so all into one), left in flight."""
-    t0 = warpgroup_mma(a0, x_smem.index(b).permute((1, 0)), zero, use_acc=False, is_async=True)
-    if FOLD:
+    the operands, so all onto `total`), left in flight."""
+    if FOLD:  # chained onto the running total: no second accumulator, no add per stage
+        t0 = warpgroup_mma(a0, x_smem.index(b).permute((1, 0)), total, is_async=True)
         if NGS >= 2:
             t0 = warpgroup_mma(a1, x_smem.index(b + 1).permute((1, 0)), t0, is_async=True)
         if NGS >= 4:
             t0 = warpgroup_mma(a2, x_smem.index(b + 2).permute((1, 0)), t0, is_async=True)
             t0 = warpgroup_mma(a3, x_smem.index(b + 3).permute((1, 0)), t0, is_async=True)
         return t0, t0, t0, t0
+    t0 = warpgroup_mma(a0, x_smem.index(b).permute((1, 0)), zero, use_acc=False, is_async=True)
     t1 = t0
     t2 = t0
     t3 = t0
@@ -170,10 +171,9 @@ def _mma_stage(a0, a1, a2, a3, x_smem, b, zero, NGS: gl.constexpr, FOLD: gl.cons
 def _scale_stage(t0, t1, t2, t3, total, s_smem, b, which, acc_layout: gl.constexpr, E8M0: gl.constexpr,
                  NGS: gl.constexpr, FOLD: gl.constexpr):
     """Wait for the stage's wgmmas; add each group's product times its scales (slots b..) to total
-    (FOLD: the one product, scaled already)."""
+    (FOLD: the chained product is the new total)."""
     if FOLD:
-        c0 = warpgroup_mma_wait(0, deps=(t0, ))
-        total += c0
+        total = warpgroup_mma_wait(0, deps=(t0, ))
     elif NGS == 1:
         c0 = warpgroup_mma_wait(0, deps=(t0, ))
         total += c0 * _scales(s_smem, b, which, acc_layout, E8M0)
@@ -233,12 +233,12 @@ def _consumer(w_smem, s_smem, x_smem, ready, free, y_ptr, ws_ptr, cnt_ptr, bias_
         i = 2 * j
         st = i % STAGES
         st_n = (i + 1) % STAGES
-        t0, t1, t2, t3 = _mma_stage(a0, a1, a2, a3, x_smem, st * NGS, zero, NGS, FOLD)
+        t0, t1, t2, t3 = _mma_stage(a0, a1, a2, a3, x_smem, st * NGS, zero, total, NGS, FOLD)
         mbarrier.wait(ready.index(st_n), ((i + 1) // STAGES) & 1)
         b0, b1, b2, b3 = _decode_stage(w_smem, st_n, WHICH, w_layout, a_layout, KS, NGS, F16, s_smem, FOLD, E8M0)
         total = _scale_stage(t0, t1, t2, t3, total, s_smem, st * NGS, WHICH, acc_layout, E8M0, NGS, FOLD)
         mbarrier.arrive(free.index(st))  # the loader may refill this stage
-        t0, t1, t2, t3 = _mma_stage(b0, b1, b2, b3, x_smem, st_n * NGS, zero, NGS, FOLD)
+        t0, t1, t2, t3 = _mma_stage(b0, b1, b2, b3, x_smem, st_n * NGS, zero, total, NGS, FOLD)
         st_2 = (i + 2) % STAGES
         if i + 2 < n_iters:
             mbarrier.wait(ready.index(st_2), ((i + 2) // STAGES) & 1)
@@ -247,7 +247,7 @@ def _consumer(w_smem, s_smem, x_smem, ready, free, y_ptr, ws_ptr, cnt_ptr, bias_
         mbarrier.arrive(free.index(st_n))
     if n_iters % 2 == 1:  # the last stage, decoded into the a set
         st = (n_iters - 1) % STAGES
-        t0, t1, t2, t3 = _mma_stage(a0, a1, a2, a3, x_smem, st * NGS, zero, NGS, FOLD)
+        t0, t1, t2, t3 = _mma_stage(a0, a1, a2, a3, x_smem, st * NGS, zero, total, NGS, FOLD)
         total = _scale_stage(t0, t1, t2, t3, total, s_smem, st * NGS, WHICH, acc_layout, E8M0, NGS, FOLD)
         mbarrier.arrive(free.index(st))
 
