@@ -112,13 +112,21 @@ def test_word_decode_ptx_with_row_scales():
 
 
 def test_gluon4_is_chosen_only_where_it_runs(monkeypatch):
-    """Symmetric int4 codes with 32..128-value groups at M = 9..64 on sm_90; nothing else."""
+    """Symmetric int4 codes with 32..128-value groups at M = 9..1024 on sm_90; nothing else."""
+    monkeypatch.setattr(tlin, "_sm_count", lambda: 132)
     spec = tlin.spec_of(PRESETS["int4-e8m0"])
     cfg = tlin.gluon4_config(spec, 16, 8192, 8192, sm90=True)
     assert cfg == {"path": "gluon4", "num_wg": 2, "block_m": 16, "split_k": 2, "stages": 4}
     assert tlin.gluon4_config(spec, 64, 14336, 4096, sm90=True)["num_wg"] == 1  # few row blocks: one warpgroup
     assert tlin.gluon4_config(spec, 40, 4096, 14336, sm90=True)["split_k"] == 1  # 112 programs without a split
-    for m, k, n in ((8, 4096, 4096), (65, 4096, 4096), (16, 4160, 4096), (16, 4096, 4100), (16, 4096, 0)):
+    # M > 64: scales folded into the operands; 128-row blocks where they fill the SMs (128 programs), else 64
+    assert tlin.gluon4_config(spec, 256, 8192, 8192, sm90=True) == {
+        "path": "gluon4", "num_wg": 2, "block_m": 128, "split_k": 1, "stages": 4, "fold": True}
+    assert tlin.gluon4_config(spec, 128, 8192, 8192, sm90=True)["block_m"] == 64  # 64 programs of 128 rows
+    small = tlin.gluon4_config(spec, 128, 4096, 4096, sm90=True)
+    assert (small["block_m"], small["split_k"]) == (64, 2)  # 32 x 2 blocks: K split in two
+    assert tlin.gluon4_config(spec, 1024, 4096, 4096, sm90=True)["block_m"] == 128
+    for m, k, n in ((8, 4096, 4096), (1025, 4096, 4096), (16, 4160, 4096), (16, 4096, 4100), (16, 4096, 0)):
         assert tlin.gluon4_config(spec, m, k, n, sm90=True) is None, (m, k, n)
     assert tlin.gluon4_config(spec, 16, 4096, 4096, sm90=False) is None
     for name in ("int4-asym", "mxfp4", "int2-e8m0", "int8", "lut4"):
@@ -151,9 +159,11 @@ def test_gluon4_matches_dequantize_then_matmul(preset, gs):
                        (33, dict(num_wg=1, block_m=64, split_k=2, stages=6)),
                        (64, dict(num_wg=2, block_m=64, split_k=3, stages=3, ngs=max(1, 64 // gs))),
                        (20, dict(num_wg=2, block_m=32, split_k=4, stages=5)),
-                       (12, dict(num_wg=1, block_m=16, split_k=8, stages=2))):  # one stage per split
+                       (12, dict(num_wg=1, block_m=16, split_k=8, stages=2)),  # one stage per split
+                       (200, dict(num_wg=2, block_m=128, split_k=1, stages=4)),  # large M: 128-row blocks
+                       (77, dict(num_wg=1, block_m=128, split_k=2, stages=3))):
             x = torch.randn(m, k, device="cuda", generator=gen).to(dt)
-            bias = torch.randn(n, device="cuda", generator=gen).to(dt) if m == 33 else None
+            bias = torch.randn(n, device="cuda", generator=gen).to(dt) if m in (33, 200) else None
             ref = x.float() @ ref_w.T + (0 if bias is None else bias.float())
             for fold in ((False, True) if dt == torch.bfloat16 else (False, )):  # scales in the operands: bf16 only
                 out = torch.full((m, n), float("nan"), device="cuda", dtype=dt)
@@ -223,6 +233,31 @@ def test_gluon4_runs_inside_quant_linear_and_cuda_graphs():
         graph2.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, y)
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Gluon int4 kernel is compiled for sm_90 only (no interpreter for Gluon)")
+def test_gluon4_large_m_routes_bf16_and_falls_back_for_fp16():
+    """M = 65..1024: the folded kernel for bf16 activations (placement says triton, the words get
+    packed); fp16 activations take the other paths; both match dequantize-then-matmul."""
+    from lowbit.kernels import PLACEMENT, gluon_w4
+    from lowbit.nn import QuantLinear
+
+    torch.manual_seed(2)
+    lin = torch.nn.Linear(1024, 512, bias=True).cuda()
+    q = QuantLinear.from_float(lin, "int4").cuda()
+    q._lowbit_name = "big_m"
+    spec = tlin.spec_of(q.qweight.fmt)
+    assert tlin.choose(spec, 300, 1024, 512)["path"] == "gluon4"
+    gluon_w4._PACKED.clear()
+    for dt in (torch.bfloat16, torch.float16):
+        x = torch.randn(300, 1024, device="cuda", dtype=dt)
+        ref = x.float() @ q.qweight.dequantize(torch.float32).T + lin.bias.float()
+        PLACEMENT.clear()
+        with torch.no_grad():
+            y = q(x)
+        assert y.dtype == dt and ((y.float() - ref).norm() / ref.norm()).item() < 1e-2, dt
+        assert PLACEMENT["big_m"].get("triton"), PLACEMENT
+        assert len(gluon_w4._PACKED) == 1  # packed by the bf16 call, kept
 
 
 @pytest.mark.skipif(not HOPPER, reason="the Gluon int4 kernel is compiled for sm_90 only (no interpreter for Gluon)")

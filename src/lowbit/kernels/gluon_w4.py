@@ -1,6 +1,7 @@
 """Hopper (sm_90) int4 matmul in Gluon: y = x @ W^T with W's 4-bit codes decoded in the registers
-of the tensor cores' A operand, for a few to 64 activation rows (`triton_linear.gluon4_config`
-routes M = 9..64 here; 128 rows with four accumulators spill).
+of the tensor cores' A operand, for a few to ~1000 activation rows (`triton_linear.gluon4_config`
+routes M = 9..1024 here: 16..64 rows per program, and from M = 65 64 or 128 rows with the scales
+folded into bf16 operands).
 
 Why: the Triton `dot4` kernel (triton_dot4.py) ran M = 16 at ~1.45x bf16 and M = 64 near 1.0x on
 an H200 (RESULTS.md, session 19): every warp loads, decodes and multiplies in lock step, and
@@ -19,9 +20,10 @@ multiply:
   of a stage's groups (up to 4) is multiplied into a fresh accumulator while the next stage's codes
   are decoded, then scaled and added, so the decode does no per-weight multiply and the scale is
   exact (fp32) instead of rounded to the 16-bit weight; or, for bf16 activations with 32-value
-  groups at 32 / 64 rows (`matmul_w4(fold=)`), each pair of weights is multiplied by its row's
-  scale in the decode (one more instruction per pair) and a stage's groups share one accumulator:
-  at 64 rows the per-group scale FMAs (32 per group per thread) cost more than that;
+  groups at 32 / 64 rows and for 128-row blocks (`matmul_w4(fold=)`), each pair of weights is
+  multiplied by its row's scale in the decode (one more instruction per pair) and every wgmma
+  accumulates onto the running total: at 64 rows the per-group scale FMAs (32 per group per thread)
+  cost more than that, and at 128 rows a second accumulator would not fit in the registers;
 - split-K over programs, partial sums reduced by the last program of each tile (atomic counter,
   as `triton_split_k.split_k_total`).
 
@@ -218,9 +220,9 @@ def _consumer(w_smem, s_smem, x_smem, ready, free, y_ptr, ws_ptr, cnt_ptr, bias_
     zero = gl.zeros([64, BLOCK_M], gl.float32, acc_layout)
     total = zero
 
-    # one stage (NGS <= 4 groups) at a time: its NGS wgmmas (one fresh accumulator per group, or one
-    # for the stage with FOLD) run while the next stage's codes are decoded; then each group's result
-    # is scaled into `total` (FOLD: the stage's result is added).
+    # one stage (NGS <= 4 groups) at a time: its NGS wgmmas (one fresh accumulator per group, or with
+    # FOLD all onto `total`) run while the next stage's codes are decoded; then each group's result
+    # is scaled into `total` (FOLD: the waited chain is the new total).
     # Two stages per trip with two register sets (a, b): a stage's operands are decoded into the set
     # whose wgmmas were waited for, so nothing decoded crosses the back edge while its registers are
     # read in flight (one set carried across it cost a register copy per operand word, 32 IMAD.MOV a
@@ -390,7 +392,7 @@ def matmul_w4(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, *, n: 
     to bf16, as dequantizing the weight to bf16 does; exact for E8M0 scales) and a stage's groups go
     into one accumulator, instead of one fp32 accumulator per group scaled afterwards. Default: on
     for 32 / 64-row activation blocks with 32-value groups, where the per-group scale FMAs (32 per
-    group per thread at 64 rows) cost more than the multiplies."""
+    group per thread at 64 rows) cost more than the multiplies, and for 128-row blocks (bf16)."""
     m = x.shape[0]
     ngs = ngs or max(1, 128 // gs)
     if ngs not in (1, 2, 4):
@@ -408,7 +410,8 @@ def matmul_w4(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, *, n: 
     f16 = x.dtype == torch.float16
     e8m0 = scales.dtype == torch.uint8
     if fold is None:  # scales in the operands where four groups' scale FMAs per stage cost more than the
-        fold = not f16 and block_m >= 32 and ngs >= 4  # multiplies (RESULTS.md, session 27: M = 64, GS 32 1.27-1.33x -> 1.44-1.52x bf16)
+        fold = not f16 and (block_m >= 128 or (block_m >= 32 and ngs >= 4))  # multiplies (RESULTS.md, session 27:
+        # M = 64, GS 32 1.27-1.33x -> 1.44-1.52x bf16); 128 rows: a 64-register accumulator per group spills
     if fold and f16:
         raise ValueError("matmul_w4: scales folded into the weights need bf16 activations")
     wl, sl, xl = _layouts(block_m, gs, num_wg, f16, scales.element_size() * 8)
@@ -473,9 +476,13 @@ def run_planes(x: torch.Tensor, planes: dict, gs: int, n: int, k: int, bias, y: 
                counters: torch.Tensor) -> bool:
     """y = x @ W^T (+ bias) from the stored planes (`triton_linear.run`'s "gluon4" path); False, with
     y untouched, where this call does not suit the kernel (x not 16-byte aligned rows, activations
-    other than bf16 / fp16, scales of another type, a capture before the planes were packed)."""
+    other than bf16 / fp16, fp16 where the config folds the scales into bf16 operands (M > 64), scales
+    of another type, a capture before the planes were packed)."""
     tma_ok = x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and (x.stride(0) * 2) % 16 == 0
     if x.dtype not in (torch.bfloat16, torch.float16) or not tma_ok:
+        return False
+    fold = cfg.get("fold")
+    if x.dtype == torch.float16 and (fold or cfg["block_m"] > 64):
         return False
     scale = planes.get("scale")
     if scale is None or scale.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.uint8):
@@ -487,5 +494,5 @@ def run_planes(x: torch.Tensor, planes: dict, gs: int, n: int, k: int, bias, y: 
         return False
     words, scales, plans = packed
     matmul_w4(x, words, scales, n=n, k=k, gs=gs, bias=bias, block_m=cfg["block_m"], num_wg=cfg["num_wg"],
-              stages=cfg["stages"], split_k=cfg["split_k"], counters=counters, out=y, plans=plans)
+              stages=cfg["stages"], split_k=cfg["split_k"], counters=counters, out=y, plans=plans, fold=fold)
     return True

@@ -7,7 +7,7 @@ power of two of bytes: 32, 64, 128, ...; fp16 / bf16 / fp32 scales), `int4-e8m0`
 int8 tables, per tensor or per channel group, optional per-channel scale). Other formats keep the
 reference path. The kernels read the stored planes as they are (nothing added to the state dict or
 the package format), except the Hopper int4 kernel (`gluon_w4.py`, path "gluon4": symmetric int4 at
-M = 9..64 on sm_90), which keeps a repacked copy of the codes made on its first call.
+M = 9..1024 on sm_90), which keeps a repacked copy of the codes made on its first call.
 
 Path per call (`choose`): M <= 4 a GEMV (one program per output-row block, CUDA cores); up to a
 few hundred rows a tensor-core tile kernel (`tl.dot`, split-K with an in-kernel reduction for
@@ -19,9 +19,9 @@ it traces under `torch.compile` and can be captured in CUDA graphs.
 
 Example:
     >>> import torch, lowbit                                        # doctest: +SKIP
-    >>> from lowbit.nn import QuantLinear
-    >>> q = QuantLinear.from_float(torch.nn.Linear(4096, 4096), "int4-e8m0").cuda()
-    >>> y = q(torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16))   # runs the GEMV kernel
+    >>> from lowbit.nn import QuantLinear                          # doctest: +SKIP
+    >>> q = QuantLinear.from_float(torch.nn.Linear(4096, 4096), "int4-e8m0").cuda()  # doctest: +SKIP
+    >>> y = q(torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16))  # the GEMV kernel  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -210,35 +210,54 @@ def _sm90() -> bool:
     return _SM90[dev]
 
 
+# above this many activation rows dequantize + cuBLAS: at M = 2048 the Hopper int4 kernel ran 0.73-0.96x
+# bf16 against 0.81-0.91x for dequantize + cuBLAS, at M = 512 0.80-1.00x against 0.62-0.69x (RESULTS.md, session 28)
+GLUON4_MAX_M = 1024
+
+
 def gluon4_config(spec: Spec, m: int, k: int, n: int, sm90: bool | None = None) -> dict | None:
     """The config of the Hopper int4 kernel (`gluon_w4.matmul_w4`) for this call, or None where it
     does not run: symmetric 4-bit integer codes with fp16 / bf16 / fp32 / E8M0 scales per 32, 64 or
-    128 values, 9 <= M <= 64 (below, the GEMV / dot4; above, dot4 and cuBLAS were faster), K a
-    multiple of 128, N of 64, an sm_90 GPU. Split-K brings the programs near one per SM. The
-    configs are the best of a sweep on an H200 (RESULTS.md, 2026-11-25 session 26): two consumer
-    warpgroups (128 weight rows per program) at M <= 32 and where N >= 8192, else one.
+    128 values, 9 <= M <= GLUON4_MAX_M (below, the GEMV / dot4; above, dequantize + cuBLAS), K a
+    multiple of 128, N of 64, an sm_90 GPU. Split-K brings the programs near one per SM.
+
+    M <= 64: the best of a sweep on an H200 (RESULTS.md, session 26): two consumer warpgroups (128
+    weight rows per program) at M <= 32 and where N >= 8192, else one. M > 64: the scales folded
+    into bf16 operands (`fold`; fp16 activations fall back to the other paths), 128 activation rows
+    per program where that still gives about one program per SM, else 64 (session 28 sweep: M = 256
+    at 8192^2 0.59x bf16 through dequantize + cuBLAS, 0.97x with 128 rows).
 
     Example:
         >>> from lowbit.formats import PRESETS
         >>> gluon4_config(spec_of(PRESETS["int4-e8m0"]), 16, 8192, 8192, sm90=True)
         {'path': 'gluon4', 'num_wg': 2, 'block_m': 16, 'split_k': 2, 'stages': 4}
+        >>> gluon4_config(spec_of(PRESETS["int4-e8m0"]), 256, 8192, 8192, sm90=True)["block_m"]
+        128
         >>> gluon4_config(spec_of(PRESETS["int8"]), 16, 8192, 8192, sm90=True) is None
         True
     """
-    if not (GLUON_W4 and 9 <= m <= 64 and k > 0 and n > 0 and k % 128 == 0 and n % 64 == 0):
+    if not (GLUON_W4 and 9 <= m <= GLUON4_MAX_M and k > 0 and n > 0 and k % 128 == 0 and n % 64 == 0):
         return None
     if not (spec.bits == 4 and spec.code == 0 and not spec.has_zero and spec.smode in (1, 2) and spec.cmul == 1.0
             and spec.bb in (16, 32, 64)):
         return None
     if not (sm90 if sm90 is not None else _sm90()):
         return None
-    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-    num_wg = 2 if (block_m <= 32 or n >= 8192) and n % 128 == 0 else 1
-    split = max(1, min(4, round(_sm_count() / (n // (64 * num_wg)))))
+    sm = _sm_count()
+    if m <= 64:
+        block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+        num_wg = 2 if (block_m <= 32 or n >= 8192) and n % 128 == 0 else 1
+        stages = 4 if block_m <= 32 else (5 if num_wg == 2 else 6)
+        extra = {}
+    else:
+        num_wg = 2 if n % 128 == 0 else 1
+        block_m = 128 if (n // (64 * num_wg)) * cdiv(m, 128) >= 0.75 * sm else 64
+        stages = 4 if block_m == 128 else 5
+        extra = {"fold": True}
+    split = max(1, min(4, round(sm / ((n // (64 * num_wg)) * cdiv(m, block_m)))))
     while split > 1 and k // 128 < split:
         split -= 1
-    return {"path": "gluon4", "num_wg": num_wg, "block_m": block_m, "split_k": split,
-            "stages": 4 if block_m <= 32 else (5 if num_wg == 2 else 6)}
+    return {"path": "gluon4", "num_wg": num_wg, "block_m": block_m, "split_k": split, "stages": stages, **extra}
 
 
 _CHOSEN: dict = {}
@@ -315,11 +334,12 @@ def candidates(spec: Spec, m: int, k: int, n: int) -> list[dict]:
             out.append({"path": "gemv", "BLOCK_N": bn, "KB_T": kbt, "num_warps": nw})
     sm = _sm_count()
     g4 = gluon4_config(spec, m, k, n)
-    if g4 is not None:  # the Hopper int4 kernel: warpgroups, split-K, stages around its own config
+    if g4 is not None:  # the Hopper int4 kernel: warpgroups, split-K, stages (M > 64: row blocks) around its own config
+        tiles = ((128, 4), (128, 3), (64, 5)) if m > 64 else ((g4["block_m"], 4), (g4["block_m"], 6))
         for nwg in (1, 2) if n % 128 == 0 else (1, ):
-            for split in sorted({1, 2, 4, g4["split_k"]}):
-                for stages in (4, 6):
-                    out.append(dict(g4, num_wg=nwg, split_k=split, stages=stages))
+            for split in sorted({1, 2, g4["split_k"]} if m > 64 else {1, 2, 4, g4["split_k"]}):
+                for bm, stages in tiles:
+                    out.append(dict(g4, num_wg=nwg, split_k=split, block_m=bm, stages=stages))
     if 1 < m <= 256 and dot4_format_ok(spec):  # the packed-code tensor-core path
         # (BLOCK_N, BLOCK_M, KB_T, warps, STAGES, SPLIT_K, XPERM), from the H200 sweeps of
         # benchmarks/gemv_probe.py --m 16 64 256 (RESULTS.md): split K 2-4 and 256-512 codes per
