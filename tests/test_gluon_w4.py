@@ -91,24 +91,43 @@ def test_word_decode_ptx(f16):
                 assert got == ((word >> (16 * h + 4 * i)) & 15) - 8, (hex(word), i, h, got)
 
 
-def test_word_decode_ptx_with_row_scales():
+@pytest.mark.parametrize("f16", [False, True])
+def test_word_decode_ptx_with_row_scales(f16):
     """asm_words(scaled=True): pair i times the scale of its row ($9 for positions 0, 2, $10 for 1, 3),
-    rounded once to bf16: what dequantizing the weight to bf16 gives."""
-    text = asm_words(False, scaled=True)
+    rounded once to the 16-bit type: what dequantizing the weight to it gives."""
+    dt = torch.float16 if f16 else torch.bfloat16
+    text = asm_words(f16, scaled=True)
     rng = np.random.default_rng(7)
     for _ in range(300):
         word = int(rng.integers(0, 2**32))
-        sg, sg8 = (float(torch.tensor(float(v)).to(torch.bfloat16)) for v in rng.uniform(-0.05, 0.05, 2))
-        pair = {s: int(torch.tensor([s, s], dtype=torch.bfloat16).view(torch.int32)) & 0xFFFFFFFF for s in (sg, sg8)}
-        out = run_ptx(text, {"$8": word, "$9": pair[sg], "$10": pair[sg8]}, torch.bfloat16)
+        sg, sg8 = (float(torch.tensor(float(v)).to(dt)) for v in rng.uniform(-0.05, 0.05, 2))
+        pair = {s: int(torch.tensor([s, s], dtype=dt).view(torch.int32)) & 0xFFFFFFFF for s in (sg, sg8)}
+        out = run_ptx(text, {"$8": word, "$9": pair[sg], "$10": pair[sg8]}, dt)
         for i in range(4):
             scale = sg if i % 2 == 0 else sg8
             for h in range(2):
-                got = halves_to_float(out[f"${2 * i + h}"], torch.bfloat16)[0]
-                want = float(torch.tensor(((word >> (16 * h + 4 * i)) & 15) - 8.0) * torch.tensor(scale)
-                             .to(torch.bfloat16).float())
-                want = float(torch.tensor(want).to(torch.bfloat16))
+                got = halves_to_float(out[f"${2 * i + h}"], dt)[0]
+                want = float(torch.tensor(((word >> (16 * h + 4 * i)) & 15) - 8.0) * torch.tensor(scale))
+                want = float(torch.tensor(want).to(dt))
                 assert got == want, (hex(word), i, h, got, want)
+
+
+def test_fp16_fold_needs_normal_fp16_weights():
+    """Folding scales into fp16 operands only where every scale is 0 or in [2^-14, 4096]; E8M0 bytes
+    read as 2^(e - 127); the packed planes carry the answer for `run_planes`."""
+    from lowbit.kernels.gluon_w4 import fp16_fold_ok, packed_planes
+
+    assert fp16_fold_ok(torch.tensor([0.0, 2.0 ** -14, 4096.0], dtype=torch.float32))
+    assert not fp16_fold_ok(torch.tensor([2.0 ** -15, 1.0]))
+    assert not fp16_fold_ok(torch.tensor([1.0, 8192.0], dtype=torch.bfloat16))
+    assert fp16_fold_ok(torch.tensor([-1e-3, 1e-3], dtype=torch.float16))  # magnitudes count
+    assert fp16_fold_ok(torch.tensor([113, 139], dtype=torch.uint8))       # 2^-14 .. 2^12
+    assert not fp16_fold_ok(torch.tensor([112, 127], dtype=torch.uint8))
+    assert not fp16_fold_ok(torch.tensor([127, 140], dtype=torch.uint8))
+    data = torch.randint(0, 256, (32, 64), dtype=torch.uint8)
+    ok = packed_planes(data, torch.full((32, 4), 1e-3, dtype=torch.float16), 32)
+    tiny = packed_planes(data.clone(), torch.full((32, 4), 1e-6, dtype=torch.float16), 32)
+    assert ok[2][("fp16_fold", )] and not tiny[2][("fp16_fold", )]
 
 
 def test_gluon4_is_chosen_only_where_it_runs(monkeypatch):
@@ -165,7 +184,7 @@ def test_gluon4_matches_dequantize_then_matmul(preset, gs):
             x = torch.randn(m, k, device="cuda", generator=gen).to(dt)
             bias = torch.randn(n, device="cuda", generator=gen).to(dt) if m in (33, 200) else None
             ref = x.float() @ ref_w.T + (0 if bias is None else bias.float())
-            for fold in ((False, True) if dt == torch.bfloat16 else (False, )):  # scales in the operands: bf16 only
+            for fold in (False, True):  # scales applied to each group's product / folded into the operands
                 out = torch.full((m, n), float("nan"), device="cuda", dtype=dt)
                 matmul_w4(x, words, scales, n=n, k=k, gs=gs, bias=bias, counters=cnt, out=out, fold=fold, **cfg)
                 assert not out.isnan().any(), (dt, m, cfg, fold)
@@ -236,28 +255,40 @@ def test_gluon4_runs_inside_quant_linear_and_cuda_graphs():
 
 
 @pytest.mark.skipif(not HOPPER, reason="the Gluon int4 kernel is compiled for sm_90 only (no interpreter for Gluon)")
-def test_gluon4_large_m_routes_bf16_and_falls_back_for_fp16():
-    """M = 65..1024: the folded kernel for bf16 activations (placement says triton, the words get
-    packed); fp16 activations take the other paths; both match dequantize-then-matmul."""
+def test_gluon4_large_m_folds_and_fp16_falls_back_where_it_must():
+    """M = 65..1024: the folded kernel for bf16 and fp16 activations; a weight whose scaled codes would
+    not be normal fp16 numbers (a row of tiny weights) takes the other paths in fp16 and still runs
+    the kernel in bf16; all match dequantize-then-matmul."""
     from lowbit.kernels import PLACEMENT, gluon_w4
     from lowbit.nn import QuantLinear
 
     torch.manual_seed(2)
-    lin = torch.nn.Linear(1024, 512, bias=True).cuda()
-    q = QuantLinear.from_float(lin, "int4").cuda()
-    q._lowbit_name = "big_m"
-    spec = tlin.spec_of(q.qweight.fmt)
-    assert tlin.choose(spec, 300, 1024, 512)["path"] == "gluon4"
-    gluon_w4._PACKED.clear()
-    for dt in (torch.bfloat16, torch.float16):
-        x = torch.randn(300, 1024, device="cuda", dtype=dt)
-        ref = x.float() @ q.qweight.dequantize(torch.float32).T + lin.bias.float()
-        PLACEMENT.clear()
-        with torch.no_grad():
-            y = q(x)
-        assert y.dtype == dt and ((y.float() - ref).norm() / ref.norm()).item() < 1e-2, dt
-        assert PLACEMENT["big_m"].get("triton"), PLACEMENT
-        assert len(gluon_w4._PACKED) == 1  # packed by the bf16 call, kept
+    for tiny in (False, True):
+        lin = torch.nn.Linear(1024, 512, bias=True).cuda()
+        if tiny:
+            with torch.no_grad():
+                lin.weight[7] *= 1e-4  # scales below 2^-14
+        q = QuantLinear.from_float(lin, "int4").cuda()
+        q._lowbit_name = "big_m"
+        spec = tlin.spec_of(q.qweight.fmt)
+        assert tlin.choose(spec, 300, 1024, 512)["path"] == "gluon4"
+        gluon_w4._PACKED.clear()
+        for dt in (torch.float16, torch.bfloat16):
+            x = torch.randn(300, 1024, device="cuda", dtype=dt)
+            ref = x.float() @ q.qweight.dequantize(torch.float32).T + lin.bias.float()
+            PLACEMENT.clear()
+            calls = []
+            real = gluon_w4.matmul_w4
+            gluon_w4.matmul_w4 = lambda *a, **kw: calls.append(kw["fold"]) or real(*a, **kw)
+            try:
+                with torch.no_grad():
+                    y = q(x)
+            finally:
+                gluon_w4.matmul_w4 = real
+            assert y.dtype == dt and ((y.float() - ref).norm() / ref.norm()).item() < 1e-2, (tiny, dt)
+            assert PLACEMENT["big_m"].get("triton"), PLACEMENT
+            assert calls == ([] if tiny and dt == torch.float16 else [True]), (tiny, dt, calls)
+            assert len(gluon_w4._PACKED) == 1  # packed by the first call, kept
 
 
 @pytest.mark.skipif(not HOPPER, reason="the Gluon int4 kernel is compiled for sm_90 only (no interpreter for Gluon)")

@@ -1,7 +1,7 @@
 """Hopper (sm_90) int4 matmul in Gluon: y = x @ W^T with W's 4-bit codes decoded in the registers
 of the tensor cores' A operand, for a few to ~1000 activation rows (`triton_linear.gluon4_config`
 routes M = 9..1024 here: 16..64 rows per program, and from M = 65 64 or 128 rows with the scales
-folded into bf16 operands).
+folded into the 16-bit operands).
 
 Why: the Triton `dot4` kernel (triton_dot4.py) ran M = 16 at ~1.45x bf16 and M = 64 near 1.0x on
 an H200 (RESULTS.md, session 19): every warp loads, decodes and multiplies in lock step, and
@@ -20,7 +20,7 @@ multiply:
   of a stage's groups (up to 4) is multiplied into a fresh accumulator while the next stage's codes
   are decoded, then scaled and added, so the decode does no per-weight multiply and the scale is
   exact (fp32) instead of rounded to the 16-bit weight; or, for bf16 activations with 32-value
-  groups at 32 / 64 rows and for 128-row blocks (`matmul_w4(fold=)`), each pair of weights is
+  groups at 32 / 64 rows and for every M > 64 (`matmul_w4(fold=)`), each pair of weights is
   multiplied by its row's scale in the decode (one more instruction per pair) and every wgmma
   accumulates onto the running total: at 64 rows the per-group scale FMAs (32 per group per thread)
   cost more than that, and at 128 rows a second accumulator would not fit in the registers;
@@ -60,6 +60,7 @@ _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_glo
 _ASM_F16 = gl.constexpr(asm_words(True))
 _ASM_BF16 = gl.constexpr(asm_words(False))
 _ASM_BF16_SCALED = gl.constexpr(asm_words(False, scaled=True))
+_ASM_F16_SCALED = gl.constexpr(asm_words(True, scaled=True))
 _F16X8 = gl.constexpr((gl.float16, ) * 8)
 _BF16X8 = gl.constexpr((gl.bfloat16, ) * 8)
 
@@ -67,9 +68,12 @@ _BF16X8 = gl.constexpr((gl.bfloat16, ) * 8)
 @gluon.jit
 def _decode(w, a_layout: gl.constexpr, F16: gl.constexpr, sg=None, sg8=None):
     """Words [4, 32, KS] (one per warp / lane / k step) -> the [64, 16 KS] A operand in `a_layout`;
-    with `sg` / `sg8` (bf16 pairs of the rows' scales, `_row_scales`) the weights times their scales."""
+    with `sg` / `sg8` (16-bit pairs of the rows' scales, `_row_scales`) the weights times their scales."""
     KS: gl.constexpr = w.shape[2]
-    if sg is not None:
+    if sg is not None and F16:
+        o = gl.inline_asm_elementwise(_ASM_F16_SCALED, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [w, sg, sg8], dtype=_F16X8,
+                                      is_pure=True, pack=1)
+    elif sg is not None:
         o = gl.inline_asm_elementwise(_ASM_BF16_SCALED, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [w, sg, sg8], dtype=_BF16X8,
                                       is_pure=True, pack=1)
     elif F16:
@@ -91,25 +95,34 @@ def _stage_a(w_smem, slot, which, w_layout: gl.constexpr, a_layout: gl.constexpr
     times the group's scales, from the same slot of the scale ring)."""
     w = w_smem.index(slot).reshape([w_smem.shape[1], 32, KS]).slice(4 * which, 4).load(w_layout)
     if FOLD:
-        sg, sg8 = _row_scales(s_smem, slot, which, w_layout, KS, E8M0)
+        sg, sg8 = _row_scales(s_smem, slot, which, w_layout, KS, E8M0, F16)
         return _decode(w, a_layout, F16, sg, sg8)
     return _decode(w, a_layout, F16)
 
 
 @gluon.jit
-def _row_scales(s_smem, idx, which, w_layout: gl.constexpr, KS: gl.constexpr, E8M0: gl.constexpr):
+def _row_scales(s_smem, idx, which, w_layout: gl.constexpr, KS: gl.constexpr, E8M0: gl.constexpr,
+                F16: gl.constexpr):
     """The scales of rows 16 w + g and 16 w + g + 8 (warp w, lane 4 g + t) of this warpgroup's 64 rows
-    in slot `idx` of the scale ring, each as a bf16 pair in an int32, [4, 32, KS] in the word layout."""
+    in slot `idx` of the scale ring, each as a bf16 (F16: fp16) pair in an int32, [4, 32, KS] in the
+    word layout."""
     rows = s_smem.index(idx).reshape([s_smem.shape[2] // 16, 16]).slice(4 * which, 4, dim=0)  # (warp, 8 b1 + g)
-    return (_half_scales(rows.slice(0, 8, dim=1), w_layout, KS, E8M0),
-            _half_scales(rows.slice(8, 8, dim=1), w_layout, KS, E8M0))
+    return (_half_scales(rows.slice(0, 8, dim=1), w_layout, KS, E8M0, F16),
+            _half_scales(rows.slice(8, 8, dim=1), w_layout, KS, E8M0, F16))
 
 
 @gluon.jit
-def _half_scales(rows, w_layout: gl.constexpr, KS: gl.constexpr, E8M0: gl.constexpr):
+def _half_scales(rows, w_layout: gl.constexpr, KS: gl.constexpr, E8M0: gl.constexpr, F16: gl.constexpr):
     l3: gl.constexpr = gl.BlockedLayout([1, 1, 1], [1, 8, 4], [4, 1, 1], [2, 1, 0])  # (warp, g, t)
     v = rows.load(gl.SliceLayout(2, l3))
-    if E8M0:  # 2^(e - 127): the exponent byte in a bf16's exponent field
+    if F16:  # through fp32 (E8M0: 2^(e - 127) as an fp32 exponent field), rounded to fp16; the host
+        # folds for fp16 only where every scale is a normal fp16 and 8 x scale fits (`fp16_fold_ok`)
+        if E8M0:
+            f = (v.to(gl.int32) << 23).to(gl.float32, bitcast=True)
+        else:
+            f = v.to(gl.float32)
+        bits = f.to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+    elif E8M0:  # 2^(e - 127): the exponent byte in a bf16's exponent field
         bits = v.to(gl.int32) << 7
     else:
         bits = v.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
@@ -388,11 +401,12 @@ def matmul_w4(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, *, n: 
     (eager QuantLinear at M = 16 on an H200 host: ~95-160 us per call through the full launch, ~65-110
     remembered; RESULTS.md, session 27).
 
-    `fold` (bf16 activations only): each weight is multiplied by its scale in the decode (rounded once
-    to bf16, as dequantizing the weight to bf16 does; exact for E8M0 scales) and a stage's groups go
-    into one accumulator, instead of one fp32 accumulator per group scaled afterwards. Default: on
-    for 32 / 64-row activation blocks with 32-value groups, where the per-group scale FMAs (32 per
-    group per thread at 64 rows) cost more than the multiplies, and for 128-row blocks (bf16)."""
+    `fold`: each weight is multiplied by its scale in the decode (rounded once to the activations'
+    16-bit type, as dequantizing the weight does; exact for E8M0 scales in bf16) and a stage's groups
+    go onto one accumulator, instead of one fp32 accumulator per group scaled afterwards. Default: on
+    for bf16 32 / 64-row activation blocks with 32-value groups, where the per-group scale FMAs (32
+    per group per thread at 64 rows) cost more than the multiplies, and for 128-row blocks. With
+    fp16 activations the scaled weights must be normal fp16 numbers (`fp16_fold_ok(scales)`)."""
     m = x.shape[0]
     ngs = ngs or max(1, 128 // gs)
     if ngs not in (1, 2, 4):
@@ -410,10 +424,8 @@ def matmul_w4(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, *, n: 
     f16 = x.dtype == torch.float16
     e8m0 = scales.dtype == torch.uint8
     if fold is None:  # scales in the operands where four groups' scale FMAs per stage cost more than the
-        fold = not f16 and (block_m >= 128 or (block_m >= 32 and ngs >= 4))  # multiplies (RESULTS.md, session 27:
+        fold = block_m >= 128 or (not f16 and block_m >= 32 and ngs >= 4)  # multiplies (RESULTS.md, session 27:
         # M = 64, GS 32 1.27-1.33x -> 1.44-1.52x bf16); 128 rows: a 64-register accumulator per group spills
-    if fold and f16:
-        raise ValueError("matmul_w4: scales folded into the weights need bf16 activations")
     wl, sl, xl = _layouts(block_m, gs, num_wg, f16, scales.element_size() * 8)
     remember = plans is not None and not torch.compiler.is_compiling()
     descs = plans.get(("desc", num_wg)) if remember else None
@@ -443,7 +455,7 @@ def matmul_w4(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, *, n: 
     key = (grid, tuple(consts.values()), int_class(m), int_class(y.stride(0)), y.data_ptr() % 16 == 0,
            cnt.data_ptr() % 16 == 0, b.data_ptr() % 16 == 0) if remember else None
     if remember and len(plans) > 64:  # prefill lengths vary: keep the plans bounded (descriptors stay)
-        for old in [kk for kk in plans if kk[0] != "desc"]:
+        for old in [kk for kk in plans if kk[0] not in ("desc", "fp16_fold")]:
             del plans[old]
     launch_remembered(plans, key, _w4_kernel, grid, args, consts, slots=(2, 3, 4, 5, 6, 7, 9))
     return y
@@ -455,10 +467,26 @@ def matmul_w4(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, *, n: 
 _PACKED: dict[tuple, tuple] = {}
 
 
+def fp16_fold_ok(scales: torch.Tensor) -> bool:
+    """Whether weights folded with these scales (fp16 / bf16 / fp32, or uint8 E8M0 exponents) are normal
+    fp16 numbers for every code: each scale 0 or in [2^-14, 4096] (|code| <= 8). Tiny scales would
+    lose bits in fp16 subnormals, huge ones overflow; such weights keep their scales apart in fp16.
+
+    Example:
+        >>> fp16_fold_ok(torch.tensor([0.0, 1e-3, 2.0])), fp16_fold_ok(torch.tensor([1e-6, 1e-3]))
+        (True, False)
+        >>> fp16_fold_ok(torch.tensor([127, 100], dtype=torch.uint8))   # 2^0, 2^-27
+        False
+    """
+    s = torch.exp2(scales.float() - 127) if scales.dtype == torch.uint8 else scales.float().abs()
+    s = s[s != 0]
+    return s.numel() == 0 or bool((s.min() >= 2.0 ** -14) & (s.max() <= 4096.0))
+
+
 def packed_planes(data: torch.Tensor, scale: torch.Tensor, gs: int) -> tuple[torch.Tensor, torch.Tensor, dict] | None:
     """`pack_words(data, scale, gs)` and a dict for `matmul_w4`'s remembered launches, made once per
     data plane and kept while that plane lives; None while a CUDA graph is being captured and the
-    planes are not packed yet (packing allocates)."""
+    planes are not packed yet (packing allocates). The dict's "fp16_fold" is `fp16_fold_ok(scale)`."""
     key = (data.data_ptr(), scale.data_ptr(), tuple(data.shape), gs)
     hit = _PACKED.get(key)
     if hit is not None:
@@ -468,7 +496,8 @@ def packed_planes(data: torch.Tensor, scale: torch.Tensor, gs: int) -> tuple[tor
     if data.is_cuda and torch.cuda.is_current_stream_capturing():
         return None
     drop = lambda _r, key=key: _PACKED.pop(key, None)  # noqa: E731
-    _PACKED[key] = (weakref.ref(data, drop), weakref.ref(scale, drop), (*pack_words(data, scale, gs), {}))
+    plans = {("fp16_fold", ): fp16_fold_ok(scale)}  # one sync, at packing
+    _PACKED[key] = (weakref.ref(data, drop), weakref.ref(scale, drop), (*pack_words(data, scale, gs), plans))
     return _PACKED[key][2]
 
 
@@ -476,14 +505,13 @@ def run_planes(x: torch.Tensor, planes: dict, gs: int, n: int, k: int, bias, y: 
                counters: torch.Tensor) -> bool:
     """y = x @ W^T (+ bias) from the stored planes (`triton_linear.run`'s "gluon4" path); False, with
     y untouched, where this call does not suit the kernel (x not 16-byte aligned rows, activations
-    other than bf16 / fp16, fp16 where the config folds the scales into bf16 operands (M > 64), scales
-    of another type, a capture before the planes were packed)."""
+    other than bf16 / fp16, fp16 where the config folds the scales into the operands (M > 64) and the
+    scaled weights would not be normal fp16 numbers (`fp16_fold_ok`), scales of another type, a capture
+    before the planes were packed)."""
     tma_ok = x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and (x.stride(0) * 2) % 16 == 0
     if x.dtype not in (torch.bfloat16, torch.float16) or not tma_ok:
         return False
     fold = cfg.get("fold")
-    if x.dtype == torch.float16 and (fold or cfg["block_m"] > 64):
-        return False
     scale = planes.get("scale")
     if scale is None or scale.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.uint8):
         return False
@@ -493,6 +521,8 @@ def run_planes(x: torch.Tensor, planes: dict, gs: int, n: int, k: int, bias, y: 
     if packed is None:
         return False
     words, scales, plans = packed
+    if x.dtype == torch.float16 and (fold or cfg["block_m"] > 64) and not plans[("fp16_fold", )]:
+        return False
     matmul_w4(x, words, scales, n=n, k=k, gs=gs, bias=bias, block_m=cfg["block_m"], num_wg=cfg["num_wg"],
               stages=cfg["stages"], split_k=cfg["split_k"], counters=counters, out=y, plans=plans, fold=fold)
     return True

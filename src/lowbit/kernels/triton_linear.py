@@ -223,7 +223,8 @@ def gluon4_config(spec: Spec, m: int, k: int, n: int, sm90: bool | None = None) 
 
     M <= 64: the best of a sweep on an H200 (RESULTS.md, session 26): two consumer warpgroups (128
     weight rows per program) at M <= 32 and where N >= 8192, else one. M > 64: the scales folded
-    into bf16 operands (`fold`; fp16 activations fall back to the other paths), 128 activation rows
+    into the 16-bit operands (`fold`; fp16 activations only where the scaled weights are normal fp16
+    numbers, `gluon_w4.fp16_fold_ok`, else the other paths), 128 activation rows
     per program where that still gives about one program per SM, else 64 (session 28 sweep: M = 256
     at 8192^2 0.59x bf16 through dequantize + cuBLAS, 0.97x with 128 rows).
 
