@@ -210,8 +210,9 @@ def _sm90() -> bool:
     return _SM90[dev]
 
 
-# above this many activation rows dequantize + cuBLAS: at M = 2048 the Hopper int4 kernel ran 0.73-0.96x
-# bf16 against 0.81-0.91x for dequantize + cuBLAS, at M = 512 0.80-1.00x against 0.62-0.69x (RESULTS.md, session 28)
+# above this many activation rows dequantize + cuBLAS. H200, x bf16 (RESULTS.md, session 28): at M = 2048
+# the Hopper int4 kernel's best config ran 0.75-0.96x against 0.81-0.91x for dequantize + cuBLAS, at
+# M = 1024 0.82-0.96x against 0.81-0.84x, at M = 512 0.80-1.00x against 0.62-0.69x
 GLUON4_MAX_M = 1024
 
 
@@ -224,9 +225,9 @@ def gluon4_config(spec: Spec, m: int, k: int, n: int, sm90: bool | None = None) 
     M <= 64: the best of a sweep on an H200 (RESULTS.md, session 26): two consumer warpgroups (128
     weight rows per program) at M <= 32 and where N >= 8192, else one. M > 64: the scales folded
     into the 16-bit operands (`fold`; fp16 activations only where the scaled weights are normal fp16
-    numbers, `gluon_w4.fp16_fold_ok`, else the other paths), 128 activation rows
-    per program where that still gives about one program per SM, else 64 (session 28 sweep: M = 256
-    at 8192^2 0.59x bf16 through dequantize + cuBLAS, 0.97x with 128 rows).
+    numbers, `gluon_w4.fp16_fold_ok`, else the other paths), 128 activation rows per program where
+    that still gives about one program per SM, else 64 (session 28 sweep: M = 256 at 8192^2 0.59x
+    bf16 through dequantize + cuBLAS, 0.97x with 128 rows).
 
     Example:
         >>> from lowbit.formats import PRESETS
