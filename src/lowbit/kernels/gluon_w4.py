@@ -455,7 +455,7 @@ def matmul_w4(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, *, n: 
     key = (grid, tuple(consts.values()), int_class(m), int_class(y.stride(0)), y.data_ptr() % 16 == 0,
            cnt.data_ptr() % 16 == 0, b.data_ptr() % 16 == 0) if remember else None
     if remember and len(plans) > 64:  # prefill lengths vary: keep the plans bounded (descriptors stay)
-        for old in [kk for kk in plans if kk[0] not in ("desc", "fp16_fold")]:
+        for old in [kk for kk in plans if kk[0] != "desc"]:
             del plans[old]
     launch_remembered(plans, key, _w4_kernel, grid, args, consts, slots=(2, 3, 4, 5, 6, 7, 9))
     return y
@@ -483,10 +483,10 @@ def fp16_fold_ok(scales: torch.Tensor) -> bool:
     return s.numel() == 0 or bool((s.min() >= 2.0 ** -14) & (s.max() <= 4096.0))
 
 
-def packed_planes(data: torch.Tensor, scale: torch.Tensor, gs: int) -> tuple[torch.Tensor, torch.Tensor, dict] | None:
+def packed_planes(data: torch.Tensor, scale: torch.Tensor, gs: int) -> tuple[torch.Tensor, torch.Tensor, dict, bool] | None:
     """`pack_words(data, scale, gs)` and a dict for `matmul_w4`'s remembered launches, made once per
     data plane and kept while that plane lives; None while a CUDA graph is being captured and the
-    planes are not packed yet (packing allocates). The dict's "fp16_fold" is `fp16_fold_ok(scale)`."""
+    planes are not packed yet (packing allocates). The last item is `fp16_fold_ok(scale)`."""
     key = (data.data_ptr(), scale.data_ptr(), tuple(data.shape), gs)
     hit = _PACKED.get(key)
     if hit is not None:
@@ -496,8 +496,8 @@ def packed_planes(data: torch.Tensor, scale: torch.Tensor, gs: int) -> tuple[tor
     if data.is_cuda and torch.cuda.is_current_stream_capturing():
         return None
     drop = lambda _r, key=key: _PACKED.pop(key, None)  # noqa: E731
-    plans = {("fp16_fold", ): fp16_fold_ok(scale)}  # one sync, at packing
-    _PACKED[key] = (weakref.ref(data, drop), weakref.ref(scale, drop), (*pack_words(data, scale, gs), plans))
+    fp16_ok = fp16_fold_ok(scale)  # one sync, at packing
+    _PACKED[key] = (weakref.ref(data, drop), weakref.ref(scale, drop), (*pack_words(data, scale, gs), {}, fp16_ok))
     return _PACKED[key][2]
 
 
@@ -520,8 +520,8 @@ def run_planes(x: torch.Tensor, planes: dict, gs: int, n: int, k: int, bias, y: 
     packed = packed_planes(planes["data"], scale, gs)
     if packed is None:
         return False
-    words, scales, plans = packed
-    if x.dtype == torch.float16 and (fold or cfg["block_m"] > 64) and not plans[("fp16_fold", )]:
+    words, scales, plans, fp16_ok = packed
+    if x.dtype == torch.float16 and (fold or cfg["block_m"] > 64) and not fp16_ok:
         return False
     matmul_w4(x, words, scales, n=n, k=k, gs=gs, bias=bias, block_m=cfg["block_m"], num_wg=cfg["num_wg"],
               stages=cfg["stages"], split_k=cfg["split_k"], counters=counters, out=y, plans=plans, fold=fold)
