@@ -1,7 +1,9 @@
-"""Batch-1 decode tokens/s of a Llama-3-8B-shaped model: bf16 vs lowbit formats, CUDA graphs for all.
+"""Decode tokens/s of a Llama-3-8B-shaped model (batch 1 by default): bf16 vs lowbit formats, CUDA
+graphs for all.
 
     python benchmarks/decode.py                       # bf16, int4, int4-e8m0, mxfp4, int8
     python benchmarks/decode.py --formats int4-e8m0 --layers 4 --steps 50   # quick look
+    python benchmarks/decode.py --formats int4-e8m0 --batch 16   # 16 sequences a step: the linears at M = 16
 
 The model is built from the Llama-3-8B config with random weights (N(0, 0.02), no download):
 hidden 4096, 32 layers, 32 query / 8 key-value heads, MLP 14336, vocabulary 128256, untied
@@ -200,22 +202,25 @@ def swap_linears(model: nn.Module, fmt: str | None, originals: dict) -> None:
                     setattr(mod, cname, q)
 
 
-def first_logits(model: Decoder, start: int = 128, seed: int = 1):
-    """Logits of one step from a seeded random cache and token, plus the state for more steps."""
+def first_logits(model: Decoder, start: int = 128, seed: int = 1, batch: int = 1):
+    """Logits of one step from a seeded random cache and tokens (`batch` sequences), plus the state
+    for more steps."""
     dev = next(model.parameters()).device
     torch.manual_seed(seed)
-    kc, vc = model.new_cache(1, torch.bfloat16, dev)
-    tok = torch.randint(0, model.c["vocab"], (1, 1), device=dev)
+    kc, vc = model.new_cache(batch, torch.bfloat16, dev)
+    tok = torch.randint(0, model.c["vocab"], (batch, 1), device=dev)
     pos = torch.tensor([start], device=dev)
     with torch.no_grad():
         first = model.step(tok, pos, kc, vc).float()
     return first, (tok, pos, kc, vc)
 
 
-def timed_decode(model: Decoder, steps: int, start: int = 128, profile: str = "") -> tuple[float, torch.Tensor]:
-    """(tokens/s, logits of the first step) with one step captured in a CUDA graph; `profile`
-    (a label): also print where the GPU time of a step goes, kernel by kernel (`kernel_table`)."""
-    first, (tok, pos, kc, vc) = first_logits(model, start)
+def timed_decode(model: Decoder, steps: int, start: int = 128, profile: str = "",
+                 batch: int = 1) -> tuple[float, torch.Tensor]:
+    """(tokens/s over all `batch` sequences, logits of the first step) with one step captured in a
+    CUDA graph; `profile` (a label): also print where the GPU time of a step goes, kernel by kernel
+    (`kernel_table`)."""
+    first, (tok, pos, kc, vc) = first_logits(model, start, batch=batch)
     with torch.no_grad():
 
         def one():
@@ -244,7 +249,7 @@ def timed_decode(model: Decoder, steps: int, start: int = 128, profile: str = ""
             for _ in range(steps):
                 graph.replay()
             torch.cuda.synchronize()
-            rates.append(steps / (time.perf_counter() - t0))
+            rates.append(batch * steps / (time.perf_counter() - t0))
         if profile:
             kernel_table(profile, graph.replay, 1e6 / statistics.median(rates))
         del graph
@@ -301,6 +306,8 @@ def main() -> None:
     ap.add_argument("--formats", nargs="+", default=["int4", "int4-e8m0", "mxfp4", "int8"])
     ap.add_argument("--layers", type=int, default=LLAMA3_8B["layers"])
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=1,
+                    help="sequences decoded together (tokens/s counts all of them; the linears then run at M = batch)")
     ap.add_argument("--compile-check", action="store_true")
     ap.add_argument("--profile", action="store_true",
                     help="also print each model's GPU time per kernel (torch.profiler)")
@@ -316,7 +323,7 @@ def main() -> None:
     c = dict(LLAMA3_8B, layers=args.layers)
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name(0)}; torch {torch.__version__}; commit {os.environ.get('LOWBIT_COMMIT', '?')}; "
-          f"Llama-3-8B-shaped decoder, {c['layers']} layers, batch 1, bf16 activations, CUDA graph per step, "
+          f"Llama-3-8B-shaped decoder, {c['layers']} layers, batch {args.batch}, bf16 activations, CUDA graph per step, "
           f"{'eager' if args.eager_glue else 'torch.compile-fused'} element-wise glue")
     Glue.use(compiled=not args.eager_glue)
     if args.compile_check:
@@ -324,7 +331,7 @@ def main() -> None:
     model = build(c, max_len=512, device="cuda")
     n_lin = sum(p.numel() for n, p in model.named_parameters() if n.endswith("proj.weight") or n == "lm_head.weight")
     label = (lambda name: name) if args.profile else (lambda name: "")  # --profile: label each model's table
-    rate_bf16, first_bf16 = timed_decode(model, args.steps, profile=label("bf16"))
+    rate_bf16, first_bf16 = timed_decode(model, args.steps, profile=label("bf16"), batch=args.batch)
     print(f"{'model':<12} {'weights GB':>10} {'tok/s':>8} {'x bf16':>7} {'ms/tok':>7}  {'logits rel err':>14}  placement")
     print(f"{'bf16':<12} {2 * n_lin / 1e9:>10.2f} {rate_bf16:>8.1f} {1.0:>6.2f}x {1e3 / rate_bf16:>7.2f}")
     originals: dict = {}
@@ -333,13 +340,13 @@ def main() -> None:
         swap_linears(model, fmt, originals)
         qbytes = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if ".weight_" in n or n.startswith("lm_head"))
         PLACEMENT.clear()
-        rate, first = timed_decode(model, args.steps, profile=label(fmt))
+        rate, first = timed_decode(model, args.steps, profile=label(fmt), batch=args.batch)
         placed: dict = {}
         for counts in PLACEMENT.values():
             for k, v in counts.items():
                 placed[k] = placed.get(k, 0) + v
         with force_backend("linear", "reference"):
-            ref, state = first_logits(model)  # the reference twin of the first step, same inputs
+            ref, state = first_logits(model, batch=args.batch)  # the reference twin of the first step, same inputs
         err = ((first - ref).norm() / ref.norm()).item()
         del ref, state, first
         results[fmt] = rate
