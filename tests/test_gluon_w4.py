@@ -131,7 +131,8 @@ def test_fp16_fold_needs_normal_fp16_weights():
 
 
 def test_gluon4_is_chosen_only_where_it_runs(monkeypatch):
-    """Symmetric int4 codes with 32..128-value groups at M = 9..1024 on sm_90; nothing else."""
+    """Symmetric int4 codes with 32..128-value groups at M = 2..1024 on sm_90 (small weights from M = 5);
+    nothing else."""
     monkeypatch.setattr(tlin, "_sm_count", lambda: 132)
     spec = tlin.spec_of(PRESETS["int4-e8m0"])
     cfg = tlin.gluon4_config(spec, 16, 8192, 8192, sm90=True)
@@ -145,7 +146,13 @@ def test_gluon4_is_chosen_only_where_it_runs(monkeypatch):
     small = tlin.gluon4_config(spec, 128, 4096, 4096, sm90=True)
     assert (small["block_m"], small["split_k"]) == (64, 2)  # 32 x 2 blocks: K split in two
     assert tlin.gluon4_config(spec, 1024, 4096, 4096, sm90=True)["block_m"] == 128
-    for m, k, n in ((8, 4096, 4096), (1025, 4096, 4096), (16, 4160, 4096), (16, 4096, 4100), (16, 4096, 0)):
+    # M = 2..8: 8-row blocks; one warpgroup for narrow outputs, six stages for an lm_head
+    assert tlin.gluon4_config(spec, 2, 8192, 8192, sm90=True) == {
+        "path": "gluon4", "num_wg": 2, "block_m": 8, "split_k": 2, "stages": 4}
+    assert tlin.gluon4_config(spec, 8, 4096, 1024, sm90=True)["num_wg"] == 1
+    assert tlin.gluon4_config(spec, 4, 4096, 128256, sm90=True)["stages"] == 6
+    assert tlin.gluon4_config(spec, 9, 4096, 4096, sm90=True)["block_m"] == 16
+    for m, k, n in ((1, 4096, 4096), (4, 4096, 1024), (1025, 4096, 4096), (16, 4160, 4096), (16, 4096, 4100), (16, 4096, 0)):
         assert tlin.gluon4_config(spec, m, k, n, sm90=True) is None, (m, k, n)
     assert tlin.gluon4_config(spec, 16, 4096, 4096, sm90=False) is None
     for name in ("int4-asym", "mxfp4", "int2-e8m0", "int8", "lut4"):
@@ -175,6 +182,8 @@ def test_gluon4_matches_dequantize_then_matmul(preset, gs):
     cnt = torch.zeros(1024, dtype=torch.int32, device="cuda")
     for dt in (torch.bfloat16, torch.float16):
         for m, cfg in ((9, dict(num_wg=2, block_m=16, split_k=1, stages=4)),
+                       (2, dict(num_wg=2, block_m=8, split_k=2, stages=4)),  # a few rows: 8-row blocks
+                       (7, dict(num_wg=1, block_m=8, split_k=3, stages=6)),
                        (33, dict(num_wg=1, block_m=64, split_k=2, stages=6)),
                        (64, dict(num_wg=2, block_m=64, split_k=3, stages=3, ngs=max(1, 64 // gs))),
                        (20, dict(num_wg=2, block_m=32, split_k=4, stages=5)),

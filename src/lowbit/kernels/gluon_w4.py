@@ -1,6 +1,6 @@
 """Hopper (sm_90) int4 matmul in Gluon: y = x @ W^T with W's 4-bit codes decoded in the registers
 of the tensor cores' A operand, for a few to ~1000 activation rows (`triton_linear.gluon4_config`
-routes M = 9..1024 here: 16..64 rows per program, and from M = 65 64 or 128 rows with the scales
+routes M = 2..1024 here: 8..64 rows per program, and from M = 65 64 or 128 rows with the scales
 folded into the 16-bit operands).
 
 Why: the Triton `dot4` kernel (triton_dot4.py) ran M = 16 at ~1.45x bf16 and M = 64 near 1.0x on

@@ -7,7 +7,7 @@ power of two of bytes: 32, 64, 128, ...; fp16 / bf16 / fp32 scales), `int4-e8m0`
 int8 tables, per tensor or per channel group, optional per-channel scale). Other formats keep the
 reference path. The kernels read the stored planes as they are (nothing added to the state dict or
 the package format), except the Hopper int4 kernel (`gluon_w4.py`, path "gluon4": symmetric int4 at
-M = 9..1024 on sm_90), which keeps a repacked copy of the codes made on its first call.
+M = 2..1024 on sm_90), which keeps a repacked copy of the codes made on its first call.
 
 Path per call (`choose`): M <= 4 a GEMV (one program per output-row block, CUDA cores); up to a
 few hundred rows a tensor-core tile kernel (`tl.dot`, split-K with an in-kernel reduction for
@@ -214,15 +214,22 @@ def _sm90() -> bool:
 # the Hopper int4 kernel's best config ran 0.75-0.96x against 0.81-0.91x for dequantize + cuBLAS, at
 # M = 1024 0.82-0.96x against 0.81-0.84x, at M = 512 0.80-1.00x against 0.62-0.69x
 GLUON4_MAX_M = 1024
+# from this many rows the Hopper int4 kernel (8-row activation blocks up to M = 8). H200, x bf16
+# (RESULTS.md, session 29): at M = 2..8 it took 15-17 us at 8192^2 / 4096x14336 / 14336x4096 against
+# 20-22 us for the GEMV / dot4 entries, 8.2 vs 10.1 us at 4096^2 (M >= 3); the GEMV keeps M = 1 and
+# small weights at M <= 4 (4096x1024: 4.1-5.3 us against 6.4)
+GLUON4_MIN_M = 2
 
 
 def gluon4_config(spec: Spec, m: int, k: int, n: int, sm90: bool | None = None) -> dict | None:
     """The config of the Hopper int4 kernel (`gluon_w4.matmul_w4`) for this call, or None where it
     does not run: symmetric 4-bit integer codes with fp16 / bf16 / fp32 / E8M0 scales per 32, 64 or
-    128 values, 9 <= M <= GLUON4_MAX_M (below, the GEMV / dot4; above, dequantize + cuBLAS), K a
-    multiple of 128, N of 64, an sm_90 GPU. Split-K brings the programs near one per SM.
+    128 values, GLUON4_MIN_M <= M <= GLUON4_MAX_M (below, the GEMV; above, dequantize + cuBLAS; also
+    the GEMV at M <= 4 for weights under 8M values), K a multiple of 128, N of 64, an sm_90 GPU.
+    Split-K brings the programs near one per SM.
 
-    M <= 64: the best of a sweep on an H200 (RESULTS.md, session 26): two consumer warpgroups (128
+    M <= 8: 8-row activation blocks, two warpgroups where N >= 4096, six stages for wide outputs
+    (an lm_head: 107 vs 115 us at 4096x128256, session 29). M <= 64: the best of a sweep on an H200 (RESULTS.md, session 26): two consumer warpgroups (128
     weight rows per program) at M <= 32 and where N >= 8192, else one. M > 64: the scales folded
     into the 16-bit operands (`fold`; fp16 activations only where the scaled weights are normal fp16
     numbers, `gluon_w4.fp16_fold_ok`, else the other paths), 128 activation rows per program where
@@ -238,7 +245,9 @@ def gluon4_config(spec: Spec, m: int, k: int, n: int, sm90: bool | None = None) 
         >>> gluon4_config(spec_of(PRESETS["int8"]), 16, 8192, 8192, sm90=True) is None
         True
     """
-    if not (GLUON_W4 and 9 <= m <= GLUON4_MAX_M and k > 0 and n > 0 and k % 128 == 0 and n % 64 == 0):
+    if not (GLUON_W4 and GLUON4_MIN_M <= m <= GLUON4_MAX_M and k > 0 and n > 0 and k % 128 == 0 and n % 64 == 0):
+        return None
+    if m <= 4 and n * k < 8 << 20:  # small weights at a few rows: the GEMV's programs fill the GPU better
         return None
     if not (spec.bits == 4 and spec.code == 0 and not spec.has_zero and spec.smode in (1, 2) and spec.cmul == 1.0
             and spec.bb in (16, 32, 64)):
@@ -246,7 +255,12 @@ def gluon4_config(spec: Spec, m: int, k: int, n: int, sm90: bool | None = None) 
     if not (sm90 if sm90 is not None else _sm90()):
         return None
     sm = _sm_count()
-    if m <= 64:
+    if m <= 8:
+        block_m = 8
+        num_wg = 2 if n >= 4096 and n % 128 == 0 else 1
+        stages = 6 if n >= 32768 else 4
+        extra = {}
+    elif m <= 64:
         block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
         num_wg = 2 if (block_m <= 32 or n >= 8192) and n % 128 == 0 else 1
         stages = 4 if block_m <= 32 else (5 if num_wg == 2 else 6)
@@ -339,7 +353,7 @@ def candidates(spec: Spec, m: int, k: int, n: int) -> list[dict]:
     if g4 is not None:  # the Hopper int4 kernel: warpgroups, split-K, stages (M > 64: row blocks) around its own config
         tiles = ((128, 4), (128, 3), (64, 5)) if m > 64 else ((g4["block_m"], 4), (g4["block_m"], 6))
         for nwg in (1, 2) if n % 128 == 0 else (1, ):
-            for split in sorted({1, 2, g4["split_k"]} if m > 64 else {1, 2, 4, g4["split_k"]}):
+            for split in sorted({1, 2, g4["split_k"]} if m > 64 or m <= 8 else {1, 2, 4, g4["split_k"]}):
                 for bm, stages in tiles:
                     out.append(dict(g4, num_wg=nwg, split_k=split, block_m=bm, stages=stages))
     if 1 < m <= 256 and dot4_format_ok(spec):  # the packed-code tensor-core path
