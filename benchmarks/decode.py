@@ -251,7 +251,7 @@ def timed_decode(model: Decoder, steps: int, start: int = 128, profile: str = ""
             torch.cuda.synchronize()
             rates.append(batch * steps / (time.perf_counter() - t0))
         if profile:
-            kernel_table(profile, graph.replay, 1e6 / statistics.median(rates))
+            kernel_table(profile, graph.replay, 1e6 * batch / statistics.median(rates))  # us per step
         del graph
     return statistics.median(rates), first
 
