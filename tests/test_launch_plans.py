@@ -106,6 +106,52 @@ def test_direct_launcher_calls_the_c_entry_point_unless_a_hook_is_set(monkeypatc
     assert direct_launcher(compiled) is None
 
 
+def _wrapped_entry(calls):
+    """A launcher shaped as Triton 3.6's `wrap_handle_tensordesc` makes it (the closure names are what
+    `direct_launcher` reads): descriptors at argument positions 0 and 2, the C entry point recording."""
+    def launcher(*a):
+        calls.append(a)
+
+    tensordesc_indices, tensordesc_meta = {0, 2}, ["meta-w", "meta-x"]
+
+    def inner(*args):  # pragma: no cover - the direct path calls `launcher` itself
+        return launcher, tensordesc_indices, tensordesc_meta
+
+    return inner
+
+
+def test_direct_launcher_encodes_pinned_descriptors_once(monkeypatch):
+    """Host TMA descriptors (Gluon kernels): the pinned one (not a slot) becomes a CUtensorMap on the
+    first launch only, again when another object takes its place; the slot's (x's) on every launch;
+    the expanded arguments reach the C entry point in order."""
+    pytest.importorskip("triton")
+    import triton.backends.nvidia.driver as drv
+
+    from lowbit.kernels.launch import direct_launcher
+
+    encoded = []
+
+    def fake_encode(desc, meta):
+        encoded.append((desc, meta))
+        return [f"map({desc})", 7, 1]
+
+    monkeypatch.setattr(drv, "make_tensordesc_arg", fake_encode)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 1000 + device, raising=False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    compiled = _FakeCompiled()
+    entry_calls = []
+    compiled.run.launch = _wrapped_entry(entry_calls)
+    go = direct_launcher(compiled, frozenset({2}))
+    w = "W"
+    go((5, 1, 1), [w, 11, "X1"])
+    go((5, 1, 1), [w, 11, "X2"])
+    assert encoded == [("W", "meta-w"), ("X1", "meta-x"), ("X2", "meta-x")]
+    assert entry_calls[-1] == (5, 1, 1, 1003, 4242, False, True, None, None, (4, 1, 0), None, None, None,
+                               "map(W)", 7, 1, 11, "map(X2)", 7, 1)
+    go((5, 1, 1), ["W2", 11, "X3"])  # a new object at the pinned position is encoded anew
+    assert encoded[-2:] == [("W2", "meta-w"), ("X3", "meta-x")]
+
+
 @pytest.mark.skipif(not CUDA, reason="launch plans exist only for compiled kernels (a CUDA GPU)")
 @pytest.mark.parametrize("fmt", ["int4-e8m0", "int4", "int8", "int4-asym", "mxfp4", "lut4", "int2-e8m0"])
 def test_remembered_gemv_launches_equal_normal_launches(fmt, gen):

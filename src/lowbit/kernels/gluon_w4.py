@@ -389,6 +389,19 @@ def _layouts(block_m: int, gs: int, num_wg: int, f16: bool, s_bits: int):
             gl.NVMMASharedLayout.get_default_for([block_m, gs], xdt))
 
 
+class _XDesc:
+    """x's descriptor for a remembered launch (`launch.direct_launcher` encodes it): a
+    `TensorDescriptor`'s fields without its checks (~5 us a call on the host; the full launch that
+    made the plan ran them for the same layout and alignment)."""
+
+    __slots__ = ("base", "shape", "strides", "block_shape", "layout")
+    padding = "zero"
+    round_f32_to_tf32 = False
+
+    def __init__(self, base: torch.Tensor, shape: list, strides: list, block_shape: list, layout):
+        self.base, self.shape, self.strides, self.block_shape, self.layout = base, shape, strides, block_shape, layout
+
+
 def matmul_w4(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, *, n: int, k: int, gs: int,
               bias: torch.Tensor | None = None, block_m: int = 16, num_wg: int = 2, ngs: int | None = None,
               stages: int = 4, split_k: int = 1, counters: torch.Tensor | None = None,
@@ -436,7 +449,6 @@ def matmul_w4(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, *, n: 
         descs = (w_desc, TensorDescriptor(scales, list(scales.shape), list(scales.stride()), s_box, sl))
         if remember:
             plans[("desc", num_wg)] = descs
-    x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [block_m, gs], xl)
     grid = (n // bn, cdiv(m, block_m), split_k)
     if split_k > 1:
         ws = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
@@ -446,7 +458,6 @@ def matmul_w4(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, *, n: 
     else:
         ws = cnt = y
     b = bias if bias is not None else y
-    args = (*descs, x_desc, y, ws, cnt, b, m, n, y.stride(0), ips * ngs, n_groups)
     consts = dict(BLOCK_M=block_m, GS=gs, NGS=ngs, STAGES=stages, NUM_WG=num_wg, NB16=n // 16, F16=f16, E8M0=e8m0,
                   SPLIT_K=split_k, HAS_BIAS=bias is not None, FOLD=fold, num_warps=4)
     # the slots (x's descriptor, y, the split-K buffers, the bias, M, y's row stride) change between
@@ -454,6 +465,11 @@ def matmul_w4(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, *, n: 
     # and x's dtype, its shape and strides are run-time values), the grid and the constexprs
     key = (grid, tuple(consts.values()), int_class(m), int_class(y.stride(0)), y.data_ptr() % 16 == 0,
            cnt.data_ptr() % 16 == 0, b.data_ptr() % 16 == 0) if remember else None
+    if key is not None and key in plans:  # a remembered launch only reads what the CUtensorMap needs
+        x_desc = _XDesc(x, list(x.shape), list(x.stride()), [block_m, gs], xl)
+    else:
+        x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [block_m, gs], xl)
+    args = (*descs, x_desc, y, ws, cnt, b, m, n, y.stride(0), ips * ngs, n_groups)
     if remember and len(plans) > 64:  # prefill lengths vary: keep the plans bounded (descriptors stay)
         for old in [kk for kk in plans if kk[0] != "desc"]:
             del plans[old]

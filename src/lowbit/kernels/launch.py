@@ -37,7 +37,7 @@ class LaunchPlan:
 
     def __init__(self, compiled, grid: tuple, args: list, slots: dict[str, int], consts: dict[str, Any]):
         self.compiled, self.grid, self.args, self.slots, self.consts = compiled, grid, args, slots, consts
-        self._direct = direct_launcher(compiled) if DIRECT_LAUNCH else None
+        self._direct = direct_launcher(compiled, frozenset(slots.values())) if DIRECT_LAUNCH else None
 
     @property
     def split(self) -> int:
@@ -96,7 +96,21 @@ class LaunchPlan:
 DIRECT_LAUNCH = True
 
 
-def direct_launcher(compiled):
+def _tensordesc_parts(raw):
+    """(the C entry point, {argument position: descriptor metadata}) of a Triton 3.6 launcher that
+    `wrap_handle_tensordesc` wrapped (kernels with host TMA descriptors: it turns each descriptor into
+    a CUtensorMap with `fill_tma_descriptor`, on every launch), or None for any other launcher."""
+    code = getattr(raw, "__code__", None)
+    if code is None or code.co_name != "inner" or not raw.__closure__:
+        return None
+    cells = dict(zip(code.co_freevars, (c.cell_contents for c in raw.__closure__)))
+    if not {"launcher", "tensordesc_indices", "tensordesc_meta"} <= cells.keys():
+        return None
+    positions = sorted(cells["tensordesc_indices"])
+    return cells["launcher"], dict(zip(positions, cells["tensordesc_meta"]))
+
+
+def direct_launcher(compiled, slots: frozenset = frozenset()):
     """A launch function `(grid, args) -> None` for a Triton `CompiledKernel` that calls its C
     launcher directly; None where this Triton's `CompiledKernel` is not the one this was written
     against (3.6: `CompiledKernel.run` is a `CudaLauncher` whose `launch(gx, gy, gz, stream,
@@ -107,7 +121,10 @@ def direct_launcher(compiled):
     Triton's driver proxy, builds a launch-metadata dict and has the launcher call two (empty) hook
     chains on every launch. Here the handles are looked up once and, while no launch hook is set
     (a profiler may add some: then the full path runs) and the kernel needs no scratch memory,
-    metadata, hooks and scratch are None.
+    metadata, hooks and scratch are None. Host TMA descriptors (Gluon kernels) are encoded into
+    CUtensorMaps once per descriptor object at the positions not in `slots` (the weight's, pinned
+    by the plan; the launcher copies the 128-byte map into the kernel's parameters at each launch,
+    so one map serves every launch) and on every launch in `slots` (x's, new each call).
 
     Example:
         >>> # run = direct_launcher(compiled); run((blocks, 1, 1), full_args)
@@ -124,17 +141,48 @@ def direct_launcher(compiled):
         runtime.launch_enter_hook.calls, runtime.launch_exit_hook.calls  # noqa: B018 - the 3.6 hook chains
         current_stream = torch._C._cuda_getCurrentRawStream
         current_device = torch.cuda.current_device
+        parts = _tensordesc_parts(raw)
+        if parts is not None:
+            from triton.backends.nvidia.driver import make_tensordesc_arg
     except Exception:  # another Triton (or no CUDA build): the plan keeps the normal launch
         return None
 
-    def launch(grid: tuple, args: list) -> None:
+    if parts is None:
+        def launch(grid: tuple, args: list) -> None:
+            if runtime.launch_enter_hook.calls or runtime.launch_exit_hook.calls:
+                compiled[grid](*args)
+                return
+            raw(grid[0], grid[1], grid[2], current_stream(current_device()), function, coop, pdl, None, None, packed,
+                None, None, None, *args)
+
+        return launch
+
+    entry, metas = parts
+    encoded: dict[int, tuple] = {}  # position -> (descriptor, its expanded arguments)
+
+    def launch_desc(grid: tuple, args: list) -> None:
         if runtime.launch_enter_hook.calls or runtime.launch_exit_hook.calls:
             compiled[grid](*args)
             return
-        raw(grid[0], grid[1], grid[2], current_stream(current_device()), function, coop, pdl, None, None, packed,
-            None, None, None, *args)
+        final = []
+        for i, a in enumerate(args):
+            meta = metas.get(i, _PLAIN)
+            if meta is _PLAIN:
+                final.append(a)
+            elif i in slots:
+                final.extend(make_tensordesc_arg(a, meta))
+            else:
+                hit = encoded.get(i)
+                if hit is None or hit[0] is not a:
+                    hit = encoded[i] = (a, make_tensordesc_arg(a, meta))
+                final.extend(hit[1])
+        entry(grid[0], grid[1], grid[2], current_stream(current_device()), function, coop, pdl, None, None, packed,
+              None, None, None, *final)
 
-    return launch
+    return launch_desc
+
+
+_PLAIN = object()  # `direct_launcher`: an argument that is not a TMA descriptor
 
 
 def cdiv(a: int, b: int) -> int:
