@@ -264,6 +264,38 @@ def test_gluon4_runs_inside_quant_linear_and_cuda_graphs():
 
 
 @pytest.mark.skipif(not HOPPER, reason="the Gluon int4 kernel is compiled for sm_90 only (no interpreter for Gluon)")
+def test_quant_linear_remembers_its_gluon4_calls():
+    """Eager QuantLinear calls on the gluon4 path are remembered per (M, dtype, x layout, bias): a
+    repeat is exactly the first call, in-place changes of the bias show, another M gets its own
+    entry, and a bias of another dtype (converted per call) is not remembered."""
+    from lowbit.kernels.gluon_w4 import RememberedCall
+    from lowbit.nn import QuantLinear
+
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(1024, 512, bias=True).cuda().to(torch.bfloat16)
+    q = QuantLinear.from_float(lin, "int4-e8m0").cuda()
+    spec = tlin.spec_of(q.qweight.fmt)
+    with torch.no_grad():
+        for m in (8, 16):
+            assert tlin.choose(spec, m, 1024, 512)["path"] == "gluon4"
+            x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+            first = q(x)
+            plans = q.qweight.kernel_cache["triton"][-1]["plans"]
+            assert sum(isinstance(p, RememberedCall) for p in plans.values()) == (1 if m == 8 else 2)
+            again = q(x)
+            assert torch.equal(first, again)
+            ref = x.float() @ q.qweight.dequantize(torch.float32).T + q.bias.float()
+            assert ((again.float() - ref).norm() / ref.norm()).item() < 1e-2
+        q.bias.add_(1.0)  # in place: the remembered call reads the same tensor
+        moved = q(x)
+        assert torch.allclose(moved.float(), again.float() + 1.0, atol=0.1, rtol=0)
+        n_before = len(plans)
+        q.bias.data = q.bias.data.float()  # another dtype: converted per call, not remembered
+        q(torch.randn(12, 1024, device="cuda", dtype=torch.bfloat16))
+        assert len(plans) == n_before
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Gluon int4 kernel is compiled for sm_90 only (no interpreter for Gluon)")
 def test_gluon4_large_m_folds_and_fp16_falls_back_where_it_must():
     """M = 65..1024: the folded kernel for bf16 and fp16 activations; a weight whose scaled codes would
     not be normal fp16 numbers (a row of tiny weights) takes the other paths in fp16 and still runs

@@ -518,12 +518,16 @@ def packed_planes(data: torch.Tensor, scale: torch.Tensor, gs: int) -> tuple[tor
 
 
 def run_planes(x: torch.Tensor, planes: dict, gs: int, n: int, k: int, bias, y: torch.Tensor, cfg: dict,
-               counters: torch.Tensor) -> bool:
+               counters: torch.Tensor, remember: dict | None = None, key=None) -> bool:
     """y = x @ W^T (+ bias) from the stored planes (`triton_linear.run`'s "gluon4" path); False, with
     y untouched, where this call does not suit the kernel (x not 16-byte aligned rows, activations
     other than bf16 / fp16, fp16 where the config folds the scales into the operands (M > 64) and the
     scaled weights would not be normal fp16 numbers (`fp16_fold_ok`), scales of another type, a capture
-    before the planes were packed)."""
+    before the planes were packed).
+
+    `remember` / `key` (`triton_linear.run`'s per-weight plans and its key: M, x's dtype, row stride
+    and alignment, the bias, the table): the call is stored there as a `RememberedCall`, which
+    `run` then makes for calls with the same key without choosing, checking or looking up again."""
     tma_ok = x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and (x.stride(0) * 2) % 16 == 0
     if x.dtype not in (torch.bfloat16, torch.float16) or not tma_ok:
         return False
@@ -531,7 +535,8 @@ def run_planes(x: torch.Tensor, planes: dict, gs: int, n: int, k: int, bias, y: 
     scale = planes.get("scale")
     if scale is None or scale.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.uint8):
         return False
-    if bias is not None and bias.dtype != x.dtype:
+    converted = bias is not None and bias.dtype != x.dtype
+    if converted:
         bias = bias.to(x.dtype)
     packed = packed_planes(planes["data"], scale, gs)
     if packed is None:
@@ -539,6 +544,24 @@ def run_planes(x: torch.Tensor, planes: dict, gs: int, n: int, k: int, bias, y: 
     words, scales, plans, fp16_ok = packed
     if x.dtype == torch.float16 and (fold or cfg["block_m"] > 64) and not fp16_ok:
         return False
-    matmul_w4(x, words, scales, n=n, k=k, gs=gs, bias=bias, block_m=cfg["block_m"], num_wg=cfg["num_wg"],
-              stages=cfg["stages"], split_k=cfg["split_k"], counters=counters, out=y, plans=plans, fold=fold)
+    kw = dict(n=n, k=k, gs=gs, bias=bias, block_m=cfg["block_m"], num_wg=cfg["num_wg"], stages=cfg["stages"],
+              split_k=cfg["split_k"], counters=counters, plans=plans, fold=fold)
+    matmul_w4(x, words, scales, out=y, **kw)
+    if remember is not None and key is not None and not converted:  # (a converted bias is a copy: it would
+        remember[key] = RememberedCall(words, scales, kw)  # miss in-place changes of the layer's bias)
     return True
+
+
+class RememberedCall:
+    """One weight's `matmul_w4` call with everything but x and y fixed, kept in `triton_linear.run`'s
+    per-weight plans under its key (the interface of `launch.LaunchPlan` there: `split` 1, so `run`
+    passes x and y only; `matmul_w4` allocates its own split-K buffer)."""
+
+    __slots__ = ("words", "scales", "kw")
+    split = 1
+
+    def __init__(self, words: torch.Tensor, scales: torch.Tensor, kw: dict):
+        self.words, self.scales, self.kw = words, scales, kw
+
+    def launch(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        matmul_w4(x, self.words, self.scales, out=y, **self.kw)

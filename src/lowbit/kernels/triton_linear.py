@@ -478,7 +478,7 @@ def run(x2: torch.Tensor, planes: dict[str, torch.Tensor | None], spec: Spec, n:
     if path == "gluon4":
         from .gluon_w4 import run_planes
 
-        if run_planes(x2, planes, spec.bb * 2, n, k, bias, y, cfg, _counters(x2.device)):
+        if run_planes(x2, planes, spec.bb * 2, n, k, bias, y, cfg, _counters(x2.device), plans, plan_key):
             return y
         cfg = heuristic(spec, m, k, n)  # this call does not suit it (see gluon_w4.run_planes)
         path = cfg["path"]
