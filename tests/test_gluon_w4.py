@@ -293,6 +293,10 @@ def test_quant_linear_remembers_its_gluon4_calls():
         q.bias.data = q.bias.data.float()  # another dtype: converted per call, not remembered
         q(torch.randn(12, 1024, device="cuda", dtype=torch.bfloat16))
         assert len(plans) == n_before
+        q.bias.data = q.bias.data.to(torch.bfloat16)
+        for m in range(2, 80):  # prefill lengths vary: the remembered calls stay bounded
+            q(torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16))
+        assert 0 < sum(isinstance(p, RememberedCall) for p in plans.values()) and len(plans) <= 64
 
 
 @pytest.mark.skipif(not HOPPER, reason="the Gluon int4 kernel is compiled for sm_90 only (no interpreter for Gluon)")

@@ -548,7 +548,10 @@ def run_planes(x: torch.Tensor, planes: dict, gs: int, n: int, k: int, bias, y: 
               split_k=cfg["split_k"], counters=counters, plans=plans, fold=fold)
     matmul_w4(x, words, scales, out=y, **kw)
     if remember is not None and key is not None and not converted:  # (a converted bias is a copy: it would
-        remember[key] = RememberedCall(words, scales, kw)  # miss in-place changes of the layer's bias)
+        if len(remember) >= 64:  # miss in-place changes of the layer's bias); prefill lengths vary: bounded
+            for old in [kk for kk, v in remember.items() if isinstance(v, RememberedCall)]:
+                del remember[old]
+        remember[key] = RememberedCall(words, scales, kw)
     return True
 
 

@@ -229,8 +229,9 @@ def gluon4_config(spec: Spec, m: int, k: int, n: int, sm90: bool | None = None) 
     Split-K brings the programs near one per SM.
 
     M <= 8: 8-row activation blocks, two warpgroups where N >= 4096, six stages for wide outputs
-    (an lm_head: 107 vs 115 us at 4096x128256, session 29). M <= 64: the best of a sweep on an H200 (RESULTS.md, session 26): two consumer warpgroups (128
-    weight rows per program) at M <= 32 and where N >= 8192, else one. M > 64: the scales folded
+    (an lm_head: 107 vs 115 us at 4096x128256, session 29). M <= 64: the best of a sweep on an H200
+    (RESULTS.md, session 26): two consumer warpgroups (128 weight rows per program) at M <= 32 and
+    where N >= 8192, else one. M > 64: the scales folded
     into the 16-bit operands (`fold`; fp16 activations only where the scaled weights are normal fp16
     numbers, `gluon_w4.fp16_fold_ok`, else the other paths), 128 activation rows per program where
     that still gives about one program per SM, else 64 (session 28 sweep: M = 256 at 8192^2 0.59x
