@@ -11,7 +11,9 @@ M = 2..1024 on sm_90), which keeps a repacked copy of the codes made on its firs
 
 Path per call (`choose`): M <= 4 a GEMV (one program per output-row block, CUDA cores); up to a
 few hundred rows a tensor-core tile kernel (`tl.dot`, split-K with an in-kernel reduction for
-small M); large M dequantizes to the activation dtype once and calls cuBLAS. The choice and the
+small M); large M dequantizes to the activation dtype once and calls cuBLAS. Where the Hopper
+int4 kernel runs (`gluon4_config`) it takes M = 2..1024 instead, except where a measured
+`gluon4|M|K|N` entry names another path (the GEMV keeps M = 1 and small weights). The choice and the
 tile sizes come from a table measured on the GPU (`triton_table.json`, written by
 `benchmarks/matmul.py --tune`), keyed by (bits or "*" for any format, M bucket, K, N; sizes in
 bytes so one entry serves every format), with a heuristic for shapes it lacks. The op is a `torch.library` custom op (`lowbit::qlinear`) with a fake implementation, so
