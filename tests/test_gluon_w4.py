@@ -4,6 +4,8 @@ kernel itself against dequantize-then-matmul (sm_90 only: Gluon has no interpret
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -162,6 +164,21 @@ def test_gluon4_is_chosen_only_where_it_runs(monkeypatch):
     assert tlin.gluon4_config(s256, 16, 4096, 4096, sm90=True) is None
     monkeypatch.setattr(tlin, "GLUON_W4", False)
     assert tlin.gluon4_config(spec, 16, 4096, 4096, sm90=True) is None
+
+
+def test_gluon4_min_rows_from_the_environment():
+    """LOWBIT_GLUON4_MIN_M sets where the Hopper int4 kernel starts (the repacked copy with it); a value
+    that is not a whole number fails at import with the variable's name."""
+    import subprocess
+    import sys
+
+    code = "import lowbit.kernels.triton_linear as t; print(t.GLUON4_MIN_M)"
+    env = {**os.environ, "LOWBIT_GLUON4_MIN_M": "9"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "9", out.stderr[-500:]
+    env["LOWBIT_GLUON4_MIN_M"] = "nine"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "LOWBIT_GLUON4_MIN_M='nine'" in bad.stderr
 
 
 @pytest.mark.skipif(not HOPPER, reason="the Gluon int4 kernel is compiled for sm_90 only (no interpreter for Gluon)")

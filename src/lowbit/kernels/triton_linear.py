@@ -198,6 +198,18 @@ def heuristic(spec: Spec, m: int, k: int, n: int, allow_dot4: bool = True) -> di
     return {"path": "dequant", "BLOCK_N": 16, "NB_T": max(1, 128 // spec.bb), "num_warps": 4}
 
 
+def _env_rows(name: str, default: int) -> int:
+    """A row count from the environment variable `name` (default when unset), or a ValueError that
+    names the variable."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected a whole number of activation rows, e.g. {name}=9") from None
+
+
 # the Hopper int4 kernel (gluon_w4.py): on by default where it runs; LOWBIT_GLUON_W4=0 turns it off
 GLUON_W4 = os.environ.get("LOWBIT_GLUON_W4", "1") != "0"
 _SM90: dict[int, bool] = {}
@@ -219,8 +231,9 @@ GLUON4_MAX_M = 1024
 # from this many rows the Hopper int4 kernel (8-row activation blocks up to M = 8). H200, x bf16
 # (RESULTS.md, session 29): at M = 2..8 it took 15-17 us at 8192^2 / 4096x14336 / 14336x4096 against
 # 20-22 us for the GEMV / dot4 entries, 8.2 vs 10.1 us at 4096^2 (M >= 3); the GEMV keeps M = 1 and
-# small weights at M <= 4 (4096x1024: 4.1-5.3 us against 6.4)
-GLUON4_MIN_M = 2
+# small weights at M <= 4 (4096x1024: 4.1-5.3 us against 6.4). LOWBIT_GLUON4_MIN_M=9 in the environment
+# (or setting this before the first call) keeps the repacked copy of the codes for M >= 9, as before
+GLUON4_MIN_M = _env_rows("LOWBIT_GLUON4_MIN_M", 2)
 
 
 def gluon4_config(spec: Spec, m: int, k: int, n: int, sm90: bool | None = None) -> dict | None:
