@@ -20,6 +20,10 @@ The element-wise work between the linears (residual add + RMSNorm, RoPE, SiLU * 
 `torch.compile` for every model (`Glue`; `--eager-glue` leaves it as plain ops); the linears,
 attention and the cache writes run as they are, inside the same CUDA graph.
 `--compile-check` also runs one QuantLinear under `torch.compile(fullgraph=True)`.
+`--fuse`: the lowbit models run with q / k / v and gate / up fused into one matmul each
+(`lowbit.nn.fuse_projections`: the same codes, fewer launches); the bf16 model is also timed fused
+(row "bf16 fused", column "x fused": the same transform on the float side, for a fair reading), and
+the issue's ratio stays against the bf16 model as written. `--fuse-ab`: each format both ways.
 """
 
 from __future__ import annotations
@@ -311,6 +315,9 @@ def main() -> None:
     ap.add_argument("--compile-check", action="store_true")
     ap.add_argument("--profile", action="store_true",
                     help="also print each model's GPU time per kernel (torch.profiler)")
+    ap.add_argument("--fuse", action="store_true",
+                    help="fuse q/k/v and gate/up into one matmul each (lowbit models; bf16 also timed fused)")
+    ap.add_argument("--fuse-ab", action="store_true", help="time each lowbit format unfused and fused")
     ap.add_argument("--eager-glue", action="store_true",
                     help="leave the element-wise work between the linears unfused (no torch.compile; the figures "
                          "before 2026-11-25)")
@@ -331,16 +338,31 @@ def main() -> None:
     model = build(c, max_len=512, device="cuda")
     n_lin = sum(p.numel() for n, p in model.named_parameters() if n.endswith("proj.weight") or n == "lm_head.weight")
     label = (lambda name: name) if args.profile else (lambda name: "")  # --profile: label each model's table
+    from lowbit.nn import fuse_projections, unfuse_projections
+
     rate_bf16, first_bf16 = timed_decode(model, args.steps, profile=label("bf16"), batch=args.batch)
-    print(f"{'model':<12} {'weights GB':>10} {'tok/s':>8} {'x bf16':>7} {'ms/tok':>7}  {'logits rel err':>14}  placement")
-    print(f"{'bf16':<12} {2 * n_lin / 1e9:>10.2f} {rate_bf16:>8.1f} {1.0:>6.2f}x {1e3 / rate_bf16:>7.2f}")
+    rate_fused = None
+    if args.fuse or args.fuse_ab:
+        fuse_projections(model)
+        rate_fused, _ = timed_decode(model, args.steps, profile=label("bf16 fused"), batch=args.batch)
+        unfuse_projections(model)
+    print(f"{'model':<16} {'weights GB':>10} {'tok/s':>8} {'x bf16':>7} {'x fused':>7} {'ms/tok':>7}  {'logits rel err':>14}  "
+          "placement")
+    print(f"{'bf16':<16} {2 * n_lin / 1e9:>10.2f} {rate_bf16:>8.1f} {1.0:>6.2f}x {'':>7} {1e3 / rate_bf16:>7.2f}")
+    if rate_fused:
+        print(f"{'bf16 fused':<16} {2 * n_lin / 1e9:>10.2f} {rate_fused:>8.1f} {rate_fused / rate_bf16:>6.2f}x {1.0:>6.2f}x "
+              f"{1e3 / rate_fused:>7.2f}")
     originals: dict = {}
     results = {"bf16": rate_bf16}
-    for fmt in args.formats:
+    runs = [(f, fuse) for f in args.formats for fuse in ((False, True) if args.fuse_ab else (args.fuse,))]
+    for fmt, fuse in runs:
         swap_linears(model, fmt, originals)
+        if fuse:
+            fuse_projections(model)
         qbytes = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if ".weight_" in n or n.startswith("lm_head"))
         PLACEMENT.clear()
-        rate, first = timed_decode(model, args.steps, profile=label(fmt), batch=args.batch)
+        name = f"{fmt} fused" if fuse else fmt
+        rate, first = timed_decode(model, args.steps, profile=label(name), batch=args.batch)
         placed: dict = {}
         for counts in PLACEMENT.values():
             for k, v in counts.items():
@@ -349,9 +371,11 @@ def main() -> None:
             ref, state = first_logits(model, batch=args.batch)  # the reference twin of the first step, same inputs
         err = ((first - ref).norm() / ref.norm()).item()
         del ref, state, first
-        results[fmt] = rate
-        print(f"{fmt:<12} {qbytes / 1e9:>10.2f} {rate:>8.1f} {rate / rate_bf16:>6.2f}x {1e3 / rate:>7.2f}  {err:>14.2e}  "
-              f"{placed}", flush=True)
+        results[name] = rate
+        vs_fused = f"{rate / rate_fused:>6.2f}x" if rate_fused else f"{'':>7}"
+        print(f"{name:<16} {qbytes / 1e9:>10.2f} {rate:>8.1f} {rate / rate_bf16:>6.2f}x {vs_fused} {1e3 / rate:>7.2f}  "
+              f"{err:>14.2e}  {placed}", flush=True)
+        unfuse_projections(model)
         swap_linears(model, None, originals)
         torch.cuda.empty_cache()
     print("tokens/s ratios vs bf16: " + ", ".join(f"{k} {v / rate_bf16:.2f}x" for k, v in results.items() if k != "bf16"))

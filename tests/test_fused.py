@@ -1,0 +1,125 @@
+"""Sibling projections fused into one matmul (`lowbit.nn.fused`): joined planes are the members'
+planes, fused models give the unfused models' numbers, the joined matmul runs once per input."""
+
+import copy
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.kernels import PLACEMENT
+from lowbit.kernels.registry import force_backend
+from lowbit.nn import FusedSlice, QuantLinear, fuse_projections, join_rows, unfuse_projections
+from tiny_models import tiny_llama
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int4-asym", "int4-e8m0", "mxfp4", {"format": "lut4", "group_size": 8}])
+def test_joined_rows_dequantize_to_the_members(fmt):
+    g = torch.Generator().manual_seed(3)
+    f = lowbit.PRESETS[fmt] if isinstance(fmt, str) else lowbit.PRESETS[fmt["format"]].replace(group_size=8)
+    parts = [lowbit.quantize_tensor(torch.randn(n, 96, generator=g), f) for n in (40, 16, 24)]
+    joined = join_rows(parts)
+    assert joined.shape == (80, 96) and joined.fmt == f
+    assert torch.equal(joined.dequantize(), torch.cat([p.dequantize() for p in parts]))
+
+
+def test_rows_that_cannot_be_joined_are_refused():
+    a = lowbit.quantize_tensor(torch.randn(8, 64), "int4")
+    with pytest.raises(ValueError, match="formats differ"):
+        join_rows([a, lowbit.quantize_tensor(torch.randn(8, 64), "int8")])
+    with pytest.raises(ValueError, match="column counts differ"):
+        join_rows([a, lowbit.quantize_tensor(torch.randn(8, 32), "int4")])
+    lut = lowbit.quantize_tensor(torch.randn(8, 64), "lut4")
+    with pytest.raises(ValueError, match="one palette per tensor"):
+        join_rows([lut, lut])
+
+
+def _attn(fmts=("int8", "int8", "int8"), bias=(False, True, False)):
+    torch.manual_seed(0)
+    m = torch.nn.Module()
+    for name, n, f, b in zip(("q_proj", "k_proj", "v_proj"), (48, 16, 16), fmts, bias):
+        setattr(m, name, QuantLinear.from_float(torch.nn.Linear(64, n, bias=b), f))
+    return m
+
+
+def test_fused_group_runs_once_per_input_and_gives_each_member_its_columns():
+    m = _attn()
+    plain = copy.deepcopy(m)
+    x = torch.randn(2, 5, 64)
+    before = [getattr(m, n)(x) for n in ("q_proj", "k_proj", "v_proj")]
+    assert fuse_projections(m) == ["q_proj+k_proj+v_proj"]
+    assert all(isinstance(getattr(m, n), FusedSlice) for n in ("q_proj", "k_proj", "v_proj"))
+    PLACEMENT.clear()
+    after = [getattr(m, n)(x) for n in ("q_proj", "k_proj", "v_proj")]
+    assert sum(PLACEMENT["q_proj+k_proj+v_proj"].values()) == 1  # one joined matmul for three members
+    for a, b in zip(before, after):  # k_proj's bias (the others have none) lands on its columns only
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert m.q_proj.shared.out is None  # every member had it: the output is not kept
+    # another input, or the same tensor changed in place, runs the joined matmul again
+    y = torch.randn(2, 5, 64)
+    PLACEMENT.clear()
+    m.q_proj(x)
+    torch.testing.assert_close(m.v_proj(y), plain.v_proj(y), rtol=1e-5, atol=1e-6)
+    x.mul_(2.0)
+    torch.testing.assert_close(m.k_proj(x), plain.k_proj(x), rtol=1e-5, atol=1e-6)
+    assert sum(PLACEMENT["q_proj+k_proj+v_proj"].values()) == 3
+
+
+def test_members_that_differ_are_left_alone():
+    m = _attn(fmts=("int8", "int4", "int8"))
+    assert fuse_projections(m) == []
+    assert isinstance(m.k_proj, QuantLinear)
+
+
+def test_fused_llama_gives_the_unfused_logits_and_moves_with_the_model():
+    model = tiny_llama()
+    lowbit.quantize(model, "int4", progress=False)
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), force_backend("linear", "reference"):
+        ref = model(ids).logits
+        names = fuse_projections(model)
+        assert names == [f"model.layers.{i}.{p}" for i in range(2)
+                         for p in ("self_attn.q_proj+k_proj+v_proj", "mlp.gate_proj+up_proj")]
+        fused = model(ids).logits
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
+    # the joined planes are registered once (state_dict), and `.to()` moves what the slices use
+    keys = [k for k in model.state_dict() if "layers.0.self_attn" in k]
+    assert any("q_proj_k_proj_v_proj.weight_data" in k for k in keys) and not any(".q_proj." in k for k in keys)
+    model.to(torch.float64)
+    assert model.model.layers[0].mlp.up_proj.joined.weight_data.dtype == torch.uint8
+
+
+def test_fused_llama_under_torch_compile():
+    model = tiny_llama()
+    lowbit.quantize(model, "int8", progress=False)
+    fuse_projections(model)
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), force_backend("linear", "reference"):
+        eager = model(ids).logits
+        compiled = torch.compile(model, backend="aot_eager")(ids).logits
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_unfuse_gives_back_layers_with_the_same_outputs():
+    m = _attn()
+    plain = copy.deepcopy(m)
+    fuse_projections(m)
+    assert unfuse_projections(m) == ["q_proj+k_proj+v_proj"]
+    assert [type(getattr(m, n)) for n in ("q_proj", "k_proj", "v_proj")] == [QuantLinear] * 3
+    assert not hasattr(m, "q_proj_k_proj_v_proj")
+    x = torch.randn(4, 64)
+    for n in ("q_proj", "k_proj", "v_proj"):
+        torch.testing.assert_close(getattr(m, n)(x), getattr(plain, n)(x), rtol=1e-5, atol=1e-6)
+
+
+def test_float_linears_fuse_too():
+    torch.manual_seed(0)
+    mlp = torch.nn.Module()
+    mlp.gate_proj, mlp.up_proj = torch.nn.Linear(32, 48, bias=False), torch.nn.Linear(32, 48)
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        ref = (mlp.gate_proj(x), mlp.up_proj(x))
+        assert fuse_projections(mlp) == ["gate_proj+up_proj"]
+        torch.testing.assert_close((mlp.gate_proj(x), mlp.up_proj(x)), ref)
+        unfuse_projections(mlp)
+        torch.testing.assert_close(mlp.up_proj(x), ref[1])
