@@ -32,6 +32,36 @@ def test_cpu_int8_fast_path_matches_reference(m, k, n, dtype):
     assert PLACEMENT["probe"] == {"cpu_fast": 1, "reference": 1}
 
 
+def _offset_copy(t: torch.Tensor, offset_bytes: int) -> torch.Tensor:
+    """A copy of `t` whose data starts `offset_bytes` past a 64-byte boundary (as memory-mapped
+    package planes and sliced activations do)."""
+    es = t.element_size()
+    buf = torch.empty(t.numel() + 128 // es, dtype=t.dtype)
+    start = ((64 - buf.data_ptr() % 64) % 64 + offset_bytes) // es
+    out = buf[start:start + t.numel()].view(t.shape)
+    out.copy_(t)
+    assert out.data_ptr() % 64 == offset_bytes
+    return out
+
+
+@pytest.mark.parametrize("offset", [8, 40])
+def test_cpu_int8_fast_path_takes_unaligned_planes_and_inputs(offset):
+    """PyTorch's int8 CPU kernel crashed the process on a weight off 16-byte alignment (planes
+    memory-mapped from a package are 8-byte aligned) or activations off 32; the fast path hands it
+    aligned copies (the weight's once, kept with the QTensor)."""
+    g = torch.Generator().manual_seed(offset)
+    q = QuantLinear.from_float(torch.nn.Linear(128, 48), "int8")
+    qt = q.qweight
+    moved = lowbit.QTensor({**qt.planes, "data": _offset_copy(qt.data, offset)}, qt.fmt, qt.shape)
+    q2 = QuantLinear(moved, q.bias)
+    x = _offset_copy(torch.randn(3, 128, generator=g).to(torch.bfloat16), offset)
+    with force_backend("linear", "reference"):
+        ref = q(x)
+    fast = q2(x)
+    assert ((fast.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+    assert q2.qweight.kernel_cache["cpu_int8_aligned"].data_ptr() % 64 == 0
+
+
 def test_shapes_the_int8_kernel_cannot_take_use_the_reference():
     fmt = lowbit.PRESETS["int8"]
     assert select(fmt, "linear", "cpu", shape=(40, 72))[0] == "reference"

@@ -62,6 +62,17 @@ def _cpu_fast(fmt: Format, shape: tuple[int, ...] | None, dtype: torch.dtype | N
     return _int8_per_channel(fmt, shape) or _blocked_on_int4(fmt, shape)
 
 
+# torch._weight_int8pack_mm (CPU, torch 2.13) crashes the process (SIGSEGV) on a weight that is not
+# 16-byte aligned or activations that are not 32-byte aligned (its vector loads assume alignment);
+# memory-mapped package planes and sliced activations are 8-byte aligned. 64 covers both.
+_ALIGN = 64
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or a fresh (allocator-aligned) copy of it where its data is not _ALIGN-byte aligned."""
+    return t if t.data_ptr() % _ALIGN == 0 else t.clone(memory_format=torch.contiguous_format)
+
+
 @register("int", "linear", "cpu", "cpu_fast", supports=_cpu_fast)
 def int_linear(x: torch.Tensor, qweight: QTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """int8 per channel, int4 / int8 in blocks through PyTorch's CPU kernels (module docstring)."""
@@ -74,8 +85,12 @@ def int_linear(x: torch.Tensor, qweight: QTensor, bias: torch.Tensor | None = No
     if qweight.fmt.block_size is not None:
         return _int4_linear(x, qweight, bias)
     out_dtype = x.dtype
-    x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+    x2 = _aligned(x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous())
     w = qweight.data.view(torch.int8)
+    if w.data_ptr() % _ALIGN:  # e.g. planes memory-mapped from a package (8-byte aligned): one aligned copy
+        w = qweight.kernel_cache.get("cpu_int8_aligned")
+        if w is None:
+            w = qweight.kernel_cache["cpu_int8_aligned"] = _aligned(qweight.data.view(torch.int8))
     s = qweight.scale.reshape(-1).to(torch.bfloat16)
     y = torch._weight_int8pack_mm(x2, w, s).to(out_dtype)
     if bias is not None:
