@@ -102,6 +102,26 @@ def test_profile_in_bf16_measures_a_copy_on_the_fast_path(tmp_path, capsys):
     assert "cpu_fast" in capsys.readouterr().out
 
 
+def test_profile_with_fused_projections_measures_a_fused_copy(tmp_path):
+    """`profile(fuse=True)` / `lowbit profile --fuse`: q / k / v and gate / up run as one matmul each
+    (placement under the joined names), the module passed in keeps its separate layers."""
+    from lowbit.nn import FusedSlice
+
+    model = tiny_llama()
+    lowbit.quantize(model, {"global": "int8"}, progress=False)
+    prof = lowbit.profile(model, batch_sizes=(1,), repeats=2, seq_len=8, decode_tokens=3, fuse=True)
+    assert prof.fused == ["model.layers.0.self_attn.q_proj+k_proj+v_proj", "model.layers.0.mlp.gate_proj+up_proj",
+                          "model.layers.1.self_attn.q_proj+k_proj+v_proj", "model.layers.1.mlp.gate_proj+up_proj"]
+    assert "model.layers.0.mlp.gate_proj+up_proj" in prof.placement and "model.layers.0.mlp.up_proj" not in prof.placement
+    assert prof.decode_tokens_per_s > 0 and not any(isinstance(m, FusedSlice) for m in model.modules())
+    from lowbit import package
+
+    pkg = package.save(model, tmp_path / "pkg")
+    assert cli.main(["profile", str(pkg), "--no-baseline", "--fuse", "--batch-sizes", "1", "--repeats", "2",
+                     "--decode-tokens", "2", "--json", str(tmp_path / "p.json")]) == 0
+    assert len(json.loads((tmp_path / "p.json").read_text())["fused"]) == 4
+
+
 @pytest.mark.slow
 def test_run_on_minilm_writes_reports_and_exit_code_3_on_impossible_threshold(tmp_path, capsys):
     report = run("minilm", recipes=["int8"], output=tmp_path / "ok", profile_model=False, log=lambda s: None)

@@ -45,6 +45,7 @@ class ProfileResult:
     attention_placement: dict[str, int] = field(default_factory=dict)  # backend -> attention layers
     fallbacks: list[str] = field(default_factory=list)
     regressions: list[str] = field(default_factory=list)
+    fused: list[str] = field(default_factory=list)  # groups joined by `fuse=True` (lowbit.nn.fuse_projections)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -106,7 +107,7 @@ def _pct(xs: list[float], q: float) -> float:
 def profile(model_or_pkg: nn.Module | str | Path, *, example: torch.Tensor | dict | None = None, task: str = "auto",
             batch_sizes: tuple[int, ...] = (1, 2, 4, 8), seq_len: int = 64, decode_tokens: int = 32,
             repeats: int = 10, device: str | None = None, compare: str | Path | None = None,
-            dtype: torch.dtype | None = None) -> ProfileResult:
+            dtype: torch.dtype | None = None, fuse: bool = False) -> ProfileResult:
     """Measure a model or a saved package.
 
     Args:
@@ -121,6 +122,9 @@ def profile(model_or_pkg: nn.Module | str | Path, *, example: torch.Tensor | dic
         dtype: run the model in this floating dtype (e.g. torch.bfloat16: on CPU the 4-bit formats'
             fast path wants 16-bit activations). Quantized planes keep their own dtypes; a module
             passed in is measured on a copy and left as it was.
+        fuse: join sibling projections (q / k / v, gate / up) into one matmul each before measuring
+            (`lowbit.nn.fuse_projections`; float `nn.Linear`s too, so a float baseline measured the
+            same way stays comparable); a module passed in is measured on a copy.
 
     Example:
         >>> r = profile("out/run-smollm2/int4", dtype=torch.bfloat16)       # doctest: +SKIP
@@ -140,11 +144,15 @@ def profile(model_or_pkg: nn.Module | str | Path, *, example: torch.Tensor | dic
         model = model_or_pkg
     device = device or next((p.device.type for p in model.parameters()), "cpu")
     res.device = device
-    if dtype is not None and model is model_or_pkg:  # the caller's module stays as it was
+    if (dtype is not None or fuse) and model is model_or_pkg:  # the caller's module stays as it was
         import copy
 
         model = copy.deepcopy(model)
     model = model.to(device, dtype).eval()
+    if fuse:
+        from .nn import fuse_projections
+
+        res.fused = fuse_projections(model)
     res.dtype = str(next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)).replace("torch.", "")
     is_lm = task == "causal_lm" or (task == "auto" and type(model).__name__.endswith("ForCausalLM"))
     vocab = getattr(getattr(model, "config", None), "vocab_size", 1000)
