@@ -116,10 +116,10 @@ def test_saving_a_fused_model_names_the_fix(tmp_path):
     m = _attn()
     fuse_projections(m)
     with pytest.raises(ValueError, match=r"'q_proj' is fused .*unfuse_projections\(model\) before saving"):
-        lowbit.package.save(m, tmp_path / "pkg")
+        lowbit.save(m, tmp_path / "pkg")
     assert not (tmp_path / "pkg").exists() and list(tmp_path.iterdir()) == []
     unfuse_projections(m)
-    lowbit.package.save(m, tmp_path / "pkg")
+    lowbit.save(m, tmp_path / "pkg")
     assert (tmp_path / "pkg").is_dir()
 
 
@@ -156,3 +156,18 @@ def test_fused_projections_on_the_gpu_match_the_members(fmt):
         for n, o in zip(("q_proj", "k_proj", "v_proj"), outs):
             ref = getattr(plain, n)(x).float()
             assert ((o - ref).norm() / ref.norm()).item() < 1e-2, (fmt, rows, n)
+
+
+def test_bert_self_attention_fuses_query_key_value():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=32)
+    model = transformers.BertModel(cfg).eval()
+    lowbit.quantize(model, "int8", progress=False)
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), force_backend("linear", "reference"):
+        ref = model(ids).last_hidden_state
+        assert fuse_projections(model) == [f"encoder.layer.{i}.attention.self.query+key+value" for i in range(2)]
+        fused = model(ids).last_hidden_state
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)

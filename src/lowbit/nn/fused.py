@@ -43,8 +43,9 @@ from torch import nn
 from ..formats import QTensor
 from .modules import QuantLinear
 
-# sibling groups of the Llama / Mistral / Qwen family (transformers' module names)
-DEFAULT_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# sibling groups by transformers' module names: the Llama / Mistral / Qwen family, BERT-family self-attention
+DEFAULT_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"),
+                                               ("query", "key", "value"))
 
 
 class _Shared:
