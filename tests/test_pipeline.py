@@ -104,7 +104,7 @@ def test_profile_in_bf16_measures_a_copy_on_the_fast_path(tmp_path, capsys):
 
 def test_profile_with_fused_projections_measures_a_fused_copy(tmp_path):
     """`profile(fuse=True)` / `lowbit profile --fuse`: q / k / v and gate / up run as one matmul each
-    (placement under the joined names), the module passed in keeps its separate layers."""
+    (placement under the joined names); the module passed in has its separate layers again after."""
     from lowbit.nn import FusedSlice
 
     model = tiny_llama()
@@ -114,6 +114,7 @@ def test_profile_with_fused_projections_measures_a_fused_copy(tmp_path):
                           "model.layers.1.self_attn.q_proj+k_proj+v_proj", "model.layers.1.mlp.gate_proj+up_proj"]
     assert "model.layers.0.mlp.gate_proj+up_proj" in prof.placement and "model.layers.0.mlp.up_proj" not in prof.placement
     assert prof.decode_tokens_per_s > 0 and not any(isinstance(m, FusedSlice) for m in model.modules())
+    assert not any("q_proj_k_proj_v_proj" in n for n, _ in model.named_modules())  # fused in place, unfused after
     from lowbit import package
 
     pkg = package.save(model, tmp_path / "pkg")

@@ -175,7 +175,7 @@ def cmd_run(args) -> int:
     try:
         report = run(args.source, recipes=args.recipe or ["int8"], output=args.output, n_seqs=args.seqs,
                      profile_model=not args.no_profile, log=console.print, attention=args.attention,
-                     kv_cache=args.kv_cache, profile_dtype=_dtype(args.dtype))
+                     kv_cache=args.kv_cache, profile_dtype=_dtype(args.dtype), profile_fuse=args.fuse)
     except ThresholdError as e:
         print(f"lowbit run: validation failed: {e}", file=sys.stderr)
         return 3
@@ -410,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--kv-cache", choices=["int8", "int4"], help="quantized KV cache for generation (overrides the recipe's key)")
     r.add_argument("--dtype", choices=DTYPES, help="run the speed measurements (float and quantized) in this dtype; "
                    "bfloat16 takes the CPU's 4-bit fast path (default: as loaded, float32)")
+    r.add_argument("--fuse", action="store_true", help="run the speed measurements with q/k/v and gate/up fused into "
+                   "one matmul each, float and quantized (faster decoding on GPUs; lowbit.nn.fuse_projections)")
 
     v = add("validate", "compare a package with its float source (exit 3 when a threshold fails)", cmd_validate)
     v.add_argument("package")

@@ -45,14 +45,16 @@ def eval_data(src, n_seqs: int = 16, seq_len: int = 256, n_sentences: int = 128)
 def run(source: Any = "smollm2", recipes: list[str] | tuple[str, ...] = ("int8",), output: str | Path | None = None,
         *, data=None, n_seqs: int = 16, seq_len: int = 256, profile_model: bool = True,
         log: Callable[[str], None] = print, progress: bool = True, attention: str | None = None,
-        kv_cache: str | None = None, profile_dtype: torch.dtype | None = None) -> dict[str, Any]:
+        kv_cache: str | None = None, profile_dtype: torch.dtype | None = None,
+        profile_fuse: bool = False) -> dict[str, Any]:
     """Run the whole pipeline; returns the report dict (also written as report.json / report.html).
 
     `attention` ("lowbit") and `kv_cache` ("int8" | "int4") override the recipes' keys of the same
     names: the reloaded model then runs lowbit's attention kernels / a quantized KV cache
     (validation adds the cache's KL, the profile's placement shows where attention ran).
     `profile_dtype` (e.g. torch.bfloat16): the speed measurements, float and quantized, run in that
-    dtype (on copies; validation keeps the loaded dtype).
+    dtype (on copies; validation keeps the loaded dtype). `profile_fuse`: both speed measurements run
+    with q / k / v and gate / up fused into one matmul each (`lowbit.nn.fuse_projections`).
 
     Raises `ThresholdError` (after writing the report) when any recipe's thresholds fail.
     """
@@ -85,7 +87,7 @@ def run(source: Any = "smollm2", recipes: list[str] | tuple[str, ...] = ("int8",
     baseline_profile = None
     if profile_model and task == "causal_lm":
         baseline_profile = profile(base, batch_sizes=(1, 4), repeats=3, seq_len=64, decode_tokens=16,
-                                   dtype=profile_dtype).to_dict()
+                                   dtype=profile_dtype, fuse=profile_fuse).to_dict()
         log(f"   float model: decode {baseline_profile['decode_tokens_per_s']:.1f} tok/s ({baseline_profile['dtype']})")
 
     runs = []
@@ -126,7 +128,7 @@ def run(source: Any = "smollm2", recipes: list[str] | tuple[str, ...] = ("int8",
             t1 = time.perf_counter()
             example = None if task == "causal_lm" else {k: v[:1] for k, v in data.items()} if isinstance(data, dict) else data[:1]
             prof = profile(loaded, example=example, task=task, batch_sizes=(1, 4), repeats=3, seq_len=64,
-                           decode_tokens=16, dtype=profile_dtype).to_dict()
+                           decode_tokens=16, dtype=profile_dtype, fuse=profile_fuse).to_dict()
             log(f"5. profile  {recipe.name} in {time.perf_counter() - t1:.1f}s" +
                 (f": decode {prof['decode_tokens_per_s']:.1f} tok/s" if prof.get("decode_tokens_per_s") else ""))
             if prof.get("attention_placement"):

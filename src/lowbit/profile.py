@@ -124,12 +124,24 @@ def profile(model_or_pkg: nn.Module | str | Path, *, example: torch.Tensor | dic
             passed in is measured on a copy and left as it was.
         fuse: join sibling projections (q / k / v, gate / up) into one matmul each before measuring
             (`lowbit.nn.fuse_projections`; float `nn.Linear`s too, so a float baseline measured the
-            same way stays comparable); a module passed in is measured on a copy.
+            same way stays comparable). A module passed in is fused in place and unfused afterwards
+            (no copy of its weights; its members then hold views of the joined planes).
 
     Example:
         >>> r = profile("out/run-smollm2/int4", dtype=torch.bfloat16)       # doctest: +SKIP
         >>> r.decode_tokens_per_s, r.placement                                # doctest: +SKIP
     """
+    if fuse and isinstance(model_or_pkg, nn.Module) and dtype is None:
+        from .nn import fuse_projections, unfuse_projections
+
+        names = fuse_projections(model_or_pkg)
+        try:
+            res = profile(model_or_pkg, example=example, task=task, batch_sizes=batch_sizes, seq_len=seq_len,
+                          decode_tokens=decode_tokens, repeats=repeats, device=device, compare=compare)
+        finally:
+            unfuse_projections(model_or_pkg)
+        res.fused = names
+        return res
     res = ProfileResult(device=device or "cpu")
     if isinstance(model_or_pkg, (str, Path)):
         from . import package
@@ -144,7 +156,7 @@ def profile(model_or_pkg: nn.Module | str | Path, *, example: torch.Tensor | dic
         model = model_or_pkg
     device = device or next((p.device.type for p in model.parameters()), "cpu")
     res.device = device
-    if (dtype is not None or fuse) and model is model_or_pkg:  # the caller's module stays as it was
+    if dtype is not None and model is model_or_pkg:  # the caller's module stays as it was
         import copy
 
         model = copy.deepcopy(model)
