@@ -54,7 +54,7 @@ def test_fused_group_runs_once_per_input_and_gives_each_member_its_columns():
     assert sum(PLACEMENT["q_proj+k_proj+v_proj"].values()) == 1  # one joined matmul for three members
     for a, b in zip(before, after):  # k_proj's bias (the others have none) lands on its columns only
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert m.q_proj.shared.out is None  # every member had it: the output is not kept
+    assert m.q_proj.shared.state is None  # every member had it: the output is not kept
     # another input, or the same tensor changed in place, runs the joined matmul again
     y = torch.randn(2, 5, 64)
     PLACEMENT.clear()

@@ -49,13 +49,14 @@ DEFAULT_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), (
 
 
 class _Shared:
-    """The joined matmul's output for the last input, until every member has taken its columns."""
+    """The joined matmul's output for the last input, until every member has taken its columns:
+    one tuple (input, its version, output, members still to serve), replaced whole, so that threads
+    sharing a model never pair one call's input with another's output."""
 
-    __slots__ = ("x", "version", "out", "left")
+    __slots__ = ("state",)
 
     def __init__(self):
-        self.x = self.version = self.out = None
-        self.left = 0
+        self.state = None
 
 
 class FusedSlice(nn.Module):
@@ -75,16 +76,13 @@ class FusedSlice(nn.Module):
         joined, sh = self.joined, self.shared
         if torch.compiler.is_compiling():
             return joined(x)[..., self.start:self.stop]
-        if sh.x is x and sh.version == x._version and sh.left > 0:
-            out = sh.out
-            sh.left -= 1
+        state = sh.state
+        if state is not None and state[0] is x and state[1] == x._version and state[3] > 0:
+            out, left = state[2], state[3] - 1
         else:
-            out = joined(x)
-            sh.left = self.members - 1
-        if sh.left > 0:
-            sh.x, sh.version, sh.out = x, x._version, out
-        else:  # every member has had this output: do not keep the activations alive
-            sh.x = sh.version = sh.out = None
+            out, left = joined(x), self.members - 1
+        # kept until every member has had it (then let go: no activations kept alive between calls)
+        sh.state = (x, x._version, out, left) if left > 0 else None
         return out[..., self.start:self.stop]
 
     @property
