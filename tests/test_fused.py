@@ -65,6 +65,18 @@ def test_fused_group_runs_once_per_input_and_gives_each_member_its_columns():
     assert sum(PLACEMENT["q_proj+k_proj+v_proj"].values()) == 3
 
 
+def test_fused_members_under_inference_mode():
+    m = _attn()
+    plain = copy.deepcopy(m)
+    fuse_projections(m)
+    with torch.inference_mode():
+        x = torch.randn(2, 64)
+        PLACEMENT.clear()
+        for n in ("q_proj", "k_proj", "v_proj"):
+            torch.testing.assert_close(getattr(m, n)(x), getattr(plain, n)(x), rtol=1e-5, atol=1e-6)
+        assert sum(PLACEMENT["q_proj+k_proj+v_proj"].values()) == 1
+
+
 def test_members_that_differ_are_left_alone():
     m = _attn(fmts=("int8", "int4", "int8"))
     assert fuse_projections(m) == []

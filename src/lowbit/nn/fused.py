@@ -13,7 +13,8 @@ after the other, and each output column equals the member's own (same codes, sam
 
 How the members share one run without changing the model's code: the first member called with
 an input runs the joined matmul and keeps its output; the others, called with the same tensor
-object (unchanged: its version counter is checked), take their columns from it; once every
+object (unchanged: its version counter is checked; under `torch.inference_mode` tensors keep no
+counter, so there the same object is taken as the same input), take their columns from it; once every
 member has had it, the kept output is let go. A member called with any other input runs the
 joined matmul again (correct, only slower). Under `torch.compile` each member runs the joined
 matmul and the compiler sees identical calls (no state is kept while tracing).
@@ -77,12 +78,13 @@ class FusedSlice(nn.Module):
         if torch.compiler.is_compiling():
             return joined(x)[..., self.start:self.stop]
         state = sh.state
-        if state is not None and state[0] is x and state[1] == x._version and state[3] > 0:
+        version = -1 if x.is_inference() else x._version  # inference tensors keep no version counter
+        if state is not None and state[0] is x and state[1] == version and state[3] > 0:
             out, left = state[2], state[3] - 1
         else:
             out, left = joined(x), self.members - 1
         # kept until every member has had it (then let go: no activations kept alive between calls)
-        sh.state = (x, x._version, out, left) if left > 0 else None
+        sh.state = (x, version, out, left) if left > 0 else None
         return out[..., self.start:self.stop]
 
     @property
