@@ -14,9 +14,9 @@ after the other, and each output column equals the member's own (same codes, sam
 How the members share one run without changing the model's code: the first member called with
 an input runs the joined matmul and keeps its output; the others, called with the same tensor
 object (unchanged: its version counter is checked; under `torch.inference_mode` tensors keep no
-counter, so there the same object is taken as the same input), take their columns from it; once every
-member has had it, the kept output is let go. A member called with any other input runs the
-joined matmul again (correct, only slower). Under `torch.compile` each member runs the joined
+counter, so there the same object counts as the same input), take their columns from it; once
+every member has had it, the kept output is let go. A member called with any other input runs
+the joined matmul again (correct, only slower). Under `torch.compile` each member runs the joined
 matmul and the compiler sees identical calls (no state is kept while tracing).
 
 Fusion is a run-time transform: apply it after loading a model (packages keep the separate
