@@ -106,9 +106,13 @@ def test_fused_llama_under_torch_compile():
     lowbit.quantize(model, "int8", progress=False)
     fuse_projections(model)
     ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad(), force_backend("linear", "reference"):
-        eager = model(ids).logits
-        compiled = torch.compile(model, backend="aot_eager")(ids).logits
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad(), force_backend("linear", "reference"):
+            eager = model(ids).logits
+            compiled = torch.compile(model, backend="aot_eager")(ids).logits
+    finally:
+        torch._dynamo.reset()  # leave no compiled frames (or recompile counts) to later tests
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
