@@ -137,6 +137,10 @@ def test_saving_a_fused_model_names_the_fix(tmp_path):
     unfuse_projections(m)
     lowbit.save(m, tmp_path / "pkg")
     assert (tmp_path / "pkg").is_dir()
+    back = lowbit.load(tmp_path / "pkg", model=_attn(), fuse=True)  # fused again as it loads
+    assert isinstance(back.v_proj, FusedSlice)
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(back.v_proj(x), m.v_proj(x), rtol=1e-5, atol=1e-6)
 
 
 def test_float_linears_fuse_too():
