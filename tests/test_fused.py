@@ -191,3 +191,19 @@ def test_bert_self_attention_fuses_query_key_value():
         assert fuse_projections(model) == [f"encoder.layer.{i}.attention.self.query+key+value" for i in range(2)]
         fused = model(ids).last_hidden_state
     torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_validate_reads_a_fused_model_layer_by_layer():
+    """`lowbit.validate` taps the fused members (named as in the float model), not the joined layers."""
+    base = tiny_llama()
+    quant = copy.deepcopy(base)
+    lowbit.quantize(quant, "int8", progress=False)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with force_backend("linear", "reference"):
+        plain = lowbit.validate(base, quant, ids)
+        fuse_projections(quant)
+        fused = lowbit.validate(base, quant, ids)
+    assert fused.metrics["kl_mean"] == pytest.approx(plain.metrics["kl_mean"], rel=1e-4, abs=1e-7)
+    assert sorted(r["name"] for r in fused.layers) == sorted(r["name"] for r in plain.layers)
+    sqnr = {r["name"]: r["output_sqnr_db"] for r in plain.layers}
+    assert all(r["output_sqnr_db"] == pytest.approx(sqnr[r["name"]], abs=0.05) for r in fused.layers)

@@ -112,9 +112,15 @@ class _LayerTaps:
 
 
 def quantized_layer_names(model: nn.Module) -> list[str]:
-    from .nn import QuantEmbedding, QuantLinear
+    """Names of the quantized layers, as the float model names them: the members of fused groups
+    (`lowbit.nn.fuse_projections`, their slices of the joined output), not the joined layers."""
+    from .nn import FusedSlice, QuantEmbedding, QuantLinear
 
-    return [n for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
+    slices = [m for m in model.modules() if isinstance(m, FusedSlice)]
+    joined = {id(m.joined) for m in slices}
+    return [n for n, m in model.named_modules()
+            if (isinstance(m, (QuantLinear, QuantEmbedding)) and id(m) not in joined)
+            or (isinstance(m, FusedSlice) and isinstance(m.joined, QuantLinear))]
 
 
 @torch.no_grad()
