@@ -207,3 +207,16 @@ def test_validate_reads_a_fused_model_layer_by_layer():
     assert sorted(r["name"] for r in fused.layers) == sorted(r["name"] for r in plain.layers)
     sqnr = {r["name"]: r["output_sqnr_db"] for r in plain.layers}
     assert all(r["output_sqnr_db"] == pytest.approx(sqnr[r["name"]], abs=0.05) for r in fused.layers)
+
+
+def test_quantizing_a_fused_model_names_the_fix():
+    """A fused float model would have its joined layer quantized while the members kept running the
+    float one: refused, with the order that works."""
+    model = tiny_llama()
+    fuse_projections(model)
+    with pytest.raises(ValueError, match=r"fused with its siblings .*unfuse_projections\(model\) first"):
+        lowbit.quantize(model, "int8", progress=False)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    unfuse_projections(model)
+    lowbit.quantize(model, "int8", progress=False)
+    assert fuse_projections(model)

@@ -103,6 +103,12 @@ def quantize(model: nn.Module, recipe: "str | dict | Recipe" = "int8", *, progre
         >>> [r["name"] for r in report.layers], report.skipped[0]["reason"]
         (['0'], '2048 weights < weight_threshold 4096')
     """
+    from .nn import FusedSlice
+
+    fused = next((n for n, m in model.named_modules() if isinstance(m, FusedSlice)), None)
+    if fused is not None:  # the joined layer has a name no recipe rule knows, and its members would keep the old one
+        raise ValueError(f"layer {fused!r} is fused with its siblings (lowbit.nn.fuse_projections): quantize the "
+                         "separate layers, then fuse; call lowbit.nn.unfuse_projections(model) first")
     recipe = Recipe.load(recipe)
     candidates = [(n, m, t) for n, m in model.named_modules() if (t := module_type(m))]
     recipe.check_names(n for n, _, _ in candidates)
