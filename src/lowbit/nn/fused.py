@@ -1,4 +1,4 @@
-"""Sibling projections fused into one quantized matmul (q / k / v, gate / up).
+"""Sibling projections fused into one matmul (q / k / v, gate / up), quantized or float.
 
 In a decoder layer q_proj, k_proj and v_proj read the same activations, and so do gate_proj and
 up_proj. Run one after the other they are three (two) kernel launches, each paying the fixed cost
@@ -164,10 +164,12 @@ def _join(mods: list[nn.Module]) -> nn.Module:
     return QuantLinear(join_rows([m.qweight for m in mods]), bias)
 
 
-def fuse_projections(model: nn.Module, groups=DEFAULT_GROUPS) -> list[str]:
-    """Fuse each group of sibling `QuantLinear`s (children of one module with these names, e.g.
-    q_proj / k_proj / v_proj) into one joined matmul; returns the fused groups' names. A group whose
-    members differ in format or input size, or are not all quantized, is left as it is.
+def fuse_projections(model: nn.Module, groups: tuple[tuple[str, ...], ...] = DEFAULT_GROUPS) -> list[str]:
+    """Fuse each group of sibling layers (children of one module with these names, e.g. q_proj /
+    k_proj / v_proj) into one joined matmul; returns the fused groups' names. The members must be
+    all `QuantLinear`s of one format, or all float `nn.Linear`s of one dtype (the float model, for
+    a like-for-like comparison; fused for inference: the joined weight does not require grad), with
+    one input size; any other group is left as it is.
 
     Example: see the module docstring (`lowbit.nn.fused`)."""
     done = []
