@@ -169,11 +169,11 @@ def _plan(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"save needs an nn.Module, got {type(model).__name__}")
-    from .nn import FusedSlice
+    from .nn.fused import first_fused
 
-    fused = [name for name, mod in model.named_modules() if isinstance(mod, FusedSlice)]
+    fused = first_fused(model)
     if fused:  # the joined planes would be stored under a name the architecture does not have
-        raise ValueError(f"layer {fused[0]!r} is fused with its siblings (lowbit.nn.fuse_projections); packages keep "
+        raise ValueError(f"layer {fused!r} is fused with its siblings (lowbit.nn.fuse_projections); packages keep "
                          "the separate layers: call lowbit.nn.unfuse_projections(model) before saving and fuse again "
                          "after loading")
     state = model.state_dict()

@@ -103,9 +103,9 @@ def quantize(model: nn.Module, recipe: "str | dict | Recipe" = "int8", *, progre
         >>> [r["name"] for r in report.layers], report.skipped[0]["reason"]
         (['0'], '2048 weights < weight_threshold 4096')
     """
-    from .nn import FusedSlice
+    from .nn.fused import first_fused
 
-    fused = next((n for n, m in model.named_modules() if isinstance(m, FusedSlice)), None)
+    fused = first_fused(model)
     if fused is not None:  # the joined layer has a name no recipe rule knows, and its members would keep the old one
         raise ValueError(f"layer {fused!r} is fused with its siblings (lowbit.nn.fuse_projections): quantize the "
                          "separate layers, then fuse; call lowbit.nn.unfuse_projections(model) first")

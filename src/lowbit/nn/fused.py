@@ -96,6 +96,12 @@ class FusedSlice(nn.Module):
                 f"of {self.joined.layer_name}")
 
 
+def first_fused(model: nn.Module) -> str | None:
+    """The name of the first fused member in `model` (None when nothing is fused): for the steps
+    that want the separate layers (saving a package, quantizing) to refuse with a clear message."""
+    return next((n for n, m in model.named_modules() if isinstance(m, FusedSlice)), None)
+
+
 def join_rows(parts: list[QTensor]) -> QTensor:
     """The QTensors' rows one after the other, as one QTensor (same format, same columns).
 
