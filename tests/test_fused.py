@@ -59,10 +59,14 @@ def test_fused_group_runs_once_per_input_and_gives_each_member_its_columns():
     y = torch.randn(2, 5, 64)
     PLACEMENT.clear()
     m.q_proj(x)
-    torch.testing.assert_close(m.v_proj(y), plain.v_proj(y), rtol=1e-5, atol=1e-6)
-    x.mul_(2.0)
+    torch.testing.assert_close(m.v_proj(y), plain.v_proj(y), rtol=1e-5, atol=1e-6)  # another tensor
+    assert sum(PLACEMENT["q_proj+k_proj+v_proj"].values()) == 2
+    m.q_proj.shared.state = None
+    PLACEMENT.clear()
+    m.q_proj(x)  # keeps x's output for k / v ...
+    x.mul_(2.0)  # ... but x changes in place: same object, new version
     torch.testing.assert_close(m.k_proj(x), plain.k_proj(x), rtol=1e-5, atol=1e-6)
-    assert sum(PLACEMENT["q_proj+k_proj+v_proj"].values()) == 3
+    assert sum(PLACEMENT["q_proj+k_proj+v_proj"].values()) == 2
 
 
 def test_fused_members_under_inference_mode():
