@@ -16,9 +16,12 @@ codes, as in matmul.py. One decode step (all layers, the argmax, the KV
 cache write, the position update) is captured in a CUDA graph and replayed; tokens/s = steps /
 time, after a 128-token random prefix in the cache. Correctness: the first step's logits of every
 lowbit model against the same model run with the reference backend (dequantize, then F.linear).
-The element-wise work between the linears (residual add + RMSNorm, RoPE, SiLU * up) is fused by
-`torch.compile` for every model (`Glue`; `--eager-glue` leaves it as plain ops); the linears,
-attention and the cache writes run as they are, inside the same CUDA graph.
+The element-wise work between the linears (residual add + RMSNorm, RoPE with both cache writes,
+SiLU * up, the next token's argmax) is fused by `torch.compile` for every model (`Glue`;
+`--eager-glue` leaves it as plain ops); the attention mask is made once per step as an additive
+tensor (SDPA would otherwise turn a boolean mask into one in every layer). The linears and SDPA run
+as they are, inside the same CUDA graph. (That glue, the same for every model, was trimmed on
+2026-11-26: bf16 177 -> 188 tok/s, int4-e8m0 fused 380 -> 446 on an H200; RESULTS.md, session 31.)
 `--compile-check` also runs one QuantLinear under `torch.compile(fullgraph=True)`.
 `--fuse`: the lowbit models run with q / k / v and gate / up fused into one matmul each
 (`lowbit.nn.fuse_projections`: the same codes, fewer launches); the bf16 model is also timed fused
@@ -50,12 +53,29 @@ def _add_rms(x, h, w, eps: float):
     return x, _rms(x, w, eps)
 
 
-def _rope_qk(q, k, cos, sin):
-    return rope(q, cos, sin), rope(k, cos, sin)
+def _rope_write(q, k, v, cos, sin, pos, k_cache, v_cache):
+    """RoPE on q and k, and k / v written to the caches at `pos`; returns the rotated q. Compiled
+    with combo kernels this is one launch (it was three: 4.4 -> 1.4 us a layer on an H200)."""
+    k_cache.index_copy_(2, pos, rope(k, cos, sin))
+    v_cache.index_copy_(2, pos, v)
+    return rope(q, cos, sin)
 
 
 def _silu_mul(g, u):
     return F.silu(g) * u
+
+
+def _next_token(logits):
+    """Greedy next token (B, 1) from logits (B, 1, V). With V a multiple of 256 the argmax runs in two
+    passes (maxima of 256 slices, then the best slice): one pass over 128256 values took 29 us of a
+    2.3 ms step, two take ~2 us."""
+    last = logits[:, -1]
+    b, v = last.shape
+    if v % 256:
+        return last.argmax(-1, keepdim=True)
+    vals, idx = last.view(b, 256, v // 256).max(-1)
+    best = vals.argmax(-1, keepdim=True)
+    return idx.gather(-1, best) + best * (v // 256)
 
 
 class Glue:
@@ -65,12 +85,15 @@ class Glue:
     count of the ops); fusing them took the bf16 model from 7.21 to 5.66 ms per token on an H200
     (benchmarks/RESULTS.md, 2026-11-25), time that would otherwise hide what the linears save."""
 
-    add_rms, rope_qk, silu_mul = staticmethod(_add_rms), staticmethod(_rope_qk), staticmethod(_silu_mul)
+    FUNCTIONS = (_add_rms, _rope_write, _silu_mul, _next_token)
+    add_rms, rope_write, silu_mul, next_token = (staticmethod(f) for f in FUNCTIONS)
 
     @classmethod
     def use(cls, compiled: bool) -> None:
-        wrap = (lambda f: torch.compile(f, fullgraph=True, dynamic=False)) if compiled else (lambda f: f)
-        cls.add_rms, cls.rope_qk, cls.silu_mul = (staticmethod(wrap(f)) for f in (_add_rms, _rope_qk, _silu_mul))
+        # combo kernels: independent outputs of one function (q, k's cache, v's cache) in one launch
+        wrap = ((lambda f: torch.compile(f, fullgraph=True, dynamic=False, options={"combo_kernels": True}))
+                if compiled else (lambda f: f))
+        cls.add_rms, cls.rope_write, cls.silu_mul, cls.next_token = (staticmethod(wrap(f)) for f in cls.FUNCTIONS)
 
 
 class RMSNorm(nn.Module):
@@ -98,9 +121,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, 1, self.nh, self.hd).transpose(1, 2)
         k = self.k_proj(x).view(b, 1, self.kvh, self.hd).transpose(1, 2)
         v = self.v_proj(x).view(b, 1, self.kvh, self.hd).transpose(1, 2)
-        q, k = Glue.rope_qk(q, k, cos, sin)
-        k_cache.index_copy_(2, pos, k)
-        v_cache.index_copy_(2, pos, v)
+        q = Glue.rope_write(q, k, v, cos, sin, pos, k_cache, v_cache)
         o = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)
         return self.o_proj(o.transpose(1, 2).reshape(b, 1, self.nh * self.hd))
 
@@ -158,7 +179,9 @@ class Decoder(nn.Module):
         x = self.embed_tokens(tok)
         cos = self.cos[pos].to(x.dtype)[None, None]
         sin = self.sin[pos].to(x.dtype)[None, None]
-        mask = (self.slots <= pos)[None, None, None, :]
+        # additive, made once a step (a boolean mask costs SDPA two kernels a layer to convert)
+        mask = torch.zeros((), dtype=x.dtype, device=x.device).masked_fill(self.slots > pos, float("-inf"))
+        mask = mask[None, None, None, :]
         h = self.layers[0].input_layernorm(x)
         eps = self.c["eps"]
         for i, layer in enumerate(self.layers):
@@ -229,7 +252,7 @@ def timed_decode(model: Decoder, steps: int, start: int = 128, profile: str = ""
 
         def one():
             logits = model.step(tok, pos, kc, vc)
-            tok.copy_(logits[:, -1].argmax(-1, keepdim=True))
+            tok.copy_(Glue.next_token(logits))
             pos.add_(1)
             return logits
 
