@@ -24,7 +24,9 @@ as they are, inside the same CUDA graph. (That glue, the same for every model, w
 2026-11-26: bf16 177 -> 188 tok/s, int4-e8m0 fused 380 -> 446 on an H200; RESULTS.md, session 31.)
 `--compile-check` also runs one QuantLinear under `torch.compile(fullgraph=True)`.
 `--fuse`: the lowbit models run with q / k / v and gate / up fused into one matmul each
-(`lowbit.nn.fuse_projections`: the same codes, fewer launches); the bf16 model is also timed fused
+(`lowbit.nn.fuse_projections`: the same codes, fewer launches); `--gated` adds a run of each format
+fused with gated MLPs (gate / up joined row by row, silu(gate) * up in the matmul's epilogue,
+`lowbit.nn.gated`: the SiLU * up kernel goes away); the bf16 model is also timed fused
 (row "bf16 fused", column "x fused": the same transform on the float side, for a fair reading), and
 the issue's ratio stays against the bf16 model as written. `--fuse-ab`: each format both ways.
 """
@@ -137,6 +139,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(c["hidden"], c["inter"], bias=False)
         self.up_proj = nn.Linear(c["hidden"], c["inter"], bias=False)
         self.down_proj = nn.Linear(c["inter"], c["hidden"], bias=False)
+        self.act_fn = nn.SiLU()  # what `Glue.silu_mul` applies; named as in transformers (lowbit.nn.gated looks for it)
 
     def forward(self, x):
         return self.down_proj(Glue.silu_mul(self.gate_proj(x), self.up_proj(x)))
@@ -341,6 +344,9 @@ def main() -> None:
     ap.add_argument("--fuse", action="store_true",
                     help="fuse q/k/v and gate/up into one matmul each (lowbit models; bf16 also timed fused)")
     ap.add_argument("--fuse-ab", action="store_true", help="time each lowbit format unfused and fused")
+    ap.add_argument("--gated", action="store_true",
+                    help="also time each lowbit format fused with gated MLPs (gate / up with silu(gate) * up in the "
+                         "matmul's epilogue: fuse_projections(..., gated_mlp=True))")
     ap.add_argument("--eager-glue", action="store_true",
                     help="leave the element-wise work between the linears unfused (no torch.compile; the figures "
                          "before 2026-11-25)")
@@ -365,7 +371,7 @@ def main() -> None:
 
     rate_bf16, first_bf16 = timed_decode(model, args.steps, profile=label("bf16"), batch=args.batch)
     rate_fused = None
-    if args.fuse or args.fuse_ab:
+    if args.fuse or args.fuse_ab or args.gated:
         fuse_projections(model)
         rate_fused, _ = timed_decode(model, args.steps, profile=label("bf16 fused"), batch=args.batch)
         unfuse_projections(model)
@@ -377,14 +383,15 @@ def main() -> None:
               f"{1e3 / rate_fused:>7.2f}")
     originals: dict = {}
     results = {"bf16": rate_bf16}
-    runs = [(f, fuse) for f in args.formats for fuse in ((False, True) if args.fuse_ab else (args.fuse,))]
+    modes = ((False, True) if args.fuse_ab else (args.fuse,)) + (("gated",) if args.gated else ())
+    runs = [(f, fuse) for f in args.formats for fuse in modes]
     for fmt, fuse in runs:
         swap_linears(model, fmt, originals)
         if fuse:
-            fuse_projections(model)
+            fuse_projections(model, gated_mlp=fuse == "gated")
         qbytes = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if ".weight_" in n or n.startswith("lm_head"))
         PLACEMENT.clear()
-        name = f"{fmt} fused" if fuse else fmt
+        name = f"{fmt} {'fused+gated' if fuse == 'gated' else 'fused'}" if fuse else fmt
         rate, first = timed_decode(model, args.steps, profile=label(name), batch=args.batch)
         placed: dict = {}
         for counts in PLACEMENT.values():

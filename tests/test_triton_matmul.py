@@ -449,3 +449,36 @@ def test_dot_tiles_count_codes_and_fall_back_when_they_do_not_fit(monkeypatch):
     qt = _qweight("int2-e8m0", 24, 256, seed=6)
     with pytest.warns(RuntimeWarning, match="dequantize"):
         _check(qt, torch.randn(70, 256, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16), DOT_PLAIN)
+
+
+GLU_PRESETS = ["int4-e8m0", "int4", "int4-asym", "int8", "mxfp4", "int2-e8m0"]
+
+
+@pytest.mark.parametrize("preset", GLU_PRESETS)
+def test_fast_gemv_glu_epilogue_matches_silu_of_the_reference(preset):
+    """`run(..., glu=True)`: rows are (gate, up) pairs and the GEMV's epilogue writes silu(gate) * up
+    (lowbit.nn.gated); against silu_mul_pairs of dequantize-then-matmul, output poisoned, with a
+    bias. Half the fast-GEMV layouts at M = 1 and a split-K one at M = 3 per format (alternating, so
+    that the formats together cover every layout; the interpreter costs ~1 s a launch); a tile path
+    (the first format) takes the unfused way."""
+    from lowbit.kernels.reference import silu_mul_pairs
+    from lowbit.nn.gated import interleave_rows
+
+    n, k = 22, 136  # 11 pairs: the last row block is partly empty for BLOCK_N 4
+    qt = interleave_rows(_qweight(preset, n // 2, k, seed=1), _qweight(preset, n // 2, k, seed=2))
+    planes, spec = tlin.kernel_planes(qt), tlin.spec_of(qt.fmt)
+    g = torch.Generator().manual_seed(3)
+    bias = torch.randn(n, generator=g)
+    i = GLU_PRESETS.index(preset)
+    splits = [c for c in GEMV2_VARIANTS if c.get("SPLIT_K", 1) > 1]
+    for m, cfgs in ((1, GEMV2_VARIANTS[i % 2::2]), (3, [splits[i % len(splits)]] + ([DOT_PLAIN] if i == 0 else []))):
+        x = torch.randn(m, k, generator=g)
+        ref = silu_mul_pairs(torch.nn.functional.linear(x, qt.dequantize(torch.float32), bias))
+        for cfg in cfgs:
+            if cfg["path"] == "gemv2" and not tlin.fast_gemv_ok(spec, x, planes["data"], k, False):
+                continue
+            out = torch.full((m, n // 2), float("nan"))
+            y = tlin.run(x, planes, spec, n, k, bias, cfg=cfg, out=out, glu=True)
+            assert y.shape == (m, n // 2) and torch.isfinite(y).all(), f"{preset} {cfg}: unwritten outputs"
+            rel = ((y - ref).norm() / ref.norm()).item()
+            assert rel <= 1e-5, f"{preset} M={m} {cfg}: relative error {rel:.3e}"

@@ -115,7 +115,12 @@ def quantized_layer_names(model: nn.Module) -> list[str]:
     """Names of the quantized layers, as the float model names them: the members of fused groups
     (`lowbit.nn.fuse_projections`, their slices of the joined output), not the joined layers."""
     from .nn import FusedSlice, QuantEmbedding, QuantLinear
+    from .nn.gated import first_gated
 
+    gated = first_gated(model)
+    if gated is not None:  # its gate / up outputs exist only as silu(gate) * up: nothing to compare layer by layer
+        raise ValueError(f"{gated!r} is a fused gated MLP (fuse_projections(..., gated_mlp=True)): validate needs "
+                         "its gate_proj and up_proj; call lowbit.nn.unfuse_projections(model) first")
     slices = [m for m in model.modules() if isinstance(m, FusedSlice)]
     joined = {id(m.joined) for m in slices}
     return [n for n, m in model.named_modules()

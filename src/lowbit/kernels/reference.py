@@ -27,6 +27,20 @@ def linear(x: torch.Tensor, qweight: QTensor, bias: torch.Tensor | None = None) 
     return F.linear(x, w.to(dtype), None if bias is None else bias.to(dtype))
 
 
+def silu_mul_pairs(y: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for outputs whose last dimension holds (gate, up) pairs (column 2j gate j,
+    2j + 1 up j: a gated MLP's joined projection, `lowbit.nn.gated`), computed in fp32, returned in
+    y's dtype; the reference twin of the GEMV's GLU epilogue.
+
+    Example:
+        >>> import torch
+        >>> silu_mul_pairs(torch.tensor([[0.0, 5.0, 2.0, 1.0]]))
+        tensor([[0.0000, 1.7616]])
+    """
+    g, u = y[..., 0::2].float(), y[..., 1::2].float()
+    return (F.silu(g) * u).to(y.dtype)
+
+
 @register("*", "embedding", "*", "reference")
 def embedding(ids: torch.Tensor, qweight: QTensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Rows `ids` of the table; only those rows are dequantized."""

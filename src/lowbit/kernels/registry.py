@@ -83,6 +83,11 @@ def dispatch(op: str, x: torch.Tensor, qweight: QTensor, *args, owner: str = "?"
     return fn(x, qweight, *args, **kwargs)
 
 
+def forced_backend(op: str, owner: str | None = None) -> str | None:
+    """The backend `force_backend` currently imposes on `op` (for layer `owner`), or None."""
+    return (_forced.get((op, owner)) if owner else None) or _forced.get(op)
+
+
 class force_backend:
     """Context manager: run `op` through `backend` only, for every layer or for one `layer` name.
 

@@ -343,7 +343,7 @@ def _gemv_fast_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, b_ptr, y_ptr, ws_ptr, 
                       WB: tl.constexpr, NWG: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr,
                       WPT: tl.constexpr = 4, SPLIT_K: tl.constexpr = 1,
                       FP4: tl.constexpr = False, WORD_ASM: tl.constexpr = "", PROBE: tl.constexpr = 0,
-                      LUT: tl.constexpr = False, HAS_LS: tl.constexpr = False):
+                      LUT: tl.constexpr = False, HAS_LS: tl.constexpr = False, GLU: tl.constexpr = False):
     """y[m, rows] = x[m] @ W[rows]^T for BLOCK_N rows; each thread holds WPT consecutive words
     (4: one 16-byte load) of every row, NWG groups of WPT words per step, and the activations of
     those words once for all rows, in its own registers. WB: words per scale block; SMUL: the
@@ -357,6 +357,9 @@ def _gemv_fast_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, b_ptr, y_ptr, ws_ptr, 
     small-N shapes get enough warps in flight without larger, slower programs.
     LUT: 4-bit palette codes; every row of a program uses palette (first row) // LUT_DIV (the host
     picks BLOCK_N so), times its int8 table's scale `ls_ptr` with HAS_LS (`_lut_tables`).
+    GLU: the rows are (gate, up) pairs (row 2j gate j, row 2j + 1 up j; BLOCK_N even) and y[m, j] =
+    silu(gate j) * up j, from the fp32 sums (a gated MLP's activation in the epilogue: one kernel
+    and one (M, N / 2) write instead of a second launch over (M, N); `lowbit.nn.gated`).
     PROBE (diagnostics only, wrong results): 1 no decode, 2 no scales."""
     pid = tl.program_id(0)
     pid_m = pid % M
@@ -409,4 +412,10 @@ def _gemv_fast_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, b_ptr, y_ptr, ws_ptr, 
     if last:
         if HAS_BIAS:
             y += tl.load(b_ptr + rows_c, mask=rmask, other=0).to(tl.float32)
-        tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
+        if GLU:
+            gate, up = tl.split(tl.reshape(y, (BLOCK_N // 2, 2)))
+            h = gate / (1.0 + tl.exp(-gate)) * up
+            half = (pid // M) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+            tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + half, h.to(y_ptr.dtype.element_ty), mask=half < N // 2)
+        else:
+            tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)

@@ -40,6 +40,7 @@ from ..formats import Format, QTensor
 from .gemv_ptx import word_asm
 from .launch import LaunchPlan, cdiv, next_pow2
 from .nibble_ptx import asm_bytes, asm_fp4, asm_fp8, asm_nibbles
+from .reference import silu_mul_pairs
 from .registry import register
 from .triton_modes import interpreting, kernel_module
 
@@ -444,19 +445,23 @@ def _dot_dtype(x_dtype: torch.dtype):
 
 
 def run(x2: torch.Tensor, planes: dict[str, torch.Tensor | None], spec: Spec, n: int, k: int,
-        bias: torch.Tensor | None, cfg: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """y (M, N) = x2 (M, K) @ W^T (+ bias) for the planes of one weight; `cfg` overrides the table."""
+        bias: torch.Tensor | None, cfg: dict | None = None, out: torch.Tensor | None = None,
+        glu: bool = False) -> torch.Tensor:
+    """y (M, N) = x2 (M, K) @ W^T (+ bias) for the planes of one weight; `cfg` overrides the table.
+    `glu`: W's rows are (gate, up) pairs and y (M, N / 2) = silu(gate) * up (`lowbit.nn.gated`), in
+    the M = 1 GEMV's epilogue where that path runs, else after the matmul (`silu_mul_pairs`)."""
     import triton
 
     m = x2.shape[0]
+    n_out = n // 2 if glu else n
     plans = planes.get("plans") if not cfg and out is None else None
     plan_key = None
     if plans is not None:  # a launch remembered for this weight (see run_fast_gemv)
         plan_key = (m, x2.dtype, x2.stride(0), x2.data_ptr() % 16, None if bias is None else bias.data_ptr(),
-                    id(_load_table()))
+                    id(_load_table()), glu)
         plan = plans.get(plan_key)
         if plan is not None:
-            y = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
+            y = torch.empty(m, n_out, device=x2.device, dtype=x2.dtype)
             if plan.split > 1:
                 plan.launch(x=x2, y=y, ws=torch.empty(plan.split, m, n, device=x2.device, dtype=torch.float32))
             else:
@@ -464,7 +469,18 @@ def run(x2: torch.Tensor, planes: dict[str, torch.Tensor | None], spec: Spec, n:
             return y
     w = planes["data"]
     kb = w.shape[1]
+    given = cfg
     cfg = _fit(dict(cfg), spec, m) if cfg else choose(spec, m, k, n)
+    if glu:
+        path = cfg["path"]
+        if (path in ("gemv", "gemv2") and cfg.get("fast", True) and fast_gemv_ok(spec, x2, w, k, planes.get("lut") is not None)
+                and n % 2 == 0 and m > 0):
+            fcfg = cfg if path == "gemv2" else fast_gemv_config(m, k, n, spec.bits)
+            if fcfg["BLOCK_N"] % 2 == 0:
+                y = out if out is not None else torch.empty(m, n_out, device=x2.device, dtype=x2.dtype)
+                return run_fast_gemv(x2, planes, spec, n, k, bias, y, fcfg, plan_key=plan_key, glu=True)
+        y = silu_mul_pairs(run(x2, planes, spec, n, k, bias, given))
+        return y if out is None else out.copy_(y)
     y = out if out is not None else torch.empty(m, n, device=x2.device, dtype=x2.dtype)
     if m == 0 or n == 0:
         return y
@@ -598,8 +614,10 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def run_fast_gemv(x2, planes, spec: Spec, n: int, k: int, bias, y, cfg: dict, plan_key=None) -> torch.Tensor:
-    """y = x2 @ W^T by the packed-pair GEMV (see triton_gemv.py); `fast_gemv_ok` must hold.
+def run_fast_gemv(x2, planes, spec: Spec, n: int, k: int, bias, y, cfg: dict, plan_key=None,
+                  glu: bool = False) -> torch.Tensor:
+    """y = x2 @ W^T by the packed-pair GEMV (see triton_gemv.py); `fast_gemv_ok` must hold. `glu`:
+    y (M, N / 2) = silu(gate) * up of the (gate, up) row pairs (`run`; BLOCK_N even).
 
     With `plan_key` (from `run`: M, dtype, x's row stride and alignment, bias, kernel table) the
     launch is remembered in `planes["plans"]` (a dict `linear` keeps per weight) as a `LaunchPlan`
@@ -653,11 +671,11 @@ def run_fast_gemv(x2, planes, spec: Spec, n: int, k: int, bias, y, cfg: dict, pl
                   HAS_BIAS=bias is not None, SMUL=smul, F16=x2.dtype == torch.float16, WB=wb, NWG=nwg, BLOCK_N=bn,
                   ASM=not _interpreting(), WPT=wpt, SPLIT_K=split, FP4=spec.code == 3,
                   WORD_ASM=word_asm(spec.bits, spec.code == 3, x2.dtype == torch.float16, spec.code == 0, spec.code == 6),
-                  PROBE=cfg.get("PROBE", 0), LUT=spec.code == 6, HAS_LS=ls is not None)
+                  PROBE=cfg.get("PROBE", 0), LUT=spec.code == 6, HAS_LS=ls is not None, GLU=glu)
     compiled = gemv._gemv_fast_kernel[(rblocks, split)](*args, **consts, num_warps=nw, num_stages=cfg.get("num_stages", 1))
     as_stored = (s is planes.get("scale") and z is planes.get("zero") and lut is planes.get("lut")
                  and ls is planes.get("lut_scale"))  # no contiguous copies made above
-    if plans is not None and w.is_contiguous() and as_stored and y.stride(0) == n and y.data_ptr() % 16 == 0:
+    if plans is not None and w.is_contiguous() and as_stored and y.stride(0) == y.shape[1] and y.data_ptr() % 16 == 0:
         plan = LaunchPlan.of(gemv._gemv_fast_kernel, compiled, (rblocks, split), args, consts,
                              {"x": 0, "y": 6, "ws": 7} if split > 1 else {"x": 0, "y": 6})
         if plan is not None:
@@ -818,16 +836,37 @@ if HAVE_TRITON:
         `lowbit::qlinear`; in eager mode it calls the op's body directly: the custom op's Python
         wrapper costs about 170 us of host time per call (H200 host, RESULTS.md 2026-11-25, session
         23), five times an `F.linear`, which made eager generation of small models 3x slower."""
-        prep = qweight.kernel_cache.get("triton")
-        if prep is None:  # once per weight (QuantLinear keeps its QTensor while the planes stay the same)
-            spec = spec_of(qweight.fmt)
-            if spec is None:
-                raise LookupError(f"no Triton kernel for format {qweight.fmt.name!r}")
-            prep = qweight.kernel_cache["triton"] = (spec, *qweight.shape, {**kernel_planes(qweight), "plans": {}})
-        spec, n, k, p = prep
+        spec, n, k, p = _prepared(qweight)
         if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             x = x.float()
         if not torch.compiler.is_compiling() and not (x.requires_grad and torch.is_grad_enabled()):
             return _qlinear_eager(x, p, spec, n, k, bias)
         return qlinear(x, p["data"], p.get("scale"), p.get("zero"), p.get("lut"), p.get("lut_scale"),
                        p.get("row_scale"), None if bias is None else bias, spec.key(), n, k, p.get("lut_div") or 0)
+
+    @register("*", "glu_linear", "cuda", "triton", supports=supports)
+    def glu_linear(x: torch.Tensor, qweight: QTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """silu(gate) * up for a weight whose rows are (gate, up) pairs (`lowbit.nn.gated`): at M = 1
+        in the GEMV's epilogue (one launch, half the output written), otherwise the matmul and then
+        `silu_mul_pairs`. Under torch.compile: the `lowbit::qlinear` op, then the pairs in torch (the
+        compiler fuses them into one element-wise kernel)."""
+        spec, n, k, p = _prepared(qweight)
+        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            x = x.float()
+        if not torch.compiler.is_compiling() and not (x.requires_grad and torch.is_grad_enabled()):
+            x2 = x.reshape(-1, k)
+            if x2.stride(-1) != 1:
+                x2 = x2.contiguous()
+            return run(x2, p, spec, n, k, bias, glu=True).reshape(*x.shape[:-1], n // 2)
+        return silu_mul_pairs(linear(x, qweight, bias))
+
+    def _prepared(qweight: QTensor) -> tuple:
+        """(spec, N, K, kernel planes) of `qweight`, made once per weight (QuantLinear keeps its QTensor
+        while the planes stay the same) and kept in its kernel_cache."""
+        prep = qweight.kernel_cache.get("triton")
+        if prep is None:
+            spec = spec_of(qweight.fmt)
+            if spec is None:
+                raise LookupError(f"no Triton kernel for format {qweight.fmt.name!r}")
+            prep = qweight.kernel_cache["triton"] = (spec, *qweight.shape, {**kernel_planes(qweight), "plans": {}})
+        return prep
