@@ -230,7 +230,7 @@ def test_run_relaunches_a_remembered_plan_only_for_its_key(gen):
 
     xs = torch.randn(3, 80, generator=gen)
     x = xs[:1, :64]
-    key = (1, x.dtype, x.stride(0), x.data_ptr() % 16, None, id(tlin._load_table()))
+    key = (1, x.dtype, x.stride(0), x.data_ptr() % 16, None, id(tlin._load_table()), False)  # last: glu
     planes["plans"][key] = FakePlan()
     y = tlin.run(x, planes, spec, 24, 64, None)
     assert len(launched) == 1 and launched[0]["x"] is x and launched[0]["y"] is y and torch.all(y == 7)
@@ -241,6 +241,12 @@ def test_run_relaunches_a_remembered_plan_only_for_its_key(gen):
         out = tlin.run(other, planes, spec, 24, 64, None, **kw)
         ref = torch.nn.functional.linear(other.float(), q.qweight.dequantize())
         assert len(launched) == 1 and ((out - ref).norm() / ref.norm()) < 1e-2
+    # the gated MLP's form of the same call (rows as (gate, up) pairs) has a key of its own
+    from lowbit.kernels.reference import silu_mul_pairs
+
+    out = tlin.run(x, planes, spec, 24, 64, None, glu=True)
+    ref = silu_mul_pairs(torch.nn.functional.linear(x.float(), q.qweight.dequantize()))
+    assert len(launched) == 1 and out.shape == (1, 12) and ((out - ref).norm() / ref.norm()) < 1e-2
 
 
 def test_spec_key_states_how_triton_specializes_each_argument(gen):

@@ -385,3 +385,15 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, lut_ptr, rs_ptr, ls_ptr, out_ptr,
     kk = blk[:, None] * B + tl.arange(0, B)[None, :]  # [NB_T, B], contiguous along the row
     tl.store(out_ptr + rows_c.to(tl.int64)[:, None, None] * stride_on + kk[None, :, :], v.to(out_ptr.dtype.element_ty),
              mask=rmask[:, None, None] & (kk < K)[None, :, :])
+
+
+@triton.jit
+def _silu_mul_pairs_kernel(y_ptr, out_ptr, total, BLOCK: tl.constexpr):
+    """out[i] = silu(y[2i]) * y[2i + 1] over a contiguous (M, 2N) -> (M, N), in fp32: the gated
+    MLP's product after a matmul path without the GLU epilogue (one launch where the plain-torch
+    twin, `reference.silu_mul_pairs`, takes five)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total
+    g = tl.load(y_ptr + 2 * offs, mask=mask, other=0).to(tl.float32)
+    u = tl.load(y_ptr + 2 * offs + 1, mask=mask, other=0).to(tl.float32)
+    tl.store(out_ptr + offs, (g / (1.0 + tl.exp(-g)) * u).to(out_ptr.dtype.element_ty), mask=mask)

@@ -479,8 +479,7 @@ def run(x2: torch.Tensor, planes: dict[str, torch.Tensor | None], spec: Spec, n:
             if fcfg["BLOCK_N"] % 2 == 0:
                 y = out if out is not None else torch.empty(m, n_out, device=x2.device, dtype=x2.dtype)
                 return run_fast_gemv(x2, planes, spec, n, k, bias, y, fcfg, plan_key=plan_key, glu=True)
-        y = silu_mul_pairs(run(x2, planes, spec, n, k, bias, given))
-        return y if out is None else out.copy_(y)
+        return silu_mul_pairs_triton(run(x2, planes, spec, n, k, bias, given), out)
     y = out if out is not None else torch.empty(m, n, device=x2.device, dtype=x2.dtype)
     if m == 0 or n == 0:
         return y
@@ -614,12 +613,22 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def silu_mul_pairs_triton(y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`reference.silu_mul_pairs` of a contiguous (M, 2N) y in one Triton launch, into `out` or a new (M, N)."""
+    m, n2 = y.shape
+    out = out if out is not None else torch.empty(m, n2 // 2, device=y.device, dtype=y.dtype)
+    total = m * (n2 // 2)
+    if total:
+        _kern()._silu_mul_pairs_kernel[(cdiv(total, 1024),)](y, out, total, BLOCK=1024, num_warps=4)
+    return out
+
+
 def run_fast_gemv(x2, planes, spec: Spec, n: int, k: int, bias, y, cfg: dict, plan_key=None,
                   glu: bool = False) -> torch.Tensor:
     """y = x2 @ W^T by the packed-pair GEMV (see triton_gemv.py); `fast_gemv_ok` must hold. `glu`:
     y (M, N / 2) = silu(gate) * up of the (gate, up) row pairs (`run`; BLOCK_N even).
 
-    With `plan_key` (from `run`: M, dtype, x's row stride and alignment, bias, kernel table) the
+    With `plan_key` (from `run`: M, dtype, x's row stride and alignment, bias, kernel table, GLU) the
     launch is remembered in `planes["plans"]` (a dict `linear` keeps per weight) as a `LaunchPlan`
     (kernels/launch.py); `run` then relaunches it for calls with the same key, swapping in x, y
     (allocated there: 512-byte aligned, row stride N) and the split-K workspace, without this
