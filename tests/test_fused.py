@@ -105,10 +105,11 @@ def test_fused_llama_gives_the_unfused_logits_and_moves_with_the_model():
     assert model.model.layers[0].mlp.up_proj.joined.weight_data.dtype == torch.uint8
 
 
-def test_fused_llama_under_torch_compile():
+@pytest.mark.parametrize("gated_mlp", [False, True])
+def test_fused_llama_under_torch_compile(gated_mlp):
     model = tiny_llama()
     lowbit.quantize(model, "int8", progress=False)
-    fuse_projections(model)
+    fuse_projections(model, gated_mlp=gated_mlp)  # gated: lowbit.nn.gated.GatedMLP (tests/test_gated.py)
     ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(2))
     torch._dynamo.reset()
     try:
