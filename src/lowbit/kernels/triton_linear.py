@@ -814,12 +814,14 @@ def kernel_planes(qweight: QTensor) -> dict:
 # ---------------------------------------------------------------------------------------------
 # the custom op (torch.compile / CUDA graphs) and the kernel-table entry
 # ---------------------------------------------------------------------------------------------
-def _qlinear_eager(x: torch.Tensor, planes: dict, spec: Spec, n: int, k: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """The op's body: y (..., N) = x (..., K) @ W^T (+ bias), W given by its planes."""
+def _qlinear_eager(x: torch.Tensor, planes: dict, spec: Spec, n: int, k: int, bias: torch.Tensor | None,
+                   glu: bool = False) -> torch.Tensor:
+    """The op's body: y (..., N) = x (..., K) @ W^T (+ bias), W given by its planes (`glu`: (..., N / 2),
+    see `run`)."""
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    return run(x2, planes, spec, n, k, bias).reshape(*x.shape[:-1], n)
+    return run(x2, planes, spec, n, k, bias, glu=glu).reshape(*x.shape[:-1], n // 2 if glu else n)
 
 
 if HAVE_TRITON:
@@ -863,10 +865,7 @@ if HAVE_TRITON:
         if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             x = x.float()
         if not torch.compiler.is_compiling() and not (x.requires_grad and torch.is_grad_enabled()):
-            x2 = x.reshape(-1, k)
-            if x2.stride(-1) != 1:
-                x2 = x2.contiguous()
-            return run(x2, p, spec, n, k, bias, glu=True).reshape(*x.shape[:-1], n // 2)
+            return _qlinear_eager(x, p, spec, n, k, bias, glu=True)
         return silu_mul_pairs(linear(x, qweight, bias))
 
     def _prepared(qweight: QTensor) -> tuple:
