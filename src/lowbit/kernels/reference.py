@@ -29,16 +29,17 @@ def linear(x: torch.Tensor, qweight: QTensor, bias: torch.Tensor | None = None) 
 
 def silu_mul_pairs(y: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for outputs whose last dimension holds (gate, up) pairs (column 2j gate j,
-    2j + 1 up j: a gated MLP's joined projection, `lowbit.nn.gated`), computed in fp32, returned in
-    y's dtype; the reference twin of the GEMV's GLU epilogue.
+    2j + 1 up j: a gated MLP's joined projection, `lowbit.nn.gated`), in y's dtype as the unfused
+    model computes `act_fn(gate) * up` (so a gated MLP off the fused kernel gives the unfused
+    numbers exactly); the reference twin of the GEMV's GLU epilogue, which takes it from the fp32
+    sums instead (one rounding fewer).
 
     Example:
         >>> import torch
         >>> silu_mul_pairs(torch.tensor([[0.0, 5.0, 2.0, 1.0]]))
         tensor([[0.0000, 1.7616]])
     """
-    g, u = y[..., 0::2].float(), y[..., 1::2].float()
-    return (F.silu(g) * u).to(y.dtype)
+    return F.silu(y[..., 0::2]) * y[..., 1::2]
 
 
 @register("*", "embedding", "*", "reference")

@@ -5,13 +5,14 @@ quantized gate and up weights row by row (gate row j, then up row j: `interleave
 `GatedQuantLinear` that returns `silu(gate) * up` directly: at batch 1 on CUDA the GEMV computes both
 rows of a pair in the same program and writes only their product (kernels/triton_gemv.py, `GLU`),
 so the separate SiLU * up kernel and its launch go away and half as many values are written.
-Elsewhere (CPU, larger batches, torch.compile) it is the joined matmul followed by
-`kernels.reference.silu_mul_pairs`. The MLP module is replaced by a `GatedMLP` (gate / up joined,
+Elsewhere it is the joined matmul followed by the product: on CPU (and under torch.compile, and
+with `force_backend`) `kernels.reference.silu_mul_pairs`, which takes it as the unfused model does
+(the same numbers, exactly), on CUDA above M = 1 one Triton launch (fp32). The MLP module is replaced by a `GatedMLP` (gate / up joined,
 the same `down_proj`); `unfuse_gated_mlp` puts the original module back with its own layers.
 
-Interleaving is exact (every format here quantizes each row on its own); the products differ
-from the unfused model's only by rounding: the fused epilogue takes silu(gate) * up from the fp32
-sums, the unfused model from outputs rounded to the activation dtype.
+Interleaving is exact (every format here quantizes each row on its own); the CUDA kernels' products
+differ from the unfused model's only by rounding: they take silu(gate) * up from fp32 values, the
+unfused model from outputs rounded to the activation dtype.
 
 Which modules: a module whose class name ends in "MLP", with `gate_proj`, `up_proj` (QuantLinear,
 one format, not palettes shared across rows) and `down_proj`, and a SiLU `act_fn` (transformers'
