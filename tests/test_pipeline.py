@@ -105,16 +105,18 @@ def test_profile_in_bf16_measures_a_copy_on_the_fast_path(tmp_path, capsys):
 
 def test_profile_with_fused_projections_measures_a_fused_copy(tmp_path):
     """`profile(fuse=True)` / `lowbit profile --fuse`: q / k / v and gate / up run as one matmul each
-    (placement under the joined names); the module passed in has its separate layers again after."""
-    from lowbit.nn import FusedSlice
+    (placement under the joined names; the quantized MLPs as gated MLPs); the module passed in has its
+    separate layers again after."""
+    from lowbit.nn import FusedSlice, GatedMLP
 
     model = tiny_llama()
     lowbit.quantize(model, {"global": "int8"}, progress=False)
     prof = lowbit.profile(model, batch_sizes=(1,), repeats=2, seq_len=8, decode_tokens=3, fuse=True)
-    assert prof.fused == ["model.layers.0.self_attn.q_proj+k_proj+v_proj", "model.layers.0.mlp.gate_proj+up_proj",
-                          "model.layers.1.self_attn.q_proj+k_proj+v_proj", "model.layers.1.mlp.gate_proj+up_proj"]
+    assert sorted(prof.fused) == sorted(f"model.layers.{i}.{g}" for i in range(2)
+                                        for g in ("self_attn.q_proj+k_proj+v_proj", "mlp.gate_proj+up_proj"))
     assert "model.layers.0.mlp.gate_proj+up_proj" in prof.placement and "model.layers.0.mlp.up_proj" not in prof.placement
-    assert prof.decode_tokens_per_s > 0 and not any(isinstance(m, FusedSlice) for m in model.modules())
+    assert prof.decode_tokens_per_s > 0 and not any(isinstance(m, (FusedSlice, GatedMLP)) for m in model.modules())
+    assert type(model.model.layers[0].mlp).__name__ == "LlamaMLP"  # the gated MLP unfused too
     assert not any("q_proj_k_proj_v_proj" in n for n, _ in model.named_modules())  # fused in place, unfused after
     from lowbit import package
 

@@ -411,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", choices=DTYPES, help="run the speed measurements (float and quantized) in this dtype; "
                    "bfloat16 takes the CPU's 4-bit fast path (default: as loaded, float32)")
     r.add_argument("--fuse", action="store_true", help="run the speed measurements with q/k/v and gate/up fused into "
-                   "one matmul each, float and quantized (faster decoding on GPUs; lowbit.nn.fuse_projections)")
+                   "one matmul each, float and quantized, quantized gated MLPs with silu(gate) * up in that matmul (faster "
+                   "decoding on GPUs; lowbit.nn.fuse_projections(..., gated_mlp=True))")
 
     v = add("validate", "compare a package with its float source (exit 3 when a threshold fails)", cmd_validate)
     v.add_argument("package")
@@ -435,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--dtype", choices=DTYPES, help="run both models in this dtype (quantized planes keep theirs); "
                     "bfloat16 takes the CPU's 4-bit fast path (default: as loaded)")
     pr.add_argument("--fuse", action="store_true", help="join q/k/v and gate/up into one matmul each in both models "
-                    "(fewer kernel launches: faster decoding on GPUs; lowbit.nn.fuse_projections)")
+                    "and quantized gated MLPs' silu(gate) * up into that matmul (fewer kernel launches: faster decoding on "
+                    "GPUs; lowbit.nn.fuse_projections(..., gated_mlp=True))")
     pr.add_argument("--json", help="write the result as JSON")
     return p
 

@@ -124,8 +124,10 @@ def profile(model_or_pkg: nn.Module | str | Path, *, example: torch.Tensor | dic
             passed in is measured on a copy and left as it was.
         fuse: join sibling projections (q / k / v, gate / up) into one matmul each before measuring
             (`lowbit.nn.fuse_projections`; float `nn.Linear`s too, so a float baseline measured the
-            same way stays comparable). A module passed in is fused in place and unfused afterwards
-            (no copy of its weights; its members then hold views of the joined planes).
+            same way stays comparable); quantized gated MLPs (Llama family) become `GatedMLP`s, whose
+            joined gate / up matmul applies silu(gate) * up itself (`lowbit.nn.gated`). A module passed
+            in is fused in place and unfused afterwards (no copy of its weights for q / k / v, whose
+            members then hold views of the joined planes; gate / up come back as copies of their rows).
 
     Example:
         >>> r = profile("out/run-smollm2/int4", dtype=torch.bfloat16)       # doctest: +SKIP
@@ -134,7 +136,7 @@ def profile(model_or_pkg: nn.Module | str | Path, *, example: torch.Tensor | dic
     if fuse and isinstance(model_or_pkg, nn.Module) and dtype is None:
         from .nn import fuse_projections, unfuse_projections
 
-        names = fuse_projections(model_or_pkg)
+        names = fuse_projections(model_or_pkg, gated_mlp=True)
         try:
             res = profile(model_or_pkg, example=example, task=task, batch_sizes=batch_sizes, seq_len=seq_len,
                           decode_tokens=decode_tokens, repeats=repeats, device=device, compare=compare)
@@ -164,7 +166,7 @@ def profile(model_or_pkg: nn.Module | str | Path, *, example: torch.Tensor | dic
     if fuse:
         from .nn import fuse_projections
 
-        res.fused = fuse_projections(model)
+        res.fused = fuse_projections(model, gated_mlp=True)
     res.dtype = str(next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)).replace("torch.", "")
     is_lm = task == "causal_lm" or (task == "auto" and type(model).__name__.endswith("ForCausalLM"))
     vocab = getattr(getattr(model, "config", None), "vocab_size", 1000)
