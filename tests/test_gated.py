@@ -117,17 +117,16 @@ def test_gated_model_is_refused_by_save_quantize_and_validate(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("fmt", ["int4-e8m0", "int8", "mxfp4"])
-def test_gated_mlp_on_the_gpu_runs_one_kernel_and_matches(fmt):
-    """On CUDA the joined layer is the Triton `glu_linear` entry (one launch: the GEMV's epilogue at
-    M = 1, the matmul then the pairs above); against the reference of the same joined weight and
-    against the unfused layers."""
+def test_gated_mlp_on_the_gpu_takes_the_triton_entry_and_matches(fmt):
+    """On CUDA the joined layer runs the Triton `glu_linear` entry (at M = 1 one launch, the GEMV's
+    epilogue; above, the matmul then the pairs kernel), bf16 and fp16; against the reference of the
+    same joined weight and against the unfused layers."""
     torch.manual_seed(0)
     gate, up = (QuantLinear.from_float(torch.nn.Linear(1024, 2816, bias=False, device="cuda"), fmt) for _ in "gu")
     layer = GatedQuantLinear(interleave_rows(gate.qweight, up.qweight))
     layer._lowbit_name = "gate_up"
-    for rows in (1, 4, 16):
-        x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
-        out = torch.full((rows, 2816), float("nan"), device="cuda", dtype=torch.bfloat16)
+    for rows, dtype in ((1, torch.bfloat16), (1, torch.float16), (4, torch.bfloat16), (16, torch.bfloat16)):
+        x = torch.randn(rows, 1024, device="cuda", dtype=dtype)
         PLACEMENT.clear()
         out = layer(x)
         assert dict(PLACEMENT["gate_up"]) == {"triton": 1} and torch.isfinite(out).all()
@@ -135,4 +134,4 @@ def test_gated_mlp_on_the_gpu_runs_one_kernel_and_matches(fmt):
             ref = layer(x).float()
         unfused = silu_mul_pairs(torch.stack((gate(x), up(x)), -1).flatten(-2)).float()
         for want in (ref, unfused):
-            assert ((out.float() - want).norm() / want.norm()).item() < 1e-2, (fmt, rows)
+            assert ((out.float() - want).norm() / want.norm()).item() < 1e-2, (fmt, rows, dtype)
