@@ -472,13 +472,10 @@ def run(x2: torch.Tensor, planes: dict[str, torch.Tensor | None], spec: Spec, n:
     given = cfg
     cfg = _fit(dict(cfg), spec, m) if cfg else choose(spec, m, k, n)
     if glu:
-        path = cfg["path"]
-        if (path in ("gemv", "gemv2") and cfg.get("fast", True) and fast_gemv_ok(spec, x2, w, k, planes.get("lut") is not None)
-                and n % 2 == 0 and m > 0):
-            fcfg = cfg if path == "gemv2" else fast_gemv_config(m, k, n, spec.bits)
-            if fcfg["BLOCK_N"] % 2 == 0:
-                y = out if out is not None else torch.empty(m, n_out, device=x2.device, dtype=x2.dtype)
-                return run_fast_gemv(x2, planes, spec, n, k, bias, y, fcfg, plan_key=plan_key, glu=True)
+        fcfg = _fast_gemv_cfg(cfg, spec, x2, w, m, k, n, planes.get("lut") is not None)
+        if fcfg is not None and fcfg["BLOCK_N"] % 2 == 0 and n % 2 == 0 and m > 0:
+            y = out if out is not None else torch.empty(m, n_out, device=x2.device, dtype=x2.dtype)
+            return run_fast_gemv(x2, planes, spec, n, k, bias, y, fcfg, plan_key=plan_key, glu=True)
         return silu_mul_pairs_triton(run(x2, planes, spec, n, k, bias, given), out)
     y = out if out is not None else torch.empty(m, n, device=x2.device, dtype=x2.dtype)
     if m == 0 or n == 0:
@@ -503,8 +500,8 @@ def run(x2: torch.Tensor, planes: dict[str, torch.Tensor | None], spec: Spec, n:
     ptrs = (s if s is not None else dummy, z if z is not None else dummy, lut if lut is not None else dummy,
             rs if rs is not None else dummy, ls if ls is not None else dummy)
     path = cfg["path"]
-    if path in ("gemv", "gemv2") and cfg.get("fast", True) and fast_gemv_ok(spec, x2, w, k, lut is not None):
-        fcfg = cfg if path == "gemv2" else fast_gemv_config(m, k, n, spec.bits)
+    fcfg = _fast_gemv_cfg(cfg, spec, x2, w, m, k, n, lut is not None)
+    if fcfg is not None:
         return run_fast_gemv(x2, planes, spec, n, k, bias, y, fcfg, plan_key=plan_key)
     if path == "gluon4":
         from .gluon_w4 import run_planes
@@ -611,6 +608,15 @@ def fast_gemv_config(m: int, k: int, n: int, bits: int = 4) -> dict:
 
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _fast_gemv_cfg(cfg: dict, spec: Spec, x2, w, m: int, k: int, n: int, has_lut: bool) -> dict | None:
+    """The packed-pair GEMV's config where `cfg` picks a GEMV path and the fast one takes this call
+    (`fast_gemv_ok`), else None."""
+    path = cfg["path"]
+    if path not in ("gemv", "gemv2") or not cfg.get("fast", True) or not fast_gemv_ok(spec, x2, w, k, has_lut):
+        return None
+    return cfg if path == "gemv2" else fast_gemv_config(m, k, n, spec.bits)
 
 
 def silu_mul_pairs_triton(y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

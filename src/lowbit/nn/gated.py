@@ -50,6 +50,7 @@ from torch import nn
 from ..formats import QTensor
 from ..kernels import dispatch
 from ..kernels.reference import silu_mul_pairs
+from ..kernels import registry
 from ..kernels.registry import forced_backend, select
 from .modules import QuantLinear
 
@@ -102,7 +103,7 @@ class GatedQuantLinear(QuantLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qw = self.qweight
-        key = ("glu_fused", x.device.type, x.dtype)
+        key = ("glu_fused", x.device.type, x.dtype, registry._generation)  # as `dispatch` keys its choice
         fused = qw.kernel_cache.get(key)
         if fused is None:
             try:
