@@ -13,7 +13,8 @@ the relative error ||o - ref|| / ||ref|| against the fp32 reference twin (on the
 Decode: one query token, GQA 32/8 heads, D = 128, (B, S) in {(1, 8192), (8, 8192), (32, 4096)}:
 lowbit's flash-decoding over an int8 cache (one fp16 scale per token per head) and an int4 cache
 (one fp16 scale per 32 values; "int4/tok": one per token) vs SDPA on a bf16 cache (the fastest of
-its backends, GQA native). The value codes are stored tile-blocked, as `LowbitKVCache` stores them
+its backends, GQA native); a second line per row: lowbit on the same bf16 cache (flash-decoding,
+`decode_attention_float`, and the prefill kernel at Sq = 1 it replaced there). The value codes are stored tile-blocked, as `LowbitKVCache` stores them
 for the fused kernel (`reference.block_tokens`).
 Each timed call reads a different cache copy (rotating over enough copies to exceed the L2), and
 the calls are captured in a CUDA graph so launch gaps (Python) do not count for either side; SDPA and
@@ -37,7 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from lowbit.attention.reference import (attention_reference, block_tokens, dequantize_kv, quantize_kv,  # noqa: E402
                                        unblock_tokens)
-from lowbit.attention.triton_decode import decode_attention_triton  # noqa: E402
+from lowbit.attention.triton_decode import decode_attention_float, decode_attention_triton  # noqa: E402
 from lowbit.attention.triton_prefill import CONFIGS, _gluon_prefill, flash_attention_triton  # noqa: E402
 
 
@@ -198,6 +199,16 @@ def decode(args, rows: list) -> None:
                           mk(2, 128, 3, 4, int_mma=True)]}
     else:
         tune = {"int8": [{}], "int4": [{}], "int4t": [{}]}
+    # the float (bf16) cache through lowbit: flash-decoding (`decode_attention_float`, configs as
+    # (block_n, num_warps, num_stages, programs_per_sm) + swap) and, for reference, the prefill kernel
+    # at Sq = 1 (how lowbit attention decoded on a float cache before 2026-11-26)
+    def fcfg(bn, w, st, pp, swap=False):
+        return dict(config=(bn, w, st, pp), swap=swap)
+    tune["float"] = ([{}, fcfg(64, 4, 2, 8), fcfg(128, 4, 3, 4), fcfg(64, 2, 3, 8), fcfg(32, 2, 3, 16),
+                      fcfg(64, 4, 3, 8, True), fcfg(128, 4, 3, 4, True), fcfg(64, 4, 4, 6), fcfg(128, 8, 3, 2),
+                      fcfg(32, 2, 3, 8), fcfg(32, 1, 3, 16), fcfg(64, 2, 3, 16), fcfg(128, 8, 2, 2),
+                      fcfg(128, 4, 3, 2), fcfg(64, 2, 4, 8), fcfg(128, 8, 3, 2, True)]
+                     if args.tune or args.float_tune else [{}])
     _warm_up(dev, dt)
     for B, S in args.decode_shapes:
         kv_bytes = 2 * B * HKV * S * D * 2
@@ -227,6 +238,10 @@ def decode(args, rows: list) -> None:
                     (kd, ksc), (vd, vsc) = planes[label][i % copies]
                     return decode_attention_triton(qs[i % copies], kd, ksc, vd, vsc, S, bits=bits, **cfg)
                 cands[(label, j)] = run
+        for j, cfg in enumerate(tune["float"]):
+            cands[("float", j)] = lambda i, cfg=cfg: decode_attention_float(qs[i % copies], ks[i % copies],
+                                                                            vs[i % copies], **cfg)
+        cands[("prefill1", 0)] = lambda i: flash_attention_triton(qs[i % copies], ks[i % copies], vs[i % copies])
         times: dict = {key: [] for key in cands}
         for _ in range(rounds if not args.tune else 1):
             for key, fn in cands.items():
@@ -237,12 +252,12 @@ def decode(args, rows: list) -> None:
                 except ValueError:  # a combination the format does not allow
                     times[key] = None
                 except Exception as e:
-                    if key[0] == "sdpa" or args.tune:
+                    if key[0] in ("sdpa", "float", "prefill1") or args.tune:
                         print(f"   {key}: {type(e).__name__} {str(e)[:80]}")
                     times[key] = None
         med = {key: statistics.median(t) for key, t in times.items() if t}
         if args.tune:  # the sweep was one round: time the best of each side again, interleaved
-            best = [min((k for k in med if k[0] == side), key=med.get) for side in ("sdpa", *formats)]
+            best = [min((k for k in med if k[0] == side), key=med.get) for side in ("sdpa", *formats, "float")]
             for key in best:
                 times[key] = []
             for _ in range(rounds):
@@ -272,6 +287,16 @@ def decode(args, rows: list) -> None:
             out[f"{label}_err_vs_float_cache"] = rel_err(o, ref_exact)
             out[f"{label}_err_vs_dequantized"] = rel_err(o, ref_q)
         out["sdpa_rounds_us"] = times[sd_key]
+        fkeys = [k for k in med if k[0] == "float"]
+        if args.float_tune and not args.tune:
+            print("   float configs: " + ", ".join(f"{tune['float'][k[1]] or 'default'} {med[k]:.1f}"
+                                                   for k in sorted(fkeys, key=med.get)))
+        fkey = min(fkeys, key=med.get) if fkeys else None
+        out["float_us"] = med[fkey] if fkey else None
+        out["float_config"] = tune["float"][fkey[1]] if fkey else None
+        out["float_err"] = (rel_err(decode_attention_float(qs[0], ks[0], vs[0], **out["float_config"]), ref_exact)
+                            if fkey else None)
+        out["prefill1_us"] = med.get(("prefill1", 0))
         rows.append(out)
         print(f"{B:>3} {S:>6} {out['sdpa_us']:>10.1f} {out['int8_us']:>8.1f} {out['int4_us']:>8.1f} {out['int4t_us']:>8.1f} "
               f"{out['sdpa_us'] / out['int8_us']:>6.2f}x {out['sdpa_us'] / out['int4_us']:>6.2f}x "
@@ -279,6 +304,14 @@ def decode(args, rows: list) -> None:
               f"{out['int4_err_vs_float_cache']:>9.2e} {out['int4t_err_vs_float_cache']:>9.2e}")
         print(f"     SDPA backend {sd_key[1]}; configs int8 {out['int8_config']} int4 {out['int4_config']} "
               f"int4/tok {out['int4t_config']}")
+        pre = out["prefill1_us"]
+        if fkey is None:
+            print("     float cache through lowbit: flash-decoding failed")
+        else:
+            print(f"     float cache through lowbit: flash-decoding {out['float_us']:.1f} us "
+                  f"({out['sdpa_us'] / out['float_us']:.2f}x SDPA, err {out['float_err']:.2e}, "
+                  f"{out['float_config'] or 'default'}); prefill kernel at Sq = 1 "
+                  + (f"{pre:.1f} us ({out['sdpa_us'] / pre:.2f}x)" if pre else "failed"))
         del ks, vs, qs, planes, cands
         torch.cuda.empty_cache()
 
@@ -289,6 +322,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--tune", action="store_true", help="sweep kernel configs and report the best (slower)")
     ap.add_argument("--json", help="write all rows as JSON")
+    ap.add_argument("--float-tune", action="store_true", help="sweep the float-cache decode's configs only")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved prefill rounds (median)")
     ap.add_argument("--decode-shapes", nargs="+", default=["1,8192", "8,8192", "32,4096"], metavar="B,S",
                     help="decode (batch, cache length) rows (default: the issue's three; e.g. add 1,1024 2,8192)")

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..kernels.launch import cdiv, int_class, launch_remembered, next_pow2
+from ..kernels.launch import cdiv, int_class, launch_remembered, next_pow2, spec_key
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -49,25 +49,34 @@ def _codes(ptrs, s_ptrs, mask_n, BLOCK_N: tl.constexpr, WIDTH: tl.constexpr, GRO
            PER_TOKEN: tl.constexpr, BITS: tl.constexpr, NIBBLE: tl.constexpr, E8M0: tl.constexpr, DT: tl.constexpr):
     """One (BLOCK_N, WIDTH) tile of values in DT: int8 codes, or the low / high nibbles of int4
     bytes; per-block scales (GROUP_W columns of this tile per scale) are applied here, per-token
-    ones are left to the caller (returned as a (BLOCK_N,) fp32 vector, 1.0 otherwise)."""
+    ones are left to the caller (returned as a (BLOCK_N,) fp32 vector, 1.0 otherwise). BITS 16: a
+    float cache, the values as stored (no scale plane is read)."""
+    # (one return at the end: the JIT compiles the statements after a static return too)
     raw = tl.load(ptrs, mask=mask_n[:, None], other=0)
-    if BITS == 8:
-        x = raw
-    elif NIBBLE == 0:
-        x = (raw & 0xF).to(tl.int8) - 8
+    if BITS == 16:
+        x = raw.to(DT)
+        s = tl.full([BLOCK_N], 1.0, tl.float32)
     else:
-        x = (raw >> 4).to(tl.int8) - 8
-    if PER_TOKEN:
-        s = tl.load(s_ptrs, mask=mask_n, other=0)
-        if E8M0:
-            s = tl.math.exp2(s.to(tl.float32) - 127.0)
-        return x.to(DT), s.to(tl.float32)
-    else:
-        s = tl.load(s_ptrs, mask=mask_n[:, None], other=0)
-        if E8M0:
-            s = tl.math.exp2(s.to(tl.float32) - 127.0)
-        x = x.to(tl.float32).reshape(BLOCK_N, WIDTH // GROUP_W, GROUP_W) * s.to(tl.float32)[:, :, None]
-        return x.reshape(BLOCK_N, WIDTH).to(DT), tl.full([BLOCK_N], 1.0, tl.float32)
+        if BITS == 8:
+            x = raw
+        elif NIBBLE == 0:
+            x = (raw & 0xF).to(tl.int8) - 8
+        else:
+            x = (raw >> 4).to(tl.int8) - 8
+        if PER_TOKEN:
+            s = tl.load(s_ptrs, mask=mask_n, other=0)
+            if E8M0:
+                s = tl.math.exp2(s.to(tl.float32) - 127.0)
+            x = x.to(DT)
+            s = s.to(tl.float32)
+        else:
+            s = tl.load(s_ptrs, mask=mask_n[:, None], other=0)
+            if E8M0:
+                s = tl.math.exp2(s.to(tl.float32) - 127.0)
+            x = x.to(tl.float32).reshape(BLOCK_N, WIDTH // GROUP_W, GROUP_W) * s.to(tl.float32)[:, :, None]
+            x = x.reshape(BLOCK_N, WIDTH).to(DT)
+            s = tl.full([BLOCK_N], 1.0, tl.float32)
+    return x, s
 
 
 @triton.jit
@@ -135,25 +144,30 @@ def _store_rows(P, row_stride, acc0, acc1, inv, G: tl.constexpr, G_PAD: tl.const
 
 
 @triton.jit
-def _decode_split(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END,
+def _decode_split(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
                   stride_qb, stride_qh, stride_db, stride_dh, stride_dn, stride_sb, stride_sh, stride_sn,
-                  H, HKV, SEQ, CHUNK, NSPLIT, qk_scale,
+                  stride_ob, stride_oh, H, HKV, SEQ, CHUNK, NSPLIT, qk_scale,
                   HEAD_D: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                   BITS: tl.constexpr, GROUP: tl.constexpr, E8M0: tl.constexpr, HAS_RANGES: tl.constexpr,
-                  DT: tl.constexpr, SWAP: tl.constexpr, IMMA: tl.constexpr, INTERP: tl.constexpr):
+                  DT: tl.constexpr, SWAP: tl.constexpr, IMMA: tl.constexpr, INTERP: tl.constexpr,
+                  FUSED: tl.constexpr = False, G_P2: tl.constexpr = 1, NS_PAD: tl.constexpr = 2,
+                  NS_STEP: tl.constexpr = 1):
+    """Stage 1 of the generic path (E8M0 scales, d-major values; float caches with BITS 16): see the
+    module docstring. FUSED: the last program of each (batch, kv head) merges (`_merge_last`), O / CNT
+    the output and arrival counters then (unused otherwise)."""
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HKV
     hk = bh % HKV
     PER_TOKEN: tl.constexpr = GROUP == HEAD_D
-    # int8: one tile of D columns; int4: two tiles of D/2 columns (low nibbles = even elements,
-    # high nibbles = odd elements), each multiplied with the matching half of q
-    W: tl.constexpr = HEAD_D if BITS == 8 else HEAD_D // 2
-    GW: tl.constexpr = GROUP if BITS == 8 else GROUP // 2
+    # int8 and float (BITS 16) caches: one tile of D columns; int4: two tiles of D/2 columns (low
+    # nibbles = even elements, high nibbles = odd elements), each multiplied with the matching half of q
+    W: tl.constexpr = HEAD_D if BITS != 4 else HEAD_D // 2
+    GW: tl.constexpr = GROUP if BITS != 4 else GROUP // 2
     NG: tl.constexpr = HEAD_D // GROUP
     offs_g = tl.arange(0, G_PAD)
     offs_w = tl.arange(0, W)
-    STEP: tl.constexpr = 1 if BITS == 8 else 2
+    STEP: tl.constexpr = 1 if BITS != 4 else 2
     q_rows = Q + b * stride_qb + (hk * G + offs_g[:, None]) * stride_qh
     q0 = tl.load(q_rows + offs_w[None, :] * STEP, mask=offs_g[:, None] < G, other=0.0).to(tl.float32) * qk_scale
     if BITS == 4:
@@ -239,9 +253,11 @@ def _decode_split(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END,
         m_i = m_ij
     # empty chunk (past the end, or all padding): lse = -1e30 so the merge gives it weight 0
     has = hi > tl.maximum(lo, kv_start)
-    if BITS == 8:  # one tile holds all D columns (STEP 1): the odd-column slot goes unused
+    if BITS != 4:  # one tile holds all D columns (STEP 1): the odd-column slot goes unused
         acc1 = acc0
     _store_partial(OP, LSEP, acc0, acc1, m_i, l_i, has, (bh * NSPLIT + split) * G, HEAD_D, G, G_PAD, W, STEP, SWAP)
+    if FUSED:
+        _merge_last(OP, LSEP, O, CNT, bh, b, hk, stride_ob, stride_oh, NSPLIT, HEAD_D, G, G_P2, NS_PAD, NS_STEP)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -750,6 +766,11 @@ def _fast_config(bits: int, per_token: bool, pairs: int, seq_len: int, sms: int,
     return (block_n or cfg[0], num_warps or cfg[1], num_stages or cfg[2], programs_per_sm or cfg[3])
 
 
+def _merge_step(ns_pad: int, num_warps: int, g_p2: int, d: int) -> int:
+    """Partial rows `_merge_last` merges per step: about 128 fp32 registers per thread."""
+    return min(ns_pad, max(1, 1 << ((4096 * num_warps) // (g_p2 * d)).bit_length() - 1))
+
+
 def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torch.Tensor, v_data: torch.Tensor,
                             v_scale: torch.Tensor, seq_len: int, *, bits: int, scale: float | None = None,
                             kv_start: torch.Tensor | None = None, kv_end: torch.Tensor | None = None,
@@ -830,8 +851,7 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
         if fused is None:  # one launch; with many splits the separate merge kernel is faster (RESULTS.md)
             fused = splits <= 16
         g_p2 = next_pow2(G)
-        # partial rows merged per step in `_merge_last`: about 128 fp32 registers per thread
-        ns_step = min(ns_pad, max(1, 1 << ((4096 * num_warps) // (g_p2 * D)).bit_length() - 1))
+        ns_step = _merge_step(ns_pad, num_warps, g_p2, D)
         grid = (splits, B * Hkv)
         qst, kst, vst, sst, ost = q.stride(), k_data.stride(), v_data.stride(), k_scale.stride(), o.stride()
         args = (q, k_data, k_scale, v_data, v_scale, op, lse, kv_start, kv_end, o,
@@ -869,13 +889,105 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
         if v_scale.stride() != k_scale.stride():
             v_scale = torch.empty_like(k_scale).copy_(v_scale)
         _decode_split[(splits, B * Hkv)](
-            q, k_data, k_scale, v_data, v_scale, op, lse, kv_start, kv_end,
+            q, k_data, k_scale, v_data, v_scale, op, lse, kv_start, kv_end, o, lse,
             q.stride(0), q.stride(1), k_data.stride(0), k_data.stride(1), k_data.stride(2),
-            k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
+            k_scale.stride(0), k_scale.stride(1), k_scale.stride(2), o.stride(0), o.stride(1),
             H, Hkv, seq_len, chunk, splits, qk_scale,
             HEAD_D=D, G=G, G_PAD=g_pad, BLOCK_N=bn, BITS=bits, GROUP=group, E8M0=k_scale.dtype == torch.uint8,
             HAS_RANGES=has_ranges, DT=dt, SWAP=swap, IMMA=int_mma, INTERP=_INTERPRET, num_warps=num_warps,
             num_stages=num_stages)
     _decode_reduce[(B * H,)](op, lse, o, o.stride(0), o.stride(1), Hkv, splits,
                              HEAD_D=D, G=G, NS_PAD=ns_pad, num_warps=4)
+    return o
+
+
+# remembered launches of `decode_attention_float` (both stages), keyed like the prefill's `_PLANS`
+_FLOAT_PLANS: dict = {}
+
+# (block_n, num_warps, num_stages, programs_per_sm) of the float-cache decode: of 16 configs swept on
+# an H200 (`benchmarks/attention.py --only decode --float-tune`, GQA 32/8, D = 128, (B, S) from (1, 512)
+# to (32, 4096) and (1, 32768)), the one within 5 % of each shape's best except (1, 512) (12 %)
+FLOAT_DECODE_CONFIG = (64, 2, 3, 8)
+
+
+def float_decode_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether `decode_attention_float` takes these inputs: one query token, a power-of-two head dim
+    of 32-256 (the kernel's tiles span the head dim), 16-bit floats (fp32 too under the interpreter,
+    whose tests run in fp32), unit stride along the head dim."""
+    D = q.shape[-1]
+    dtypes = (torch.float16, torch.bfloat16, torch.float32) if _INTERPRET else (torch.float16, torch.bfloat16)
+    return (q.dim() == 4 and q.shape[2] == 1 and 32 <= D <= 256 and D & (D - 1) == 0
+            and q.dtype in dtypes and k.dtype == v.dtype == q.dtype
+            and all(t.stride(-1) == 1 for t in (q, k, v)) and q.shape[1] % k.shape[1] == 0)
+
+
+def decode_attention_float(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+                           kv_start: torch.Tensor | None = None, kv_end: torch.Tensor | None = None,
+                           config: tuple[int, int, int, int] | None = None, splits: int | None = None,
+                           swap: bool = False, fused: bool | None = None) -> torch.Tensor:
+    """Flash-decoding over a float (bf16 / fp16) KV cache: q (B, H, 1, D) against k / v (B, Hkv, Sk, D);
+    returns (B, H, 1, D) in q's dtype. The prefill kernel at Sq = 1 runs one program per query head
+    over the whole cache (B * H programs: 32 of an H100's 132 SMs for one Llama-3-8B sequence, and
+    each kv head read once per query head of its group); here the cache is cut into chunks along the
+    sequence, one program per (chunk, batch, kv head) reads its chunk once for the group's query heads
+    (`_decode_split` with BITS 16), and `_decode_reduce` merges the chunks.
+
+    `kv_start` / `kv_end` (B,): each sequence's valid key range (padding; a static cache's filled
+    length). `config` (block_n, num_warps, num_stages, programs_per_sm) overrides
+    `FLOAT_DECODE_CONFIG`; `splits` the chunk count; `fused` (default: 16 chunks or fewer) merges in
+    the last program of each (batch, kv head) instead of a second kernel. Launches are remembered (`kernels.launch`), as the
+    prefill's are, so an eager decode step pays Triton's argument binding once per shape.
+
+    Example (GPU):
+        >>> o = decode_attention_float(q, k_cache, v_cache)                  # doctest: +SKIP
+    """
+    if not float_decode_ok(q, k, v):
+        raise ValueError("decode_attention_float: needs q (B, H, 1, D) with D a power of two in 32..256, bf16 / "
+                         f"fp16 q, k, v of one dtype and unit stride along D; got q {tuple(q.shape)} {q.dtype}, "
+                         f"k {tuple(k.shape)} {k.dtype}")
+    B, H, _, D = q.shape
+    Hkv, SK = k.shape[1], k.shape[2]
+    G = H // Hkv
+    if v.stride() != k.stride():  # the kernel walks both planes with one set of strides
+        v = torch.empty_like(k).copy_(v)
+    bn, num_warps, num_stages, pps = config or FLOAT_DECODE_CONFIG
+    dev = q.device
+    if splits is None:  # enough programs per SM to hide the memory latency, at least two tiles each
+        splits = max(1, min(max(1, pps * _num_sms(dev) // (B * Hkv)), cdiv(SK, 2 * bn)))
+    chunk = cdiv(cdiv(SK, splits), bn) * bn
+    splits = cdiv(SK, chunk)
+    op = torch.empty(B * Hkv * splits * G, D, dtype=torch.float32, device=dev)
+    lse = torch.empty(B * Hkv * splits * G, dtype=torch.float32, device=dev)
+    has_ranges = kv_start is not None or kv_end is not None
+    if has_ranges:
+        kv_start = (kv_start if kv_start is not None else torch.zeros(B, dtype=torch.int32, device=dev)).to(dev, torch.int32)
+        kv_end = (kv_end if kv_end is not None else torch.full((B,), SK, dtype=torch.int32, device=dev)).to(dev, torch.int32)
+    else:
+        kv_start = kv_end = lse  # unused
+    o = torch.empty(B, H, 1, D, dtype=q.dtype, device=dev)
+    dt = tl.float32 if _INTERPRET else (tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16)
+    g_pad = max(8 if swap else 16, next_pow2(G))
+    ns_pad = max(2, next_pow2(splits))
+    if fused is None:  # the merge inside stage 1 where the partials are few (as on the quantized fast path)
+        fused = splits <= 16
+    g_p2 = next_pow2(G)
+    args = (q, k, k, v, v, op, lse, kv_start, kv_end, o, _counters(dev, B * Hkv) if fused else lse,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), 0, 0, 0, o.stride(0), o.stride(1),
+            H, Hkv, SK, chunk, splits, (scale if scale is not None else D ** -0.5) * math.log2(math.e))
+    consts = dict(HEAD_D=D, G=G, G_PAD=g_pad, BLOCK_N=bn, BITS=16, GROUP=D, E8M0=False, HAS_RANGES=has_ranges,
+                  DT=dt, SWAP=swap, IMMA=False, INTERP=_INTERPRET, FUSED=fused, G_P2=g_p2, NS_PAD=ns_pad,
+                  NS_STEP=_merge_step(ns_pad, num_warps, g_p2, D),
+                  num_warps=num_warps, num_stages=num_stages)
+    remember = not torch.compiler.is_compiling()
+    if remember and len(_FLOAT_PLANS) > 256:  # many cache lengths seen: start over rather than grow without bound
+        _FLOAT_PLANS.clear()
+    key = (dev, (splits, B * Hkv), tuple(consts.values()), spec_key(args)) if remember else None
+    launch_remembered(_FLOAT_PLANS, key, _decode_split, (splits, B * Hkv), args, consts,
+                      slots=tuple(range(len(args))))
+    if fused:
+        return o
+    rargs = (op, lse, o, o.stride(0), o.stride(1), Hkv, splits)
+    rconsts = dict(HEAD_D=D, G=G, NS_PAD=ns_pad, num_warps=4)
+    rkey = (dev, (B * H,), tuple(rconsts.values()), spec_key(rargs)) if remember else None
+    launch_remembered(_FLOAT_PLANS, rkey, _decode_reduce, (B * H,), rargs, rconsts, slots=tuple(range(len(rargs))))
     return o
