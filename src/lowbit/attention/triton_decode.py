@@ -916,7 +916,7 @@ def float_decode_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     whose tests run in fp32), unit stride along the head dim."""
     D = q.shape[-1]
     dtypes = (torch.float16, torch.bfloat16, torch.float32) if _INTERPRET else (torch.float16, torch.bfloat16)
-    return (q.dim() == 4 and q.shape[2] == 1 and 32 <= D <= 256 and D & (D - 1) == 0
+    return (q.dim() == 4 and q.shape[2] == 1 and k.shape[2] > 0 and 32 <= D <= 256 and D & (D - 1) == 0
             and q.dtype in dtypes and k.dtype == v.dtype == q.dtype
             and all(t.stride(-1) == 1 for t in (q, k, v)) and q.shape[1] % k.shape[1] == 0)
 
