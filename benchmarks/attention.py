@@ -4,6 +4,7 @@
     python benchmarks/attention.py --tune                # also sweep kernel configs, report the best
     python benchmarks/attention.py --only decode --json out.json
     python benchmarks/attention.py --only decode --decode-shapes 1,1024 1,4096 2,8192   # other rows
+    python benchmarks/attention.py --only drafts --draft-tokens 4 8   # a few query tokens, float cache
 
 Prefill: forward TFLOP/s (4*B*H*S*S*D flops, half when causal) for B*S = 32k tokens, H = 16,
 D = 128, S in {1k, 4k, 16k}, causal and not: lowbit's default prefill (the warp-specialized Gluon
@@ -316,9 +317,52 @@ def decode(args, rows: list) -> None:
         torch.cuda.empty_cache()
 
 
+def drafts(args, rows: list) -> None:
+    """A few query tokens at once on a float cache (speculative decoding's draft tokens; causal,
+    aligned to the end of the cache): lowbit's flash-decoding (`decode_attention_float`, what
+    `flash_attention` runs there) vs the prefill kernel (what it ran before) vs SDPA with the causal
+    mask as a tensor (its `is_causal` aligns to the top left). GQA 32/8, D = 128; CUDA graph, median
+    of 3 interleaved rounds."""
+    dev, dt = "cuda", getattr(torch, args.dtype)
+    H, HKV, D = 32, 8, 128
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    print(f"\ndraft tokens on a float cache: GQA {H}/{HKV}, D = {D}, causal, {args.dtype}; microseconds per call")
+    print(f"{'B':>3} {'S':>6} {'Sq':>3} {'SDPA+mask':>10} {'prefill':>8} {'lowbit':>8} {'x SDPA':>7} {'x prefill':>9} "
+          f"{'err':>9}")
+    for B, S in args.decode_shapes:
+        for SQ in args.draft_tokens:
+            copies = max(2, math.ceil(3 * l2 / (2 * B * HKV * S * D * 2)))
+            g = torch.Generator(device=dev).manual_seed(B * S + SQ)
+            ks = [torch.randn(B, HKV, S, D, device=dev, dtype=dt, generator=g) for _ in range(copies)]
+            vs = [torch.randn(B, HKV, S, D, device=dev, dtype=dt, generator=g) for _ in range(copies)]
+            qs = [torch.randn(B, H, SQ, D, device=dev, dtype=dt, generator=g) for _ in range(copies)]
+            j, i = torch.arange(S, device=dev), torch.arange(SQ, device=dev)
+            mask = (j[None, :] <= i[:, None] + (S - SQ))[None, None]
+            cands = {
+                "sdpa": lambda n: F.scaled_dot_product_attention(qs[n % copies], ks[n % copies], vs[n % copies],
+                                                                 attn_mask=mask, enable_gqa=True),
+                "prefill": lambda n: flash_attention_triton(qs[n % copies], ks[n % copies], vs[n % copies], causal=True),
+                "lowbit": lambda n: decode_attention_float(qs[n % copies], ks[n % copies], vs[n % copies], causal=True)}
+            times = {key: [] for key in cands}
+            for _ in range(3):
+                for key, fn in cands.items():
+                    times[key].append(_graph_time_us(fn, 4 * copies))
+            med = {key: statistics.median(t) for key, t in times.items()}
+            ref = attention_reference(qs[0].float(), ks[0].float(), vs[0].float(), causal=True)
+            err = rel_err(cands["lowbit"](0), ref)
+            rows.append({"kind": "drafts", "B": B, "S": S, "Sq": SQ, **{f"{k}_us": v for k, v in med.items()},
+                         "err": err})
+            print(f"{B:>3} {S:>6} {SQ:>3} {med['sdpa']:>10.1f} {med['prefill']:>8.1f} {med['lowbit']:>8.1f} "
+                  f"{med['sdpa'] / med['lowbit']:>6.2f}x {med['prefill'] / med['lowbit']:>8.2f}x {err:>9.2e}")
+            del ks, vs, qs
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["prefill", "decode"])
+    ap.add_argument("--only", choices=["prefill", "decode", "drafts"])
+    ap.add_argument("--draft-tokens", nargs="+", type=int, default=[4, 8], metavar="SQ",
+                    help="query tokens per row of the drafts table (--only drafts)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--tune", action="store_true", help="sweep kernel configs and report the best (slower)")
     ap.add_argument("--json", help="write all rows as JSON")
@@ -339,6 +383,8 @@ def main() -> None:
         prefill(args, rows)
     if args.only in (None, "decode"):
         decode(args, rows)
+    if args.only == "drafts":
+        drafts(args, rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -335,31 +335,35 @@ def test_decode_fast_config_small_batches_get_more_smaller_programs():
     assert cfg(8, True, 1, 1024, bn=128) == (128, 1, 3, 8)
 
 
-@pytest.mark.parametrize("S,D,H,Hkv,swap,splits,fused", [(1, 64, 4, 2, False, None, None),
-                                                          (17, 64, 8, 2, True, None, None),
-                                                          (130, 64, 4, 1, False, 3, False),
-                                                          (130, 64, 4, 1, False, 3, True),
-                                                          (130, 128, 8, 2, True, 2, None),
-                                                          (130, 32, 3, 3, False, 5, True)])
-def test_float_decode_matches_reference(gen, S, D, H, Hkv, swap, splits, fused):
-    """Flash-decoding over a float cache (`decode_attention_float`): one query token per sequence
-    against bf16 / fp16 keys and values, GQA groups, chunks merged by a second kernel or by the last
-    program of each (batch, kv head) (`fused`), per-sequence key ranges (left padding and a static
-    cache's filled length), against the fp32 reference; repeated calls (the fused merge's counters
-    must be back at zero, and the remembered launch must take the new tensors)."""
+@pytest.mark.parametrize("Sq,S,D,H,Hkv,causal,swap,splits,fused", [
+    (1, 1, 64, 4, 2, True, False, None, None), (1, 17, 64, 8, 2, False, True, None, None),
+    (1, 130, 64, 4, 1, True, False, 3, False), (1, 130, 64, 4, 1, False, False, 3, True),
+    (1, 130, 128, 8, 2, True, True, 2, None), (1, 130, 32, 3, 3, False, False, 5, True),
+    (3, 17, 64, 4, 2, True, False, None, None), (5, 130, 64, 8, 2, True, False, 3, True),
+    (5, 130, 64, 8, 2, True, True, 3, False), (2, 130, 32, 2, 1, False, False, 2, None),
+    (17, 17, 64, 2, 2, True, False, None, None)])
+def test_float_decode_matches_reference(gen, Sq, S, D, H, Hkv, causal, swap, splits, fused):
+    """Flash-decoding over a float cache (`decode_attention_float`): one or a few query tokens per
+    sequence (a prompt as short as the cache too) against bf16 / fp16 keys and values, GQA groups,
+    causal aligned to the end of the keys, chunks merged by a second kernel or by the last program of
+    each (batch, kv head) (`fused`), per-sequence key ranges (left padding and a static cache's filled
+    length; rows that see no key are 0), against the fp32 reference; repeated calls (the fused
+    merge's counters must be back at zero, and the remembered launch must take the new tensors)."""
     from lowbit.attention.triton_decode import decode_attention_float
 
     for dtype in DTYPES:
         for _ in range(2):
-            q, k, v = _qkv(gen, 2, H, Hkv, 1, S, D, dtype)
-            out = decode_attention_float(q, k, v, scale=0.8 / D ** 0.5, swap=swap, splits=splits, fused=fused)
-            ref = attention_reference(q.float(), k.float(), v.float(), scale=0.8 / D ** 0.5)
+            q, k, v = _qkv(gen, 2, H, Hkv, Sq, S, D, dtype)
+            out = decode_attention_float(q, k, v, causal=causal, scale=0.8 / D ** 0.5, swap=swap, splits=splits,
+                                         fused=fused)
+            ref = attention_reference(q.float(), k.float(), v.float(), causal=causal, scale=0.8 / D ** 0.5)
             assert not out.isnan().any() and out.shape == q.shape
             assert _rel(out, ref) < TOL
         start = torch.tensor([0, min(4, S - 1)], dtype=torch.int32)
         end = torch.tensor([S, max(S - 7, start[1].item() + 1)], dtype=torch.int32)
-        out = decode_attention_float(q, k, v, kv_start=start, kv_end=end, swap=swap, splits=splits, fused=fused)
-        ref = attention_reference(q.float(), k.float(), v.float(), kv_start=start, kv_end=end)
+        out = decode_attention_float(q, k, v, causal=causal, kv_start=start, kv_end=end, swap=swap, splits=splits,
+                                     fused=fused)
+        ref = attention_reference(q.float(), k.float(), v.float(), causal=causal, kv_start=start, kv_end=end)
         assert _rel(out, ref) < TOL
 
 
@@ -375,9 +379,10 @@ def test_float_decode_takes_values_with_other_strides(gen):
     assert _rel(out, attention_reference(q.float(), k.float(), v.float())) < TOL
 
 
-def test_flash_attention_sends_one_query_token_to_the_float_decode(gen, monkeypatch):
-    """`flash_attention` with one query token (decoding on a float cache) runs the flash-decoding
-    kernel where it applies (power-of-two head dims), the prefill kernel otherwise (D = 80)."""
+def test_flash_attention_sends_a_few_query_tokens_to_the_float_decode(gen, monkeypatch):
+    """`flash_attention` with one or a few query tokens (decoding on a float cache) runs the
+    flash-decoding kernel where it applies (power-of-two head dims, Sq * H / Hkv <= 64), the prefill
+    kernel otherwise (D = 80; 40 tokens of a GQA group of 2)."""
     from lowbit.attention import flash_attention
     from lowbit.attention import triton_decode
     from lowbit.kernels.registry import force_backend
@@ -386,13 +391,13 @@ def test_flash_attention_sends_one_query_token_to_the_float_decode(gen, monkeypa
     real = triton_decode.decode_attention_float
     monkeypatch.setattr(triton_decode, "decode_attention_float", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     with force_backend("attention", "triton"):
-        for D, want in ((64, 1), (80, 0)):
+        for Sq, D, want in ((1, 64, 1), (1, 80, 0), (4, 64, 1), (40, 64, 0)):
             calls.clear()
-            q, k, v = _qkv(gen, 2, 4, 2, 1, 33, D, DTYPES[0])
-            end = torch.tensor([33, 20], dtype=torch.int32)
+            q, k, v = _qkv(gen, 2, 4, 2, Sq, 43, D, DTYPES[0])
+            end = torch.tensor([43, 30], dtype=torch.int32)
             out = flash_attention(q, k, v, causal=True, kv_end=end)
             assert len(calls) == want
-            assert _rel(out, attention_reference(q.float(), k.float(), v.float(), kv_end=end)) < TOL
+            assert _rel(out, attention_reference(q.float(), k.float(), v.float(), causal=True, kv_end=end)) < TOL
         with pytest.raises(ValueError, match="power of two"):
             real(*_qkv(gen, 1, 2, 2, 1, 8, 80, DTYPES[0]))
 

@@ -2,8 +2,9 @@
 
 * `flash_attention(q, k, v, causal=..., scale=..., kv_start=..., kv_end=...)`: FlashAttention-2
   forward (GQA/MQA, head dims 64/80/96/128/256, bf16/fp16, per-batch valid key ranges for padded
-  prompts) on a CUDA GPU; the fp32 SDPA reference elsewhere. One query token (decoding on a
-  float cache) runs flash-decoding (`triton_decode.decode_attention_float`).
+  prompts) on a CUDA GPU; the fp32 SDPA reference elsewhere. One or a few query tokens (decoding
+  on a float cache, speculative decoding's drafts) run flash-decoding
+  (`triton_decode.decode_attention_float`).
 * `decode_attention(q, layer)`: one new token against a `LowbitKVLayer`'s int8 / int4 planes
   (flash-decoding: split over the sequence, then merged), dequantized in registers.
 * `enable(model, attention="lowbit", kv_cache="int8")`: registers "lowbit" in transformers'
@@ -72,12 +73,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     """
     backend = choose_backend(q.device, q.dtype, q.shape[-1], owner)
     _count(owner, backend)
-    if backend == "triton" and q.shape[2] == 1:  # one query token (decoding on a float cache): split the keys
+    if backend == "triton":
         from .triton_decode import decode_attention_float, float_decode_ok
 
-        if float_decode_ok(q, k, v):  # (causal or not: the one query is the last row, it sees every key)
-            return decode_attention_float(q, k, v, scale=scale, kv_start=kv_start, kv_end=kv_end)
-    if backend == "triton":
+        if float_decode_ok(q, k, v):  # a few query tokens (decoding on a float cache): split the keys
+            return decode_attention_float(q, k, v, causal=causal, scale=scale, kv_start=kv_start, kv_end=kv_end)
         from .triton_prefill import flash_attention_triton
 
         return flash_attention_triton(q, k, v, causal=causal, scale=scale, kv_start=kv_start, kv_end=kv_end)

@@ -145,16 +145,21 @@ def _store_rows(P, row_stride, acc0, acc1, inv, G: tl.constexpr, G_PAD: tl.const
 
 @triton.jit
 def _decode_split(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
-                  stride_qb, stride_qh, stride_db, stride_dh, stride_dn, stride_sb, stride_sh, stride_sn,
+                  stride_qb, stride_qh, stride_qs, stride_db, stride_dh, stride_dn, stride_sb, stride_sh, stride_sn,
                   stride_ob, stride_oh, H, HKV, SEQ, CHUNK, NSPLIT, qk_scale,
                   HEAD_D: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                   BITS: tl.constexpr, GROUP: tl.constexpr, E8M0: tl.constexpr, HAS_RANGES: tl.constexpr,
                   DT: tl.constexpr, SWAP: tl.constexpr, IMMA: tl.constexpr, INTERP: tl.constexpr,
                   FUSED: tl.constexpr = False, G_P2: tl.constexpr = 1, NS_PAD: tl.constexpr = 2,
-                  NS_STEP: tl.constexpr = 1):
+                  NS_STEP: tl.constexpr = 1, SQ: tl.constexpr = 1, CAUSAL: tl.constexpr = False):
     """Stage 1 of the generic path (E8M0 scales, d-major values; float caches with BITS 16): see the
     module docstring. FUSED: the last program of each (batch, kv head) merges (`_merge_last`), O / CNT
-    the output and arrival counters then (unused otherwise)."""
+    the output and arrival counters then (unused otherwise).
+    SQ query tokens per sequence (float caches: a few tokens at once, e.g. speculative decoding): the
+    program's rows are the G * SQ pairs (query head g, token i), row g * SQ + i, token i at q + i *
+    stride_qs; CAUSAL: token i sees keys j <= i + SEQ - SQ (aligned to the end of the keys). The
+    partials, the merge and the output then count G * SQ rows per kv head (the output (B, H, SQ, D)
+    contiguous is (B, H * SQ, D) with row stride D)."""
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HKV
@@ -165,13 +170,15 @@ def _decode_split(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
     W: tl.constexpr = HEAD_D if BITS != 4 else HEAD_D // 2
     GW: tl.constexpr = GROUP if BITS != 4 else GROUP // 2
     NG: tl.constexpr = HEAD_D // GROUP
+    R: tl.constexpr = G * SQ  # rows: (query head, token) pairs
     offs_g = tl.arange(0, G_PAD)
     offs_w = tl.arange(0, W)
     STEP: tl.constexpr = 1 if BITS != 4 else 2
-    q_rows = Q + b * stride_qb + (hk * G + offs_g[:, None]) * stride_qh
-    q0 = tl.load(q_rows + offs_w[None, :] * STEP, mask=offs_g[:, None] < G, other=0.0).to(tl.float32) * qk_scale
+    q_rows = Q + b * stride_qb + (hk * G + offs_g[:, None] // SQ) * stride_qh + (offs_g[:, None] % SQ) * stride_qs
+    q0 = tl.load(q_rows + offs_w[None, :] * STEP, mask=offs_g[:, None] < R, other=0.0).to(tl.float32) * qk_scale
     if BITS == 4:
-        q1 = tl.load(q_rows + offs_w[None, :] * 2 + 1, mask=offs_g[:, None] < G, other=0.0).to(tl.float32) * qk_scale
+        q1 = tl.load(q_rows + offs_w[None, :] * 2 + 1, mask=offs_g[:, None] < R, other=0.0).to(tl.float32) * qk_scale
+    last_key = offs_g % SQ + (SEQ - SQ)  # CAUSAL: the last key each row sees
     if IMMA:  # int8 tensor cores: q to int8 per row (scale qs), the cache codes go in as they are
         qa = tl.max(tl.abs(q0), 1)
         if BITS == 4:
@@ -216,7 +223,10 @@ def _decode_split(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
             if BITS == 4:
                 k1, sk = _codes(KD + d_off, KS + s_off, mask_n, BLOCK_N, W, GW, PER_TOKEN, BITS, 1, E8M0, DT)
                 st = tl.dot(k1, q1t, st)
-            st = tl.where(valid[:, None], st * sk[:, None], -1.0e30)
+            ok = valid[:, None]
+            if CAUSAL:
+                ok = ok & (offs_n[:, None] <= last_key[None, :])
+            st = tl.where(ok, st * sk[:, None], -1.0e30)
             m_ij = tl.maximum(m_i, tl.max(st, 0))
             pt = tl.math.exp2(st - m_ij[None, :])
             alpha = tl.math.exp2(m_i - m_ij)
@@ -239,7 +249,10 @@ def _decode_split(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
                 if BITS == 4:
                     k1, sk = _codes(KD + d_off, KS + s_off, mask_n, BLOCK_N, W, GW, PER_TOKEN, BITS, 1, E8M0, KDT)
                     qk = tl.dot(q1, tl.trans(k1), qk)
-            qk = tl.where(valid[None, :], qk * sk[None, :], -1.0e30)
+            ok = valid[None, :]
+            if CAUSAL:
+                ok = ok & (offs_n[None, :] <= last_key[:, None])
+            qk = tl.where(ok, qk * sk[None, :], -1.0e30)
             m_ij = tl.maximum(m_i, tl.max(qk, 1))
             p = tl.math.exp2(qk - m_ij[:, None])
             alpha = tl.math.exp2(m_i - m_ij)
@@ -255,9 +268,9 @@ def _decode_split(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
     has = hi > tl.maximum(lo, kv_start)
     if BITS != 4:  # one tile holds all D columns (STEP 1): the odd-column slot goes unused
         acc1 = acc0
-    _store_partial(OP, LSEP, acc0, acc1, m_i, l_i, has, (bh * NSPLIT + split) * G, HEAD_D, G, G_PAD, W, STEP, SWAP)
+    _store_partial(OP, LSEP, acc0, acc1, m_i, l_i, has, (bh * NSPLIT + split) * R, HEAD_D, R, G_PAD, W, STEP, SWAP)
     if FUSED:
-        _merge_last(OP, LSEP, O, CNT, bh, b, hk, stride_ob, stride_oh, NSPLIT, HEAD_D, G, G_P2, NS_PAD, NS_STEP)
+        _merge_last(OP, LSEP, O, CNT, bh, b, hk, stride_ob, stride_oh, NSPLIT, HEAD_D, R, G_P2, NS_PAD, NS_STEP)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -890,7 +903,7 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
             v_scale = torch.empty_like(k_scale).copy_(v_scale)
         _decode_split[(splits, B * Hkv)](
             q, k_data, k_scale, v_data, v_scale, op, lse, kv_start, kv_end, o, lse,
-            q.stride(0), q.stride(1), k_data.stride(0), k_data.stride(1), k_data.stride(2),
+            q.stride(0), q.stride(1), 0, k_data.stride(0), k_data.stride(1), k_data.stride(2),
             k_scale.stride(0), k_scale.stride(1), k_scale.stride(2), o.stride(0), o.stride(1),
             H, Hkv, seq_len, chunk, splits, qk_scale,
             HEAD_D=D, G=G, G_PAD=g_pad, BLOCK_N=bn, BITS=bits, GROUP=group, E8M0=k_scale.dtype == torch.uint8,
@@ -910,44 +923,55 @@ _FLOAT_PLANS: dict = {}
 FLOAT_DECODE_CONFIG = (64, 2, 3, 8)
 
 
+# the most (query head, token) rows one program of `decode_attention_float` holds: G * Sq
+FLOAT_DECODE_ROWS = 64
+
+
 def float_decode_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether `decode_attention_float` takes these inputs: one query token, a power-of-two head dim
-    of 32-256 (the kernel's tiles span the head dim), 16-bit floats (fp32 too under the interpreter,
-    whose tests run in fp32), unit stride along the head dim."""
+    """Whether `decode_attention_float` takes these inputs: a few query tokens (the group's query
+    heads times the tokens at most `FLOAT_DECODE_ROWS`), no more than the keys, a power-of-two head
+    dim of 32-256 (the kernel's tiles span the head dim), 16-bit floats (fp32 too under the
+    interpreter, whose tests run in fp32), unit stride along the head dim."""
     D = q.shape[-1]
     dtypes = (torch.float16, torch.bfloat16, torch.float32) if _INTERPRET else (torch.float16, torch.bfloat16)
-    return (q.dim() == 4 and q.shape[2] == 1 and k.shape[2] > 0 and 32 <= D <= 256 and D & (D - 1) == 0
-            and q.dtype in dtypes and k.dtype == v.dtype == q.dtype
-            and all(t.stride(-1) == 1 for t in (q, k, v)) and q.shape[1] % k.shape[1] == 0)
+    return (q.dim() == 4 and k.dim() == 4 and q.shape[1] % k.shape[1] == 0
+            and 1 <= q.shape[2] <= k.shape[2] and q.shape[2] * (q.shape[1] // k.shape[1]) <= FLOAT_DECODE_ROWS
+            and 32 <= D <= 256 and D & (D - 1) == 0 and q.dtype in dtypes and k.dtype == v.dtype == q.dtype
+            and all(t.stride(-1) == 1 for t in (q, k, v)))
 
 
-def decode_attention_float(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
-                           kv_start: torch.Tensor | None = None, kv_end: torch.Tensor | None = None,
-                           config: tuple[int, int, int, int] | None = None, splits: int | None = None,
-                           swap: bool = False, fused: bool | None = None) -> torch.Tensor:
-    """Flash-decoding over a float (bf16 / fp16) KV cache: q (B, H, 1, D) against k / v (B, Hkv, Sk, D);
-    returns (B, H, 1, D) in q's dtype. The prefill kernel at Sq = 1 runs one program per query head
+def decode_attention_float(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                           scale: float | None = None, kv_start: torch.Tensor | None = None,
+                           kv_end: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None,
+                           splits: int | None = None, swap: bool = False, fused: bool | None = None) -> torch.Tensor:
+    """Flash-decoding over a float (bf16 / fp16) KV cache: q (B, H, Sq, D) against k / v (B, Hkv, Sk, D)
+    for one or a few query tokens (Sq * H / Hkv <= `FLOAT_DECODE_ROWS`: decoding, speculative decoding's
+    draft tokens); returns (B, H, Sq, D) in q's dtype; `causal` aligned to the end of the keys, as
+    `flash_attention`'s. The prefill kernel at such Sq runs one program per query head
     over the whole cache (B * H programs: 32 of an H100's 132 SMs for one Llama-3-8B sequence, and
     each kv head read once per query head of its group); here the cache is cut into chunks along the
     sequence, one program per (chunk, batch, kv head) reads its chunk once for the group's query heads
-    (`_decode_split` with BITS 16), and `_decode_reduce` merges the chunks.
+    (`_decode_split` with BITS 16; its rows are the (query head, token) pairs), and `_decode_reduce`
+    merges the chunks.
 
     `kv_start` / `kv_end` (B,): each sequence's valid key range (padding; a static cache's filled
     length). `config` (block_n, num_warps, num_stages, programs_per_sm) overrides
-    `FLOAT_DECODE_CONFIG`; `splits` the chunk count; `fused` (default: 16 chunks or fewer) merges in
-    the last program of each (batch, kv head) instead of a second kernel. Launches are remembered (`kernels.launch`), as the
+    `FLOAT_DECODE_CONFIG`; `splits` the chunk count; `fused` (default: at most 64 partial rows per
+    (batch, kv head), e.g. 16 chunks of 4 query heads) merges in the last program of each (batch, kv
+    head) instead of a second kernel. Launches are remembered (`kernels.launch`), as the
     prefill's are, so an eager decode step pays Triton's argument binding once per shape.
 
     Example (GPU):
         >>> o = decode_attention_float(q, k_cache, v_cache)                  # doctest: +SKIP
     """
     if not float_decode_ok(q, k, v):
-        raise ValueError("decode_attention_float: needs q (B, H, 1, D) with D a power of two in 32..256, bf16 / "
-                         f"fp16 q, k, v of one dtype and unit stride along D; got q {tuple(q.shape)} {q.dtype}, "
-                         f"k {tuple(k.shape)} {k.dtype}")
-    B, H, _, D = q.shape
+        raise ValueError("decode_attention_float: needs q (B, H, Sq, D) with Sq * H / Hkv <= "
+                         f"{FLOAT_DECODE_ROWS}, Sq <= Sk, D a power of two in 32..256, bf16 / fp16 q, k, v of one "
+                         f"dtype and unit stride along D; got q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} {k.dtype}")
+    B, H, SQ, D = q.shape
     Hkv, SK = k.shape[1], k.shape[2]
     G = H // Hkv
+    R = G * SQ  # a program's rows; the partials, the merge and the output count these per kv head
     if v.stride() != k.stride():  # the kernel walks both planes with one set of strides
         v = torch.empty_like(k).copy_(v)
     bn, num_warps, num_stages, pps = config or FLOAT_DECODE_CONFIG
@@ -956,27 +980,30 @@ def decode_attention_float(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         splits = max(1, min(max(1, pps * _num_sms(dev) // (B * Hkv)), cdiv(SK, 2 * bn)))
     chunk = cdiv(cdiv(SK, splits), bn) * bn
     splits = cdiv(SK, chunk)
-    op = torch.empty(B * Hkv * splits * G, D, dtype=torch.float32, device=dev)
-    lse = torch.empty(B * Hkv * splits * G, dtype=torch.float32, device=dev)
+    op = torch.empty(B * Hkv * splits * R, D, dtype=torch.float32, device=dev)
+    lse = torch.empty(B * Hkv * splits * R, dtype=torch.float32, device=dev)
     has_ranges = kv_start is not None or kv_end is not None
     if has_ranges:
         kv_start = (kv_start if kv_start is not None else torch.zeros(B, dtype=torch.int32, device=dev)).to(dev, torch.int32)
         kv_end = (kv_end if kv_end is not None else torch.full((B,), SK, dtype=torch.int32, device=dev)).to(dev, torch.int32)
     else:
         kv_start = kv_end = lse  # unused
-    o = torch.empty(B, H, 1, D, dtype=q.dtype, device=dev)
+    o = torch.empty(B, H, SQ, D, dtype=q.dtype, device=dev)  # = (B, H * SQ, D): R rows per kv head, stride D
     dt = tl.float32 if _INTERPRET else (tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16)
-    g_pad = max(8 if swap else 16, next_pow2(G))
+    g_pad = max(8 if swap else 16, next_pow2(R))
     ns_pad = max(2, next_pow2(splits))
-    if fused is None:  # the merge inside stage 1 where the partials are few (as on the quantized fast path)
-        fused = splits <= 16
-    g_p2 = next_pow2(G)
+    # the merge inside stage 1 where the partial rows are few (16 chunks of 4 rows, as on the quantized
+    # fast path); with 8 tokens of 4 heads in 16 chunks the one merging program took 39.5 us where the
+    # prefill kernel took 30 (RESULTS.md, session 32)
+    if fused is None:
+        fused = splits * R <= 64
+    g_p2 = next_pow2(R)
     args = (q, k, k, v, v, op, lse, kv_start, kv_end, o, _counters(dev, B * Hkv) if fused else lse,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), 0, 0, 0, o.stride(0), o.stride(1),
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), 0, 0, 0, o.stride(0), D,
             H, Hkv, SK, chunk, splits, (scale if scale is not None else D ** -0.5) * math.log2(math.e))
     consts = dict(HEAD_D=D, G=G, G_PAD=g_pad, BLOCK_N=bn, BITS=16, GROUP=D, E8M0=False, HAS_RANGES=has_ranges,
                   DT=dt, SWAP=swap, IMMA=False, INTERP=_INTERPRET, FUSED=fused, G_P2=g_p2, NS_PAD=ns_pad,
-                  NS_STEP=_merge_step(ns_pad, num_warps, g_p2, D),
+                  NS_STEP=_merge_step(ns_pad, num_warps, g_p2, D), SQ=SQ, CAUSAL=causal and SQ > 1,
                   num_warps=num_warps, num_stages=num_stages)
     remember = not torch.compiler.is_compiling()
     if remember and len(_FLOAT_PLANS) > 256:  # many cache lengths seen: start over rather than grow without bound
@@ -986,8 +1013,9 @@ def decode_attention_float(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                       slots=tuple(range(len(args))))
     if fused:
         return o
-    rargs = (op, lse, o, o.stride(0), o.stride(1), Hkv, splits)
-    rconsts = dict(HEAD_D=D, G=G, NS_PAD=ns_pad, num_warps=4)
-    rkey = (dev, (B * H,), tuple(rconsts.values()), spec_key(rargs)) if remember else None
-    launch_remembered(_FLOAT_PLANS, rkey, _decode_reduce, (B * H,), rargs, rconsts, slots=tuple(range(len(rargs))))
+    rargs = (op, lse, o, o.stride(0), D, Hkv, splits)
+    rconsts = dict(HEAD_D=D, G=R, NS_PAD=ns_pad, num_warps=4)
+    rkey = (dev, (B * H * SQ,), tuple(rconsts.values()), spec_key(rargs)) if remember else None
+    launch_remembered(_FLOAT_PLANS, rkey, _decode_reduce, (B * H * SQ,), rargs, rconsts,
+                      slots=tuple(range(len(rargs))))
     return o
