@@ -779,6 +779,35 @@ def _fast_config(bits: int, per_token: bool, pairs: int, seq_len: int, sms: int,
     return (block_n or cfg[0], num_warps or cfg[1], num_stages or cfg[2], programs_per_sm or cfg[3])
 
 
+def _split_plan(seq_len: int, bn: int, pairs: int, programs_per_sm: int, splits: int | None,
+                device: torch.device) -> tuple[int, int]:
+    """(splits, chunk): the sequence cut into chunks of whole `bn`-token tiles; `splits` None: enough
+    programs per SM (`programs_per_sm`, over the (batch, kv head) `pairs`) to hide the memory latency,
+    at least two tiles each.
+
+    Example:
+        >>> _split_plan(1000, 64, 8, 8, None, torch.device("cpu"))   # 8 "SMs" off the GPU
+        (8, 128)
+    """
+    if splits is None:
+        splits = max(1, min(max(1, programs_per_sm * _num_sms(device) // pairs), cdiv(seq_len, 2 * bn)))
+    chunk = cdiv(cdiv(seq_len, splits), bn) * bn
+    return cdiv(seq_len, chunk), chunk
+
+
+def _partials(rows: int, d: int, kv_start, kv_end, batch: int, seq_len: int, device: torch.device):
+    """Stage 1's outputs, (rows, d) fp32 partial outputs and (rows,) log-sum-exps, and the key ranges
+    as the kernels take them: (op, lse, has_ranges, kv_start, kv_end), int32 (B,) ranges with either
+    bound defaulted, or a placeholder tensor for both when neither is given."""
+    op = torch.empty(rows, d, dtype=torch.float32, device=device)
+    lse = torch.empty(rows, dtype=torch.float32, device=device)
+    if kv_start is None and kv_end is None:
+        return op, lse, False, lse, lse
+    start = kv_start if kv_start is not None else torch.zeros(batch, dtype=torch.int32, device=device)
+    end = kv_end if kv_end is not None else torch.full((batch,), seq_len, dtype=torch.int32, device=device)
+    return op, lse, True, start.to(device, torch.int32), end.to(device, torch.int32)
+
+
 def _merge_step(ns_pad: int, num_warps: int, g_p2: int, d: int) -> int:
     """Partial rows `_merge_last` merges per step: about 128 fp32 registers per thread."""
     return min(ns_pad, max(1, 1 << ((4096 * num_warps) // (g_p2 * d)).bit_length() - 1))
@@ -843,20 +872,9 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
             int_mma = group == D and not swap
         if int_mma and (group != D or swap):
             raise ValueError("decode_attention: int_mma needs one scale per token per head and swap=False")
-    if splits is None:  # enough programs in flight per SM to hide the memory latency
-        want = max(1, (programs_per_sm * _num_sms(q.device)) // (B * Hkv))
-        splits = max(1, min(want, cdiv(seq_len, 2 * bn)))
-    chunk = cdiv(cdiv(seq_len, splits), bn) * bn
-    splits = cdiv(seq_len, chunk)
     dev = q.device
-    op = torch.empty(B * Hkv * splits * G, D, dtype=torch.float32, device=dev)
-    lse = torch.empty(B * Hkv * splits * G, dtype=torch.float32, device=dev)
-    has_ranges = kv_start is not None or kv_end is not None
-    if has_ranges:
-        kv_start = (kv_start if kv_start is not None else torch.zeros(B, dtype=torch.int32, device=dev)).to(dev, torch.int32)
-        kv_end = (kv_end if kv_end is not None else torch.full((B,), seq_len, dtype=torch.int32, device=dev)).to(dev, torch.int32)
-    else:
-        kv_start = kv_end = lse
+    splits, chunk = _split_plan(seq_len, bn, B * Hkv, programs_per_sm, splits, dev)
+    op, lse, has_ranges, kv_start, kv_end = _partials(B * Hkv * splits * G, D, kv_start, kv_end, B, seq_len, dev)
     qk_scale = (scale if scale is not None else D ** -0.5) * math.log2(math.e)
     o = torch.empty(B, H, 1, D, dtype=q.dtype, device=dev)
     ns_pad = max(2, next_pow2(splits))
@@ -976,18 +994,8 @@ def decode_attention_float(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         v = torch.empty_like(k).copy_(v)
     bn, num_warps, num_stages, pps = config or FLOAT_DECODE_CONFIG
     dev = q.device
-    if splits is None:  # enough programs per SM to hide the memory latency, at least two tiles each
-        splits = max(1, min(max(1, pps * _num_sms(dev) // (B * Hkv)), cdiv(SK, 2 * bn)))
-    chunk = cdiv(cdiv(SK, splits), bn) * bn
-    splits = cdiv(SK, chunk)
-    op = torch.empty(B * Hkv * splits * R, D, dtype=torch.float32, device=dev)
-    lse = torch.empty(B * Hkv * splits * R, dtype=torch.float32, device=dev)
-    has_ranges = kv_start is not None or kv_end is not None
-    if has_ranges:
-        kv_start = (kv_start if kv_start is not None else torch.zeros(B, dtype=torch.int32, device=dev)).to(dev, torch.int32)
-        kv_end = (kv_end if kv_end is not None else torch.full((B,), SK, dtype=torch.int32, device=dev)).to(dev, torch.int32)
-    else:
-        kv_start = kv_end = lse  # unused
+    splits, chunk = _split_plan(SK, bn, B * Hkv, pps, splits, dev)
+    op, lse, has_ranges, kv_start, kv_end = _partials(B * Hkv * splits * R, D, kv_start, kv_end, B, SK, dev)
     o = torch.empty(B, H, SQ, D, dtype=q.dtype, device=dev)  # = (B, H * SQ, D): R rows per kv head, stride D
     dt = tl.float32 if _INTERPRET else (tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16)
     g_pad = max(8 if swap else 16, next_pow2(R))
