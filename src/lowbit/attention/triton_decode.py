@@ -937,7 +937,8 @@ _FLOAT_PLANS: dict = {}
 
 # (block_n, num_warps, num_stages, programs_per_sm) of the float-cache decode: of 16 configs swept on
 # an H200 (`benchmarks/attention.py --only decode --float-tune`, GQA 32/8, D = 128, (B, S) from (1, 512)
-# to (32, 4096) and (1, 32768)), the one within 5 % of each shape's best except (1, 512) (12 %)
+# to (32, 4096) and (1, 32768)), the one within 5 % of each shape's best except (1, 512) (12 %); with
+# more than 16 rows (query heads x tokens) a program, 4 warps
 FLOAT_DECODE_CONFIG = (64, 2, 3, 8)
 
 
@@ -993,6 +994,8 @@ def decode_attention_float(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if v.stride() != k.stride():  # the kernel walks both planes with one set of strides
         v = torch.empty_like(k).copy_(v)
     bn, num_warps, num_stages, pps = config or FLOAT_DECODE_CONFIG
+    if config is None and R > 16:  # 8 / 16 draft tokens of 4 heads: 4 warps were 1.0-1.1x / 1.3-1.4x
+        num_warps = 4  # faster than 2 (RESULTS.md, session 32)
     dev = q.device
     splits, chunk = _split_plan(SK, bn, B * Hkv, pps, splits, dev)
     op, lse, has_ranges, kv_start, kv_end = _partials(B * Hkv * splits * R, D, kv_start, kv_end, B, SK, dev)
