@@ -966,12 +966,12 @@ def decode_attention_float(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     """Flash-decoding over a float (bf16 / fp16) KV cache: q (B, H, Sq, D) against k / v (B, Hkv, Sk, D)
     for one or a few query tokens (Sq * H / Hkv <= `FLOAT_DECODE_ROWS`: decoding, speculative decoding's
     draft tokens); returns (B, H, Sq, D) in q's dtype; `causal` aligned to the end of the keys, as
-    `flash_attention`'s. The prefill kernel at such Sq runs one program per query head
-    over the whole cache (B * H programs: 32 of an H100's 132 SMs for one Llama-3-8B sequence, and
-    each kv head read once per query head of its group); here the cache is cut into chunks along the
-    sequence, one program per (chunk, batch, kv head) reads its chunk once for the group's query heads
-    (`_decode_split` with BITS 16; its rows are the (query head, token) pairs), and `_decode_reduce`
-    merges the chunks.
+    `flash_attention`'s. (The prefill kernel, which `flash_attention` ran for such calls before,
+    has one program per query head over the whole cache: B * H programs, 32 of an H100's 132 SMs for
+    one Llama-3-8B sequence, each kv head read once per query head of its group.) Here the cache is
+    cut into chunks along the sequence, one program per (chunk, batch, kv head) reads its chunk once
+    for the group's query heads (`_decode_split` with BITS 16; its rows are the (query head, token)
+    pairs), and the chunks are merged (`_merge_last` or `_decode_reduce`).
 
     `kv_start` / `kv_end` (B,): each sequence's valid key range (padding; a static cache's filled
     length). `config` (block_n, num_warps, num_stages, programs_per_sm) overrides
