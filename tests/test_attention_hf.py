@@ -111,6 +111,32 @@ def test_generate_with_int8_cache_follows_the_float_cache(gen):
 
 
 @torch.no_grad()
+def test_a_few_new_tokens_at_once_on_the_int8_cache(gen):
+    """Several new tokens in one forward on a filled int8 cache (speculative decoding's drafts, a
+    chunked prompt): they attend to the quantized planes through the decode kernel on GPU (no
+    dequantized copy of the cache), causally among themselves, and their logits stay close to the
+    float model's for the same positions."""
+    from lowbit.attention.evaluate import cache_kwarg
+    from lowbit.attention.kv_cache import LowbitKVCache
+
+    model = _llama()
+    ids = torch.randint(1, 300, (2, 24), generator=gen).to(DEV)
+    ref = model(input_ids=ids).logits
+    la.enable(model, attention="lowbit")
+    cache = LowbitKVCache("int8", config=model.config)
+    model(input_ids=ids[:, :20], **{cache_kwarg(): cache})
+    layer = cache.layers[0]
+    if CUDA:
+        assert layer.fused
+        layer.dequantized = None  # the few-token step must not dequantize the cache
+    PLACEMENT.clear()
+    out = model(input_ids=ids[:, 20:], **{cache_kwarg(): cache}).logits
+    assert dict(PLACEMENT["model.layers.1.self_attn"]) == {BACKEND: 1}
+    assert _rel(out, ref[:, 20:]) < 5e-2
+    assert layer.length == 24
+
+
+@torch.no_grad()
 def test_kv_cache_kl_is_small_for_int8_and_larger_for_int4(gen):
     from lowbit.attention.evaluate import kv_cache_kl
 

@@ -367,6 +367,33 @@ def test_float_decode_matches_reference(gen, Sq, S, D, H, Hkv, causal, swap, spl
         assert _rel(out, ref) < TOL
 
 
+@pytest.mark.parametrize("bits,group,scale_dtype,blocked", [(8, None, "fp16", True), (4, 32, "fp16", True),
+                                                             (4, None, "e8m0", False), (8, 32, "e8m0", False)])
+@pytest.mark.parametrize("Sq,S,causal", [(3, 17, True), (5, 130, True), (2, 130, False)])
+def test_quantized_decode_with_a_few_query_tokens(gen, bits, group, scale_dtype, blocked, Sq, S, causal):
+    """A few query tokens against the quantized planes (speculative decoding's drafts on a quantized
+    cache): the generic kernel's (query head, token) rows, causal aligned to the end of the `S` valid
+    keys, key ranges, tile-blocked values too, against the reference on the dequantized planes."""
+    from lowbit.attention.reference import block_tokens
+    from lowbit.attention.triton_decode import decode_attention_triton
+
+    B, H, Hkv, D, cap = 2, 8, 2, 64, 256
+    q, k, v = _qkv(gen, B, H, Hkv, Sq, cap, D, DTYPES[0])
+    (kd, ks), (vd, vs) = quantize_kv(k, bits, group, scale_dtype), quantize_kv(v, bits, group, scale_dtype)
+    start = torch.tensor([0, 2], dtype=torch.int32)
+    end = torch.tensor([S, S - 1], dtype=torch.int32)
+    kq, vq = dequantize_kv(kd, ks, bits, D)[:, :, :S], dequantize_kv(vd, vs, bits, D)[:, :, :S]
+    vplane = block_tokens(vd) if blocked else vd
+    for ranges in ({}, {"kv_start": start, "kv_end": end}):
+        out = decode_attention_triton(q, kd, ks, vplane, vs, S, bits=bits, causal=causal, splits=3, **ranges)
+        ref = attention_reference(q.float(), kq, vq, causal=causal, **ranges)
+        assert not out.isnan().any() and out.shape == q.shape
+        # one scale per token: q rounded to int8 per row for the int8 tensor cores (~5e-3)
+        assert _rel(out, ref) < (1e-2 if group is None else TOL)
+    with pytest.raises(ValueError, match="rows of one program"):
+        decode_attention_triton(q.repeat(1, 1, 9, 1), kd, ks, vplane, vs, S, bits=bits)
+
+
 def test_float_decode_takes_values_with_other_strides(gen):
     """Keys and values need not share strides (e.g. a static cache's value view): values are copied
     to the keys' layout; the result is unchanged."""

@@ -85,8 +85,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 
 
 def decode_attention(q: torch.Tensor, layer, *, scale: float | None = None, kv_start: torch.Tensor | None = None,
-                     kv_end: torch.Tensor | None = None, owner: str = "attention") -> torch.Tensor:
-    """One query token per sequence, q (B, H, 1, D), against a `LowbitKVLayer`'s planes."""
+                     kv_end: torch.Tensor | None = None, owner: str = "attention", causal: bool = False) -> torch.Tensor:
+    """One or a few query tokens per sequence, q (B, H, Sq, D), against a `LowbitKVLayer`'s planes
+    (`causal` aligned to the end of the cache; Sq * H / Hkv <= 64 on the fused kernel)."""
     if getattr(layer, "fused", False) and choose_backend(q.device, q.dtype, q.shape[-1], owner) == "triton":
         from .triton_decode import decode_attention_triton
 
@@ -94,10 +95,10 @@ def decode_attention(q: torch.Tensor, layer, *, scale: float | None = None, kv_s
         kd, ks, vd, vs = layer.planes
         plans = layer.launch_plans() if hasattr(layer, "launch_plans") else None
         return decode_attention_triton(q, kd, ks, vd, vs, layer.length, bits=layer.bits, scale=scale,
-                                       kv_start=kv_start, kv_end=kv_end, plans=plans)
+                                       kv_start=kv_start, kv_end=kv_end, plans=plans, causal=causal)
     _count(owner, "reference")
     k, v = layer.dequantized()
-    return attention_reference(q, k, v, scale=scale, kv_start=kv_start, kv_end=kv_end)
+    return attention_reference(q, k, v, causal=causal, scale=scale, kv_start=kv_start, kv_end=kv_end)
 
 
 def __getattr__(name: str):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _count, choose_backend, decode_attention, flash_attention
-from .reference import attention_mask_from_ranges
+from .reference import DECODE_ROWS, attention_mask_from_ranges
 
 NAME = "lowbit"
 
@@ -90,8 +90,9 @@ def lowbit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     if layer is not None and layer.length > Sq:  # earlier tokens live in the quantized planes only
         Sk = layer.length
         ok, start, end = _ranges(attention_mask, B, Sq, Sk, causal)
-        if ok and Sq == 1 and dropout == 0.0:
-            out = decode_attention(query, layer, scale=scaling, kv_start=start, kv_end=end, owner=owner)
+        if ok and Sq * H <= key.shape[1] * DECODE_ROWS and dropout == 0.0:  # a few new tokens
+            out = decode_attention(query, layer, scale=scaling, kv_start=start, kv_end=end, owner=owner,
+                                   causal=causal)
             return out.transpose(1, 2).contiguous(), None
         key, value = layer.dequantized()  # chunked prefill on a cache, or an unusual mask
     Sk = key.shape[2]

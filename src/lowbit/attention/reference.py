@@ -38,6 +38,11 @@ KV_FORMATS = {
 }
 
 
+# the most (query head, token) rows one program of the flash-decoding kernels holds: Sq * H / Hkv
+# (`triton_decode`); calls with more query tokens run the prefill kernel
+DECODE_ROWS = 64
+
+
 def kv_format(name: str) -> tuple[int, int | None, str]:
     """(bits, group, scale dtype) for a kv_cache name; the error lists the names.
 

@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from ..kernels.launch import cdiv, int_class, launch_remembered, next_pow2, spec_key
+from .reference import DECODE_ROWS
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -819,9 +820,12 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
                             splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                             num_stages: int | None = None, programs_per_sm: int | None = None, swap: bool | None = None,
                             int_mma: bool | None = None, g_pad: int | None = None, fused: bool | None = None,
-                            late_q: bool | None = None, plans: dict | None = None) -> torch.Tensor:
-    """Attention of q (B, H, 1, D) over the first `seq_len` tokens of quantized planes
-    (B, Hkv, cap, ...); returns (B, H, 1, D) in q's dtype.
+                            late_q: bool | None = None, plans: dict | None = None,
+                            causal: bool = False) -> torch.Tensor:
+    """Attention of q (B, H, Sq, D) over the first `seq_len` tokens of quantized planes
+    (B, Hkv, cap, ...); returns (B, H, Sq, D) in q's dtype. One query token, or a few (Sq * H / Hkv
+    <= `DECODE_ROWS`, e.g. speculative decoding's drafts: the generic kernel, whose rows are
+    then the (query head, token) pairs; `causal` aligned to the end of the `seq_len` keys).
 
     Two kernels: with fp16 scales and a token-contiguous value plane (tile-blocked (B, Hkv, cap /
     128, W, 128) as `LowbitKVCache` stores it, `reference.block_tokens`; or token-major,
@@ -835,11 +839,12 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
     Triton's per-call argument binding (~50 us of host time per call on an H200 host) in eager decoding.
     """
     B, H, SQ, D = q.shape
-    if SQ != 1:
-        raise ValueError(f"decode_attention: one query token per sequence, got {SQ}; use flash_attention")
     Hkv = k_data.shape[1]
     if H % Hkv:
         raise ValueError(f"decode_attention: {H} query heads are not a multiple of {Hkv} kv heads")
+    if SQ * (H // Hkv) > DECODE_ROWS or SQ > seq_len:
+        raise ValueError(f"decode_attention: {SQ} query tokens of {H // Hkv} heads a kv head exceed the "
+                         f"{DECODE_ROWS} rows of one program (or the {seq_len} keys); use flash_attention")
     if D & (D - 1) or D < 32:
         raise ValueError(f"decode_attention: head dim {D} must be a power of two >= 32 for the fused decode")
     ng = k_scale.shape[-1]
@@ -847,8 +852,9 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
     if group & (group - 1) or (bits == 4 and group < 32):
         raise ValueError(f"decode_attention: scale group {group} must be a power of two (>= 32 for int4)")
     G = H // Hkv
+    R = G * SQ  # rows of a program: (query head, token) pairs
     vblk = v_data.shape[-1] if v_data.dim() == 5 else 0  # tile-blocked values (see `_decode_split_vt`)
-    fast = ((vblk or is_token_major(v_data)) and k_scale.dtype == torch.float16 and v_scale.dtype == torch.float16
+    fast = (SQ == 1 and (vblk or is_token_major(v_data)) and k_scale.dtype == torch.float16 and v_scale.dtype == torch.float16
             and k_data.stride(-1) == 1 and k_scale.stride() == v_scale.stride() and (bits == 4 or group == D))
     if fast:
         swap = True if swap is None else swap
@@ -867,16 +873,16 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
         num_warps = num_warps or 4
         num_stages = num_stages or (3 if bits == 8 else 2)
         programs_per_sm = programs_per_sm or 8
-        g_pad = max(16, next_pow2(G))
+        g_pad = max(16, next_pow2(R))
         if int_mma is None:  # int8 tensor cores for QK^T where the scales allow it (one scale per token)
             int_mma = group == D and not swap
         if int_mma and (group != D or swap):
             raise ValueError("decode_attention: int_mma needs one scale per token per head and swap=False")
     dev = q.device
     splits, chunk = _split_plan(seq_len, bn, B * Hkv, programs_per_sm, splits, dev)
-    op, lse, has_ranges, kv_start, kv_end = _partials(B * Hkv * splits * G, D, kv_start, kv_end, B, seq_len, dev)
+    op, lse, has_ranges, kv_start, kv_end = _partials(B * Hkv * splits * R, D, kv_start, kv_end, B, seq_len, dev)
     qk_scale = (scale if scale is not None else D ** -0.5) * math.log2(math.e)
-    o = torch.empty(B, H, 1, D, dtype=q.dtype, device=dev)
+    o = torch.empty(B, H, SQ, D, dtype=q.dtype, device=dev)  # = (B, H * SQ, D): R rows per kv head, stride D
     ns_pad = max(2, next_pow2(splits))
     if fast:
         if fused is None:  # one launch; with many splits the separate merge kernel is faster (RESULTS.md)
@@ -921,14 +927,14 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
             v_scale = torch.empty_like(k_scale).copy_(v_scale)
         _decode_split[(splits, B * Hkv)](
             q, k_data, k_scale, v_data, v_scale, op, lse, kv_start, kv_end, o, lse,
-            q.stride(0), q.stride(1), 0, k_data.stride(0), k_data.stride(1), k_data.stride(2),
-            k_scale.stride(0), k_scale.stride(1), k_scale.stride(2), o.stride(0), o.stride(1),
+            q.stride(0), q.stride(1), q.stride(2), k_data.stride(0), k_data.stride(1), k_data.stride(2),
+            k_scale.stride(0), k_scale.stride(1), k_scale.stride(2), o.stride(0), D,
             H, Hkv, seq_len, chunk, splits, qk_scale,
             HEAD_D=D, G=G, G_PAD=g_pad, BLOCK_N=bn, BITS=bits, GROUP=group, E8M0=k_scale.dtype == torch.uint8,
-            HAS_RANGES=has_ranges, DT=dt, SWAP=swap, IMMA=int_mma, INTERP=_INTERPRET, num_warps=num_warps,
-            num_stages=num_stages)
-    _decode_reduce[(B * H,)](op, lse, o, o.stride(0), o.stride(1), Hkv, splits,
-                             HEAD_D=D, G=G, NS_PAD=ns_pad, num_warps=4)
+            HAS_RANGES=has_ranges, DT=dt, SWAP=swap, IMMA=int_mma, INTERP=_INTERPRET, SQ=SQ,
+            CAUSAL=causal and SQ > 1, num_warps=num_warps, num_stages=num_stages)
+    _decode_reduce[(B * H * SQ,)](op, lse, o, o.stride(0), D, Hkv, splits,
+                                  HEAD_D=D, G=R, NS_PAD=ns_pad, num_warps=4)
     return o
 
 
@@ -942,19 +948,15 @@ _FLOAT_PLANS: dict = {}
 FLOAT_DECODE_CONFIG = (64, 2, 3, 8)
 
 
-# the most (query head, token) rows one program of `decode_attention_float` holds: G * Sq
-FLOAT_DECODE_ROWS = 64
-
-
 def float_decode_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether `decode_attention_float` takes these inputs: a few query tokens (the group's query
-    heads times the tokens at most `FLOAT_DECODE_ROWS`), no more than the keys, a power-of-two head
+    heads times the tokens at most `DECODE_ROWS`), no more than the keys, a power-of-two head
     dim of 32-256 (the kernel's tiles span the head dim), 16-bit floats (fp32 too under the
     interpreter, whose tests run in fp32), unit stride along the head dim."""
     D = q.shape[-1]
     dtypes = (torch.float16, torch.bfloat16, torch.float32) if _INTERPRET else (torch.float16, torch.bfloat16)
     return (q.dim() == 4 and k.dim() == 4 and q.shape[1] % k.shape[1] == 0
-            and 1 <= q.shape[2] <= k.shape[2] and q.shape[2] * (q.shape[1] // k.shape[1]) <= FLOAT_DECODE_ROWS
+            and 1 <= q.shape[2] <= k.shape[2] and q.shape[2] * (q.shape[1] // k.shape[1]) <= DECODE_ROWS
             and 32 <= D <= 256 and D & (D - 1) == 0 and q.dtype in dtypes and k.dtype == v.dtype == q.dtype
             and all(t.stride(-1) == 1 for t in (q, k, v)))
 
@@ -964,7 +966,7 @@ def decode_attention_float(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                            kv_end: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None,
                            splits: int | None = None, swap: bool = False, fused: bool | None = None) -> torch.Tensor:
     """Flash-decoding over a float (bf16 / fp16) KV cache: q (B, H, Sq, D) against k / v (B, Hkv, Sk, D)
-    for one or a few query tokens (Sq * H / Hkv <= `FLOAT_DECODE_ROWS`: decoding, speculative decoding's
+    for one or a few query tokens (Sq * H / Hkv <= `DECODE_ROWS`: decoding, speculative decoding's
     draft tokens); returns (B, H, Sq, D) in q's dtype; `causal` aligned to the end of the keys, as
     `flash_attention`'s. (The prefill kernel, which `flash_attention` ran for such calls before,
     has one program per query head over the whole cache: B * H programs, 32 of an H100's 132 SMs for
@@ -985,7 +987,7 @@ def decode_attention_float(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     """
     if not float_decode_ok(q, k, v):
         raise ValueError("decode_attention_float: needs q (B, H, Sq, D) with Sq * H / Hkv <= "
-                         f"{FLOAT_DECODE_ROWS}, Sq <= Sk, D a power of two in 32..256, bf16 / fp16 q, k, v of one "
+                         f"{DECODE_ROWS}, Sq <= Sk, D a power of two in 32..256, bf16 / fp16 q, k, v of one "
                          f"dtype and unit stride along D; got q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} {k.dtype}")
     B, H, SQ, D = q.shape
     Hkv, SK = k.shape[1], k.shape[2]
