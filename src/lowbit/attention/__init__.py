@@ -5,7 +5,7 @@
   prompts) on a CUDA GPU; the fp32 SDPA reference elsewhere. One or a few query tokens (decoding
   on a float cache, speculative decoding's drafts) run flash-decoding
   (`triton_decode.decode_attention_float`).
-* `decode_attention(q, layer)`: one new token against a `LowbitKVLayer`'s int8 / int4 planes
+* `decode_attention(q, layer)`: one or a few new tokens against a `LowbitKVLayer`'s int8 / int4 planes
   (flash-decoding: split over the sequence, then merged), dequantized in registers.
 * `enable(model, attention="lowbit", kv_cache="int8")`: registers "lowbit" in transformers'
   attention registry, switches the model to it, and makes `model.generate` use a `LowbitKVCache`.

@@ -1,4 +1,5 @@
-"""Flash-decoding over a quantized KV cache: one new query token against a long int8 / int4 cache.
+"""Flash-decoding over a quantized (int8 / int4) or float KV cache: one new query token, or a few,
+against a long cache.
 
 Stage 1: the cache of each (batch, kv head) is cut into `splits` chunks along the sequence; one
 program per (chunk, batch, kv head) reads its chunk's codes and scales once, dequantizes them in
@@ -23,7 +24,9 @@ uint8 E8M0. Two stage-1 kernels:
   row; per-token scales (int8, int4 with GROUP == D) are applied to the scores and folded into P,
   and the codes' constant offsets from the magic numbers are taken off after each product.
   With few splits the merge runs at the end of stage 1 (`fused`, `_merge_last`).
-* `_decode_split`, the generic path (E8M0 scales, d-major values).
+* `_decode_split`, the generic path (E8M0 scales, d-major values; a few query tokens, whose
+  (query head, token) pairs are its rows, causal aligned to the end of the cache; and float caches,
+  BITS 16: `decode_attention_float`, which `flash_attention` runs for one or a few query tokens).
 
 Example (GPU):
     >>> from lowbit.attention import decode_attention                    # doctest: +SKIP
