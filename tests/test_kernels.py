@@ -197,3 +197,26 @@ def test_embedding_reference_dequantizes_only_needed_rows_and_matches_full_table
         emb = QuantEmbedding(qt)
         ids = torch.tensor([[3, 499, 3, 0], [77, 120, 250, 51]])
         assert torch.equal(emb(ids), qt.dequantize()[ids])
+
+
+@pytest.mark.parametrize("fmt,kw", [("int8", {"block_size": 32, "scale_dtype": "fp16"}), ("int4", {}),
+                                    ("lut4", {"group_size": 5}), ("lut4", {}), ("mxfp4", {})])
+def test_reference_linear_in_row_chunks_equals_the_whole_weight(gen, monkeypatch, fmt, kw):
+    """The reference dequantizes large CPU weights a few rows at a time (`reference.CHUNK_BYTES`):
+    every output equals the whole dequantized weight's F.linear (same dot products over all of K;
+    chunks on whole palette groups), with a bias and 3-D activations; fp16 activations keep the
+    whole-weight path."""
+    from lowbit.kernels import reference
+
+    w = torch.randn(150, 64, generator=gen)
+    qw = lowbit.quantize_tensor(w, fmt, **kw)
+    x = torch.randn(2, 3, 64, generator=gen)
+    bias = torch.randn(150, generator=gen)
+    want = torch.nn.functional.linear(x, qw.dequantize(), bias)
+    monkeypatch.setattr(reference, "CHUNK_BYTES", 9 * 64 * 4)  # 9 rows a chunk (5 for groups of 5)
+    assert reference._chunk_rows(qw, 64) == (5 if kw.get("group_size") == 5 else 9)
+    got = reference.linear(x, qw, bias)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+    half = reference.linear(x.half(), qw, bias)
+    torch.testing.assert_close(half, torch.nn.functional.linear(x.half(), qw.dequantize().half(), bias.half()))

@@ -82,10 +82,10 @@ def decode(planes: dict[str, torch.Tensor], fmt: Format, rows: int, cols: int) -
     s = scales.decode_scale(planes["scale"], fmt.scale_dtype).unsqueeze(-1)
     if fmt.zero == "float":
         w = codes.to(torch.float32) * s + scales.decode_float(planes["zero"]).unsqueeze(-1)
-    elif bits == 8:
-        w = codes.view(torch.int8).to(torch.float32) * s
-    else:  # offset binary: one float conversion, then subtract (exact for these small integers)
-        w = (codes.to(torch.float32) - float(1 << (bits - 1))) * s
+    elif bits == 8:  # int8 * fp32 promotes in one pass (no separate fp32 copy of the codes)
+        w = codes.view(torch.int8) * s
+    else:  # offset binary: the signed codes in int8 (exact), then one promoting multiply
+        w = (codes.view(torch.int8) - (1 << (bits - 1))) * s
     return w.reshape(rows, cols)
 
 
