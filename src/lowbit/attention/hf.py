@@ -106,10 +106,8 @@ def lowbit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         mask = attention_mask_from_ranges(B, Sq, Sk, True, None, None, query.device)
     elif mask is not None and mask.dtype != torch.bool:
         mask = mask.float()
-    rep = H // key.shape[1]
-    out = F.scaled_dot_product_attention(query.float(), key.float().repeat_interleave(rep, 1),
-                                         value.float().repeat_interleave(rep, 1), attn_mask=mask,
-                                         dropout_p=dropout, scale=scaling)
+    out = F.scaled_dot_product_attention(query.float(), key.float(), value.float(), attn_mask=mask,
+                                         dropout_p=dropout, scale=scaling, enable_gqa=H != key.shape[1])
     return out.nan_to_num(0.0).to(query.dtype).transpose(1, 2).contiguous(), None
 
 

@@ -22,9 +22,8 @@ Example:
 
 from __future__ import annotations
 
-import math
-
 import torch
+import torch.nn.functional as F
 
 QMAX = {8: 127, 4: 7}
 
@@ -70,14 +69,15 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ca
     Hkv, Sk = k.shape[1], k.shape[2]
     if H % Hkv:
         raise ValueError(f"attention: {H} query heads are not a multiple of {Hkv} key/value heads")
-    allowed = attention_mask_from_ranges(B, Sq, Sk, causal, kv_start, kv_end, q.device)
-    rep = H // Hkv
-    kf = k.float().repeat_interleave(rep, dim=1)
-    vf = v.float().repeat_interleave(rep, dim=1)
-    s = (q.float() @ kf.transpose(-1, -2)) * (scale if scale is not None else D ** -0.5)
-    s = s.masked_fill(~allowed, -math.inf)
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows with no visible key -> 0
-    return (p @ vf).to(q.dtype)
+    masked = (causal and Sq > 1) or kv_start is not None or kv_end is not None  # (one causal query sees all)
+    allowed = attention_mask_from_ranges(B, Sq, Sk, causal, kv_start, kv_end, q.device) if masked else None
+    # PyTorch's SDPA in fp32 with GQA native (`enable_gqa`: the kv heads are not copied per query
+    # head; a decode step over a 2000-token cache took 1.0 ms with explicit repeats and softmax, 0.15
+    # ms so on a 2-core CPU); rows with no visible key -> 0 (CPU SDPA writes 0 there, the math
+    # backend NaN)
+    out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=allowed,
+                                         scale=scale if scale is not None else D ** -0.5, enable_gqa=H != Hkv)
+    return out.nan_to_num(0.0).to(q.dtype)
 
 
 def attention_mask_from_ranges(B: int, Sq: int, Sk: int, causal: bool, kv_start, kv_end, device) -> torch.Tensor:
