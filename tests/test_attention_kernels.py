@@ -415,8 +415,8 @@ def test_flash_attention_sends_a_few_query_tokens_to_the_float_decode(gen, monke
     from lowbit.kernels.registry import force_backend
 
     calls = []
-    real = triton_decode.decode_attention_float
-    monkeypatch.setattr(triton_decode, "decode_attention_float", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = triton_decode.run_float_decode
+    monkeypatch.setattr(triton_decode, "run_float_decode", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     with force_backend("attention", "triton"):
         for Sq, D, want in ((1, 64, 1), (1, 80, 0), (4, 64, 1), (40, 64, 0)):
             calls.clear()
@@ -426,7 +426,7 @@ def test_flash_attention_sends_a_few_query_tokens_to_the_float_decode(gen, monke
             assert len(calls) == want
             assert _rel(out, attention_reference(q.float(), k.float(), v.float(), causal=True, kv_end=end)) < TOL
         with pytest.raises(ValueError, match="power of two"):
-            real(*_qkv(gen, 1, 2, 2, 1, 8, 80, DTYPES[0]))
+            triton_decode.decode_attention_float(*_qkv(gen, 1, 2, 2, 1, 8, 80, DTYPES[0]))
 
 
 HOPPER = CUDA and torch.cuda.get_device_capability()[0] == 9

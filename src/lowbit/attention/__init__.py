@@ -74,10 +74,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     backend = choose_backend(q.device, q.dtype, q.shape[-1], owner)
     _count(owner, backend)
     if backend == "triton":
-        from .triton_decode import decode_attention_float, float_decode_ok
+        from .triton_decode import float_decode_ok, run_float_decode
 
         if float_decode_ok(q, k, v):  # a few query tokens (decoding on a float cache): split the keys
-            return decode_attention_float(q, k, v, causal=causal, scale=scale, kv_start=kv_start, kv_end=kv_end)
+            return run_float_decode(q, k, v, causal=causal, scale=scale, kv_start=kv_start, kv_end=kv_end)
         from .triton_prefill import flash_attention_triton
 
         return flash_attention_triton(q, k, v, causal=causal, scale=scale, kv_start=kv_start, kv_end=kv_end)

@@ -992,6 +992,16 @@ def decode_attention_float(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         raise ValueError("decode_attention_float: needs q (B, H, Sq, D) with Sq * H / Hkv <= "
                          f"{DECODE_ROWS}, Sq <= Sk, D a power of two in 32..256, bf16 / fp16 q, k, v of one "
                          f"dtype and unit stride along D; got q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} {k.dtype}")
+    return run_float_decode(q, k, v, causal=causal, scale=scale, kv_start=kv_start, kv_end=kv_end, config=config,
+                            splits=splits, swap=swap, fused=fused)
+
+
+def run_float_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                     scale: float | None = None, kv_start: torch.Tensor | None = None,
+                     kv_end: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None,
+                     splits: int | None = None, swap: bool = False, fused: bool | None = None) -> torch.Tensor:
+    """`decode_attention_float` for inputs `float_decode_ok` already accepted (`flash_attention`
+    checks them to choose the kernel; this skips checking twice on every decode step)."""
     B, H, SQ, D = q.shape
     Hkv, SK = k.shape[1], k.shape[2]
     G = H // Hkv

@@ -19,8 +19,9 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 # The most bytes of fp32 weight the reference dequantizes at once on CPU: a larger float copy comes
 # from freshly mapped memory on every call (glibc maps allocations above 32 MiB anew each time) and
 # its page faults cost several times the matmul (SmolLM2's 49152 x 576 int8 lm_head at M = 1 on this
-# project's 2-core CPU: 76 ms a call against 11 ms for fp32 F.linear; in 4 MiB chunks 6.6-9.5 ms, in
-# 1 / 2 MiB chunks 12.5 / 8.6 ms, and smaller layers pay the chunks' per-call overhead: RESULTS.md).
+# project's 2-core CPU: 76-88 ms a call against 11 ms for fp32 F.linear; in 4 MiB chunks 6.6-10 ms,
+# in 1 / 2 / 8 MiB chunks 12.5 / 8.6 / 9.5 ms, and small layers pay the chunks' per-call overhead:
+# RESULTS.md, session 32, CPU).
 CHUNK_BYTES = 4 << 20
 
 
