@@ -4,7 +4,7 @@
     python benchmarks/attention.py --tune                # also sweep kernel configs, report the best
     python benchmarks/attention.py --only decode --json out.json
     python benchmarks/attention.py --only decode --decode-shapes 1,1024 1,4096 2,8192   # other rows
-    python benchmarks/attention.py --only drafts --draft-tokens 4 8   # a few query tokens, float cache
+    python benchmarks/attention.py --only drafts --draft-tokens 4 8   # a few query tokens, float / quantized cache
 
 Prefill: forward TFLOP/s (4*B*H*S*S*D flops, half when causal) for B*S = 32k tokens, H = 16,
 D = 128, S in {1k, 4k, 16k}, causal and not: lowbit's default prefill (the warp-specialized Gluon
@@ -358,11 +358,85 @@ def drafts(args, rows: list) -> None:
             torch.cuda.empty_cache()
 
 
+def quantized_drafts(args, rows: list) -> None:
+    """A few query tokens at once on an int8 / int4 cache (one fp16 scale per token, or per 32 values:
+    "int4"), causal: the fast kernel (`_decode_split_vt` with (head, token) rows, tile-blocked values,
+    as `LowbitKVCache` stores them) vs what these calls ran before session 33 ("before": the value
+    plane copied back to d-major, then the generic kernel) and the generic kernel alone on d-major
+    values vs one query token on the fast kernel (the floor a step of drafts can reach) vs SDPA on a
+    bf16 cache with the causal mask. int8 with more than 32 rows (heads x tokens) runs the generic
+    kernel by default (`decode_attention_triton`), so its "fast" column is that path there.
+    `--draft-configs`: extra `decode_attention_triton` keyword sets for the fast kernel (a sweep)."""
+    dev, dt = "cuda", getattr(torch, args.dtype)
+    H, HKV, D = 32, 8, 128
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    extra = [json.loads(c) for c in args.draft_configs]
+    print(f"\ndraft tokens on a quantized cache: GQA {H}/{HKV}, D = {D}, causal, {args.dtype}; microseconds per call")
+    print(f"{'fmt':>6} {'B':>3} {'S':>6} {'Sq':>3} {'SDPA+mask':>10} {'before':>8} {'generic':>8} {'fast':>8} "
+          f"{'1 token':>8} {'x SDPA':>7} {'x before':>8} {'err':>9}" + "".join(f" {'cfg' + str(i):>8}" for i in range(len(extra))))
+    for fmt, (bits, group) in (("int8", (8, None)), ("int4t", (4, None)), ("int4", (4, 32))):
+        for B, S in args.decode_shapes:
+            for SQ in args.draft_tokens:
+                copies = max(2, math.ceil(3 * l2 / (B * HKV * S * D * bits // 4)))
+                g = torch.Generator(device=dev).manual_seed(B * S + SQ)
+                planes, floats = [], []
+                for _ in range(copies):
+                    k = torch.randn(B, HKV, S, D, device=dev, dtype=dt, generator=g)
+                    v = torch.randn(B, HKV, S, D, device=dev, dtype=dt, generator=g)
+                    (kd, ksc), (vd, vsc) = quantize_kv(k, bits, group), quantize_kv(v, bits, group)
+                    planes.append((kd, ksc, vd, block_tokens(vd), vsc))
+                    if len(floats) < max(2, math.ceil(3 * l2 / (4 * B * HKV * S * D))):
+                        floats.append((k, v))
+                qs = [torch.randn(B, H, SQ, D, device=dev, dtype=dt, generator=g) for _ in range(copies)]
+                q1 = [q[:, :, -1:].contiguous() for q in qs]
+                j, i = torch.arange(S, device=dev), torch.arange(SQ, device=dev)
+                mask = (j[None, :] <= i[:, None] + (S - SQ))[None, None]
+                nf = len(floats)
+                cands = {
+                    "sdpa": lambda n: F.scaled_dot_product_attention(qs[n % copies], *floats[n % nf], attn_mask=mask,
+                                                                     enable_gqa=True),
+                    "before": lambda n: decode_attention_triton(qs[n % copies], *planes[n % copies][:2],
+                                                                unblock_tokens(planes[n % copies][3]),
+                                                                planes[n % copies][4], S, bits=bits, causal=True),
+                    "generic": lambda n: decode_attention_triton(qs[n % copies], *planes[n % copies][:3],
+                                                                 planes[n % copies][4], S, bits=bits, causal=True),
+                    "fast": lambda n: decode_attention_triton(qs[n % copies], *planes[n % copies][:2],
+                                                              *planes[n % copies][3:], S, bits=bits, causal=True),
+                    "one": lambda n: decode_attention_triton(q1[n % copies], *planes[n % copies][:2],
+                                                             *planes[n % copies][3:], S, bits=bits)}
+                for c, kw in enumerate(extra):
+                    cands[f"cfg{c}"] = lambda n, kw=kw: decode_attention_triton(
+                        qs[n % copies], *planes[n % copies][:2], *planes[n % copies][3:], S, bits=bits, causal=True, **kw)
+                times = {key: [] for key in cands}
+                for _ in range(3):
+                    for key, fn in cands.items():
+                        times[key].append(_graph_time_us(fn, 4 * copies))
+                med = {key: statistics.median(t) for key, t in times.items()}
+                kd, ksc, vd, _, vsc = planes[0]
+                ref = attention_reference(qs[0].float(), dequantize_kv(kd, ksc, bits, D), dequantize_kv(vd, vsc, bits, D),
+                                          causal=True)
+                err = rel_err(cands["fast"](0), ref)
+                assert rel_err(cands["generic"](0), ref) < 2e-2 and all(rel_err(cands[f"cfg{c}"](0), ref) < 2e-2
+                                                                       for c in range(len(extra)))
+                rows.append({"kind": "quantized_drafts", "format": fmt, "B": B, "S": S, "Sq": SQ,
+                             **{f"{k}_us": v for k, v in med.items()}, "err": err})
+                print(f"{fmt:>6} {B:>3} {S:>6} {SQ:>3} {med['sdpa']:>10.1f} {med['before']:>8.1f} {med['generic']:>8.1f} "
+                      f"{med['fast']:>8.1f} {med['one']:>8.1f} {med['sdpa'] / med['fast']:>6.2f}x "
+                      f"{med['before'] / med['fast']:>7.2f}x "
+                      f"{err:>9.2e}" + "".join(f" {med[f'cfg{c}']:>8.1f}" for c in range(len(extra))), flush=True)
+                del planes, floats, qs, q1
+                torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["prefill", "decode", "drafts"])
     ap.add_argument("--draft-tokens", nargs="+", type=int, default=[4, 8], metavar="SQ",
-                    help="query tokens per row of the drafts table (--only drafts)")
+                    help="query tokens per row of the drafts tables (--only drafts)")
+    ap.add_argument("--draft-configs", nargs="*", default=[], metavar="JSON",
+                    help="extra keyword sets for the quantized-cache drafts' fast kernel, e.g. "
+                         "'{\"block_n\": 64, \"num_warps\": 4}'")
+    ap.add_argument("--no-float-drafts", action="store_true", help="only the quantized-cache drafts table")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--tune", action="store_true", help="sweep kernel configs and report the best (slower)")
     ap.add_argument("--json", help="write all rows as JSON")
@@ -384,7 +458,9 @@ def main() -> None:
     if args.only in (None, "decode"):
         decode(args, rows)
     if args.only == "drafts":
-        drafts(args, rows)
+        if not args.no_float_drafts:
+            drafts(args, rows)
+        quantized_drafts(args, rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

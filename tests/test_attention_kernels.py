@@ -367,15 +367,20 @@ def test_float_decode_matches_reference(gen, Sq, S, D, H, Hkv, causal, swap, spl
         assert _rel(out, ref) < TOL
 
 
-@pytest.mark.parametrize("bits,group,scale_dtype,blocked", [(8, None, "fp16", True), (4, 32, "fp16", True),
-                                                             (4, None, "e8m0", False), (8, 32, "e8m0", False)])
-@pytest.mark.parametrize("Sq,S,causal", [(3, 17, True), (5, 130, True), (2, 130, False)])
-def test_quantized_decode_with_a_few_query_tokens(gen, bits, group, scale_dtype, blocked, Sq, S, causal):
+@pytest.mark.parametrize("bits,group,scale_dtype,layout", [(8, None, "fp16", "blocked"), (4, 32, "fp16", "blocked"),
+                                                            (4, None, "fp16", "token"), (4, None, "e8m0", "plain"),
+                                                            (8, 32, "e8m0", "plain")])
+@pytest.mark.parametrize("Sq,S,causal", [(3, 17, True), (5, 130, True), (2, 130, False), (9, 130, True)])
+def test_quantized_decode_with_a_few_query_tokens(gen, bits, group, scale_dtype, layout, Sq, S, causal, monkeypatch):
     """A few query tokens against the quantized planes (speculative decoding's drafts on a quantized
-    cache): the generic kernel's (query head, token) rows, causal aligned to the end of the `S` valid
-    keys, key ranges, tile-blocked values too, against the reference on the dequantized planes."""
+    cache): the (query head, token) rows, causal aligned to the end of the `S` valid keys, key
+    ranges, one chunk (direct store), three (merged in the last program or by the merge kernel),
+    against the reference on the dequantized planes. fp16 scales with tile-blocked or token-major
+    values take the fast kernel (`_decode_split_vt`: 8 rows a program and more), the others the
+    generic one."""
+    from lowbit.attention import triton_decode
     from lowbit.attention.reference import block_tokens
-    from lowbit.attention.triton_decode import decode_attention_triton
+    from lowbit.attention.triton_decode import decode_attention_triton, token_major
 
     B, H, Hkv, D, cap = 2, 8, 2, 64, 256
     q, k, v = _qkv(gen, B, H, Hkv, Sq, cap, D, DTYPES[0])
@@ -383,13 +388,20 @@ def test_quantized_decode_with_a_few_query_tokens(gen, bits, group, scale_dtype,
     start = torch.tensor([0, 2], dtype=torch.int32)
     end = torch.tensor([S, S - 1], dtype=torch.int32)
     kq, vq = dequantize_kv(kd, ks, bits, D)[:, :, :S], dequantize_kv(vd, vs, bits, D)[:, :, :S]
-    vplane = block_tokens(vd) if blocked else vd
+    vplane = {"blocked": block_tokens, "token": token_major, "plain": lambda t: t}[layout](vd)
+    fast = []
+    real = triton_decode.launch_remembered
+    monkeypatch.setattr(triton_decode, "launch_remembered", lambda *a, **kw: fast.append(1) or real(*a, **kw))
     for ranges in ({}, {"kv_start": start, "kv_end": end}):
-        out = decode_attention_triton(q, kd, ks, vplane, vs, S, bits=bits, causal=causal, splits=3, **ranges)
         ref = attention_reference(q.float(), kq, vq, causal=causal, **ranges)
-        assert not out.isnan().any() and out.shape == q.shape
-        # one scale per token: q rounded to int8 per row for the int8 tensor cores (~5e-3)
-        assert _rel(out, ref) < (1e-2 if group is None else TOL)
+        for splits, fused in ((3, None), (1, None), (3, False)):
+            out = decode_attention_triton(q, kd, ks, vplane, vs, S, bits=bits, causal=causal, splits=splits,
+                                          fused=fused, **ranges)
+            assert not out.isnan().any() and out.shape == q.shape
+            # one scale per token: q rounded to int8 per row for the int8 tensor cores (~5e-3)
+            assert _rel(out, ref) < (1e-2 if group is None else TOL), (ranges, splits, fused)
+    # int8 with more than 32 rows (G * Sq) takes the generic kernel (faster there on an H200)
+    assert len(fast) == (6 if scale_dtype == "fp16" and (bits == 4 or 4 * Sq <= 32) else 0)
     with pytest.raises(ValueError, match="rows of one program"):
         decode_attention_triton(q.repeat(1, 1, 9, 1), kd, ks, vplane, vs, S, bits=bits)
 

@@ -496,11 +496,12 @@ def _prep_q(q_rows, offs_g, offs_w, G, qk_scale, BITS: tl.constexpr, PT: tl.cons
 def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
                      stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vw,
                      stride_sb, stride_sh, stride_sn, stride_ob, stride_oh, H, HKV, SEQ, CAP, CHUNK, NSPLIT, qk_scale,
-                     HEAD_D: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                     stride_qs, HEAD_D: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_RANGES: tl.constexpr, IMMA: tl.constexpr,
                      SWAP: tl.constexpr, FUSED: tl.constexpr, G_P2: tl.constexpr, NS_PAD: tl.constexpr,
                      NS_STEP: tl.constexpr, INTERP: tl.constexpr, DIRECT: tl.constexpr = False,
-                     VBLK: tl.constexpr = 0, LATE_Q: tl.constexpr = False):
+                     VBLK: tl.constexpr = 0, LATE_Q: tl.constexpr = False, SQ: tl.constexpr = 1,
+                     CAUSAL: tl.constexpr = False):
     """Stage 1 of flash-decoding for fp16 scales and token-major value planes (see above).
 
     Keys (B, Hkv, cap, W) d-contiguous, values (B, Hkv, W, cap) token-contiguous, W = D (int8) or
@@ -512,6 +513,10 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
     the dequantization (`_cvt4`, one f16x2 multiply per two values). FUSED: stage 2 runs at the end
     of the last program of each (batch, kv head) (`_merge_last`). DIRECT (one chunk per (batch, kv
     head)): the program writes the output rows itself, no partials, no merge.
+    SQ query tokens per sequence (a few at once: speculative decoding's drafts), as in `_decode_split`:
+    the rows are the G * SQ pairs (query head g, token i), row g * SQ + i, token i at q + i * stride_qs;
+    CAUSAL: token i sees keys j <= i + SEQ - SQ; the output (B, H, SQ, D) is (B, H * SQ, D) with row
+    stride `stride_oh` (= D).
     """
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -523,9 +528,11 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
     STEP: tl.constexpr = 1 if BITS == 8 else 2
     FT: tl.constexpr = tl.float32 if INTERP else tl.float16
     PT: tl.constexpr = GROUP == HEAD_D  # one scale per token
+    R: tl.constexpr = G * SQ  # rows: (query head, token) pairs
     offs_g = tl.arange(0, G_PAD)
     offs_w = tl.arange(0, W)
-    q_rows = Q + b * stride_qb + (hk * G + offs_g[:, None]) * stride_qh
+    q_rows = Q + b * stride_qb + (hk * G + offs_g[:, None] // SQ) * stride_qh + (offs_g[:, None] % SQ) * stride_qs
+    last_key = offs_g % SQ + (SEQ - SQ)  # CAUSAL: the last key each row sees
     # LATE_Q: q is loaded and prepared in the loop's first trip. Prepared before the loop, it holds back
     # the pipeline's first tile loads until q arrives (sm_90 SASS: the prologue's cp.async after the
     # wait; a timeline of the programs put q's arrival 0.9-1.4 us after their start on an H200), but
@@ -541,7 +548,7 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
         qs = tl.zeros([G_PAD], dtype=tl.float32)
         qoff = qs
     else:
-        q0, q1, qs, qoff = _prep_q(q_rows, offs_g, offs_w, G, qk_scale, BITS, PT, IMMA, SWAP, FT, INTERP)
+        q0, q1, qs, qoff = _prep_q(q_rows, offs_g, offs_w, R, qk_scale, BITS, PT, IMMA, SWAP, FT, INTERP)
     kv_start, lo, hi = _chunk_bounds(KV_START, KV_END, b, split, SEQ, CHUNK, HAS_RANGES)
     k_base = KD + b * stride_kb + hk * stride_kh
     v_base = VD + b * stride_vb + hk * stride_vh
@@ -561,7 +568,7 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
     for start_n in tl.range(lo, hi, BLOCK_N):
         if LATE_Q:
             if start_n == lo:
-                q0, q1, qs, qoff = _prep_q(q_rows, offs_g, offs_w, G, qk_scale, BITS, PT, IMMA, SWAP, FT, INTERP)
+                q0, q1, qs, qoff = _prep_q(q_rows, offs_g, offs_w, R, qk_scale, BITS, PT, IMMA, SWAP, FT, INTERP)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < hi
         valid = mask_n & (offs_n >= kv_start)
@@ -619,7 +626,10 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
             else:
                 st = tl.dot(q1, tl.trans(k1), tl.dot(q0, tl.trans(k0)))
         if SWAP:
-            st = tl.where(valid[:, None], st, -1.0e30)
+            ok = valid[:, None]
+            if CAUSAL:
+                ok = ok & (offs_n[:, None] <= last_key[None, :])
+            st = tl.where(ok, st, -1.0e30)
             m_ij = tl.maximum(m_i, tl.max(st, 0))
             p = tl.math.exp2(st - m_ij[None, :])
             alpha = tl.math.exp2(m_i - m_ij)
@@ -648,7 +658,10 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
                 acc0 = tl.dot(v0, pv, acc0 * alpha[None, :])
                 acc1 = tl.dot(v1, pv, acc1 * alpha[None, :])
         else:
-            st = tl.where(valid[None, :], st, -1.0e30)
+            ok = valid[None, :]
+            if CAUSAL:
+                ok = ok & (offs_n[None, :] <= last_key[:, None])
+            st = tl.where(ok, st, -1.0e30)
             m_ij = tl.maximum(m_i, tl.max(st, 1))
             p = tl.math.exp2(st - m_ij[:, None])
             alpha = tl.math.exp2(m_i - m_ij)
@@ -679,11 +692,11 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
         acc1 = acc0
     if DIRECT:  # one chunk per (batch, kv head): the normalized rows are the output (0 without a valid token)
         inv = tl.where(has, 1.0 / tl.maximum(l_i, 1e-30), 0.0)
-        _store_rows(O + b * stride_ob + hk * G * stride_oh, stride_oh, acc0, acc1, inv, G, G_PAD, W, STEP, SWAP)
+        _store_rows(O + b * stride_ob + hk * R * stride_oh, stride_oh, acc0, acc1, inv, R, G_PAD, W, STEP, SWAP)
     else:
-        _store_partial(OP, LSEP, acc0, acc1, m_i, l_i, has, (bh * NSPLIT + split) * G, HEAD_D, G, G_PAD, W, STEP, SWAP)
+        _store_partial(OP, LSEP, acc0, acc1, m_i, l_i, has, (bh * NSPLIT + split) * R, HEAD_D, R, G_PAD, W, STEP, SWAP)
     if FUSED and not DIRECT:
-        _merge_last(OP, LSEP, O, CNT, bh, b, hk, stride_ob, stride_oh, NSPLIT, HEAD_D, G, G_P2, NS_PAD, NS_STEP)
+        _merge_last(OP, LSEP, O, CNT, bh, b, hk, stride_ob, stride_oh, NSPLIT, HEAD_D, R, G_P2, NS_PAD, NS_STEP)
 
 
 @triton.jit
@@ -750,7 +763,7 @@ def is_token_major(plane: torch.Tensor) -> bool:
 
 
 def _fast_config(bits: int, per_token: bool, pairs: int, seq_len: int, sms: int, block_n, num_warps, num_stages,
-                 programs_per_sm) -> tuple[int, int, int, int]:
+                 programs_per_sm, rows: int = 4) -> tuple[int, int, int, int]:
     """(block_n, num_warps, num_stages, programs_per_sm) of the fast path; arguments given win.
 
     Defaults: the best of `benchmarks/attention.py --tune` on an H200 at (B, S) = (8, 8192) and
@@ -759,6 +772,11 @@ def _fast_config(bits: int, per_token: bool, pairs: int, seq_len: int, sms: int,
     cache those give programs of two tiles and few warps in flight (at (1, 1024) every format was
     slower than SDPA); there 64-token tiles and more programs win (session 21 sweep, B = 1-4: int8
     (1, 8192) 12.7 -> 12.0 us, int4 per token 11.8 -> 10.1, (1, 1024) 8.5 / 9.1 -> 7.1).
+
+    More than 8 rows a program (a few query tokens of each head, `rows` = heads x tokens per kv
+    head; the scores and the accumulators grow with them): int8 128-token tiles and 4 warps, int4
+    64-token tiles and 2 warps, the best of a sweep of four configs at 16-64 rows, (B, S) = (1, 8192)
+    and (8, 8192) on an H200 (RESULTS.md, session 33).
 
     Example:
         >>> _fast_config(8, True, 8, 8192, 132, None, None, None, None)     # B = 1: 8 (batch, kv head) pairs
@@ -780,6 +798,8 @@ def _fast_config(bits: int, per_token: bool, pairs: int, seq_len: int, sms: int,
     capped = want > cdiv(seq_len, 2 * bn)  # each program would get the two-tile minimum
     if capped and pairs * min(want, cdiv(seq_len, 2 * bn)) * warps < 6 * sms:
         cfg = small
+    if rows > 8:
+        cfg = ((128, 4) if bits == 8 else (64, 2)) + cfg[2:]
     return (block_n or cfg[0], num_warps or cfg[1], num_stages or cfg[2], programs_per_sm or cfg[3])
 
 
@@ -827,8 +847,8 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
                             causal: bool = False) -> torch.Tensor:
     """Attention of q (B, H, Sq, D) over the first `seq_len` tokens of quantized planes
     (B, Hkv, cap, ...); returns (B, H, Sq, D) in q's dtype. One query token, or a few (Sq * H / Hkv
-    <= `DECODE_ROWS`, e.g. speculative decoding's drafts: the generic kernel, whose rows are
-    then the (query head, token) pairs; `causal` aligned to the end of the `seq_len` keys).
+    <= `DECODE_ROWS`, e.g. speculative decoding's drafts: either kernel's rows are then the (query
+    head, token) pairs; `causal` aligned to the end of the `seq_len` keys).
 
     Two kernels: with fp16 scales and a token-contiguous value plane (tile-blocked (B, Hkv, cap /
     128, W, 128) as `LowbitKVCache` stores it, `reference.block_tokens`; or token-major,
@@ -857,19 +877,22 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
     G = H // Hkv
     R = G * SQ  # rows of a program: (query head, token) pairs
     vblk = v_data.shape[-1] if v_data.dim() == 5 else 0  # tile-blocked values (see `_decode_split_vt`)
-    fast = (SQ == 1 and (vblk or is_token_major(v_data)) and k_scale.dtype == torch.float16 and v_scale.dtype == torch.float16
-            and k_data.stride(-1) == 1 and k_scale.stride() == v_scale.stride() and (bits == 4 or group == D))
+    # int8 with more than 32 rows: the generic kernel (on d-major values) was faster on an H200 (95 vs
+    # 191 us at (B, S) = (8, 8192), 16 tokens of 4 heads; RESULTS.md, session 33)
+    fast = ((vblk or is_token_major(v_data)) and k_scale.dtype == torch.float16 and v_scale.dtype == torch.float16
+            and k_data.stride(-1) == 1 and k_scale.stride() == v_scale.stride() and (bits == 4 or group == D)
+            and (bits == 4 or R <= 32))
     if fast:
         swap = True if swap is None else swap
         bn, num_warps, num_stages, programs_per_sm = _fast_config(
-            bits, group == D, B * Hkv, seq_len, _num_sms(q.device), block_n, num_warps, num_stages, programs_per_sm)
+            bits, group == D, B * Hkv, seq_len, _num_sms(q.device), block_n, num_warps, num_stages, programs_per_sm, R)
         if int_mma is None:  # keys on the int8 tensor cores wherever one scale per token allows it (int4 too:
             int_mma = group == D  # 42.4 -> 41.1 us at (32, 4096), 25.8 -> 24.8 at (8, 8192); RESULTS.md, session 21)
         if late_q is None:  # same-run A/B on an H200 (RESULTS.md, session 21): int4 per 32 values 74.5 -> 69.6 us
             late_q = bits == 4 and group < D  # at (32, 4096); int8 and int4 per token 1-9 % slower with it
         if int_mma and group != D:
             raise ValueError("decode_attention: int_mma on the token-major path needs one scale per token")
-        g_pad = g_pad or (max(8, next_pow2(G)) if swap else max(16, next_pow2(G)))
+        g_pad = g_pad or (max(8, next_pow2(R)) if swap else max(16, next_pow2(R)))
     else:
         swap = bool(swap)
         bn = block_n or 64
@@ -890,18 +913,18 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
     if fast:
         if fused is None:  # one launch; with many splits the separate merge kernel is faster (RESULTS.md)
             fused = splits <= 16
-        g_p2 = next_pow2(G)
+        g_p2 = next_pow2(R)
         ns_step = _merge_step(ns_pad, num_warps, g_p2, D)
         grid = (splits, B * Hkv)
         qst, kst, vst, sst, ost = q.stride(), k_data.stride(), v_data.stride(), k_scale.stride(), o.stride()
         args = (q, k_data, k_scale, v_data, v_scale, op, lse, kv_start, kv_end, o,
                 _counters(dev, B * Hkv) if fused else lse,
                 qst[0], qst[1], kst[0], kst[1], kst[2], vst[0], vst[1], vst[3] if not vblk else vblk,
-                sst[0], sst[1], sst[2], ost[0], ost[1], H, Hkv, seq_len, k_data.shape[2], chunk, splits, qk_scale)
+                sst[0], sst[1], sst[2], ost[0], D, H, Hkv, seq_len, k_data.shape[2], chunk, splits, qk_scale, qst[2])
         consts = dict(HEAD_D=D, G=G, G_PAD=g_pad, BLOCK_N=bn, BITS=bits, GROUP=group, HAS_RANGES=has_ranges,
                       IMMA=int_mma, SWAP=swap, FUSED=fused, G_P2=g_p2, NS_PAD=ns_pad, NS_STEP=ns_step,
-                      INTERP=_INTERPRET, DIRECT=fused and splits == 1, VBLK=vblk, LATE_Q=late_q,
-                      num_warps=num_warps, num_stages=num_stages)
+                      INTERP=_INTERPRET, DIRECT=fused and splits == 1, VBLK=vblk, LATE_Q=late_q, SQ=SQ,
+                      CAUSAL=causal and SQ > 1, num_warps=num_warps, num_stages=num_stages)
         key = None
         if plans is not None and not torch.compiler.is_compiling():
             # what the slots (q, the fresh buffers, the ranges, seq_len, chunk, the scale) specialize
