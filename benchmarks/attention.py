@@ -364,8 +364,7 @@ def quantized_drafts(args, rows: list) -> None:
     as `LowbitKVCache` stores them) vs what these calls ran before session 33 ("before": the value
     plane copied back to d-major, then the generic kernel) and the generic kernel alone on d-major
     values vs one query token on the fast kernel (the floor a step of drafts can reach) vs SDPA on a
-    bf16 cache with the causal mask. int8 with more than 32 rows (heads x tokens) runs the generic
-    kernel by default (`decode_attention_triton`), so its "fast" column is that path there.
+    bf16 cache with the causal mask.
     `--draft-configs`: extra `decode_attention_triton` keyword sets for the fast kernel (a sweep)."""
     dev, dt = "cuda", getattr(torch, args.dtype)
     H, HKV, D = 32, 8, 128

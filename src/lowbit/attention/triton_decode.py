@@ -877,11 +877,8 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
     G = H // Hkv
     R = G * SQ  # rows of a program: (query head, token) pairs
     vblk = v_data.shape[-1] if v_data.dim() == 5 else 0  # tile-blocked values (see `_decode_split_vt`)
-    # int8 with more than 32 rows: the generic kernel (on d-major values) was faster on an H200 (95 vs
-    # 191 us at (B, S) = (8, 8192), 16 tokens of 4 heads; RESULTS.md, session 33)
     fast = ((vblk or is_token_major(v_data)) and k_scale.dtype == torch.float16 and v_scale.dtype == torch.float16
-            and k_data.stride(-1) == 1 and k_scale.stride() == v_scale.stride() and (bits == 4 or group == D)
-            and (bits == 4 or R <= 32))
+            and k_data.stride(-1) == 1 and k_scale.stride() == v_scale.stride() and (bits == 4 or group == D))
     if fast:
         swap = True if swap is None else swap
         bn, num_warps, num_stages, programs_per_sm = _fast_config(
