@@ -5,6 +5,7 @@
     python benchmarks/attention.py --only decode --json out.json
     python benchmarks/attention.py --only decode --decode-shapes 1,1024 1,4096 2,8192   # other rows
     python benchmarks/attention.py --only drafts --draft-tokens 4 8   # a few query tokens, float / quantized cache
+    python benchmarks/attention.py --only continue --decode-shapes 1,16384 4,4096   # a prompt continuing a cache
 
 Prefill: forward TFLOP/s (4*B*H*S*S*D flops, half when causal) for B*S = 32k tokens, H = 16,
 D = 128, S in {1k, 4k, 16k}, causal and not: lowbit's default prefill (the warp-specialized Gluon
@@ -358,6 +359,58 @@ def drafts(args, rows: list) -> None:
             torch.cuda.empty_cache()
 
 
+def continuing(args, rows: list) -> None:
+    """A prompt continuing a float cache (multi-turn chat, chunked prefill): Sq new tokens against
+    Sk cached keys, causal aligned to the end. `flash_attention` (what `attention="lowbit"` runs;
+    its choice in the last column) vs the prefill kernel and the split kernel in 64-row blocks
+    (`run_float_decode`) it chooses between, vs SDPA given the causal mask as a tensor. GQA 32/8,
+    D = 128; CUDA graph, median of 3 interleaved rounds."""
+    from lowbit.attention import flash_attention
+    from lowbit.attention.triton_decode import FLOAT_SPLIT_ROWS, float_split_wins, run_float_decode
+
+    dev, dt = "cuda", getattr(torch, args.dtype)
+    H, HKV, D = 32, 8, 128
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    print(f"\na prompt continuing a float cache: GQA {H}/{HKV}, D = {D}, causal, {args.dtype}; microseconds per call")
+    print(f"{'B':>3} {'Sk':>6} {'Sq':>5} {'rows':>5} {'SDPA+mask':>10} {'prefill':>8} {'split':>8} {'lowbit':>8} "
+          f"{'x SDPA':>7} {'x prefill':>9} {'err':>9}  chosen")
+    for B, S in args.decode_shapes:
+        for SQ in args.continue_tokens:
+            copies = max(2, math.ceil(3 * l2 / (2 * B * HKV * S * D * 2)))
+            g = torch.Generator(device=dev).manual_seed(B * S + SQ)
+            ks = [torch.randn(B, HKV, S, D, device=dev, dtype=dt, generator=g) for _ in range(copies)]
+            vs = [torch.randn(B, HKV, S, D, device=dev, dtype=dt, generator=g) for _ in range(copies)]
+            qs = [torch.randn(B, H, SQ, D, device=dev, dtype=dt, generator=g) for _ in range(copies)]
+            j, i = torch.arange(S, device=dev), torch.arange(SQ, device=dev)
+            mask = (j[None, :] <= i[:, None] + (S - SQ))[None, None]
+            rows_kv = SQ * H // HKV
+            cands = {
+                "sdpa": lambda n: F.scaled_dot_product_attention(qs[n % copies], ks[n % copies], vs[n % copies],
+                                                                 attn_mask=mask, enable_gqa=True),
+                "prefill": lambda n: flash_attention_triton(qs[n % copies], ks[n % copies], vs[n % copies], causal=True),
+                "lowbit": lambda n: flash_attention(qs[n % copies], ks[n % copies], vs[n % copies], causal=True)}
+            if rows_kv <= FLOAT_SPLIT_ROWS:
+                cands["split"] = lambda n: run_float_decode(qs[n % copies], ks[n % copies], vs[n % copies], causal=True)
+            times = {key: [] for key in cands}
+            for _ in range(3):
+                for key, fn in cands.items():
+                    times[key].append(_graph_time_us(fn, 2 * copies))
+            med = {key: statistics.median(t) for key, t in times.items()}
+            err = float("nan")
+            if B * SQ * S <= 1 << 26:
+                ref = attention_reference(qs[0].float(), ks[0].float(), vs[0].float(), causal=True)
+                err = rel_err(cands["lowbit"](0), ref)
+            chosen = "split" if rows_kv <= FLOAT_SPLIT_ROWS and float_split_wins(B, rows_kv, S) else "prefill"
+            rows.append({"kind": "continuing", "B": B, "S": S, "Sq": SQ, **{f"{k}_us": v for k, v in med.items()},
+                         "err": err, "chosen": chosen})
+            split = f"{med['split']:>8.1f}" if "split" in med else f"{'-':>8}"
+            print(f"{B:>3} {S:>6} {SQ:>5} {rows_kv:>5} {med['sdpa']:>10.1f} {med['prefill']:>8.1f} {split} "
+                  f"{med['lowbit']:>8.1f} {med['sdpa'] / med['lowbit']:>6.2f}x {med['prefill'] / med['lowbit']:>8.2f}x "
+                  f"{err:>9.2e}  {chosen}", flush=True)
+            del ks, vs, qs
+            torch.cuda.empty_cache()
+
+
 def quantized_drafts(args, rows: list) -> None:
     """A few query tokens at once on an int8 / int4 cache (one fp16 scale per token, or per 32 values:
     "int4"), causal: the fast kernel (`_decode_split_vt` with (head, token) rows, tile-blocked values,
@@ -429,7 +482,9 @@ def quantized_drafts(args, rows: list) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["prefill", "decode", "drafts"])
+    ap.add_argument("--only", choices=["prefill", "decode", "drafts", "continue"])
+    ap.add_argument("--continue-tokens", nargs="+", type=int, default=[32, 64, 128, 256], metavar="SQ",
+                    help="new tokens per row of the continuing-prompt table (--only continue)")
     ap.add_argument("--draft-tokens", nargs="+", type=int, default=[4, 8], metavar="SQ",
                     help="query tokens per row of the drafts tables (--only drafts)")
     ap.add_argument("--draft-configs", nargs="*", default=[], metavar="JSON",
@@ -456,6 +511,8 @@ def main() -> None:
         prefill(args, rows)
     if args.only in (None, "decode"):
         decode(args, rows)
+    if args.only == "continue":
+        continuing(args, rows)
     if args.only == "drafts":
         if not args.no_float_drafts:
             drafts(args, rows)

@@ -341,7 +341,10 @@ def test_decode_fast_config_small_batches_get_more_smaller_programs():
     (1, 130, 128, 8, 2, True, True, 2, None), (1, 130, 32, 3, 3, False, False, 5, True),
     (3, 17, 64, 4, 2, True, False, None, None), (5, 130, 64, 8, 2, True, False, 3, True),
     (5, 130, 64, 8, 2, True, True, 3, False), (2, 130, 32, 2, 1, False, False, 2, None),
-    (17, 17, 64, 2, 2, True, False, None, None)])
+    (17, 17, 64, 2, 2, True, False, None, None),
+    # more rows than one program takes (a prompt continuing a cache): blocks of 64 rows
+    (40, 130, 64, 4, 2, True, False, 3, None), (70, 130, 32, 4, 1, True, False, None, None),
+    (33, 40, 64, 8, 4, False, False, 2, True)])
 def test_float_decode_matches_reference(gen, Sq, S, D, H, Hkv, causal, swap, splits, fused):
     """Flash-decoding over a float cache (`decode_attention_float`): one or a few query tokens per
     sequence (a prompt as short as the cache too) against bf16 / fp16 keys and values, GQA groups,
@@ -418,9 +421,11 @@ def test_float_decode_takes_values_with_other_strides(gen):
 
 
 def test_flash_attention_sends_a_few_query_tokens_to_the_float_decode(gen, monkeypatch):
-    """`flash_attention` with one or a few query tokens (decoding on a float cache) runs the
-    flash-decoding kernel where it applies (power-of-two head dims, Sq * H / Hkv <= 64), the prefill
-    kernel otherwise (D = 80; 40 tokens of a GQA group of 2)."""
+    """`flash_attention` with one or a few query tokens (decoding on a float cache), or a short
+    prompt continuing a long cache, runs the flash-decoding kernel where it applies (power-of-two
+    head dims, Sq * H / Hkv <= `FLOAT_SPLIT_ROWS`, 64 rows a program, `float_split_wins`), the
+    prefill kernel otherwise (D = 80; 40 tokens of a GQA group of 2 over 43 keys, or with the row
+    limit at 64). The rule's thresholds: the H200 crossover of RESULTS.md, session 33."""
     from lowbit.attention import flash_attention
     from lowbit.attention import triton_decode
     from lowbit.kernels.registry import force_backend
@@ -436,8 +441,28 @@ def test_flash_attention_sends_a_few_query_tokens_to_the_float_decode(gen, monke
             out = flash_attention(q, k, v, causal=True, kv_end=end)
             assert len(calls) == want
             assert _rel(out, attention_reference(q.float(), k.float(), v.float(), causal=True, kv_end=end)) < TOL
+        # 80 rows over 43 keys stay on the prefill kernel (`float_split_wins`); where the rule lets
+        # them (long caches, few rows) they take the split kernel in 64-row blocks, up to FLOAT_SPLIT_ROWS
+        monkeypatch.setattr(triton_decode, "float_split_wins", lambda *a: True)
+        for limit, want in ((512, 1), (64, 0)):
+            monkeypatch.setattr(triton_decode, "FLOAT_SPLIT_ROWS", limit)
+            calls.clear()
+            q, k, v = _qkv(gen, 2, 4, 2, 40, 43, 64, DTYPES[0])
+            out = flash_attention(q, k, v, causal=True)
+            assert len(calls) == want
+            assert _rel(out, attention_reference(q.float(), k.float(), v.float(), causal=True)) < TOL
         with pytest.raises(ValueError, match="power of two"):
             triton_decode.decode_attention_float(*_qkv(gen, 1, 2, 2, 1, 8, 80, DTYPES[0]))
+
+
+def test_float_split_wins_where_the_prefill_kernel_underfills():
+    from lowbit.attention.triton_decode import float_split_wins
+
+    assert all(float_split_wins(b, 64, 128) for b in (1, 8, 64))  # one program's rows: always
+    assert float_split_wins(1, 256, 4096) and not float_split_wins(1, 512, 4096)
+    assert float_split_wins(1, 512, 16384) and not float_split_wins(1, 1024, 16384)
+    assert float_split_wins(4, 128, 16384) and not float_split_wins(4, 128, 4096)
+    assert not float_split_wins(1, 128, 2048)  # short caches: the prefill kernel (not measured there)
 
 
 HOPPER = CUDA and torch.cuda.get_device_capability()[0] == 9

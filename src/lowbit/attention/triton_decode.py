@@ -113,7 +113,7 @@ def _chunk_bounds(KV_START, KV_END, b, split, SEQ, CHUNK, HAS_RANGES: tl.constex
 
 
 @triton.jit
-def _store_partial(OP, LSEP, acc0, acc1, m_i, l_i, has, row0, HEAD_D: tl.constexpr, G: tl.constexpr,
+def _store_partial(OP, LSEP, acc0, acc1, m_i, l_i, has, row0, HEAD_D: tl.constexpr, G,
                    G_PAD: tl.constexpr, W: tl.constexpr, STEP: tl.constexpr, SWAP: tl.constexpr):
     """A stage-1 program's result: the normalized partial output of its G query rows (rows row0 ..
     row0 + G - 1 of OP; int8: acc0 holds all D columns, STEP 1; int4: acc0 / acc1 the even / odd
@@ -126,7 +126,7 @@ def _store_partial(OP, LSEP, acc0, acc1, m_i, l_i, has, row0, HEAD_D: tl.constex
 
 
 @triton.jit
-def _store_rows(P, row_stride, acc0, acc1, inv, G: tl.constexpr, G_PAD: tl.constexpr, W: tl.constexpr,
+def _store_rows(P, row_stride, acc0, acc1, inv, G, G_PAD: tl.constexpr, W: tl.constexpr,
                 STEP: tl.constexpr, SWAP: tl.constexpr):
     """Rows g < G of P (row g at P + g * row_stride, in P's element type) = the accumulators times
     inv[g] (see `_store_partial` for acc0 / acc1 and STEP)."""
@@ -155,7 +155,8 @@ def _decode_split(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
                   BITS: tl.constexpr, GROUP: tl.constexpr, E8M0: tl.constexpr, HAS_RANGES: tl.constexpr,
                   DT: tl.constexpr, SWAP: tl.constexpr, IMMA: tl.constexpr, INTERP: tl.constexpr,
                   FUSED: tl.constexpr = False, G_P2: tl.constexpr = 1, NS_PAD: tl.constexpr = 2,
-                  NS_STEP: tl.constexpr = 1, SQ: tl.constexpr = 1, CAUSAL: tl.constexpr = False):
+                  NS_STEP: tl.constexpr = 1, SQ: tl.constexpr = 1, CAUSAL: tl.constexpr = False,
+                  NRB: tl.constexpr = 1):
     """Stage 1 of the generic path (E8M0 scales, d-major values; float caches with BITS 16): see the
     module docstring. FUSED: the last program of each (batch, kv head) merges (`_merge_last`), O / CNT
     the output and arrival counters then (unused otherwise).
@@ -163,8 +164,12 @@ def _decode_split(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
     program's rows are the G * SQ pairs (query head g, token i), row g * SQ + i, token i at q + i *
     stride_qs; CAUSAL: token i sees keys j <= i + SEQ - SQ (aligned to the end of the keys). The
     partials, the merge and the output then count G * SQ rows per kv head (the output (B, H, SQ, D)
-    contiguous is (B, H * SQ, D) with row stride D)."""
-    split = tl.program_id(0)
+    contiguous is (B, H * SQ, D) with row stride D).
+    NRB > 1 (more rows than one program takes: a prompt continuing a cache, float caches): the rows
+    are cut into NRB blocks of G_PAD, program_id(0) = chunk x NRB + block (the blocks of one chunk
+    launch together, so its keys are read from memory about once); never FUSED."""
+    split = tl.program_id(0) // NRB
+    rb = tl.program_id(0) % NRB
     bh = tl.program_id(1)
     b = bh // HKV
     hk = bh % HKV
@@ -175,14 +180,15 @@ def _decode_split(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
     GW: tl.constexpr = GROUP if BITS != 4 else GROUP // 2
     NG: tl.constexpr = HEAD_D // GROUP
     R: tl.constexpr = G * SQ  # rows: (query head, token) pairs
-    offs_g = tl.arange(0, G_PAD)
+    rows = rb * G_PAD + tl.arange(0, G_PAD)  # this program's rows (all of them when NRB == 1)
+    n_rows = R - rb * G_PAD
     offs_w = tl.arange(0, W)
     STEP: tl.constexpr = 1 if BITS != 4 else 2
-    q_rows = Q + b * stride_qb + (hk * G + offs_g[:, None] // SQ) * stride_qh + (offs_g[:, None] % SQ) * stride_qs
-    q0 = tl.load(q_rows + offs_w[None, :] * STEP, mask=offs_g[:, None] < R, other=0.0).to(tl.float32) * qk_scale
+    q_rows = Q + b * stride_qb + (hk * G + rows[:, None] // SQ) * stride_qh + (rows[:, None] % SQ) * stride_qs
+    q0 = tl.load(q_rows + offs_w[None, :] * STEP, mask=rows[:, None] < R, other=0.0).to(tl.float32) * qk_scale
     if BITS == 4:
-        q1 = tl.load(q_rows + offs_w[None, :] * 2 + 1, mask=offs_g[:, None] < R, other=0.0).to(tl.float32) * qk_scale
-    last_key = offs_g % SQ + (SEQ - SQ)  # CAUSAL: the last key each row sees
+        q1 = tl.load(q_rows + offs_w[None, :] * 2 + 1, mask=rows[:, None] < R, other=0.0).to(tl.float32) * qk_scale
+    last_key = rows % SQ + (SEQ - SQ)  # CAUSAL: the last key each row sees
     if IMMA:  # int8 tensor cores: q to int8 per row (scale qs), the cache codes go in as they are
         qa = tl.max(tl.abs(q0), 1)
         if BITS == 4:
@@ -272,7 +278,11 @@ def _decode_split(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
     has = hi > tl.maximum(lo, kv_start)
     if BITS != 4:  # one tile holds all D columns (STEP 1): the odd-column slot goes unused
         acc1 = acc0
-    _store_partial(OP, LSEP, acc0, acc1, m_i, l_i, has, (bh * NSPLIT + split) * R, HEAD_D, R, G_PAD, W, STEP, SWAP)
+    if NRB == 1:
+        _store_partial(OP, LSEP, acc0, acc1, m_i, l_i, has, (bh * NSPLIT + split) * R, HEAD_D, R, G_PAD, W, STEP, SWAP)
+    else:
+        _store_partial(OP, LSEP, acc0, acc1, m_i, l_i, has, (bh * NSPLIT + split) * R + rb * G_PAD, HEAD_D, n_rows,
+                       G_PAD, W, STEP, SWAP)
     if FUSED:
         _merge_last(OP, LSEP, O, CNT, bh, b, hk, stride_ob, stride_oh, NSPLIT, HEAD_D, R, G_P2, NS_PAD, NS_STEP)
 
@@ -834,7 +844,7 @@ def _partials(rows: int, d: int, kv_start, kv_end, batch: int, seq_len: int, dev
 
 def _merge_step(ns_pad: int, num_warps: int, g_p2: int, d: int) -> int:
     """Partial rows `_merge_last` merges per step: about 128 fp32 registers per thread."""
-    return min(ns_pad, max(1, 1 << ((4096 * num_warps) // (g_p2 * d)).bit_length() - 1))
+    return min(ns_pad, 1 << max(0, ((4096 * num_warps) // (g_p2 * d)).bit_length() - 1))
 
 
 def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torch.Tensor, v_data: torch.Tensor,
@@ -970,16 +980,37 @@ _FLOAT_PLANS: dict = {}
 # more than 16 rows (query heads x tokens) a program, 4 warps
 FLOAT_DECODE_CONFIG = (64, 2, 3, 8)
 
+# rows (query heads of a kv head x query tokens) up to which `decode_attention_float` takes a float
+# cache, in blocks of DECODE_ROWS rows: a prompt continuing a cache (multi-turn chat, chunked prefill);
+# `flash_attention` sends such calls here where `float_split_wins`
+FLOAT_SPLIT_ROWS = 512
 
-def float_decode_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+
+def float_split_wins(batch: int, rows: int, keys: int) -> bool:
+    """Whether the split kernel beats the prefill kernel for `rows` query rows per kv head (heads x
+    tokens) over `keys` keys: always for up to DECODE_ROWS rows (one program's), else for long
+    caches with few rows in all, where the prefill kernel's (query block, batch, head) programs
+    leave most SMs idle. H200, GQA 32/8, D = 128 (RESULTS.md, session 33): the split kernel was
+    1.24x-3.2x faster up to batch x rows = 256 at 4096 keys and 512 at 16384, 0.45x-0.93x beyond.
+
+    Example:
+        >>> float_split_wins(1, 128, 16384), float_split_wins(4, 128, 4096), float_split_wins(4, 64, 512)
+        (True, False, True)
+    """
+    if rows <= DECODE_ROWS:
+        return True
+    return rows <= FLOAT_SPLIT_ROWS and keys >= 4096 and batch * rows <= (512 if keys >= 16384 else 256)
+
+
+def float_decode_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_rows: int = DECODE_ROWS) -> bool:
     """Whether `decode_attention_float` takes these inputs: a few query tokens (the group's query
-    heads times the tokens at most `DECODE_ROWS`), no more than the keys, a power-of-two head
+    heads times the tokens at most `max_rows`), no more than the keys, a power-of-two head
     dim of 32-256 (the kernel's tiles span the head dim), 16-bit floats (fp32 too under the
     interpreter, whose tests run in fp32), unit stride along the head dim."""
     D = q.shape[-1]
     dtypes = (torch.float16, torch.bfloat16, torch.float32) if _INTERPRET else (torch.float16, torch.bfloat16)
     return (q.dim() == 4 and k.dim() == 4 and q.shape[1] % k.shape[1] == 0
-            and 1 <= q.shape[2] <= k.shape[2] and q.shape[2] * (q.shape[1] // k.shape[1]) <= DECODE_ROWS
+            and 1 <= q.shape[2] <= k.shape[2] and q.shape[2] * (q.shape[1] // k.shape[1]) <= max_rows
             and 32 <= D <= 256 and D & (D - 1) == 0 and q.dtype in dtypes and k.dtype == v.dtype == q.dtype
             and all(t.stride(-1) == 1 for t in (q, k, v)))
 
@@ -990,7 +1021,7 @@ def decode_attention_float(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                            splits: int | None = None, swap: bool = False, fused: bool | None = None) -> torch.Tensor:
     """Flash-decoding over a float (bf16 / fp16) KV cache: q (B, H, Sq, D) against k / v (B, Hkv, Sk, D)
     for one or a few query tokens (Sq * H / Hkv <= `DECODE_ROWS`: decoding, speculative decoding's
-    draft tokens); returns (B, H, Sq, D) in q's dtype; `causal` aligned to the end of the keys, as
+    draft tokens; up to `FLOAT_SPLIT_ROWS` in blocks of `DECODE_ROWS`: a prompt continuing a cache); returns (B, H, Sq, D) in q's dtype; `causal` aligned to the end of the keys, as
     `flash_attention`'s. (The prefill kernel, which `flash_attention` ran for such calls before,
     has one program per query head over the whole cache: B * H programs, 32 of an H100's 132 SMs for
     one Llama-3-8B sequence, each kv head read once per query head of its group.) Here the cache is
@@ -1008,9 +1039,9 @@ def decode_attention_float(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     Example (GPU):
         >>> o = decode_attention_float(q, k_cache, v_cache)                  # doctest: +SKIP
     """
-    if not float_decode_ok(q, k, v):
+    if not float_decode_ok(q, k, v, FLOAT_SPLIT_ROWS):
         raise ValueError("decode_attention_float: needs q (B, H, Sq, D) with Sq * H / Hkv <= "
-                         f"{DECODE_ROWS}, Sq <= Sk, D a power of two in 32..256, bf16 / fp16 q, k, v of one "
+                         f"{FLOAT_SPLIT_ROWS}, Sq <= Sk, D a power of two in 32..256, bf16 / fp16 q, k, v of one "
                          f"dtype and unit stride along D; got q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} {k.dtype}")
     return run_float_decode(q, k, v, causal=causal, scale=scale, kv_start=kv_start, kv_end=kv_end, config=config,
                             splits=splits, swap=swap, fused=fused)
@@ -1025,38 +1056,40 @@ def run_float_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     B, H, SQ, D = q.shape
     Hkv, SK = k.shape[1], k.shape[2]
     G = H // Hkv
-    R = G * SQ  # a program's rows; the partials, the merge and the output count these per kv head
+    R = G * SQ  # rows per kv head; the partials, the merge and the output count these
+    nrb = cdiv(R, DECODE_ROWS)  # row blocks: a program takes at most DECODE_ROWS rows
     if v.stride() != k.stride():  # the kernel walks both planes with one set of strides
         v = torch.empty_like(k).copy_(v)
     bn, num_warps, num_stages, pps = config or FLOAT_DECODE_CONFIG
     if config is None and R > 16:  # 8 / 16 draft tokens of 4 heads: 4 warps were 1.0-1.1x / 1.3-1.4x
         num_warps = 4  # faster than 2 (RESULTS.md, session 32)
     dev = q.device
-    splits, chunk = _split_plan(SK, bn, B * Hkv, pps, splits, dev)
+    splits, chunk = _split_plan(SK, bn, B * Hkv * nrb, pps, splits, dev)
     op, lse, has_ranges, kv_start, kv_end = _partials(B * Hkv * splits * R, D, kv_start, kv_end, B, SK, dev)
     o = torch.empty(B, H, SQ, D, dtype=q.dtype, device=dev)  # = (B, H * SQ, D): R rows per kv head, stride D
     dt = tl.float32 if _INTERPRET else (tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16)
-    g_pad = max(8 if swap else 16, next_pow2(R))
+    g_pad = max(8 if swap else 16, next_pow2(min(R, DECODE_ROWS)))
     ns_pad = max(2, next_pow2(splits))
     # the merge inside stage 1 where the partial rows are few (16 chunks of 4 rows, as on the quantized
     # fast path); with 8 tokens of 4 heads in 16 chunks the one merging program took 39.5 us where the
     # prefill kernel took 30 (RESULTS.md, session 32)
     if fused is None:
         fused = splits * R <= 64
+    fused = fused and nrb == 1  # the merge in the last program takes one block of rows
     g_p2 = next_pow2(R)
     args = (q, k, k, v, v, op, lse, kv_start, kv_end, o, _counters(dev, B * Hkv) if fused else lse,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), 0, 0, 0, o.stride(0), D,
             H, Hkv, SK, chunk, splits, (scale if scale is not None else D ** -0.5) * math.log2(math.e))
     consts = dict(HEAD_D=D, G=G, G_PAD=g_pad, BLOCK_N=bn, BITS=16, GROUP=D, E8M0=False, HAS_RANGES=has_ranges,
                   DT=dt, SWAP=swap, IMMA=False, INTERP=_INTERPRET, FUSED=fused, G_P2=g_p2, NS_PAD=ns_pad,
-                  NS_STEP=_merge_step(ns_pad, num_warps, g_p2, D), SQ=SQ, CAUSAL=causal and SQ > 1,
+                  NS_STEP=_merge_step(ns_pad, num_warps, g_p2, D), SQ=SQ, CAUSAL=causal and SQ > 1, NRB=nrb,
                   num_warps=num_warps, num_stages=num_stages)
     remember = not torch.compiler.is_compiling()
     if remember and len(_FLOAT_PLANS) > 256:  # many cache lengths seen: start over rather than grow without bound
         _FLOAT_PLANS.clear()
-    key = (dev, (splits, B * Hkv), tuple(consts.values()), spec_key(args)) if remember else None
-    launch_remembered(_FLOAT_PLANS, key, _decode_split, (splits, B * Hkv), args, consts,
-                      slots=tuple(range(len(args))))
+    grid = (splits * nrb, B * Hkv)
+    key = (dev, grid, tuple(consts.values()), spec_key(args)) if remember else None
+    launch_remembered(_FLOAT_PLANS, key, _decode_split, grid, args, consts, slots=tuple(range(len(args))))
     if fused:
         return o
     rargs = (op, lse, o, o.stride(0), D, Hkv, splits)
