@@ -363,17 +363,20 @@ def continuing(args, rows: list) -> None:
     """A prompt continuing a float cache (multi-turn chat, chunked prefill): Sq new tokens against
     Sk cached keys, causal aligned to the end. `flash_attention` (what `attention="lowbit"` runs;
     its choice in the last column) vs the prefill kernel and the split kernel in 64-row blocks
-    (`run_float_decode`) it chooses between, vs SDPA given the causal mask as a tensor. GQA 32/8,
-    D = 128; CUDA graph, median of 3 interleaved rounds."""
+    (`run_float_decode`) it chooses between, vs SDPA given the causal mask as a tensor. Then the same
+    on an int8 cache (one fp16 scale per token, values tile-blocked as `LowbitKVCache` keeps them):
+    the split kernel on the planes (`decode_attention_triton`) vs the cache dequantized, then
+    `flash_attention` (what the HF attention runs where `split_kernel_wins` says no, and ran for every
+    such call before session 33). GQA 32/8, D = 128; CUDA graph, median of 3 interleaved rounds."""
     from lowbit.attention import flash_attention
-    from lowbit.attention.triton_decode import FLOAT_SPLIT_ROWS, float_split_wins, run_float_decode
+    from lowbit.attention.triton_decode import SPLIT_ROWS, split_kernel_wins, run_float_decode
 
     dev, dt = "cuda", getattr(torch, args.dtype)
     H, HKV, D = 32, 8, 128
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     print(f"\na prompt continuing a float cache: GQA {H}/{HKV}, D = {D}, causal, {args.dtype}; microseconds per call")
     print(f"{'B':>3} {'Sk':>6} {'Sq':>5} {'rows':>5} {'SDPA+mask':>10} {'prefill':>8} {'split':>8} {'lowbit':>8} "
-          f"{'x SDPA':>7} {'x prefill':>9} {'err':>9}  chosen")
+          f"{'x SDPA':>7} {'x prefill':>9} {'err':>9}  chosen  {'int8: dequant+fa':>16} {'split':>7} {'x':>6}")
     for B, S in args.decode_shapes:
         for SQ in args.continue_tokens:
             copies = max(2, math.ceil(3 * l2 / (2 * B * HKV * S * D * 2)))
@@ -389,8 +392,19 @@ def continuing(args, rows: list) -> None:
                                                                  attn_mask=mask, enable_gqa=True),
                 "prefill": lambda n: flash_attention_triton(qs[n % copies], ks[n % copies], vs[n % copies], causal=True),
                 "lowbit": lambda n: flash_attention(qs[n % copies], ks[n % copies], vs[n % copies], causal=True)}
-            if rows_kv <= FLOAT_SPLIT_ROWS:
+            if rows_kv <= SPLIT_ROWS:
                 cands["split"] = lambda n: run_float_decode(qs[n % copies], ks[n % copies], vs[n % copies], causal=True)
+                q8 = [(quantize_kv(kk, 8), quantize_kv(vv, 8)) for kk, vv in zip(ks, vs)]
+                q8 = [(kd, kscale, block_tokens(vd), vscale, vd) for (kd, kscale), (vd, vscale) in q8]
+
+                def dequant_fa(n):
+                    kd, kscale, _, vscale, vd = q8[n % copies]
+                    return flash_attention(qs[n % copies], dequantize_kv(kd, kscale, 8, D, dt),
+                                           dequantize_kv(vd, vscale, 8, D, dt), causal=True)
+
+                cands["q8_before"] = dequant_fa
+                cands["q8_split"] = lambda n: decode_attention_triton(qs[n % copies], *q8[n % copies][:4], S, bits=8,
+                                                                      causal=True)
             times = {key: [] for key in cands}
             for _ in range(3):
                 for key, fn in cands.items():
@@ -400,14 +414,17 @@ def continuing(args, rows: list) -> None:
             if B * SQ * S <= 1 << 26:
                 ref = attention_reference(qs[0].float(), ks[0].float(), vs[0].float(), causal=True)
                 err = rel_err(cands["lowbit"](0), ref)
-            chosen = "split" if rows_kv <= FLOAT_SPLIT_ROWS and float_split_wins(B, rows_kv, S) else "prefill"
+            chosen = "split" if rows_kv <= SPLIT_ROWS and split_kernel_wins(B, rows_kv, S) else "prefill"
             rows.append({"kind": "continuing", "B": B, "S": S, "Sq": SQ, **{f"{k}_us": v for k, v in med.items()},
                          "err": err, "chosen": chosen})
             split = f"{med['split']:>8.1f}" if "split" in med else f"{'-':>8}"
+            q8col = (f"  {med['q8_before']:>16.1f} {med['q8_split']:>7.1f} {med['q8_before'] / med['q8_split']:>5.2f}x"
+                     if "q8_split" in med else "")
             print(f"{B:>3} {S:>6} {SQ:>5} {rows_kv:>5} {med['sdpa']:>10.1f} {med['prefill']:>8.1f} {split} "
                   f"{med['lowbit']:>8.1f} {med['sdpa'] / med['lowbit']:>6.2f}x {med['prefill'] / med['lowbit']:>8.2f}x "
-                  f"{err:>9.2e}  {chosen}", flush=True)
+                  f"{err:>9.2e}  {chosen:7s}{q8col}", flush=True)
             del ks, vs, qs
+            q8 = None
             torch.cuda.empty_cache()
 
 

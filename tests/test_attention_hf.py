@@ -111,16 +111,20 @@ def test_generate_with_int8_cache_follows_the_float_cache(gen):
 
 
 @torch.no_grad()
-def test_a_few_new_tokens_at_once_on_the_int8_cache(gen):
+@pytest.mark.parametrize("new", [4, 40])
+def test_a_few_new_tokens_at_once_on_the_int8_cache(gen, new, monkeypatch):
     """Several new tokens in one forward on a filled int8 cache (speculative decoding's drafts, a
     chunked prompt): they attend to the quantized planes through the decode kernel on GPU (no
     dequantized copy of the cache), causally among themselves, and their logits stay close to the
-    float model's for the same positions."""
+    float model's for the same positions. 40 tokens: more rows than one program's, in blocks, where
+    `split_kernel_wins` sends them (forced here: the rule wants a cache of 4096+ keys)."""
+    from lowbit.attention import hf
     from lowbit.attention.evaluate import cache_kwarg
     from lowbit.attention.kv_cache import LowbitKVCache
 
+    monkeypatch.setattr(hf, "split_kernel_wins", lambda *a: True)
     model = _llama()
-    ids = torch.randint(1, 300, (2, 24), generator=gen).to(DEV)
+    ids = torch.randint(1, 300, (2, 20 + new), generator=gen).to(DEV)
     ref = model(input_ids=ids).logits
     la.enable(model, attention="lowbit")
     cache = LowbitKVCache("int8", config=model.config)
@@ -133,7 +137,7 @@ def test_a_few_new_tokens_at_once_on_the_int8_cache(gen):
     out = model(input_ids=ids[:, 20:], **{cache_kwarg(): cache}).logits
     assert dict(PLACEMENT["model.layers.1.self_attn"]) == {BACKEND: 1}
     assert _rel(out, ref[:, 20:]) < 5e-2
-    assert layer.length == 24
+    assert layer.length == 20 + new
 
 
 @torch.no_grad()

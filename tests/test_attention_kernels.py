@@ -373,14 +373,15 @@ def test_float_decode_matches_reference(gen, Sq, S, D, H, Hkv, causal, swap, spl
 @pytest.mark.parametrize("bits,group,scale_dtype,layout", [(8, None, "fp16", "blocked"), (4, 32, "fp16", "blocked"),
                                                             (4, None, "fp16", "token"), (4, None, "e8m0", "plain"),
                                                             (8, 32, "e8m0", "plain")])
-@pytest.mark.parametrize("Sq,S,causal", [(3, 17, True), (5, 130, True), (2, 130, False), (9, 130, True)])
+@pytest.mark.parametrize("Sq,S,causal", [(3, 17, True), (5, 130, True), (2, 130, False), (9, 130, True),
+                                         (20, 130, True)])
 def test_quantized_decode_with_a_few_query_tokens(gen, bits, group, scale_dtype, layout, Sq, S, causal, monkeypatch):
     """A few query tokens against the quantized planes (speculative decoding's drafts on a quantized
     cache): the (query head, token) rows, causal aligned to the end of the `S` valid keys, key
     ranges, one chunk (direct store), three (merged in the last program or by the merge kernel),
     against the reference on the dequantized planes. fp16 scales with tile-blocked or token-major
     values take the fast kernel (`_decode_split_vt`: 8 rows a program and more), the others the
-    generic one."""
+    generic one; 80 rows (20 tokens of 4 heads) go in two blocks of 64 rows."""
     from lowbit.attention import triton_decode
     from lowbit.attention.reference import block_tokens
     from lowbit.attention.triton_decode import decode_attention_triton, token_major
@@ -404,8 +405,8 @@ def test_quantized_decode_with_a_few_query_tokens(gen, bits, group, scale_dtype,
             # one scale per token: q rounded to int8 per row for the int8 tensor cores (~5e-3)
             assert _rel(out, ref) < (1e-2 if group is None else TOL), (ranges, splits, fused)
     assert len(fast) == (6 if scale_dtype == "fp16" else 0)
-    with pytest.raises(ValueError, match="rows of one program"):
-        decode_attention_triton(q.repeat(1, 1, 9, 1), kd, ks, vplane, vs, S, bits=bits)
+    with pytest.raises(ValueError, match="rows of the split kernels"):
+        decode_attention_triton(q.repeat(1, 1, 200 // Sq + 1, 1), kd, ks, vplane, vs, S, bits=bits)
 
 
 def test_float_decode_takes_values_with_other_strides(gen):
@@ -423,7 +424,7 @@ def test_float_decode_takes_values_with_other_strides(gen):
 def test_flash_attention_sends_a_few_query_tokens_to_the_float_decode(gen, monkeypatch):
     """`flash_attention` with one or a few query tokens (decoding on a float cache), or a short
     prompt continuing a long cache, runs the flash-decoding kernel where it applies (power-of-two
-    head dims, Sq * H / Hkv <= `FLOAT_SPLIT_ROWS`, 64 rows a program, `float_split_wins`), the
+    head dims, Sq * H / Hkv <= `SPLIT_ROWS`, 64 rows a program, `split_kernel_wins`), the
     prefill kernel otherwise (D = 80; 40 tokens of a GQA group of 2 over 43 keys, or with the row
     limit at 64). The rule's thresholds: the H200 crossover of RESULTS.md, session 33."""
     from lowbit.attention import flash_attention
@@ -441,11 +442,11 @@ def test_flash_attention_sends_a_few_query_tokens_to_the_float_decode(gen, monke
             out = flash_attention(q, k, v, causal=True, kv_end=end)
             assert len(calls) == want
             assert _rel(out, attention_reference(q.float(), k.float(), v.float(), causal=True, kv_end=end)) < TOL
-        # 80 rows over 43 keys stay on the prefill kernel (`float_split_wins`); where the rule lets
-        # them (long caches, few rows) they take the split kernel in 64-row blocks, up to FLOAT_SPLIT_ROWS
-        monkeypatch.setattr(triton_decode, "float_split_wins", lambda *a: True)
+        # 80 rows over 43 keys stay on the prefill kernel (`split_kernel_wins`); where the rule lets
+        # them (long caches, few rows) they take the split kernel in 64-row blocks, up to SPLIT_ROWS
+        monkeypatch.setattr(triton_decode, "split_kernel_wins", lambda *a: True)
         for limit, want in ((512, 1), (64, 0)):
-            monkeypatch.setattr(triton_decode, "FLOAT_SPLIT_ROWS", limit)
+            monkeypatch.setattr(triton_decode, "SPLIT_ROWS", limit)
             calls.clear()
             q, k, v = _qkv(gen, 2, 4, 2, 40, 43, 64, DTYPES[0])
             out = flash_attention(q, k, v, causal=True)
@@ -455,14 +456,14 @@ def test_flash_attention_sends_a_few_query_tokens_to_the_float_decode(gen, monke
             triton_decode.decode_attention_float(*_qkv(gen, 1, 2, 2, 1, 8, 80, DTYPES[0]))
 
 
-def test_float_split_wins_where_the_prefill_kernel_underfills():
-    from lowbit.attention.triton_decode import float_split_wins
+def test_split_kernel_wins_where_the_prefill_kernel_underfills():
+    from lowbit.attention.triton_decode import split_kernel_wins
 
-    assert all(float_split_wins(b, 64, 128) for b in (1, 8, 64))  # one program's rows: always
-    assert float_split_wins(1, 256, 4096) and not float_split_wins(1, 512, 4096)
-    assert float_split_wins(1, 512, 16384) and not float_split_wins(1, 1024, 16384)
-    assert float_split_wins(4, 128, 16384) and not float_split_wins(4, 128, 4096)
-    assert not float_split_wins(1, 128, 2048)  # short caches: the prefill kernel (not measured there)
+    assert all(split_kernel_wins(b, 64, 128) for b in (1, 8, 64))  # one program's rows: always
+    assert split_kernel_wins(1, 256, 4096) and not split_kernel_wins(1, 512, 4096)
+    assert split_kernel_wins(1, 512, 16384) and not split_kernel_wins(1, 1024, 16384)
+    assert split_kernel_wins(4, 128, 16384) and not split_kernel_wins(4, 128, 4096)
+    assert not split_kernel_wins(1, 128, 2048)  # short caches: the prefill kernel (not measured there)
 
 
 HOPPER = CUDA and torch.cuda.get_device_capability()[0] == 9

@@ -74,12 +74,12 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     backend = choose_backend(q.device, q.dtype, q.shape[-1], owner)
     _count(owner, backend)
     if backend == "triton":
-        from .triton_decode import FLOAT_SPLIT_ROWS, float_decode_ok, float_split_wins, run_float_decode
+        from .triton_decode import SPLIT_ROWS, float_decode_ok, split_kernel_wins, run_float_decode
 
         # a few query tokens (decoding on a float cache), or a short prompt continuing a long cache:
         # split the keys
-        if (float_decode_ok(q, k, v, FLOAT_SPLIT_ROWS)
-                and float_split_wins(q.shape[0], q.shape[2] * q.shape[1] // k.shape[1], k.shape[2])):
+        if (float_decode_ok(q, k, v, SPLIT_ROWS)
+                and split_kernel_wins(q.shape[0], q.shape[2] * q.shape[1] // k.shape[1], k.shape[2])):
             return run_float_decode(q, k, v, causal=causal, scale=scale, kv_start=kv_start, kv_end=kv_end)
         from .triton_prefill import flash_attention_triton
 

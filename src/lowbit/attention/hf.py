@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _count, choose_backend, decode_attention, flash_attention
-from .reference import DECODE_ROWS, attention_mask_from_ranges
+from .reference import SPLIT_ROWS, attention_mask_from_ranges, split_kernel_wins
 
 NAME = "lowbit"
 
@@ -90,11 +90,13 @@ def lowbit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     if layer is not None and layer.length > Sq:  # earlier tokens live in the quantized planes only
         Sk = layer.length
         ok, start, end = _ranges(attention_mask, B, Sq, Sk, causal)
-        if ok and Sq * H <= key.shape[1] * DECODE_ROWS and dropout == 0.0:  # a few new tokens
+        rows = Sq * H // key.shape[1]  # query rows per kv head
+        # a few new tokens, or a short prompt continuing a long cache: the planes as they are
+        if ok and dropout == 0.0 and rows <= SPLIT_ROWS and split_kernel_wins(B, rows, Sk):
             out = decode_attention(query, layer, scale=scaling, kv_start=start, kv_end=end, owner=owner,
                                    causal=causal)
             return out.transpose(1, 2).contiguous(), None
-        key, value = layer.dequantized()  # chunked prefill on a cache, or an unusual mask
+        key, value = layer.dequantized()  # a longer prompt on a cache, or an unusual mask
     Sk = key.shape[2]
     ok, start, end = _ranges(attention_mask, B, Sq, Sk, causal)
     if ok and dropout == 0.0 and kwargs.get("sliding_window") is None and kwargs.get("s_aux") is None:

@@ -38,8 +38,29 @@ KV_FORMATS = {
 
 
 # the most (query head, token) rows one program of the flash-decoding kernels holds: Sq * H / Hkv
-# (`triton_decode`); calls with more query tokens run the prefill kernel
+# (`triton_decode`); more rows go in blocks of this many (up to SPLIT_ROWS) or to the prefill kernel
 DECODE_ROWS = 64
+
+# rows (query heads of a kv head x query tokens) up to which the split kernels take a call, in blocks
+# of DECODE_ROWS rows: a prompt continuing a cache (multi-turn chat, chunked prefill); `flash_attention`
+# and the HF attention send such calls there where `split_kernel_wins`
+SPLIT_ROWS = 512
+
+
+def split_kernel_wins(batch: int, rows: int, keys: int) -> bool:
+    """Whether the split kernel beats the prefill kernel for `rows` query rows per kv head (heads x
+    tokens) over `keys` keys: always for up to DECODE_ROWS rows (one program's), else for long
+    caches with few rows in all, where the prefill kernel's (query block, batch, head) programs
+    leave most SMs idle. H200, GQA 32/8, D = 128 (RESULTS.md, session 33): the split kernel was
+    1.24x-3.2x faster up to batch x rows = 256 at 4096 keys and 512 at 16384, 0.45x-0.93x beyond.
+
+    Example:
+        >>> split_kernel_wins(1, 128, 16384), split_kernel_wins(4, 128, 4096), split_kernel_wins(4, 64, 512)
+        (True, False, True)
+    """
+    if rows <= DECODE_ROWS:
+        return True
+    return rows <= SPLIT_ROWS and keys >= 4096 and batch * rows <= (512 if keys >= 16384 else 256)
 
 
 def kv_format(name: str) -> tuple[int, int | None, str]:

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from ..kernels.launch import cdiv, int_class, launch_remembered, next_pow2, spec_key
-from .reference import DECODE_ROWS
+from .reference import DECODE_ROWS, SPLIT_ROWS, split_kernel_wins  # noqa: F401 (the rule, re-exported)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -511,7 +511,7 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
                      SWAP: tl.constexpr, FUSED: tl.constexpr, G_P2: tl.constexpr, NS_PAD: tl.constexpr,
                      NS_STEP: tl.constexpr, INTERP: tl.constexpr, DIRECT: tl.constexpr = False,
                      VBLK: tl.constexpr = 0, LATE_Q: tl.constexpr = False, SQ: tl.constexpr = 1,
-                     CAUSAL: tl.constexpr = False):
+                     CAUSAL: tl.constexpr = False, NRB: tl.constexpr = 1):
     """Stage 1 of flash-decoding for fp16 scales and token-major value planes (see above).
 
     Keys (B, Hkv, cap, W) d-contiguous, values (B, Hkv, W, cap) token-contiguous, W = D (int8) or
@@ -526,9 +526,10 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
     SQ query tokens per sequence (a few at once: speculative decoding's drafts), as in `_decode_split`:
     the rows are the G * SQ pairs (query head g, token i), row g * SQ + i, token i at q + i * stride_qs;
     CAUSAL: token i sees keys j <= i + SEQ - SQ; the output (B, H, SQ, D) is (B, H * SQ, D) with row
-    stride `stride_oh` (= D).
+    stride `stride_oh` (= D). NRB > 1: the rows in blocks of G_PAD, as in `_decode_split`.
     """
-    split = tl.program_id(0)
+    split = tl.program_id(0) // NRB
+    rb = tl.program_id(0) % NRB
     bh = tl.program_id(1)
     b = bh // HKV
     hk = bh % HKV
@@ -539,7 +540,7 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
     FT: tl.constexpr = tl.float32 if INTERP else tl.float16
     PT: tl.constexpr = GROUP == HEAD_D  # one scale per token
     R: tl.constexpr = G * SQ  # rows: (query head, token) pairs
-    offs_g = tl.arange(0, G_PAD)
+    offs_g = rb * G_PAD + tl.arange(0, G_PAD)  # this program's rows (all of them when NRB == 1)
     offs_w = tl.arange(0, W)
     q_rows = Q + b * stride_qb + (hk * G + offs_g[:, None] // SQ) * stride_qh + (offs_g[:, None] % SQ) * stride_qs
     last_key = offs_g % SQ + (SEQ - SQ)  # CAUSAL: the last key each row sees
@@ -702,9 +703,16 @@ def _decode_split_vt(Q, KD, KS, VD, VS, OP, LSEP, KV_START, KV_END, O, CNT,
         acc1 = acc0
     if DIRECT:  # one chunk per (batch, kv head): the normalized rows are the output (0 without a valid token)
         inv = tl.where(has, 1.0 / tl.maximum(l_i, 1e-30), 0.0)
-        _store_rows(O + b * stride_ob + hk * R * stride_oh, stride_oh, acc0, acc1, inv, R, G_PAD, W, STEP, SWAP)
-    else:
+        if NRB == 1:
+            _store_rows(O + b * stride_ob + hk * R * stride_oh, stride_oh, acc0, acc1, inv, R, G_PAD, W, STEP, SWAP)
+        else:
+            _store_rows(O + b * stride_ob + (hk * R + rb * G_PAD) * stride_oh, stride_oh, acc0, acc1, inv,
+                        R - rb * G_PAD, G_PAD, W, STEP, SWAP)
+    elif NRB == 1:
         _store_partial(OP, LSEP, acc0, acc1, m_i, l_i, has, (bh * NSPLIT + split) * R, HEAD_D, R, G_PAD, W, STEP, SWAP)
+    else:
+        _store_partial(OP, LSEP, acc0, acc1, m_i, l_i, has, (bh * NSPLIT + split) * R + rb * G_PAD, HEAD_D,
+                       R - rb * G_PAD, G_PAD, W, STEP, SWAP)
     if FUSED and not DIRECT:
         _merge_last(OP, LSEP, O, CNT, bh, b, hk, stride_ob, stride_oh, NSPLIT, HEAD_D, R, G_P2, NS_PAD, NS_STEP)
 
@@ -875,9 +883,9 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
     Hkv = k_data.shape[1]
     if H % Hkv:
         raise ValueError(f"decode_attention: {H} query heads are not a multiple of {Hkv} kv heads")
-    if SQ * (H // Hkv) > DECODE_ROWS or SQ > seq_len:
+    if SQ * (H // Hkv) > SPLIT_ROWS or SQ > seq_len:
         raise ValueError(f"decode_attention: {SQ} query tokens of {H // Hkv} heads a kv head exceed the "
-                         f"{DECODE_ROWS} rows of one program (or the {seq_len} keys); use flash_attention")
+                         f"{SPLIT_ROWS} rows of the split kernels (or the {seq_len} keys); use flash_attention")
     if D & (D - 1) or D < 32:
         raise ValueError(f"decode_attention: head dim {D} must be a power of two >= 32 for the fused decode")
     ng = k_scale.shape[-1]
@@ -885,7 +893,8 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
     if group & (group - 1) or (bits == 4 and group < 32):
         raise ValueError(f"decode_attention: scale group {group} must be a power of two (>= 32 for int4)")
     G = H // Hkv
-    R = G * SQ  # rows of a program: (query head, token) pairs
+    R = G * SQ  # rows per kv head: (query head, token) pairs
+    nrb = cdiv(R, DECODE_ROWS)  # row blocks: a program takes at most DECODE_ROWS rows
     vblk = v_data.shape[-1] if v_data.dim() == 5 else 0  # tile-blocked values (see `_decode_split_vt`)
     fast = ((vblk or is_token_major(v_data)) and k_scale.dtype == torch.float16 and v_scale.dtype == torch.float16
             and k_data.stride(-1) == 1 and k_scale.stride() == v_scale.stride() and (bits == 4 or group == D))
@@ -899,20 +908,22 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
             late_q = bits == 4 and group < D  # at (32, 4096); int8 and int4 per token 1-9 % slower with it
         if int_mma and group != D:
             raise ValueError("decode_attention: int_mma on the token-major path needs one scale per token")
-        g_pad = g_pad or (max(8, next_pow2(R)) if swap else max(16, next_pow2(R)))
+        g_pad = g_pad or (max(8, next_pow2(min(R, DECODE_ROWS))) if swap else max(16, next_pow2(min(R, DECODE_ROWS))))
     else:
         swap = bool(swap)
         bn = block_n or 64
         num_warps = num_warps or 4
         num_stages = num_stages or (3 if bits == 8 else 2)
         programs_per_sm = programs_per_sm or 8
-        g_pad = max(16, next_pow2(R))
+        g_pad = max(16, next_pow2(min(R, DECODE_ROWS)))
         if int_mma is None:  # int8 tensor cores for QK^T where the scales allow it (one scale per token)
             int_mma = group == D and not swap
         if int_mma and (group != D or swap):
             raise ValueError("decode_attention: int_mma needs one scale per token per head and swap=False")
     dev = q.device
-    splits, chunk = _split_plan(seq_len, bn, B * Hkv, programs_per_sm, splits, dev)
+    if nrb > 1 and g_pad != next_pow2(DECODE_ROWS):
+        raise ValueError(f"decode_attention: g_pad {g_pad} for {R} rows in blocks of {DECODE_ROWS}")
+    splits, chunk = _split_plan(seq_len, bn, B * Hkv * nrb, programs_per_sm, splits, dev)
     op, lse, has_ranges, kv_start, kv_end = _partials(B * Hkv * splits * R, D, kv_start, kv_end, B, seq_len, dev)
     qk_scale = (scale if scale is not None else D ** -0.5) * math.log2(math.e)
     o = torch.empty(B, H, SQ, D, dtype=q.dtype, device=dev)  # = (B, H * SQ, D): R rows per kv head, stride D
@@ -920,9 +931,11 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
     if fast:
         if fused is None:  # one launch; with many splits the separate merge kernel is faster (RESULTS.md)
             fused = splits <= 16
+        direct = splits == 1 and (fused or nrb > 1)  # one chunk: each program stores its rows
+        fused = fused and nrb == 1  # the merge in the last program takes one block of rows
         g_p2 = next_pow2(R)
         ns_step = _merge_step(ns_pad, num_warps, g_p2, D)
-        grid = (splits, B * Hkv)
+        grid = (splits * nrb, B * Hkv)
         qst, kst, vst, sst, ost = q.stride(), k_data.stride(), v_data.stride(), k_scale.stride(), o.stride()
         args = (q, k_data, k_scale, v_data, v_scale, op, lse, kv_start, kv_end, o,
                 _counters(dev, B * Hkv) if fused else lse,
@@ -930,8 +943,8 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
                 sst[0], sst[1], sst[2], ost[0], D, H, Hkv, seq_len, k_data.shape[2], chunk, splits, qk_scale, qst[2])
         consts = dict(HEAD_D=D, G=G, G_PAD=g_pad, BLOCK_N=bn, BITS=bits, GROUP=group, HAS_RANGES=has_ranges,
                       IMMA=int_mma, SWAP=swap, FUSED=fused, G_P2=g_p2, NS_PAD=ns_pad, NS_STEP=ns_step,
-                      INTERP=_INTERPRET, DIRECT=fused and splits == 1, VBLK=vblk, LATE_Q=late_q, SQ=SQ,
-                      CAUSAL=causal and SQ > 1, num_warps=num_warps, num_stages=num_stages)
+                      INTERP=_INTERPRET, DIRECT=direct, VBLK=vblk, LATE_Q=late_q, SQ=SQ,
+                      CAUSAL=causal and SQ > 1, NRB=nrb, num_warps=num_warps, num_stages=num_stages)
         key = None
         if plans is not None and not torch.compiler.is_compiling():
             # what the slots (q, the fresh buffers, the ranges, seq_len, chunk, the scale) specialize
@@ -943,7 +956,7 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
                    has_ranges and (kv_start.data_ptr() % 16 == 0, kv_end.data_ptr() % 16 == 0))
         launch_remembered(plans, key, _decode_split_vt, grid, args, consts,
                           slots=(0, 5, 6, 7, 8, 9, 10, 26, 28, 30))
-        if fused:
+        if fused or direct:
             return o
     else:
         if _INTERPRET:
@@ -958,14 +971,14 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
             v_data = torch.empty_like(k_data).copy_(v_data)
         if v_scale.stride() != k_scale.stride():
             v_scale = torch.empty_like(k_scale).copy_(v_scale)
-        _decode_split[(splits, B * Hkv)](
+        _decode_split[(splits * nrb, B * Hkv)](
             q, k_data, k_scale, v_data, v_scale, op, lse, kv_start, kv_end, o, lse,
             q.stride(0), q.stride(1), q.stride(2), k_data.stride(0), k_data.stride(1), k_data.stride(2),
             k_scale.stride(0), k_scale.stride(1), k_scale.stride(2), o.stride(0), D,
             H, Hkv, seq_len, chunk, splits, qk_scale,
             HEAD_D=D, G=G, G_PAD=g_pad, BLOCK_N=bn, BITS=bits, GROUP=group, E8M0=k_scale.dtype == torch.uint8,
             HAS_RANGES=has_ranges, DT=dt, SWAP=swap, IMMA=int_mma, INTERP=_INTERPRET, SQ=SQ,
-            CAUSAL=causal and SQ > 1, num_warps=num_warps, num_stages=num_stages)
+            CAUSAL=causal and SQ > 1, NRB=nrb, num_warps=num_warps, num_stages=num_stages)
     _decode_reduce[(B * H * SQ,)](op, lse, o, o.stride(0), D, Hkv, splits,
                                   HEAD_D=D, G=R, NS_PAD=ns_pad, num_warps=4)
     return o
@@ -979,28 +992,6 @@ _FLOAT_PLANS: dict = {}
 # to (32, 4096) and (1, 32768)), the one within 5 % of each shape's best except (1, 512) (12 %); with
 # more than 16 rows (query heads x tokens) a program, 4 warps
 FLOAT_DECODE_CONFIG = (64, 2, 3, 8)
-
-# rows (query heads of a kv head x query tokens) up to which `decode_attention_float` takes a float
-# cache, in blocks of DECODE_ROWS rows: a prompt continuing a cache (multi-turn chat, chunked prefill);
-# `flash_attention` sends such calls here where `float_split_wins`
-FLOAT_SPLIT_ROWS = 512
-
-
-def float_split_wins(batch: int, rows: int, keys: int) -> bool:
-    """Whether the split kernel beats the prefill kernel for `rows` query rows per kv head (heads x
-    tokens) over `keys` keys: always for up to DECODE_ROWS rows (one program's), else for long
-    caches with few rows in all, where the prefill kernel's (query block, batch, head) programs
-    leave most SMs idle. H200, GQA 32/8, D = 128 (RESULTS.md, session 33): the split kernel was
-    1.24x-3.2x faster up to batch x rows = 256 at 4096 keys and 512 at 16384, 0.45x-0.93x beyond.
-
-    Example:
-        >>> float_split_wins(1, 128, 16384), float_split_wins(4, 128, 4096), float_split_wins(4, 64, 512)
-        (True, False, True)
-    """
-    if rows <= DECODE_ROWS:
-        return True
-    return rows <= FLOAT_SPLIT_ROWS and keys >= 4096 and batch * rows <= (512 if keys >= 16384 else 256)
-
 
 def float_decode_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_rows: int = DECODE_ROWS) -> bool:
     """Whether `decode_attention_float` takes these inputs: a few query tokens (the group's query
@@ -1021,9 +1012,9 @@ def decode_attention_float(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                            splits: int | None = None, swap: bool = False, fused: bool | None = None) -> torch.Tensor:
     """Flash-decoding over a float (bf16 / fp16) KV cache: q (B, H, Sq, D) against k / v (B, Hkv, Sk, D)
     for one or a few query tokens (Sq * H / Hkv <= `DECODE_ROWS`: decoding, speculative decoding's
-    draft tokens; up to `FLOAT_SPLIT_ROWS` in blocks of `DECODE_ROWS`: a prompt continuing a cache); returns (B, H, Sq, D) in q's dtype; `causal` aligned to the end of the keys, as
-    `flash_attention`'s. (The prefill kernel, which `flash_attention` ran for such calls before,
-    has one program per query head over the whole cache: B * H programs, 32 of an H100's 132 SMs for
+    draft tokens; up to `SPLIT_ROWS` in blocks of `DECODE_ROWS`: a prompt continuing a cache);
+    returns (B, H, Sq, D) in q's dtype; `causal` aligned to the end of the keys, as `flash_attention`'s.
+    (The prefill kernel, which `flash_attention` ran for such calls before, has one program per query head over the whole cache: B * H programs, 32 of an H100's 132 SMs for
     one Llama-3-8B sequence, each kv head read once per query head of its group.) Here the cache is
     cut into chunks along the sequence, one program per (chunk, batch, kv head) reads its chunk once
     for the group's query heads (`_decode_split` with BITS 16; its rows are the (query head, token)
@@ -1039,9 +1030,9 @@ def decode_attention_float(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     Example (GPU):
         >>> o = decode_attention_float(q, k_cache, v_cache)                  # doctest: +SKIP
     """
-    if not float_decode_ok(q, k, v, FLOAT_SPLIT_ROWS):
+    if not float_decode_ok(q, k, v, SPLIT_ROWS):
         raise ValueError("decode_attention_float: needs q (B, H, Sq, D) with Sq * H / Hkv <= "
-                         f"{FLOAT_SPLIT_ROWS}, Sq <= Sk, D a power of two in 32..256, bf16 / fp16 q, k, v of one "
+                         f"{SPLIT_ROWS}, Sq <= Sk, D a power of two in 32..256, bf16 / fp16 q, k, v of one "
                          f"dtype and unit stride along D; got q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} {k.dtype}")
     return run_float_decode(q, k, v, causal=causal, scale=scale, kv_start=kv_start, kv_end=kv_end, config=config,
                             splits=splits, swap=swap, fused=fused)
