@@ -464,6 +464,8 @@ def test_split_kernel_wins_where_the_prefill_kernel_underfills():
     assert split_kernel_wins(1, 512, 16384) and not split_kernel_wins(1, 1024, 16384)
     assert split_kernel_wins(4, 128, 16384) and not split_kernel_wins(4, 128, 4096)
     assert not split_kernel_wins(1, 128, 2048)  # short caches: the prefill kernel (not measured there)
+    # a quantized cache: each block of rows decodes the tiles again, so at most 4 blocks
+    assert split_kernel_wins(1, 256, 16384, quantized=True) and not split_kernel_wins(1, 512, 16384, quantized=True)
 
 
 HOPPER = CUDA and torch.cuda.get_device_capability()[0] == 9
