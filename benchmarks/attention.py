@@ -318,30 +318,42 @@ def decode(args, rows: list) -> None:
         torch.cuda.empty_cache()
 
 
+def _causal_case(B: int, S: int, SQ: int, H: int, HKV: int, D: int, dt: torch.dtype):
+    """SQ query tokens against S cached keys on a bf16 / fp16 cache, causal aligned to the end:
+    (copies, ks, vs, qs, sdpa): enough copies of the cache to rotate past the L2, and SDPA given
+    the causal mask as a tensor (its `is_causal` aligns to the top left), a call on copy n."""
+    dev = "cuda"
+    copies = max(2, math.ceil(3 * torch.cuda.get_device_properties(0).L2_cache_size / (2 * B * HKV * S * D * 2)))
+    g = torch.Generator(device=dev).manual_seed(B * S + SQ)
+    ks = [torch.randn(B, HKV, S, D, device=dev, dtype=dt, generator=g) for _ in range(copies)]
+    vs = [torch.randn(B, HKV, S, D, device=dev, dtype=dt, generator=g) for _ in range(copies)]
+    qs = [torch.randn(B, H, SQ, D, device=dev, dtype=dt, generator=g) for _ in range(copies)]
+    j, i = torch.arange(S, device=dev), torch.arange(SQ, device=dev)
+    mask = (j[None, :] <= i[:, None] + (S - SQ))[None, None]
+
+    def sdpa(n: int) -> torch.Tensor:
+        return F.scaled_dot_product_attention(qs[n % copies], ks[n % copies], vs[n % copies], attn_mask=mask,
+                                              enable_gqa=True)
+
+    return copies, ks, vs, qs, sdpa
+
+
 def drafts(args, rows: list) -> None:
     """A few query tokens at once on a float cache (speculative decoding's draft tokens; causal,
     aligned to the end of the cache): lowbit's flash-decoding (`decode_attention_float`, what
     `flash_attention` runs there) vs the prefill kernel (what it ran before) vs SDPA with the causal
     mask as a tensor (its `is_causal` aligns to the top left). GQA 32/8, D = 128; CUDA graph, median
     of 3 interleaved rounds."""
-    dev, dt = "cuda", getattr(torch, args.dtype)
+    dt = getattr(torch, args.dtype)
     H, HKV, D = 32, 8, 128
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
     print(f"\ndraft tokens on a float cache: GQA {H}/{HKV}, D = {D}, causal, {args.dtype}; microseconds per call")
     print(f"{'B':>3} {'S':>6} {'Sq':>3} {'SDPA+mask':>10} {'prefill':>8} {'lowbit':>8} {'x SDPA':>7} {'x prefill':>9} "
           f"{'err':>9}")
     for B, S in args.decode_shapes:
         for SQ in args.draft_tokens:
-            copies = max(2, math.ceil(3 * l2 / (2 * B * HKV * S * D * 2)))
-            g = torch.Generator(device=dev).manual_seed(B * S + SQ)
-            ks = [torch.randn(B, HKV, S, D, device=dev, dtype=dt, generator=g) for _ in range(copies)]
-            vs = [torch.randn(B, HKV, S, D, device=dev, dtype=dt, generator=g) for _ in range(copies)]
-            qs = [torch.randn(B, H, SQ, D, device=dev, dtype=dt, generator=g) for _ in range(copies)]
-            j, i = torch.arange(S, device=dev), torch.arange(SQ, device=dev)
-            mask = (j[None, :] <= i[:, None] + (S - SQ))[None, None]
+            copies, ks, vs, qs, sdpa = _causal_case(B, S, SQ, H, HKV, D, dt)
             cands = {
-                "sdpa": lambda n: F.scaled_dot_product_attention(qs[n % copies], ks[n % copies], vs[n % copies],
-                                                                 attn_mask=mask, enable_gqa=True),
+                "sdpa": sdpa,
                 "prefill": lambda n: flash_attention_triton(qs[n % copies], ks[n % copies], vs[n % copies], causal=True),
                 "lowbit": lambda n: decode_attention_float(qs[n % copies], ks[n % copies], vs[n % copies], causal=True)}
             times = {key: [] for key in cands}
@@ -355,7 +367,7 @@ def drafts(args, rows: list) -> None:
                          "err": err})
             print(f"{B:>3} {S:>6} {SQ:>3} {med['sdpa']:>10.1f} {med['prefill']:>8.1f} {med['lowbit']:>8.1f} "
                   f"{med['sdpa'] / med['lowbit']:>6.2f}x {med['prefill'] / med['lowbit']:>8.2f}x {err:>9.2e}")
-            del ks, vs, qs
+            del ks, vs, qs, sdpa, cands
             torch.cuda.empty_cache()
 
 
@@ -371,25 +383,17 @@ def continuing(args, rows: list) -> None:
     from lowbit.attention import flash_attention
     from lowbit.attention.triton_decode import SPLIT_ROWS, split_kernel_wins, run_float_decode
 
-    dev, dt = "cuda", getattr(torch, args.dtype)
+    dt = getattr(torch, args.dtype)
     H, HKV, D = 32, 8, 128
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
     print(f"\na prompt continuing a float cache: GQA {H}/{HKV}, D = {D}, causal, {args.dtype}; microseconds per call")
     print(f"{'B':>3} {'Sk':>6} {'Sq':>5} {'rows':>5} {'SDPA+mask':>10} {'prefill':>8} {'split':>8} {'lowbit':>8} "
           f"{'x SDPA':>7} {'x prefill':>9} {'err':>9}  chosen  {'int8: dequant+fa':>16} {'split':>7} {'x':>6}")
     for B, S in args.decode_shapes:
         for SQ in args.continue_tokens:
-            copies = max(2, math.ceil(3 * l2 / (2 * B * HKV * S * D * 2)))
-            g = torch.Generator(device=dev).manual_seed(B * S + SQ)
-            ks = [torch.randn(B, HKV, S, D, device=dev, dtype=dt, generator=g) for _ in range(copies)]
-            vs = [torch.randn(B, HKV, S, D, device=dev, dtype=dt, generator=g) for _ in range(copies)]
-            qs = [torch.randn(B, H, SQ, D, device=dev, dtype=dt, generator=g) for _ in range(copies)]
-            j, i = torch.arange(S, device=dev), torch.arange(SQ, device=dev)
-            mask = (j[None, :] <= i[:, None] + (S - SQ))[None, None]
+            copies, ks, vs, qs, sdpa = _causal_case(B, S, SQ, H, HKV, D, dt)
             rows_kv = SQ * H // HKV
             cands = {
-                "sdpa": lambda n: F.scaled_dot_product_attention(qs[n % copies], ks[n % copies], vs[n % copies],
-                                                                 attn_mask=mask, enable_gqa=True),
+                "sdpa": sdpa,
                 "prefill": lambda n: flash_attention_triton(qs[n % copies], ks[n % copies], vs[n % copies], causal=True),
                 "lowbit": lambda n: flash_attention(qs[n % copies], ks[n % copies], vs[n % copies], causal=True)}
             if rows_kv <= SPLIT_ROWS:
@@ -423,7 +427,7 @@ def continuing(args, rows: list) -> None:
             print(f"{B:>3} {S:>6} {SQ:>5} {rows_kv:>5} {med['sdpa']:>10.1f} {med['prefill']:>8.1f} {split} "
                   f"{med['lowbit']:>8.1f} {med['sdpa'] / med['lowbit']:>6.2f}x {med['prefill'] / med['lowbit']:>8.2f}x "
                   f"{err:>9.2e}  {chosen:7s}{q8col}", flush=True)
-            del ks, vs, qs
+            del ks, vs, qs, sdpa, cands
             q8 = None
             torch.cuda.empty_cache()
 
