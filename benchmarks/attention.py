@@ -318,6 +318,16 @@ def decode(args, rows: list) -> None:
         torch.cuda.empty_cache()
 
 
+def _interleaved_medians(cands: dict, n_calls: int, rounds: int = 3) -> dict:
+    """Microseconds per call of each candidate (fn(i), `n_calls` calls in a CUDA graph), timed in
+    `rounds` interleaved rounds; the medians by name."""
+    times: dict = {key: [] for key in cands}
+    for _ in range(rounds):
+        for key, fn in cands.items():
+            times[key].append(_graph_time_us(fn, n_calls))
+    return {key: statistics.median(t) for key, t in times.items()}
+
+
 def _causal_case(B: int, S: int, SQ: int, H: int, HKV: int, D: int, dt: torch.dtype):
     """SQ query tokens against S cached keys on a bf16 / fp16 cache, causal aligned to the end:
     (copies, ks, vs, qs, sdpa): enough copies of the cache to rotate past the L2, and SDPA given
@@ -356,11 +366,7 @@ def drafts(args, rows: list) -> None:
                 "sdpa": sdpa,
                 "prefill": lambda n: flash_attention_triton(qs[n % copies], ks[n % copies], vs[n % copies], causal=True),
                 "lowbit": lambda n: decode_attention_float(qs[n % copies], ks[n % copies], vs[n % copies], causal=True)}
-            times = {key: [] for key in cands}
-            for _ in range(3):
-                for key, fn in cands.items():
-                    times[key].append(_graph_time_us(fn, 4 * copies))
-            med = {key: statistics.median(t) for key, t in times.items()}
+            med = _interleaved_medians(cands, 4 * copies)
             ref = attention_reference(qs[0].float(), ks[0].float(), vs[0].float(), causal=True)
             err = rel_err(cands["lowbit"](0), ref)
             rows.append({"kind": "drafts", "B": B, "S": S, "Sq": SQ, **{f"{k}_us": v for k, v in med.items()},
@@ -409,11 +415,7 @@ def continuing(args, rows: list) -> None:
                 cands["q8_before"] = dequant_fa
                 cands["q8_split"] = lambda n: decode_attention_triton(qs[n % copies], *q8[n % copies][:4], S, bits=8,
                                                                       causal=True)
-            times = {key: [] for key in cands}
-            for _ in range(3):
-                for key, fn in cands.items():
-                    times[key].append(_graph_time_us(fn, 2 * copies))
-            med = {key: statistics.median(t) for key, t in times.items()}
+            med = _interleaved_medians(cands, 2 * copies)
             err = float("nan")
             if B * SQ * S <= 1 << 26:
                 ref = attention_reference(qs[0].float(), ks[0].float(), vs[0].float(), causal=True)
@@ -480,11 +482,7 @@ def quantized_drafts(args, rows: list) -> None:
                 for c, kw in enumerate(extra):
                     cands[f"cfg{c}"] = lambda n, kw=kw: decode_attention_triton(
                         qs[n % copies], *planes[n % copies][:2], *planes[n % copies][3:], S, bits=bits, causal=True, **kw)
-                times = {key: [] for key in cands}
-                for _ in range(3):
-                    for key, fn in cands.items():
-                        times[key].append(_graph_time_us(fn, 4 * copies))
-                med = {key: statistics.median(t) for key, t in times.items()}
+                med = _interleaved_medians(cands, 4 * copies)
                 kd, ksc, vd, _, vsc = planes[0]
                 ref = attention_reference(qs[0].float(), dequantize_kv(kd, ksc, bits, D), dequantize_kv(vd, vsc, bits, D),
                                           causal=True)
