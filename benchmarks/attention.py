@@ -328,11 +328,10 @@ def _interleaved_medians(cands: dict, n_calls: int, rounds: int = 3) -> dict:
     return {key: statistics.median(t) for key, t in times.items()}
 
 
-def _causal_case(B: int, S: int, SQ: int, H: int, HKV: int, D: int, dt: torch.dtype):
+def _causal_case(B: int, S: int, SQ: int, H: int, HKV: int, D: int, dt: torch.dtype, dev: str = "cuda"):
     """SQ query tokens against S cached keys on a bf16 / fp16 cache, causal aligned to the end:
     (copies, ks, vs, qs, sdpa): enough copies of the cache to rotate past the L2, and SDPA given
     the causal mask as a tensor (its `is_causal` aligns to the top left), a call on copy n."""
-    dev = "cuda"
     copies = max(2, math.ceil(3 * torch.cuda.get_device_properties(0).L2_cache_size / (2 * B * HKV * S * D * 2)))
     g = torch.Generator(device=dev).manual_seed(B * S + SQ)
     ks = [torch.randn(B, HKV, S, D, device=dev, dtype=dt, generator=g) for _ in range(copies)]
