@@ -90,7 +90,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 def decode_attention(q: torch.Tensor, layer, *, scale: float | None = None, kv_start: torch.Tensor | None = None,
                      kv_end: torch.Tensor | None = None, owner: str = "attention", causal: bool = False) -> torch.Tensor:
     """One or a few query tokens per sequence, q (B, H, Sq, D), against a `LowbitKVLayer`'s planes
-    (`causal` aligned to the end of the cache; Sq * H / Hkv <= 64 on the fused kernel)."""
+    (`causal` aligned to the end of the cache; on the fused kernels Sq * H / Hkv <= 64 rows a
+    program, up to `reference.SPLIT_ROWS` in blocks of 64)."""
     if getattr(layer, "fused", False) and choose_backend(q.device, q.dtype, q.shape[-1], owner) == "triton":
         from .triton_decode import decode_attention_triton
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _count, choose_backend, decode_attention, flash_attention
-from .reference import SPLIT_ROWS, attention_mask_from_ranges, split_kernel_wins
+from .reference import attention_mask_from_ranges, split_kernel_wins
 
 NAME = "lowbit"
 
@@ -92,7 +92,7 @@ def lowbit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         ok, start, end = _ranges(attention_mask, B, Sq, Sk, causal)
         rows = Sq * H // key.shape[1]  # query rows per kv head
         # a few new tokens, or a short prompt continuing a long cache: the planes as they are
-        if ok and dropout == 0.0 and rows <= SPLIT_ROWS and split_kernel_wins(B, rows, Sk, quantized=True):
+        if ok and dropout == 0.0 and split_kernel_wins(B, rows, Sk, quantized=True):
             out = decode_attention(query, layer, scale=scaling, kv_start=start, kv_end=end, owner=owner,
                                    causal=causal)
             return out.transpose(1, 2).contiguous(), None

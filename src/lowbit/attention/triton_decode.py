@@ -908,7 +908,7 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
             late_q = bits == 4 and group < D  # at (32, 4096); int8 and int4 per token 1-9 % slower with it
         if int_mma and group != D:
             raise ValueError("decode_attention: int_mma on the token-major path needs one scale per token")
-        g_pad = g_pad or (max(8, next_pow2(min(R, DECODE_ROWS))) if swap else max(16, next_pow2(min(R, DECODE_ROWS))))
+        g_pad = g_pad or max(8 if swap else 16, next_pow2(min(R, DECODE_ROWS)))
     else:
         swap = bool(swap)
         bn = block_n or 64
@@ -993,6 +993,7 @@ _FLOAT_PLANS: dict = {}
 # more than 16 rows (query heads x tokens) a program, 4 warps
 FLOAT_DECODE_CONFIG = (64, 2, 3, 8)
 
+
 def float_decode_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_rows: int = DECODE_ROWS) -> bool:
     """Whether `decode_attention_float` takes these inputs: a few query tokens (the group's query
     heads times the tokens at most `max_rows`), no more than the keys, a power-of-two head
@@ -1014,8 +1015,9 @@ def decode_attention_float(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     for one or a few query tokens (Sq * H / Hkv <= `DECODE_ROWS`: decoding, speculative decoding's
     draft tokens; up to `SPLIT_ROWS` in blocks of `DECODE_ROWS`: a prompt continuing a cache);
     returns (B, H, Sq, D) in q's dtype; `causal` aligned to the end of the keys, as `flash_attention`'s.
-    (The prefill kernel, which `flash_attention` ran for such calls before, has one program per query head over the whole cache: B * H programs, 32 of an H100's 132 SMs for
-    one Llama-3-8B sequence, each kv head read once per query head of its group.) Here the cache is
+    (The prefill kernel, which `flash_attention` ran for such calls before, has one program per query
+    head over the whole cache: B * H programs, 32 of an H100's 132 SMs for one Llama-3-8B sequence,
+    each kv head read once per query head of its group.) Here the cache is
     cut into chunks along the sequence, one program per (chunk, batch, kv head) reads its chunk once
     for the group's query heads (`_decode_split` with BITS 16; its rows are the (query head, token)
     pairs), and the chunks are merged (`_merge_last` or `_decode_reduce`).
