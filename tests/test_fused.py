@@ -83,8 +83,10 @@ def test_fused_members_under_inference_mode():
 
 def test_members_that_differ_are_left_alone():
     m = _attn(fmts=("int8", "int4", "int8"))
-    assert fuse_projections(m) == []
+    skipped: dict = {}
+    assert fuse_projections(m, skipped=skipped) == []
     assert isinstance(m.k_proj, QuantLinear)
+    assert skipped == {"q_proj+k_proj+v_proj": "formats differ: int4, int8"}  # says why, for a mixed recipe
 
 
 def test_fused_llama_gives_the_unfused_logits_and_moves_with_the_model():

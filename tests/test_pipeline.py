@@ -118,12 +118,26 @@ def test_profile_with_fused_projections_measures_a_fused_copy(tmp_path):
     assert prof.decode_tokens_per_s > 0 and not any(isinstance(m, (FusedSlice, GatedMLP)) for m in model.modules())
     assert type(model.model.layers[0].mlp).__name__ == "LlamaMLP"  # the gated MLP unfused too
     assert not any("q_proj_k_proj_v_proj" in n for n, _ in model.named_modules())  # fused in place, unfused after
+    assert prof.not_fused == {}
+    mixed = tiny_llama()  # a mixed-precision recipe: one group cannot be joined, and the profile says why
+    lowbit.quantize(mixed, {"global": "int8", "names": {"model.layers.1.self_attn.k_proj": "int4"}}, progress=False)
+    prof = lowbit.profile(mixed, batch_sizes=(1,), repeats=1, seq_len=8, decode_tokens=2, fuse=True)
+    assert prof.not_fused == {"model.layers.1.self_attn.q_proj+k_proj+v_proj": "formats differ: int4, int8"}
+    assert len(prof.fused) == 3
     from lowbit import package
 
     pkg = package.save(model, tmp_path / "pkg")
     assert cli.main(["profile", str(pkg), "--no-baseline", "--fuse", "--batch-sizes", "1", "--repeats", "2",
                      "--decode-tokens", "2", "--json", str(tmp_path / "p.json")]) == 0
     assert len(json.loads((tmp_path / "p.json").read_text())["fused"]) == 4
+
+
+def test_fusion_line_names_a_group_left_apart_and_why():
+    from lowbit.pipeline import fusion_line
+
+    assert fusion_line({"fused": ["a", "b"], "not_fused": {}}) == "   fused 2 group(s)"
+    line = fusion_line({"fused": [], "not_fused": {"m.q_proj+k_proj+v_proj": "formats differ: int4, int8", "x": "y"}})
+    assert line == "   fused 0 group(s); left apart 2, e.g. m.q_proj+k_proj+v_proj: formats differ: int4, int8"
 
 
 @pytest.mark.slow

@@ -42,6 +42,22 @@ def eval_data(src, n_seqs: int = 16, seq_len: int = 256, n_sentences: int = 128)
     raise ValueError(f"{src.name}: no built-in evaluation data for kind {src.kind!r}; pass data= explicitly")
 
 
+
+def fusion_line(prof: dict) -> str:
+    """The report line of a profile measured with fused projections: how many groups were joined,
+    and which were left apart and why (e.g. a mixed-precision recipe's members of two formats).
+
+    Example:
+        >>> fusion_line({"fused": ["a.q_proj+k_proj+v_proj"], "not_fused": {"b.q_proj+k_proj+v_proj": "formats differ"}})
+        '   fused 1 group(s); left apart 1, e.g. b.q_proj+k_proj+v_proj: formats differ'
+    """
+    nf = prof.get("not_fused") or {}
+    line = f"   fused {len(prof.get('fused') or [])} group(s)"
+    if nf:
+        name, why = next(iter(nf.items()))
+        line += f"; left apart {len(nf)}, e.g. {name}: {why}"
+    return line
+
 def run(source: Any = "smollm2", recipes: list[str] | tuple[str, ...] = ("int8",), output: str | Path | None = None,
         *, data=None, n_seqs: int = 16, seq_len: int = 256, profile_model: bool = True,
         log: Callable[[str], None] = print, progress: bool = True, attention: str | None = None,
@@ -131,6 +147,8 @@ def run(source: Any = "smollm2", recipes: list[str] | tuple[str, ...] = ("int8",
                            decode_tokens=16, dtype=profile_dtype, fuse=profile_fuse).to_dict()
             log(f"5. profile  {recipe.name} in {time.perf_counter() - t1:.1f}s" +
                 (f": decode {prof['decode_tokens_per_s']:.1f} tok/s" if prof.get("decode_tokens_per_s") else ""))
+            if profile_fuse:
+                log(fusion_line(prof))
             if prof.get("attention_placement"):
                 log("   attention ran: " + ", ".join(f"{b} in {n} layer(s)" for b, n in prof["attention_placement"].items()))
             if prof.get("fallbacks"):

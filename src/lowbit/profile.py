@@ -46,6 +46,7 @@ class ProfileResult:
     fallbacks: list[str] = field(default_factory=list)
     regressions: list[str] = field(default_factory=list)
     fused: list[str] = field(default_factory=list)  # groups joined by `fuse=True` (lowbit.nn.fuse_projections)
+    not_fused: dict[str, str] = field(default_factory=dict)  # groups `fuse=True` left apart -> why
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -136,13 +137,14 @@ def profile(model_or_pkg: nn.Module | str | Path, *, example: torch.Tensor | dic
     if fuse and isinstance(model_or_pkg, nn.Module) and dtype is None:
         from .nn import fuse_projections, unfuse_projections
 
-        names = fuse_projections(model_or_pkg, gated_mlp=True)
+        skipped: dict[str, str] = {}
+        names = fuse_projections(model_or_pkg, gated_mlp=True, skipped=skipped)
         try:
             res = profile(model_or_pkg, example=example, task=task, batch_sizes=batch_sizes, seq_len=seq_len,
                           decode_tokens=decode_tokens, repeats=repeats, device=device, compare=compare)
         finally:
             unfuse_projections(model_or_pkg)
-        res.fused = names
+        res.fused, res.not_fused = names, skipped
         return res
     res = ProfileResult(device=device or "cpu")
     if isinstance(model_or_pkg, (str, Path)):
@@ -166,7 +168,7 @@ def profile(model_or_pkg: nn.Module | str | Path, *, example: torch.Tensor | dic
     if fuse:
         from .nn import fuse_projections
 
-        res.fused = fuse_projections(model, gated_mlp=True)
+        res.fused = fuse_projections(model, gated_mlp=True, skipped=res.not_fused)
     res.dtype = str(next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)).replace("torch.", "")
     is_lm = task == "causal_lm" or (task == "auto" and type(model).__name__.endswith("ForCausalLM"))
     vocab = getattr(getattr(model, "config", None), "vocab_size", 1000)

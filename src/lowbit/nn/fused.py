@@ -173,7 +173,7 @@ def _join(mods: list[nn.Module]) -> nn.Module:
 
 
 def fuse_projections(model: nn.Module, groups: tuple[tuple[str, ...], ...] = DEFAULT_GROUPS,
-                     gated_mlp: bool = False) -> list[str]:
+                     gated_mlp: bool = False, skipped: dict[str, str] | None = None) -> list[str]:
     """Fuse each group of sibling layers (children of one module with these names, e.g. q_proj /
     k_proj / v_proj) into one joined matmul; returns the fused groups' names. The members must be
     all `QuantLinear`s of one format, or all float `nn.Linear`s of one dtype (the float model, for
@@ -182,6 +182,8 @@ def fuse_projections(model: nn.Module, groups: tuple[tuple[str, ...], ...] = DEF
     `gated_mlp`: first replace quantized gated MLPs (Llama family) by `lowbit.nn.gated.GatedMLP`, whose
     joined gate / up matmul applies silu(gate) * up in its epilogue (one launch fewer per layer at
     batch 1 on CUDA); their names end in "gate_proj+up_proj" like the plain fusion's.
+    `skipped` (a dict): filled with the groups whose members are all there but were left as they
+    are, name -> why (e.g. "formats differ: int4, int8" in a mixed-precision model).
 
     Example: see the module docstring (`lowbit.nn.fused`)."""
     done = []
@@ -192,10 +194,15 @@ def fuse_projections(model: nn.Module, groups: tuple[tuple[str, ...], ...] = DEF
     for pname, parent in list(model.named_modules()):
         for names in groups:
             mods = [getattr(parent, n, None) for n in names]
-            if any(m is None for m in mods) or _joinable(mods) is not None:
+            if any(m is None for m in mods):
+                continue
+            label = "+".join(names)
+            why = _joinable(mods)
+            if why is not None:
+                if skipped is not None and not any(isinstance(m, FusedSlice) for m in mods):
+                    skipped[f"{pname}.{label}" if pname else label] = why
                 continue
             joined = _join(mods)
-            label = "+".join(names)
             joined._lowbit_name = f"{pname}.{label}" if pname else label
             parent.add_module(label.replace("+", "_"), joined)
             shared, start = _Shared(), 0
