@@ -42,7 +42,6 @@ def eval_data(src, n_seqs: int = 16, seq_len: int = 256, n_sentences: int = 128)
     raise ValueError(f"{src.name}: no built-in evaluation data for kind {src.kind!r}; pass data= explicitly")
 
 
-
 def fusion_line(prof: dict) -> str:
     """The report line of a profile measured with fused projections: how many groups were joined,
     and which were left apart and why (e.g. a mixed-precision recipe's members of two formats).
@@ -57,6 +56,7 @@ def fusion_line(prof: dict) -> str:
         name, why = next(iter(nf.items()))
         line += f"; left apart {len(nf)}, e.g. {name}: {why}"
     return line
+
 
 def run(source: Any = "smollm2", recipes: list[str] | tuple[str, ...] = ("int8",), output: str | Path | None = None,
         *, data=None, n_seqs: int = 16, seq_len: int = 256, profile_model: bool = True,
