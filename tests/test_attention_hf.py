@@ -117,12 +117,12 @@ def test_a_few_new_tokens_at_once_on_the_int8_cache(gen, new, monkeypatch):
     chunked prompt): they attend to the quantized planes through the decode kernel on GPU (no
     dequantized copy of the cache), causally among themselves, and their logits stay close to the
     float model's for the same positions. 40 tokens: more rows than one program's, in blocks, where
-    `split_kernel_wins` sends them (forced here: the rule wants a cache of 4096+ keys)."""
+    `split_kernel_wins` sends them (forced here: the rule wants a cache of 512+ keys)."""
     from lowbit.attention import hf
     from lowbit.attention.evaluate import cache_kwarg
     from lowbit.attention.kv_cache import LowbitKVCache
 
-    monkeypatch.setattr(hf, "split_kernel_wins", lambda *a: True)
+    monkeypatch.setattr(hf, "split_kernel_wins", lambda *a, **kw: True)
     model = _llama()
     ids = torch.randint(1, 300, (2, 20 + new), generator=gen).to(DEV)
     ref = model(input_ids=ids).logits

@@ -333,6 +333,12 @@ def test_decode_fast_config_small_batches_get_more_smaller_programs():
     assert cfg(4, True, 2, 8192) == (64, 1, 3, 8) and cfg(8, True, 2, 8192) == (128, 2, 3, 2)
     assert cfg(8, True, 1, 1024, bn=32, w=4, st=2, pps=3) == (32, 4, 2, 3)
     assert cfg(8, True, 1, 1024, bn=128) == (128, 1, 3, 8)
+    # more than 8 rows a program (a few tokens of each head): 4 warps for int8, with 64-token tiles
+    # where 128-token ones would give fewer programs than SMs; int4 64 / 2
+    assert _fast_config(8, True, 8, 1024, 132, None, None, None, None, 64) == (64, 4, 3, 8)
+    assert _fast_config(8, True, 8, 8192, 132, None, None, None, None, 32) == (128, 4, 3, 8)
+    assert _fast_config(8, True, 64, 8192, 132, None, None, None, None, 64) == (128, 4, 3, 2)
+    assert _fast_config(4, True, 64, 8192, 132, None, None, None, None, 64) == (64, 2, 3, 4)
 
 
 @pytest.mark.parametrize("Sq,S,D,H,Hkv,causal,swap,splits,fused", [
@@ -399,8 +405,9 @@ def test_quantized_decode_with_a_few_query_tokens(gen, bits, group, scale_dtype,
     fast = []
     real = triton_decode.launch_remembered
     monkeypatch.setattr(triton_decode, "launch_remembered", lambda *a, **kw: fast.append(1) or real(*a, **kw))
-    # (more than 64 rows: no merge in the last program, so (3, None) already takes the merge kernel)
-    variants = ((3, None), (1, None)) + (((3, False),) if 4 * Sq <= 64 else ())
+    # three chunks merged in the last program and by the merge kernel (more than 64 rows: never in
+    # the last program, so (3, None) already takes the merge kernel)
+    variants = ((3, True), (3, False), (1, None)) if 4 * Sq <= 64 else ((3, None), (1, None))
     for ranges in ({}, {"kv_start": start, "kv_end": end}):
         ref = attention_reference(q.float(), kq, vq, causal=causal, **ranges)
         for splits, fused in variants:
@@ -412,6 +419,33 @@ def test_quantized_decode_with_a_few_query_tokens(gen, bits, group, scale_dtype,
     assert len(fast) == (2 * len(variants) if scale_dtype == "fp16" else 0)
     with pytest.raises(ValueError, match="rows of the split kernels"):
         decode_attention_triton(q.repeat(1, 1, 200 // Sq + 1, 1), kd, ks, vplane, vs, S, bits=bits)
+
+
+def test_decode_merges_in_the_last_program_where_the_partial_rows_are_few(gen, monkeypatch):
+    """The fast path's default merge: in the last program of each (batch, kv head) while splits x rows
+    <= 64 (one token of 4 heads over 4 chunks), by the merge kernel beyond (8 tokens of 4 heads:
+    one program merging 128 partial rows: up to 1.7x slower on an H200, RESULTS.md session 34)."""
+    from lowbit.attention import triton_decode
+    from lowbit.attention.reference import block_tokens
+    from lowbit.attention.triton_decode import decode_attention_triton
+
+    reduce_grids = []
+    real = triton_decode._decode_reduce
+
+    class Spy:
+        def __getitem__(self, grid):
+            reduce_grids.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(triton_decode, "_decode_reduce", Spy())
+    B, H, Hkv, D, S = 1, 8, 2, 64, 256
+    for Sq, merge_kernel in ((1, False), (8, True)):
+        q, k, v = _qkv(gen, B, H, Hkv, Sq, S, D, DTYPES[0])
+        (kd, ks), (vd, vs) = quantize_kv(k, 8), quantize_kv(v, 8)
+        reduce_grids.clear()
+        out = decode_attention_triton(q, kd, ks, block_tokens(vd), vs, S, bits=8, causal=True, splits=4)
+        ref = attention_reference(q.float(), dequantize_kv(kd, ks, 8, D), dequantize_kv(vd, vs, 8, D), causal=True)
+        assert _rel(out, ref) < 1e-2 and len(reduce_grids) == int(merge_kernel), (Sq, reduce_grids)
 
 
 def test_float_decode_takes_values_with_other_strides(gen):
@@ -449,7 +483,7 @@ def test_flash_attention_sends_a_few_query_tokens_to_the_float_decode(gen, monke
             assert _rel(out, attention_reference(q.float(), k.float(), v.float(), causal=True, kv_end=end)) < TOL
         # 80 rows over 43 keys stay on the prefill kernel (`split_kernel_wins`); where the rule lets
         # them (long caches, few rows) they take the split kernel in 64-row blocks, up to SPLIT_ROWS
-        monkeypatch.setattr(triton_decode, "split_kernel_wins", lambda *a: True)
+        monkeypatch.setattr(triton_decode, "split_kernel_wins", lambda *a, **kw: True)
         for limit, want in ((512, 1), (64, 0)):
             monkeypatch.setattr(triton_decode, "SPLIT_ROWS", limit)
             calls.clear()
@@ -468,9 +502,12 @@ def test_split_kernel_wins_where_the_prefill_kernel_underfills():
     assert split_kernel_wins(1, 256, 4096) and not split_kernel_wins(1, 512, 4096)
     assert split_kernel_wins(1, 512, 16384) and not split_kernel_wins(1, 1024, 16384)
     assert split_kernel_wins(4, 128, 16384) and not split_kernel_wins(4, 128, 4096)
-    assert not split_kernel_wins(1, 128, 2048)  # short caches: the prefill kernel (not measured there)
-    # a quantized cache: each block of rows decodes the tiles again, so at most 4 blocks
+    assert split_kernel_wins(1, 128, 1024) and split_kernel_wins(1, 256, 2048) and not split_kernel_wins(4, 128, 2048)
+    assert split_kernel_wins(1, 256, 512) and not split_kernel_wins(1, 128, 256)  # shorter: not measured
+    # a quantized cache: each block of rows decodes the tiles again, so at most 4 blocks, at any batch
     assert split_kernel_wins(1, 256, 16384, quantized=True) and not split_kernel_wins(1, 512, 16384, quantized=True)
+    assert split_kernel_wins(4, 256, 16384, quantized=True) and split_kernel_wins(4, 128, 2048, quantized=True)
+    assert not split_kernel_wins(1, 128, 256, quantized=True)
 
 
 HOPPER = CUDA and torch.cuda.get_device_capability()[0] == 9

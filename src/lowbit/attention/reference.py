@@ -49,24 +49,30 @@ SPLIT_ROWS = 512
 
 def split_kernel_wins(batch: int, rows: int, keys: int, quantized: bool = False) -> bool:
     """Whether the split kernel beats the prefill kernel for `rows` query rows per kv head (heads x
-    tokens) over `keys` keys: always for up to DECODE_ROWS rows (one program's), else for long
-    caches with few rows in all, where the prefill kernel's (query block, batch, head) programs
-    leave most SMs idle. H200, GQA 32/8, D = 128 (RESULTS.md, session 33): on a float cache the
-    split kernel was 1.24x-3.2x faster up to batch x rows = 256 at 4096 keys and 512 at 16384,
-    0.45x-0.93x beyond. `quantized` (an int8 / int4 cache, against dequantizing it for the prefill
-    kernel): at most 256 rows as well, since each block of rows decodes the tiles again (int8: 1.34x-
-    3.39x faster at 128-256 rows, 0.73x-0.88x at 512).
+    tokens) over `keys` keys: always for up to DECODE_ROWS rows (one program's), else for caches of
+    512+ keys with few rows in all, where the prefill kernel's (query block, batch, head) programs
+    leave most SMs idle. H200, GQA 32/8, D = 128 (RESULTS.md, sessions 33-34): on a float cache the
+    split kernel was 1.1x-3.2x faster up to batch x rows = 256 from 512 keys (e.g. 32 tokens over
+    2048 keys 30.3 -> 14.2 us) and 512 from 16384, 0.45x-0.93x beyond. `quantized` (an int8 / int4
+    cache, against dequantizing it for the prefill kernel): up to 256 rows at any batch (each block of
+    rows decodes the tiles again: int8 1.21x-3.39x faster at 128-256 rows for batch 1-8 and 512-16384
+    keys, 0.73x-0.89x at 512).
 
     Example:
-        >>> split_kernel_wins(1, 128, 16384), split_kernel_wins(4, 128, 4096), split_kernel_wins(4, 64, 512)
+        >>> split_kernel_wins(1, 128, 2048), split_kernel_wins(4, 128, 4096), split_kernel_wins(4, 64, 512)
         (True, False, True)
         >>> split_kernel_wins(1, 512, 16384), split_kernel_wins(1, 512, 16384, quantized=True)
+        (True, False)
+        >>> split_kernel_wins(4, 256, 2048, quantized=True), split_kernel_wins(1, 128, 256)
         (True, False)
     """
     if rows <= DECODE_ROWS:
         return True
-    return (rows <= (256 if quantized else SPLIT_ROWS) and keys >= 4096
-            and batch * rows <= (512 if keys >= 16384 else 256))
+    if keys < 512:  # not measured below 512 keys: the prefill kernel, as before
+        return False
+    if quantized:
+        return rows <= 256
+    return rows <= SPLIT_ROWS and batch * rows <= (512 if keys >= 16384 else 256)
 
 
 def kv_format(name: str) -> tuple[int, int | None, str]:

@@ -792,9 +792,11 @@ def _fast_config(bits: int, per_token: bool, pairs: int, seq_len: int, sms: int,
     (1, 8192) 12.7 -> 12.0 us, int4 per token 11.8 -> 10.1, (1, 1024) 8.5 / 9.1 -> 7.1).
 
     More than 8 rows a program (a few query tokens of each head, `rows` = heads x tokens per kv
-    head; the scores and the accumulators grow with them): int8 128-token tiles and 4 warps, int4
-    64-token tiles and 2 warps, the best of a sweep of four configs at 16-64 rows, (B, S) = (1, 8192)
-    and (8, 8192) on an H200 (RESULTS.md, session 33).
+    head; the scores and the accumulators grow with them): int8 128-token tiles (64 where fewer
+    programs than SMs would have two 128-token tiles each: (1, 1024) 16 tokens 25.8 -> 17.2 us, (1,
+    8192) 8 tokens 23.9 with 64 vs 20.7 with 128) and 4 warps, int4 64-token tiles and 2 warps,
+    the best of a sweep of four configs at 16-64 rows, (B, S) = (1, 8192) and (8, 8192) on an H200
+    (RESULTS.md, sessions 33-34).
 
     Example:
         >>> _fast_config(8, True, 8, 8192, 132, None, None, None, None)     # B = 1: 8 (batch, kv head) pairs
@@ -816,8 +818,9 @@ def _fast_config(bits: int, per_token: bool, pairs: int, seq_len: int, sms: int,
     capped = want > cdiv(seq_len, 2 * bn)  # each program would get the two-tile minimum
     if capped and pairs * min(want, cdiv(seq_len, 2 * bn)) * warps < 6 * sms:
         cfg = small
-    if rows > 8:
-        cfg = ((128, 4) if bits == 8 else (64, 2)) + cfg[2:]
+    if rows > 8:  # int8: 64-token tiles where 128-token ones would leave SMs without a program
+        few = pairs * cdiv(seq_len, 2 * 128) < sms
+        cfg = ((64 if few else 128, 4) if bits == 8 else (64, 2)) + cfg[2:]
     return (block_n or cfg[0], num_warps or cfg[1], num_stages or cfg[2], programs_per_sm or cfg[3])
 
 
@@ -929,8 +932,10 @@ def decode_attention_triton(q: torch.Tensor, k_data: torch.Tensor, k_scale: torc
     o = torch.empty(B, H, SQ, D, dtype=q.dtype, device=dev)  # = (B, H * SQ, D): R rows per kv head, stride D
     ns_pad = max(2, next_pow2(splits))
     if fast:
-        if fused is None:  # one launch; with many splits the separate merge kernel is faster (RESULTS.md)
-            fused = splits <= 16
+        if fused is None:  # one launch where the partial rows are few (as `run_float_decode`): with
+            # more (many splits, or drafts' rows) the separate merge kernel is faster (RESULTS.md;
+            # 8 tokens of 4 heads over 4 chunks at (8, 8192): int4 160.1 -> 92.4 us, session 34)
+            fused = splits * R <= 64
         direct = splits == 1 and (fused or nrb > 1)  # one chunk: each program stores its rows
         fused = fused and nrb == 1  # the merge in the last program takes one block of rows
         g_p2 = next_pow2(R)
