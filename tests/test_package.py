@@ -459,6 +459,15 @@ def test_manifest_missing_keys_and_bad_values(llama_pkg):
         package.load(pkg)
 
 
+def test_manifest_embedding_scale_must_be_a_number(llama_pkg):
+    _, pkg = llama_pkg
+    emb = "model.embed_tokens"
+    for bad in ("8.0", float("inf"), True):
+        edit_manifest(pkg, lambda m: m["layers"][emb].update(embed_scale=bad))
+        with pytest.raises(PackageError, match=f"layer '{emb}': embed_scale must be a finite number"):
+            package.load(pkg)
+
+
 def test_architecture_class_must_come_from_transformers(llama_pkg):
     _, pkg = llama_pkg
     edit_manifest(pkg, lambda m: m["architecture"].update({"class": "AutoTokenizer"}))

@@ -180,6 +180,74 @@ def test_hf_conv1d_is_swapped():
     assert (model(x) - ref).abs().max() < 0.02
 
 
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_scaled_word_embeddings_keep_their_scale(tmp_path):
+    """Gemma's embedding (an nn.Embedding subclass returning the rows times sqrt(hidden)) becomes a
+    QuantEmbedding with that scale; before, the plain lookup dropped it (int8 logits 0.92 off the
+    float model's). The scale survives save / load, and the Core ML stand-in keeps it."""
+    torch.manual_seed(0)
+    cfg = transformers.GemmaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, head_dim=64, vocab_size=320)
+    model = transformers.GemmaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 320, (1, 12))
+    with torch.no_grad():
+        ref = model(ids).logits
+        lowbit.quantize(model, "int8", progress=False)
+        emb = model.model.embed_tokens
+        assert isinstance(emb, QuantEmbedding) and emb.embed_scale == pytest.approx(128 ** 0.5, rel=1e-6)
+        out = model(ids).logits
+        assert _rel(out, ref) < 0.03
+        lowbit.save(model, tmp_path / "pkg")
+        again = lowbit.load(tmp_path / "pkg")
+        assert torch.equal(again(ids).logits, out)
+    from lowbit.export.coreml import _DenseEmbedding
+
+    dense = _DenseEmbedding(320, 128)
+    dense.embed_scale = emb.embed_scale
+    dense.weight.data = emb.qweight.dequantize(torch.float32)
+    assert torch.allclose(dense(ids), emb(ids), atol=1e-5)
+
+
+def test_linear_and_embedding_subclasses_with_their_own_forward_stay_float():
+    """A subclass whose forward is not the lookup / product (OPT's learned positions take position ids)
+    is left in float and listed in `skipped` with the reason; before, a plain QuantEmbedding took its
+    place and the model failed at its first call."""
+
+    class Positions(nn.Embedding):
+        def forward(self, positions, offset=2):
+            return super().forward(positions + offset)
+
+    class Lora(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2.0
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.pos = nn.Embedding(50, 64), Positions(40, 64)
+            self.proj, self.head = Lora(64, 64), nn.Linear(64, 50)
+
+        def forward(self, ids):
+            h = self.tok(ids) + self.pos(torch.arange(ids.shape[1]), offset=2)
+            return self.head(self.proj(h))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    ids = torch.randint(0, 50, (2, 10))
+    with torch.no_grad():
+        ref = net(ids)
+        report = lowbit.quantize(net, "int8", progress=False)
+        out = net(ids)
+    assert isinstance(net.tok, QuantEmbedding) and isinstance(net.head, QuantLinear)
+    assert type(net.pos) is Positions and type(net.proj) is Lora
+    skipped = {r["name"]: r["reason"] for r in report.skipped}
+    assert set(skipped) == {"pos", "proj"} and "Positions has its own forward" in skipped["pos"]
+    assert _rel(out, ref) < 0.03
+
+
 def test_torch_compile_matches_eager():
     """Compiled, the CPU fast paths trace the reference (kernels/cpu.py), so the compiled model gives
     the eager reference's numbers; the eager fast path (bf16 activations) is within 1e-2 of them."""

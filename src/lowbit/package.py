@@ -232,6 +232,8 @@ def _plan(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             "dtype": str(mod.out_dtype).replace("torch.", "") if is_emb else None,
             "tied_to": tied_to,
         }
+        if is_emb and mod.embed_scale is not None:  # scaled word embeddings (Gemma): the rows times this
+            layers[name]["embed_scale"] = mod.embed_scale
 
     info = getattr(model, "_lowbit_info", None) or {}
     manifest = {
@@ -343,7 +345,8 @@ def load(
             if spec["type"] == "QuantLinear":
                 new = QuantLinear(qt, None if spec["bias"] is None else tensors[spec["bias"]])
             else:
-                new = QuantEmbedding(qt, padding_idx=spec["padding_idx"], dtype=EMBED_DTYPES[spec["dtype"]])
+                new = QuantEmbedding(qt, padding_idx=spec["padding_idx"], dtype=EMBED_DTYPES[spec["dtype"]],
+                                     embed_scale=spec.get("embed_scale"))
         except ValueError as e:
             raise PackageError(f"{where}: {e}") from None
         new._lowbit_name = name
@@ -594,6 +597,9 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
             pi = spec.get("padding_idx")
             if pi is not None and (not isinstance(pi, int) or isinstance(pi, bool)):
                 raise bad(f"{where}: padding_idx must be an int or null")
+            es = spec.get("embed_scale")
+            if es is not None and (isinstance(es, bool) or not isinstance(es, (int, float)) or not math.isfinite(es)):
+                raise bad(f"{where}: embed_scale must be a finite number or absent")
     return m
 
 

@@ -48,14 +48,48 @@ class QuantReport:
 
 
 def module_type(module: nn.Module) -> str | None:
-    """The recipe type name of a module lowbit can quantize, else None."""
+    """The recipe type name of a module lowbit can quantize, else None. Subclasses of `nn.Linear` /
+    `nn.Embedding` count only where their forward is the base one (or, for embeddings, the lookup
+    times a constant: `embedding_scale`): the quantized module replaces the forward too, so a
+    subclass with its own (OPT's learned positions take position ids) would lose it.
+
+    Example:
+        >>> module_type(nn.Linear(4, 4)), module_type(nn.Embedding(4, 4)), module_type(nn.ReLU())
+        ('Linear', 'Embedding', None)
+    """
     if isinstance(module, nn.Linear):
-        return "Linear"
+        return "Linear" if type(module).forward is nn.Linear.forward else None
     if isinstance(module, nn.Embedding):
-        return "Embedding"
+        return "Embedding" if embedding_scale(module) is not None else None
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers' GPT-2 style Conv1D
         return "Conv1D"
     return None
+
+
+def embedding_scale(module: nn.Embedding) -> float | None:
+    """1.0 for an embedding whose forward is `nn.Embedding`'s; s for a subclass whose forward is the
+    lookup times a constant `embed_scale` s (Gemma's scaled word embeddings: sqrt(hidden)), checked
+    on a few rows; None for any other forward (lowbit leaves such a module in float).
+
+    Example:
+        >>> embedding_scale(nn.Embedding(8, 4))
+        1.0
+    """
+    if type(module).forward is nn.Embedding.forward:
+        return 1.0
+    scale = getattr(module, "embed_scale", None)
+    w = module.weight
+    if scale is None or w.is_meta or w.shape[0] == 0:
+        return None
+    try:
+        s = float(scale)
+        ids = torch.arange(min(8, w.shape[0]), device=w.device)
+        with torch.no_grad():
+            same = torch.equal(module(ids), torch.nn.functional.embedding(ids, w) * torch.tensor(s, dtype=w.dtype,
+                                                                                               device=w.device))
+    except (TypeError, ValueError, RuntimeError):  # a forward that takes other inputs, a tensor scale per row, ...
+        return None
+    return s if same else None
 
 
 def _edge_prefixes(model: nn.Module, n_edge: int) -> list[str]:
@@ -114,6 +148,11 @@ def quantize(model: nn.Module, recipe: "str | dict | Recipe" = "int8", *, progre
     recipe.check_names(n for n, _, _ in candidates)
     edges = _edge_prefixes(model, recipe.edge_blocks)
     report = QuantReport(recipe=recipe.name)
+    for name, mod in model.named_modules():  # linear / embedding subclasses lowbit cannot stand in for
+        if isinstance(mod, (nn.Linear, nn.Embedding)) and module_type(mod) is None:
+            report.skipped.append({"name": name, "type": type(mod).__name__, "shape": list(mod.weight.shape),
+                                   "reason": f"{type(mod).__name__} has its own forward, which a quantized layer "
+                                             "would not reproduce: kept in float"})
 
     # 1. plan every layer before touching any
     plan, problems, owner_of = [], [], {}
@@ -233,7 +272,9 @@ def quantize(model: nn.Module, recipe: "str | dict | Recipe" = "int8", *, progre
 
 def _build(mod: nn.Module, mtype: str, qt: QTensor, name: str) -> nn.Module:
     if mtype == "Embedding":
-        new = QuantEmbedding(qt, padding_idx=mod.padding_idx, dtype=mod.weight.dtype)
+        scale = embedding_scale(mod)
+        new = QuantEmbedding(qt, padding_idx=mod.padding_idx, dtype=mod.weight.dtype,
+                             embed_scale=None if scale == 1.0 else scale)
     else:
         new = QuantLinear(qt, mod.bias)
     new._lowbit_name = name

@@ -69,6 +69,17 @@ EXACT_PRESETS: tuple[str, ...] = (
 _ALTERNATIVES = "int8, int4, int4-e8m0 (any block_size dividing in_features) or lut1..lut8 (any group_size, per_channel_scale, lut_dtype)"
 
 
+
+class _DenseEmbedding(nn.Embedding):
+    """The float stand-in traced for a `QuantEmbedding`: the gather, then the rows times `embed_scale`
+    where the quantized layer has one (scaled word embeddings, e.g. Gemma's)."""
+
+    embed_scale: float | None = None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = super().forward(ids)
+        return rows if self.embed_scale is None else rows * self.embed_scale
+
 def _ct():
     import coremltools as ct  # optional dependency: imported on use
 
@@ -294,7 +305,8 @@ def dense_copy(model: nn.Module, plan: _Plan) -> tuple[nn.Module, dict[str, np.n
             param = nn.Parameter(qt.dequantize(torch.float32).cpu(), requires_grad=False)
             shared.append((qt, param))
         if isinstance(mod, QuantEmbedding):
-            new = nn.Embedding(mod.num_embeddings, mod.embedding_dim, padding_idx=mod.padding_idx)
+            new = _DenseEmbedding(mod.num_embeddings, mod.embedding_dim, padding_idx=mod.padding_idx)
+            new.embed_scale = mod.embed_scale
         else:
             new = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
             if mod.bias is not None:

@@ -95,19 +95,35 @@ class QuantLinear(_QuantWeight):
 
 
 class QuantEmbedding(_QuantWeight):
-    """`nn.Embedding` with a quantized table; a lookup dequantizes only the rows it returns."""
+    """`nn.Embedding` with a quantized table; a lookup dequantizes only the rows it returns.
 
-    def __init__(self, qweight: QTensor, padding_idx: int | None = None, dtype: torch.dtype = torch.float32):
+    `embed_scale`: the rows are multiplied by it (rounded to the output dtype first), as the scaled
+    word embeddings of Gemma and others (`...ScaledWordEmbedding`) do; None for a plain lookup.
+
+    Example:
+        >>> import torch
+        >>> from lowbit.formats import quantize_tensor
+        >>> emb = QuantEmbedding(quantize_tensor(torch.randn(10, 32), "int8"), embed_scale=4.0)
+        >>> emb(torch.tensor([1, 2])).shape
+        torch.Size([2, 32])
+    """
+
+    def __init__(self, qweight: QTensor, padding_idx: int | None = None, dtype: torch.dtype = torch.float32,
+                 embed_scale: float | None = None):
         super().__init__()
         if len(qweight.shape) != 2:
             raise ValueError(f"QuantEmbedding needs a 2-D table, got shape {qweight.shape}")
         self.num_embeddings, self.embedding_dim = qweight.shape
         self.padding_idx = padding_idx
         self.out_dtype = dtype
+        self.embed_scale = embed_scale
         self._set_qweight(qweight)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return dispatch("embedding", ids, self.qweight, self.out_dtype, owner=self.layer_name)
+        rows = dispatch("embedding", ids, self.qweight, self.out_dtype, owner=self.layer_name)
+        if self.embed_scale is None:
+            return rows
+        return rows * torch.tensor(self.embed_scale, dtype=rows.dtype, device=rows.device)
 
     def _apply(self, fn, *args, **kwargs):
         out = fn(torch.empty(0, dtype=self.out_dtype))  # `.to(torch.bfloat16)` / `.half()`: rows come out in it
@@ -116,4 +132,5 @@ class QuantEmbedding(_QuantWeight):
         return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, format={self.fmt.name}"
+        scale = "" if self.embed_scale is None else f", embed_scale={self.embed_scale:g}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, format={self.fmt.name}{scale}"
