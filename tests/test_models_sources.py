@@ -31,6 +31,27 @@ def test_hf_folder_roundtrip(tmp_path):
         assert torch.equal(model(ids).logits, src.model(ids).logits)
 
 
+def test_a_causal_lm_not_named_for_causal_lm_keeps_its_head(tmp_path):
+    """GPT-2's folder names `GPT2LMHeadModel`: a causal LM (transformers' causal-LM mapping), loaded
+    with its head; before, it came back as the headless GPT2Model, "embedding", with no note. A
+    task class that is not a causal LM still loads as the base model, with the note."""
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4,
+                                                                n_positions=64)).eval()
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    src = load_source(tmp_path / "gpt2")
+    ids = torch.randint(0, 128, (1, 9))
+    assert src.kind == "causal_lm" and type(src.model).__name__ == "GPT2LMHeadModel"
+    with torch.no_grad():
+        assert torch.equal(src.model(ids).logits, gpt2(ids).logits)
+    cfg = transformers.BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                  vocab_size=128, max_position_embeddings=64)
+    transformers.BertForMaskedLM(cfg).save_pretrained(tmp_path / "mlm")
+    src = load_source(tmp_path / "mlm")
+    assert src.kind == "embedding" and type(src.model).__name__ == "BertModel"
+    assert any("BertForMaskedLM" in n and "task-head weights were left out" in n for n in src.notes)
+
+
 def test_pickled_only_folder_refused(tmp_path):
     _tiny_llama().config.save_pretrained(tmp_path)
     torch.save({"w": torch.ones(2)}, tmp_path / "pytorch_model.bin")

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .kernels import PLACEMENT
+from .models import is_causal_lm_class
 
 
 @dataclass
@@ -170,7 +171,7 @@ def profile(model_or_pkg: nn.Module | str | Path, *, example: torch.Tensor | dic
 
         res.fused = fuse_projections(model, gated_mlp=True, skipped=res.not_fused)
     res.dtype = str(next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)).replace("torch.", "")
-    is_lm = task == "causal_lm" or (task == "auto" and type(model).__name__.endswith("ForCausalLM"))
+    is_lm = task == "causal_lm" or (task == "auto" and is_causal_lm_class(type(model).__name__))
     vocab = getattr(getattr(model, "config", None), "vocab_size", 1000)
     energy = _Energy(device)
     if device.startswith("cuda"):

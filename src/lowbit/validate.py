@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .models import is_causal_lm_class
+
 # threshold name -> (metric key, direction): "max" fails when measured > limit, "min" when below
 THRESHOLDS = {
     "max_delta_ppl": ("delta_ppl_pct", "max"),
@@ -234,7 +236,7 @@ def check_thresholds(res: ValidationResult, thresholds: dict[str, float]) -> lis
 # --- tasks -----------------------------------------------------------------------------------
 def _infer_task(model: nn.Module) -> str:
     cls = type(model).__name__
-    if cls.endswith("ForCausalLM") or hasattr(model, "generate") and "CausalLM" in cls:
+    if is_causal_lm_class(cls) or hasattr(model, "generate") and "CausalLM" in cls:
         return "causal_lm"
     if cls.endswith("ForSequenceClassification") or cls.endswith("ForImageClassification"):
         return "classifier"

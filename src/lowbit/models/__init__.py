@@ -9,6 +9,6 @@ transformers is imported only when something is actually loaded, so importing th
 package stays cheap.
 """
 
-from .sources import BUNDLED, LoadedSource, bundled_models, load_source
+from .sources import BUNDLED, LoadedSource, bundled_models, is_causal_lm_class, load_source
 
-__all__ = ["BUNDLED", "LoadedSource", "bundled_models", "load_source"]
+__all__ = ["BUNDLED", "LoadedSource", "bundled_models", "is_causal_lm_class", "load_source"]

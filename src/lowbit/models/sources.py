@@ -150,12 +150,12 @@ def _from_folder(folder: Path, dtype: torch.dtype, name: str, notes: list[str] |
         raise ValueError(f"{folder} has weights but no config.json, so the architecture is unknown")
     transformers = _transformers()
     archs = json.loads((folder / "config.json").read_text()).get("architectures") or []
-    causal = any(a.endswith("ForCausalLM") for a in archs)
+    causal = any(is_causal_lm_class(a) for a in archs)
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     model = auto.from_pretrained(str(folder), use_safetensors=True, trust_remote_code=False,
                                  local_files_only=True, **_dtype_kw(transformers, dtype)).eval()
     notes = list(notes or [])
-    if not causal and archs and not archs[0].endswith("Model"):
+    if not causal and archs and archs[0] != type(model).__name__:
         notes.append(f"config names {archs[0]}; loaded as the base {type(model).__name__} (AutoModel), "
                      "so task-head weights were left out")
     tokenizer = None
@@ -164,6 +164,26 @@ def _from_folder(folder: Path, dtype: torch.dtype, name: str, notes: list[str] |
     kind = "causal_lm" if causal else "module" if getattr(model.config, "is_encoder_decoder", False) else "embedding"
     return LoadedSource(model, kind, name, str(folder), _sha256(weights), _config_files(folder),
                         tokenizer, notes + _tied_note(model))
+
+
+def is_causal_lm_class(name: str) -> bool:
+    """Whether a model class name (a config's `architectures` entry, `type(model).__name__`) is a
+    causal LM: `...ForCausalLM`, or a class transformers' causal-LM auto mapping lists under another
+    name (GPT-2's `GPT2LMHeadModel`). Without transformers imported, the suffix alone.
+
+    Example:
+        >>> is_causal_lm_class("LlamaForCausalLM"), is_causal_lm_class("BertModel")
+        (True, False)
+    """
+    if name.endswith("ForCausalLM"):
+        return True
+    if "transformers" not in sys.modules:  # not imported: no transformers model to recognise
+        return False
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:  # an older layout: the suffix alone
+        return False
+    return any(name == c or (isinstance(c, (tuple, list)) and name in c) for c in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 def _config_files(folder: Path) -> list[str]:
@@ -203,7 +223,7 @@ def _from_module(model: nn.Module) -> LoadedSource:
     model.eval()
     tf = sys.modules.get("transformers")  # not imported -> it can't be a transformers model
     is_hf = tf is not None and isinstance(model, tf.PreTrainedModel)
-    causal = type(model).__name__.endswith("ForCausalLM") or (
+    causal = is_causal_lm_class(type(model).__name__) or (
         is_hf and callable(getattr(model, "generate", None)) and model.can_generate()
         and not getattr(model.config, "is_encoder_decoder", False))
     return LoadedSource(model, "causal_lm" if causal else "module", type(model).__name__, notes=_tied_note(model))
