@@ -126,6 +126,66 @@ def test_awq_scales_fold_exactly_llama():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
+def _tiny_gemma(version=1):
+    import transformers
+
+    torch.manual_seed(0)
+    kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+              head_dim=32, vocab_size=256)
+    if version == 1:
+        m = transformers.GemmaForCausalLM(transformers.GemmaConfig(**kw))
+    else:
+        m = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**kw))
+    with torch.no_grad():  # trained norms are not all zero (Gemma initialises w = 0 in x_hat * (1 + w))
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.normal_(0.0, 0.3)
+    return m.eval().float()
+
+
+def test_awq_fold_into_gemma_norms_is_exact():
+    """Gemma's RMSNorm scales by (1 + w): the fold writes (1 + w) / s - 1 (dividing w alone, as for
+    Llama, changed the float model: AWQ int8 logits 50x further off than plain rounding)."""
+    from lowbit.algorithms.awq import norm_weight_offset
+
+    m = _tiny_gemma()
+    layer = m.model.layers[0]
+    assert norm_weight_offset(layer.input_layernorm) == 1.0 and norm_weight_offset(torch.nn.LayerNorm(8)) == 0.0
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        ref = m(ids).logits
+        fold(layer.input_layernorm, [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj],
+             torch.rand(64) + 0.5)
+        fold(layer.post_attention_layernorm, [layer.mlp.gate_proj, layer.mlp.up_proj], torch.rand(64) + 0.5)
+        out = m(ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_awq_on_gemma_is_no_worse_than_rounding(version):
+    """AWQ on Gemma (norm offset) and Gemma-2 (`post_attention_layernorm` is a norm after attention
+    there, not the MLP's input: that fold is undone and noted) stays at least as close to the float
+    model as round-to-nearest (before: 50x / 8.8x further off)."""
+    m = _tiny_gemma(version)
+    ev = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = m(ev).logits
+    errs, notes = {}, {}
+    for alg in ["rtn", "awq"]:
+        q = copy.deepcopy(m)
+        rep = quantize(q, {"global": "int8", "types": {"Embedding": "none"}, "algorithm": alg},
+                       calibration=_batches(), progress=False)
+        with torch.no_grad():
+            errs[alg] = float((q(ev).logits - ref).norm() / ref.norm())
+        notes[alg] = {r["name"]: r["algorithm"] for r in rep.layers}
+    assert errs["awq"] <= 1.2 * errs["rtn"], errs
+    undone = [n for n, a in notes["awq"].items() if "not folded" in a]
+    if version == 2:  # gate / up of every block: the post-attention norm does not feed them
+        assert sorted(undone) == sorted(f"model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("gate", "up"))
+    else:
+        assert not undone
+
+
 def test_awq_search_prefers_scaling_for_uneven_channels(gen):
     x = torch.randn(512, 64, generator=gen) * torch.linspace(0.05, 6, 64)
     w = torch.randn(32, 64, generator=gen)

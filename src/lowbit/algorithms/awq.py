@@ -75,11 +75,35 @@ def gqa_tie(n_kv_heads: int, rep: int, head_dim: int) -> Callable[[torch.Tensor]
 
 
 @torch.no_grad()
+def norm_weight_offset(norm: nn.Module) -> float:
+    """What a norm adds to its weight before scaling: 1.0 for Gemma-style RMSNorms (x_hat * (1 + w)),
+    0.0 for the usual x_hat * w; found by running the norm once with its weight set to zero.
+
+    Example:
+        >>> norm_weight_offset(nn.LayerNorm(8))
+        0.0
+    """
+    w = norm.weight
+    saved = w.detach().clone()
+    try:
+        w.zero_()
+        x = torch.randn(2, w.shape[0], generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+        out = norm(x)
+    finally:
+        w.copy_(saved)
+    bias = getattr(norm, "bias", None)
+    if bias is not None:
+        out = out - bias
+    return 1.0 if bool(out.abs().amax() > 0) else 0.0
+
+
+@torch.no_grad()
 def fold(producer: nn.Module, consumers: list[nn.Module], s: torch.Tensor, *,
          gqa: tuple[int, int, int] | None = None) -> None:
     """Divide `producer`'s output channels by s and multiply the consumers' input columns by s.
 
-    `producer`: a norm (1-D weight, optional bias) or a linear (its rows and bias). For a
+    `producer`: a norm (1-D weight, optional bias; Gemma's x_hat * (1 + w) too: w becomes
+    (1 + w) / s - 1, see `norm_weight_offset`) or a linear (its rows and bias). For a
     grouped-query v_proj -> o_proj fold pass `gqa = (n_kv_heads, rep, head_dim)`: s then has
     o_proj's width with equal values within each group (see `gqa_tie`), and v_proj's rows take
     one value per (kv-head, dim).
@@ -90,7 +114,11 @@ def fold(producer: nn.Module, consumers: list[nn.Module], s: torch.Tensor, *,
         n_kv, rep, hd = gqa
         out_s = s.reshape(n_kv, rep, hd)[:, 0, :].reshape(-1)
     w = producer.weight
-    w.div_((out_s.reshape(-1, 1) if w.dim() == 2 else out_s).to(w.dtype))
+    offset = norm_weight_offset(producer) if w.dim() == 1 else 0.0
+    if offset:  # x_hat * (1 + w) / s = x_hat * (1 + w'), w' = (1 + w) / s - 1, in fp32
+        w.copy_(((w.float() + offset) / out_s - offset).to(w.dtype))
+    else:
+        w.div_((out_s.reshape(-1, 1) if w.dim() == 2 else out_s).to(w.dtype))
     if getattr(producer, "bias", None) is not None:
         producer.bias.div_(out_s.to(producer.bias.dtype))
     for c in consumers:

@@ -190,8 +190,23 @@ _FOLDS = [
 ]
 
 
-def _apply_awq(model, block, prefix, planned, fmts, stats, notes, touched):
+def _block_change(block: nn.Module, probe, ref: torch.Tensor) -> float:
+    """Relative change of the block's output on the probe input against `ref`."""
+    out = _run_block(block, probe)[0].float()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _apply_awq(model, block, prefix, planned, fmts, stats, notes, touched, probe=None):
+    """Search and fold AWQ scales for the `_FOLDS` pairs found in `block`. With `probe` (one batch
+    of the block's inputs) each fold is checked on the float block: a fold that changes its output
+    (a name that means something else here, e.g. Gemma-2's `post_attention_layernorm`, a norm after
+    attention, not before the MLP) is undone and noted, so AWQ never makes a model worse than its
+    own float version."""
     mods = dict(block.named_modules())
+    ref = None
+    if probe is not None:
+        ref = _run_block(block, probe)[0].float()
+        tol = 1e-3 if ref.dtype == torch.float32 and next(block.parameters()).dtype == torch.float32 else 3e-2
     for producer, consumers in _FOLDS:
         if producer not in mods or not all(c in mods for c in consumers):
             continue
@@ -215,7 +230,17 @@ def _apply_awq(model, block, prefix, planned, fmts, stats, notes, touched):
             for f in full:
                 notes[f] = "awq: no scaling helped (a = 0)"
             continue
+        saved = [(t, t.detach().clone()) for m in (prod, *cons) for t in (m.weight, getattr(m, "bias", None))
+                 if t is not None] if ref is not None else []
         awq_mod.fold(prod, cons, s, gqa=gqa)
+        if ref is not None and (change := _block_change(block, probe, ref)) > tol:
+            with torch.no_grad():
+                for t, v in saved:
+                    t.copy_(v)
+            for f in full:
+                notes[f] = (f"awq: not folded: scaling {prefix + producer} changed the float block's output by "
+                            f"{change:.2g} (it does not feed these layers alone here)")
+            continue
         touched.add(prefix + producer)
         for f in full:
             touched.add(f)
@@ -270,7 +295,7 @@ def calibrate(model: nn.Module, plan: dict[str, tuple[Format, bool]], batches: l
                 fmts = {n: plan[n][0] for n in names}
                 if any("awq" in algorithm_for(n) for n in names):
                     awq_names = {n for n in names if "awq" in algorithm_for(n)}
-                    _apply_awq(model, block, prefix, awq_names, fmts, stats, result.notes, touched)
+                    _apply_awq(model, block, prefix, awq_names, fmts, stats, result.notes, touched, inputs[:1])
                 originals = {}
                 for group in _stack_groups(names, plan, algorithm_for, source, stats):
                     n0 = group[0]
