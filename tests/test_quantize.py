@@ -248,6 +248,28 @@ def test_linear_and_embedding_subclasses_with_their_own_forward_stay_float():
     assert _rel(out, ref) < 0.03
 
 
+def test_weights_no_recipe_reaches_are_reported():
+    """Mixture-of-experts layers keeping their experts in one 3-D Parameter (transformers 5's
+    Mixtral / Qwen3-MoE) and convolutions are not quantized; they are listed in `skipped` with the
+    reason instead of vanishing from the report (82 % of a Mixtral's weights stayed fp32 unreported)."""
+
+    class Experts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_up = nn.Parameter(torch.randn(4, 64, 32))
+            self.bias = nn.Parameter(torch.zeros(4, 64))  # 2-D but small: under the threshold
+
+        def forward(self, x):
+            return torch.einsum("bk,enk->bn", x, self.gate_up)
+
+    net = nn.Sequential(nn.Linear(32, 32), Experts(), nn.Conv1d(16, 32, 3))
+    report = lowbit.quantize(net, {"global": "int8", "weight_threshold": 512}, progress=False)
+    skipped = {r["name"]: r for r in report.skipped}
+    assert [r["name"] for r in report.layers] == ["0"]
+    assert set(skipped) == {"1.gate_up", "2.weight"}
+    assert skipped["1.gate_up"]["shape"] == [4, 64, 32] and "3-D weight of Experts" in skipped["1.gate_up"]["reason"]
+
+
 def test_torch_compile_matches_eager():
     """Compiled, the CPU fast paths trace the reference (kernels/cpu.py), so the compiled model gives
     the eager reference's numbers; the eager fast path (bf16 activations) is within 1e-2 of them."""

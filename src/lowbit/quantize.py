@@ -92,6 +92,32 @@ def embedding_scale(module: nn.Embedding) -> float | None:
     return s if same else None
 
 
+def _weights_left_float(model: nn.Module, weight_threshold: int) -> list[dict]:
+    """`skipped` rows for weights no recipe can reach, so a report never hides them: linear /
+    embedding subclasses with their own forward (a quantized layer would not reproduce it), and
+    matrices or larger (>= 2 dims, >= `weight_threshold` values) held by other module types, e.g.
+    mixture-of-experts layers keeping all experts in one 3-D Parameter (Mixtral, Qwen3-MoE in
+    transformers 5), convolutions."""
+    rows, seen = [], set()
+    for name, mod in model.named_modules():
+        kind = type(mod).__name__
+        if isinstance(mod, (nn.Linear, nn.Embedding)):
+            if module_type(mod) is None:
+                rows.append({"name": name, "type": kind, "shape": list(mod.weight.shape),
+                             "reason": f"{kind} has its own forward, which a quantized layer would not reproduce: "
+                                       "kept in float"})
+            continue
+        if module_type(mod) is not None:
+            continue
+        for pname, p in mod.named_parameters(recurse=False):
+            if p.dim() >= 2 and p.numel() >= max(1, weight_threshold) and id(p) not in seen:
+                seen.add(id(p))
+                rows.append({"name": f"{name}.{pname}" if name else pname, "type": kind, "shape": list(p.shape),
+                             "reason": f"a {p.dim()}-D weight of {kind}, a module type lowbit does not quantize "
+                                       "yet: kept in float"})
+    return rows
+
+
 def _edge_prefixes(model: nn.Module, n_edge: int) -> list[str]:
     """Name prefixes of the first and last `n_edge` blocks of every numbered ModuleList."""
     if n_edge <= 0:
@@ -148,11 +174,7 @@ def quantize(model: nn.Module, recipe: "str | dict | Recipe" = "int8", *, progre
     recipe.check_names(n for n, _, _ in candidates)
     edges = _edge_prefixes(model, recipe.edge_blocks)
     report = QuantReport(recipe=recipe.name)
-    for name, mod in model.named_modules():  # linear / embedding subclasses lowbit cannot stand in for
-        if isinstance(mod, (nn.Linear, nn.Embedding)) and module_type(mod) is None:
-            report.skipped.append({"name": name, "type": type(mod).__name__, "shape": list(mod.weight.shape),
-                                   "reason": f"{type(mod).__name__} has its own forward, which a quantized layer "
-                                             "would not reproduce: kept in float"})
+    report.skipped += _weights_left_float(model, recipe.weight_threshold)
 
     # 1. plan every layer before touching any
     plan, problems, owner_of = [], [], {}
@@ -170,9 +192,6 @@ def quantize(model: nn.Module, recipe: "str | dict | Recipe" = "int8", *, progre
             continue
         if w.numel() < recipe.weight_threshold:
             report.skipped.append(row | {"reason": f"{w.numel()} weights < weight_threshold {recipe.weight_threshold}"})
-            continue
-        if mtype in ("Conv1d", "Conv2d"):
-            report.skipped.append(row | {"reason": f"{mtype} is not quantized yet"})
             continue
         block = None if fmt.family == "lut" else fmt.block_size
         cols = math.prod(shape[1:])
