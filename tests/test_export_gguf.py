@@ -152,6 +152,8 @@ def test_export_tiny_llama_roundtrip(tmp_path, recipe, main_type):
     assert field("llama.context_length") == model.config.max_position_embeddings
     assert field("llama.rope.dimension_count") == 16
     assert field("llama.rope.freq_base") == pytest.approx(10000.0)
+    # plain RoPE: no scaling keys and no rope_freqs tensor (`names == set(expected)` above)
+    assert "rope_freqs.weight" not in names and not [k for k in r.fields if ".rope.scaling." in k]
     assert field("llama.attention.layer_norm_rms_epsilon") == pytest.approx(model.config.rms_norm_eps)
     assert field("tokenizer.ggml.model") == "gpt2"
     toks = field("tokenizer.ggml.tokens")
@@ -219,3 +221,128 @@ def test_untied_head_and_float_layer(tmp_path):
     assert q.tensor_type == T.F32 and info["tensors"]["blk.0.attn_q.weight"]["lowbit_format"] == "float"
     got = np.asarray(q.data).reshape(64, 64)[np.argsort(llama_permute_index(64, 4))]
     assert np.array_equal(got, model.model.layers[0].self_attn.q_proj.weight.detach().numpy())
+
+
+# -- RoPE scaling --------------------------------------------------------------------------------
+
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192, "rope_theta": 500000.0}  # Llama 3.1's config
+
+
+def _rope_llama(rope: dict, max_positions: int = 131072):
+    """A 1-layer Llama (head_dim 16, 8 frequencies) with `rope` as its rope_parameters."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                   max_position_embeddings=max_positions, rope_parameters=dict(rope))
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _field(r, key):
+    f = r.fields[key]
+    return f.contents() if hasattr(f, "contents") else f.parts[f.data[0]][0]
+
+
+def _plain_inv_freq(theta: float, dim: int = 16) -> np.ndarray:
+    return theta ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
+
+
+@pytest.mark.parametrize("factor", [8.0, 32.0], ids=["llama3.1", "llama3.2"])
+def test_llama3_rope_freqs_roundtrip_match_transformers(tmp_path, factor):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    model = _rope_llama({**LLAMA31_ROPE, "factor": factor})
+    lowbit.quantize(model, {"global": "q8_0"})
+    info = export_gguf(model, tmp_path / "m.gguf")
+
+    r = gguf.GGUFReader(tmp_path / "m.gguf")
+    t = {t.name: t for t in r.tensors}["rope_freqs.weight"]
+    assert t.tensor_type == T.F32 and list(t.shape) == [8]
+    assert info["tensors"]["rope_freqs.weight"]["gguf_type"] == "F32"
+    freqs = np.asarray(t.data, dtype=np.float64).reshape(-1)
+    theta = _field(r, "llama.rope.freq_base")
+    assert theta == 500000.0  # the model's theta (transformers 5 keeps it in rope_parameters only)
+    # llama.cpp runs plain-RoPE frequencies divided by the tensor's entries
+    got = _plain_inv_freq(theta) / freqs
+    want = ROPE_INIT_FUNCTIONS["llama3"](model.config, "cpu")[0].double().numpy()
+    assert np.abs(got / want - 1).max() < 1e-6
+    assert np.abs(got / model.model.rotary_emb.inv_freq.double().numpy() - 1).max() < 1e-6
+    # every branch of the rule is exercised: kept (short wavelengths), divided by factor, blended
+    assert (freqs == 1).sum() == 4 and (freqs == factor).sum() == 3 and 1.5 < freqs[4] < factor - 1
+    # llama.cpp's converter writes no scaling keys for llama3, only the tensor
+    assert not [k for k in r.fields if ".rope.scaling." in k]
+
+
+def _ggml_yarn(theta: float, dim: int, factor: float, n_ctx_orig: int) -> tuple[np.ndarray, float]:
+    """What llama.cpp computes for YaRN from the file's keys (ggml's rope_yarn with llama.cpp's
+    defaults ext_factor 1, beta_fast 32, beta_slow 1, attn_factor 1): (frequencies, cos/sin scale)."""
+    def corr_dim(rotations: float) -> float:
+        return dim * np.log(n_ctx_orig / (rotations * 2 * np.pi)) / (2 * np.log(theta))
+
+    low, high = max(0.0, np.floor(corr_dim(32.0))), min(dim - 1.0, np.ceil(corr_dim(1.0)))
+    i = np.arange(dim // 2, dtype=np.float64)
+    ramp = 1 - np.clip((i - low) / max(0.001, high - low), 0, 1)
+    extrap = _plain_inv_freq(theta, dim)
+    return extrap / factor * (1 - ramp) + extrap * ramp, 1 + 0.1 * np.log(factor)
+
+
+@pytest.mark.parametrize("rope,keys", [
+    ({"rope_type": "linear", "factor": 4.0}, {"type": "linear", "factor": 4.0}),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512},
+     {"type": "yarn", "factor": 4.0, "original_context_length": 512}),
+], ids=["linear", "yarn"])
+def test_linear_and_yarn_rope_write_scaling_keys(tmp_path, rope, keys):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    model = _rope_llama({**rope, "rope_theta": 1e6}, max_positions=2048)
+    info = export_gguf(model, tmp_path / "m.gguf")
+    r = gguf.GGUFReader(tmp_path / "m.gguf")
+    got = {k.rpartition(".rope.scaling.")[2]: _field(r, k) for k in r.fields if k.startswith("llama.rope.scaling.")}
+    assert got == keys
+    assert {f"llama.rope.scaling.{k}" for k in keys} <= set(info["metadata"])
+    assert _field(r, "llama.rope.freq_base") == 1e6
+    assert "rope_freqs.weight" not in {t.name for t in r.tensors}
+    # llama.cpp's reading of these keys reproduces transformers' frequencies and cos/sin scale
+    want, want_scale = ROPE_INIT_FUNCTIONS[rope["rope_type"]](model.config, "cpu")
+    if keys["type"] == "linear":
+        freqs, scale = _plain_inv_freq(1e6) / keys["factor"], 1.0
+    else:
+        freqs, scale = _ggml_yarn(1e6, 16, keys["factor"], keys["original_context_length"])
+        assert 0 < (freqs / _plain_inv_freq(1e6)).min() < 0.26 and (freqs / _plain_inv_freq(1e6)).max() == 1  # ramps
+    assert np.abs(freqs / want.double().numpy() - 1).max() < 1e-6
+    assert scale == pytest.approx(want_scale, rel=1e-6)
+
+
+@pytest.mark.parametrize("rope,needle", [
+    ({"rope_type": "dynamic", "factor": 2.0}, "'dynamic'"),
+    ({"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+      "original_max_position_embeddings": 512}, "'longrope'"),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512, "beta_fast": 64.0}, "beta_fast=64"),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512, "attention_factor": 1.0},
+     "attention factor 1"),
+], ids=["dynamic", "longrope", "yarn-beta", "yarn-attention-factor"])
+def test_unmapped_rope_refused_before_writing(tmp_path, rope, needle):
+    model = _rope_llama({**rope, "rope_theta": 1e4}, max_positions=2048)
+    with pytest.raises(ValueError) as e:
+        export_gguf(model, tmp_path / "m.gguf")
+    msg = str(e.value)
+    assert needle in msg and repr(rope["rope_type"]) in msg and "plain RoPE" in msg and "Fix:" in msg
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rope_settings_from_older_configs():
+    from types import SimpleNamespace
+
+    from lowbit.export.gguf import _rope_plan
+
+    # transformers 4: top-level rope_theta, rope_scaling with the old "type" spelling
+    old = SimpleNamespace(rope_theta=1e6, rope_scaling={"type": "linear", "factor": 2.0}, max_position_embeddings=4096)
+    assert _rope_plan(old, 16) == (1e6, {"type": "linear", "factor": 2.0}, None)
+    # no scaling at all: plain RoPE, theta unchanged
+    assert _rope_plan(SimpleNamespace(rope_theta=5e5, rope_scaling=None), 16) == (5e5, {}, None)
+    # YaRN without a factor: transformers uses max_position_embeddings / original_max_position_embeddings
+    yarn = SimpleNamespace(rope_theta=1e4, max_position_embeddings=4096,
+                           rope_scaling={"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 1024})
+    assert _rope_plan(yarn, 16)[1] == {"type": "yarn", "factor": 4.0, "original_context_length": 1024}
+    llama3 = SimpleNamespace(rope_theta=5e5, rope_scaling={**LLAMA31_ROPE, "rope_theta": None})
+    assert _rope_plan(llama3, 16)[2][4] == pytest.approx(2.695, abs=1e-3)

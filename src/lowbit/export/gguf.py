@@ -23,7 +23,9 @@ Everything else (other block sizes, bf16/fp32/E8M0 scales on int formats, 2/3/6/
 palettes) has no exact GGUF block type and is refused with a `ValueError`.
 
 `export_gguf` writes a llama.cpp-loadable GGUF file (arch "llama") from a quantized
-Llama-family model or a saved lowbit package.
+Llama-family model or a saved lowbit package. RoPE scaling goes across as llama.cpp's own converter
+writes it: llama3 (Llama 3.1 / 3.2) as the `rope_freqs.weight` divisor tensor, linear and YaRN as
+`llama.rope.scaling.*` keys; other rope types (dynamic, longrope, ...) are refused.
 """
 
 from __future__ import annotations
@@ -165,16 +167,126 @@ def llama_permute_index(rows: int, n_head: int) -> np.ndarray:
     return np.arange(rows).reshape(n_head, 2, rows // n_head // 2).swapaxes(1, 2).reshape(rows)
 
 
-def _config_value(cfg: Any, *names: str, default: Any = None) -> Any:
-    for n in names:
-        v = getattr(cfg, n, None)
-        if v is not None:
-            return v
-    rp = getattr(cfg, "rope_parameters", None) or {}
-    for n in names:
-        if isinstance(rp, dict) and rp.get(n) is not None:
-            return rp[n]
-    return default
+# -- RoPE ----------------------------------------------------------------------------------------
+# llama.cpp's llama arch reproduces these Hugging Face rope types; anything else is refused, because
+# a file without the scaling would load fine and silently run plain RoPE.
+ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3", "yarn")
+_YARN_BETA_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0}  # llama.cpp's (and transformers') defaults
+
+
+def _rope_settings(cfg: Any) -> dict[str, Any]:
+    """The model's RoPE settings as one dict with "rope_type" and "rope_theta" (None when unset).
+
+    transformers 5 keeps everything, theta included, in `config.rope_parameters` (and no longer has a
+    `config.rope_theta` attribute); older configs have `rope_theta` plus an optional `rope_scaling`
+    dict whose type key was once spelled "type".
+    """
+    params: dict[str, Any] = {}
+    for attr in ("rope_scaling", "rope_parameters"):  # later wins: rope_parameters is what v5 computes with
+        value = getattr(cfg, attr, None)
+        if isinstance(value, dict):
+            params.update(value)
+    if params.get("rope_theta") is None:
+        params["rope_theta"] = getattr(cfg, "rope_theta", None)
+    params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    return params
+
+
+def llama3_rope_freqs(head_dim: int, theta: float, *, factor: float, low_freq_factor: float,
+                      high_freq_factor: float, original_max_position_embeddings: int) -> np.ndarray:
+    """llama.cpp's `rope_freqs.weight` for Llama 3.1-style RoPE: one divisor per frequency (F32).
+
+    llama.cpp divides each plain-RoPE frequency theta^(-2i/head_dim) by entry i. The Llama 3.1 rule:
+    wavelengths shorter than original_max_position_embeddings / high_freq_factor keep their
+    frequency (1), longer than original_max_position_embeddings / low_freq_factor are divided by
+    `factor`, and those in between blend smoothly between the two.
+
+    Example (Llama 3.1's settings, head_dim 16):
+        >>> f = llama3_rope_freqs(16, 500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        ...                       original_max_position_embeddings=8192)
+        >>> [round(float(x), 3) for x in f]
+        [1.0, 1.0, 1.0, 1.0, 2.695, 8.0, 8.0, 8.0]
+    """
+    inv_freq = float(theta) ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * np.pi / inv_freq
+    ctx = float(original_max_position_embeddings)
+    smooth = (ctx / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = 1.0 / ((1.0 - smooth) / factor + smooth)
+    divisor = np.where(wavelen < ctx / high_freq_factor, 1.0,
+                       np.where(wavelen > ctx / low_freq_factor, float(factor), blended))
+    return divisor.astype(np.float32)
+
+
+def _rope_refusal(rope_type: str, why: str) -> ValueError:
+    return ValueError(
+        f"GGUF export: the model's RoPE (rope_type {rope_type!r} in config.rope_parameters / rope_scaling) "
+        f"{why}; llama.cpp would run it as plain RoPE and give different results. Exported rope types: "
+        f"{', '.join(ROPE_TYPES)} (yarn with its default attention factor and beta_fast=32, beta_slow=1). "
+        f"Fix: export a model whose config uses one of these, or convert the float checkpoint with a tool "
+        f"that supports this rope type."
+    )
+
+
+def _require(rp: dict[str, Any], *fields: str) -> list[Any]:
+    missing = [f for f in fields if rp.get(f) is None]
+    if missing:
+        raise _rope_refusal(rp["rope_type"], f"has no {', '.join(missing)} (add it to the config)")
+    return [rp[f] for f in fields]
+
+
+def _yarn_keys(rp: dict[str, Any], max_positions: int) -> dict[str, Any]:
+    """rope.scaling.* values for a YaRN config that llama.cpp's llama arch reproduces exactly.
+
+    llama.cpp reads only the type, factor and original context for this arch; it uses beta_fast 32,
+    beta_slow 1, floor/ceil-truncated correction dims and the attention factor 1 + 0.1 ln(factor).
+    Other values would be silently ignored, so they are refused.
+    """
+    (orig,) = _require(rp, "original_max_position_embeddings")
+    factor = float(rp["factor"]) if rp.get("factor") is not None else max_positions / orig  # transformers' fallback
+    if factor < 1:
+        raise _rope_refusal("yarn", f"has factor {factor:g} < 1 (transformers then skips the attention factor, "
+                                    "llama.cpp does not)")
+    for name, default in _YARN_BETA_DEFAULTS.items():
+        if rp.get(name) and float(rp[name]) != default:
+            raise _rope_refusal("yarn", f"sets {name}={rp[name]} (llama.cpp's llama arch always uses {default:g})")
+    if rp.get("truncate", True) is False:
+        raise _rope_refusal("yarn", "sets truncate=False (llama.cpp always truncates the correction range)")
+    # transformers' attention factor (cos/sin scale) against the one llama.cpp derives from the factor
+    attn = rp.get("attention_factor")
+    if attn is None and rp.get("mscale") and rp.get("mscale_all_dim"):
+        def mscale(m: float) -> float:
+            return 1.0 if factor <= 1 else 0.1 * m * np.log(factor) + 1.0
+        attn = mscale(rp["mscale"]) / mscale(rp["mscale_all_dim"])
+    llama_cpp_attn = 1.0 + 0.1 * np.log(factor)
+    if attn is not None and not np.isclose(attn, llama_cpp_attn, rtol=1e-6):
+        raise _rope_refusal("yarn", f"has attention factor {attn:g} (llama.cpp's llama arch applies "
+                                    f"1 + 0.1 ln(factor) = {llama_cpp_attn:g})")
+    return {"type": "yarn", "factor": factor, "original_context_length": int(orig)}
+
+
+def _rope_plan(cfg: Any, head_dim: int) -> tuple[float | None, dict[str, Any], np.ndarray | None]:
+    """(freq_base, rope.scaling.* values, rope_freqs tensor or None) for the model's RoPE.
+
+    Raises the rope refusal (before any file is written) for rope types llama.cpp cannot reproduce.
+    """
+    rp = _rope_settings(cfg)
+    rope_type = rp["rope_type"]
+    theta = None if rp["rope_theta"] is None else float(rp["rope_theta"])
+    if rope_type not in ROPE_TYPES:
+        raise _rope_refusal(rope_type, "has no llama.cpp equivalent for arch 'llama'")
+    if rope_type == "default":
+        return theta, {}, None
+    if rope_type == "linear":
+        (factor,) = _require(rp, "factor")
+        return theta, {"type": "linear", "factor": float(factor)}, None
+    if rope_type == "yarn":
+        return theta, _yarn_keys(rp, int(cfg.max_position_embeddings)), None
+    # llama3: no keys, a per-frequency divisor tensor (what llama.cpp's own converter writes)
+    fields = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    values = dict(zip(fields, _require(rp, *fields)))
+    if theta is None:
+        raise _rope_refusal(rope_type, "has no rope_theta (add it to the config)")
+    return theta, {}, llama3_rope_freqs(head_dim, theta, **values)
 
 
 def _collect(model: torch.nn.Module) -> dict[str, tuple[str, Any]]:
@@ -195,7 +307,9 @@ def export_gguf(
     Quantized layers go across without re-quantization (see `qtensor_to_gguf_bytes`); float
     tensors (norms, layers kept float) are written as F32. q/k rows are permuted as llama.cpp's
     converter does (whole rows of block bytes). The tied output head is omitted when it equals the
-    embedding. The file is written to a temporary file and moved into place.
+    embedding. RoPE scaling is carried over (see `ROPE_TYPES`): llama3 as the `rope_freqs.weight`
+    tensor (`llama3_rope_freqs`), linear and YaRN as `llama.rope.scaling.*` keys. The file is written
+    to a temporary file and moved into place.
 
     Args:
         model_or_pkg_path: a `LlamaForCausalLM` (quantized by `lowbit.quantize`, or float), or the
@@ -211,8 +325,9 @@ def export_gguf(
 
     Raises:
         FileExistsError: `out_path` exists and force is False.
-        ValueError: not a Llama model, or a layer's format has no exact GGUF type (the message
-            names the layer and the formats that export exactly).
+        ValueError: not a Llama model, a layer's format has no exact GGUF type (the message
+            names the layer and the formats that export exactly), or the config's RoPE has no
+            llama.cpp equivalent (e.g. rope_type "dynamic" or "longrope"; the message names it).
     """
     gguf = _gguf()
     out_path = Path(out_path)
@@ -239,6 +354,8 @@ def export_gguf(
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_head
     hidden = cfg.hidden_size
     head_dim = getattr(cfg, "head_dim", None) or hidden // n_head
+    # an unsupported rope type is refused here, before anything is written
+    rope_theta, rope_scaling, rope_freqs = _rope_plan(cfg, head_dim)
 
     entries = _collect(model)
     unknown = [k for k in entries if gguf_tensor_name(k) is None]
@@ -278,13 +395,18 @@ def export_gguf(
             tensors.append((gname, arr, None, None))
             table[gname] = {"source": hf_name, "lowbit_format": "float", "gguf_type": "F32",
                             "shape": list(arr.shape), "exact": True}
+    if rope_freqs is not None:  # llama3 RoPE: llama.cpp divides each frequency by its entry
+        tensors.append(("rope_freqs.weight", rope_freqs, None, None))
+        table["rope_freqs.weight"] = {"source": "config.rope_parameters (llama3)", "lowbit_format": "float",
+                                      "gguf_type": "F32", "shape": list(rope_freqs.shape), "exact": True}
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
     os.close(fd)
     try:
         w = gguf.GGUFWriter(tmp_name, "llama")
-        meta = _write_metadata(w, cfg, n_head, n_kv, head_dim, qcount, getattr(model, "name_or_path", None))
+        meta = _write_metadata(w, cfg, n_head, n_kv, head_dim, qcount, getattr(model, "name_or_path", None),
+                               rope_theta, rope_scaling)
         tok_info = _write_tokenizer(w, tokenizer, cfg, tokenizer_pre) if tokenizer is not None else {
             "written": False, "reason": "no tokenizer given and none in the package"}
         for gname, arr, raw_dtype, raw_shape in tensors:
@@ -304,7 +426,7 @@ def export_gguf(
 
 
 def _write_metadata(w: Any, cfg: Any, n_head: int, n_kv: int, head_dim: int, qcount: Counter,
-                    name: str | None) -> list[str]:
+                    name: str | None, theta: float | None, scaling: dict[str, Any]) -> list[str]:
     gguf = _gguf()
     keys = []
 
@@ -320,11 +442,15 @@ def _write_metadata(w: Any, cfg: Any, n_head: int, n_kv: int, head_dim: int, qco
     put("llama.feed_forward_length", w.add_feed_forward_length, int(cfg.intermediate_size))
     put("llama.attention.head_count", w.add_head_count, int(n_head))
     put("llama.attention.head_count_kv", w.add_head_count_kv, int(n_kv))
-    theta = _config_value(cfg, "rope_theta")
-    put("llama.rope.freq_base", w.add_rope_freq_base, None if theta is None else float(theta))
+    put("llama.rope.freq_base", w.add_rope_freq_base, theta)
     put("llama.attention.layer_norm_rms_epsilon", w.add_layer_norm_rms_eps, float(cfg.rms_norm_eps))
     put("llama.vocab_size", w.add_vocab_size, int(cfg.vocab_size))
     put("llama.rope.dimension_count", w.add_rope_dimension_count, int(head_dim))
+    if scaling:
+        put("llama.rope.scaling.type", w.add_rope_scaling_type, gguf.RopeScalingType(scaling["type"]))
+        put("llama.rope.scaling.factor", w.add_rope_scaling_factor, scaling["factor"])
+        put("llama.rope.scaling.original_context_length", w.add_rope_scaling_orig_ctx_len,
+            scaling.get("original_context_length"))
     if head_dim != cfg.hidden_size // n_head:
         put("llama.attention.key_length", w.add_key_length, int(head_dim))
         put("llama.attention.value_length", w.add_value_length, int(head_dim))
