@@ -248,3 +248,22 @@ def test_enable_leaves_models_that_share_the_config_alone(gen):
     assert dict(PLACEMENT["model.layers.0.self_attn"]) == {BACKEND: 1}
     keep = mask.bool()
     assert _rel(out[keep], ref[keep]) < TOL
+
+
+def test_a_kv_cache_format_the_heads_do_not_divide_into_is_refused_up_front():
+    """int4 keeps one scale per 32 values: a head dim of 80 (Phi-2) does not divide. `enable` and the
+    cache refuse it with the fix named (before: a bare "head dim 80 is not a multiple of the scale
+    group 32" at the first generate step, and `lowbit validate` failed whole on its default int4
+    check); per-token scales fit."""
+    from lowbit.attention.kv_cache import LowbitKVCache
+
+    cfg = transformers.LlamaConfig(hidden_size=160, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, vocab_size=300)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with pytest.raises(ValueError, match="head dim 80 is not a multiple of it; use kv_cache='int8' or 'int4-token'"):
+        la.enable(model, kv_cache="int4")
+    with pytest.raises(ValueError, match="kv_cache='int4' stores one scale per 32 values"):
+        LowbitKVCache("int4", config=cfg)
+    la.enable(model, kv_cache="int4-token")
+    ids = torch.randint(0, 300, (1, 5))
+    assert model.generate(input_ids=ids, max_new_tokens=3, do_sample=False).shape == (1, 8)

@@ -258,6 +258,13 @@ def cmd_validate(args) -> int:
         thresholds[k] = float(v)
     task = {"causal_lm": "causal_lm", "embedding": "embedding"}.get(src.kind, "auto")
     kv = [k for k in (args.kv_cache or ["int8", "int4"]) if k != "none"] if task == "causal_lm" else []
+    if not args.kv_cache:  # the defaults: leave out a format the model's heads do not divide into, and say so
+        from .attention.reference import kv_format_misfit, model_head_dim
+
+        for k in list(kv):
+            if why := kv_format_misfit(k, model_head_dim(getattr(src.model, "config", None))):
+                console.print(f"   KV cache {k} not measured: {why}")
+                kv.remove(k)
     res = validate(src.model, quant, data, task=task, thresholds=thresholds, kv_caches=tuple(kv))
     console.print(_headline(res.metrics))
     for k in kv:  # the quantized KV caches' own effect, on top of the weights'

@@ -141,9 +141,11 @@ def enable(model: torch.nn.Module, attention: str | None = "lowbit", kv_cache: s
             if hasattr(m, "is_causal") and any(hasattr(m, a) for a in ("q_proj", "query", "qkv_proj", "Wqkv")):
                 m._lowbit_attention_name = name
     if kv_cache is not None:
-        from .kv_cache import kv_format
+        from .reference import kv_format_misfit, model_head_dim
 
-        kv_format(kv_cache)  # fails early on a bad name
+        misfit = kv_format_misfit(kv_cache, model_head_dim(getattr(model, "config", None)))  # a bad name fails here too
+        if misfit:
+            raise ValueError(misfit)
         if not hasattr(model, "generate"):
             raise ValueError(f"kv_cache={kv_cache!r}: the model has no generate(); a KV cache needs a generating model")
         model._lowbit_kv_cache = kv_cache

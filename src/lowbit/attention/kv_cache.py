@@ -31,8 +31,8 @@ import os
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .reference import (KV_FORMATS, VALUE_BLOCK, dequantize_kv, kv_format, quantize_kv,  # noqa: F401
-                        unblock_tokens, write_block_tokens)
+from .reference import (KV_FORMATS, VALUE_BLOCK, dequantize_kv, kv_format, kv_format_misfit,  # noqa: F401
+                        model_head_dim, quantize_kv, unblock_tokens, write_block_tokens)
 
 class LowbitKVLayer(DynamicLayer):
     """One decoder layer's quantized keys and values (see the module docstring)."""
@@ -191,6 +191,9 @@ class LowbitKVCache(Cache):
 
     def __init__(self, kind: str = "int8", config=None, fused: bool | None = None):
         bits, group, scale_dtype = kv_format(kind)
+        misfit = kv_format_misfit(kind, model_head_dim(config)) if config is not None else None
+        if misfit:
+            raise ValueError(misfit)
         if fused is None:
             fused = getattr(config, "_attn_implementation", None) == "lowbit"
         self.kind = kind

@@ -75,6 +75,32 @@ def split_kernel_wins(batch: int, rows: int, keys: int, quantized: bool = False)
     return rows <= SPLIT_ROWS and batch * rows <= (512 if keys >= 16384 else 256)
 
 
+def kv_format_misfit(name: str, head_dim: int | None) -> str | None:
+    """Why the KV cache format `name` cannot store heads of `head_dim` values (a sentence naming
+    the fix), or None where it can (or the head dim is unknown).
+
+    Example:
+        >>> kv_format_misfit("int4", 128) is None, kv_format_misfit("int8", 80) is None
+        (True, True)
+        >>> kv_format_misfit("int4", 80)[:47]
+        "kv_cache='int4' stores one scale per 32 values "
+    """
+    bits, group, _ = kv_format(name)
+    if not head_dim or (head_dim % (group or head_dim) == 0 and (bits == 8 or head_dim % 2 == 0)):
+        return None
+    return (f"kv_cache={name!r} stores one scale per {group or head_dim} values of the head dim, and this model's "
+            f"head dim {head_dim} is not a multiple of it; use kv_cache='int8' or 'int4-token' (one scale per token)")
+
+
+def model_head_dim(config) -> int | None:
+    """A transformers config's attention head dim (`head_dim`, else hidden_size / heads), or None."""
+    hd = getattr(config, "head_dim", None)
+    if isinstance(hd, int) and hd > 0:
+        return hd
+    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 else None
+
+
 def kv_format(name: str) -> tuple[int, int | None, str]:
     """(bits, group, scale dtype) for a kv_cache name; the error lists the names.
 
