@@ -161,6 +161,19 @@ def test_run_on_minilm_writes_reports_and_exit_code_3_on_impossible_threshold(tm
     assert "validation failed" in err and "min_cosine_p1" in err and "worst layers" in err
 
 
+@pytest.mark.slow
+def test_profile_cli_takes_an_encoder_package(tmp_path, capsys):
+    """`lowbit profile PKG` of an encoder (MiniLM): the example input comes from the source's
+    tokenizer and the built-in corpus (before, every encoder package failed with "pass example=")."""
+    pkg = tmp_path / "minilm-int8"
+    assert cli.main(["quantize", "minilm", "-r", "int8", "-o", str(pkg)]) == 0
+    assert cli.main(["profile", str(pkg), "--batch-sizes", "1", "--repeats", "2", "--json", str(tmp_path / "p.json")]) == 0
+    saved = json.loads((tmp_path / "p.json").read_text())
+    assert saved["latency"][0]["p50_ms"] > 0 and any("query" in k for k in saved["placement"])
+    out = capsys.readouterr().out
+    assert "lowbit profile" in out and "placement (layers per backend that ran)" in out
+
+
 def test_calibration_coverage_flags_inputs_outside_the_calibration_range():
     from lowbit.validate import calibration_coverage
 

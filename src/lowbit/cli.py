@@ -291,14 +291,25 @@ def cmd_profile(args) -> int:
     from .models import load_source
     from .profile import profile
 
+    from . import package
+    from .models import is_causal_lm_class
+
     console = _console()
     kw = dict(batch_sizes=tuple(args.batch_sizes), repeats=args.repeats, decode_tokens=args.decode_tokens)
     kw["dtype"] = _dtype(args.dtype)
     kw["fuse"] = args.fuse
+    lm = is_causal_lm_class(package.read_manifest(Path(args.package))["architecture"].get("class", ""))
+    src = None
+    if not args.no_baseline or not lm:  # an encoder's example input comes from its source's tokenizer
+        src = load_source(args.source or _source_of(args.package))
+    if not lm:
+        from .pipeline import eval_data
+
+        data, _ = eval_data(src, n_sentences=8)
+        kw["example"] = {k: v[:1] for k, v in data.items()} if isinstance(data, dict) else data[:1]
     q = profile(args.package, compare=args.compare, **kw)
     rows = [("lowbit " + Path(args.package).name, q)]
     if not args.no_baseline:
-        src = load_source(args.source or _source_of(args.package))
         rows.insert(0, ("float " + src.name, profile(src.model, **kw)))
     t = Table(title="lowbit profile", title_justify="left")
     for col in ("model", "load s", "size MB", "p50 ms (b=1)", "p99 ms (b=1)", "best batch", "prefill tok/s", "decode tok/s", "peak MB"):
