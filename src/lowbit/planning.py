@@ -86,6 +86,9 @@ def auto_plan(source: Any, candidates: list[Any], *, target_bits: float | None =
     cands = {_label(c): c for c in candidates}
     base = copy.deepcopy(base or {"types": {"Embedding": {"format": "int8", "block_size": 32}}})
     base.setdefault("algorithm", {"name": algorithm})
+    # the sensitivity pass pads a last partial block (hidden sizes that are not a multiple of the
+    # block); the recipe does the same, so the plan quantizes what was measured
+    base.setdefault("divisibility", "pad")
     seconds = {}
 
     t1 = time.perf_counter()
