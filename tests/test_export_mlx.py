@@ -217,3 +217,141 @@ def test_cli_exact_scales_flag_writes_fp32_scales(tmp_path):
     with safe_open(str(tmp_path / "mlx" / "model.safetensors"), "np") as f:
         scales = [f.get_tensor(k).dtype for k in f.keys() if k.endswith(".scales")]
     assert scales and all(str(d) == "float32" for d in scales)
+
+
+# -- config.json as mlx-lm reads it (RoPE, model types, tied heads) ------------------------------
+
+_TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+             num_hidden_layers=2, max_position_embeddings=128,
+             initializer_range=0.2)  # large weights: attention (and so RoPE) moves the logits by whole units
+
+
+def _tiny(arch: str, **kw) -> torch.nn.Module:
+    """A seeded 2-layer `arch` causal LM (transformers config class name without "Config")."""
+    torch.manual_seed(0)
+    cfg = getattr(transformers, f"{arch}Config")(**{**_TINY, **kw})
+    return getattr(transformers, f"{arch}ForCausalLM")(cfg).eval()
+
+
+def _mlx_vs_lowbit(model, out, ids) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(mlx-lm logits, lowbit logits, config.json) for `model` exported to `out`."""
+    pytest.importorskip("mlx_lm")
+    from mlx_lm.utils import load_model
+
+    export_mlx(model, out, exact_scales=True)  # fp32 scales: the check isolates the config, not fp16 rounding
+    mlx_model, _ = load_model(out)
+    got = np.array(mlx_model(mx.array(ids.numpy())).astype(mx.float32))
+    with torch.no_grad():
+        want = model(ids).logits.float().numpy()
+    return got, want, json.loads((out / "config.json").read_text())
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+ROPES = {  # name: (LlamaConfig kwargs, expected rope_scaling)
+    "theta-500000": ({"rope_theta": 5e5}, None),
+    "llama3": ({"rope_theta": 5e5, "max_position_embeddings": 512, "rope_scaling": LLAMA3}, {**LLAMA3, "type": "llama3"}),
+    "linear": ({"rope_scaling": {"rope_type": "linear", "factor": 4.0}},
+               {"rope_type": "linear", "type": "linear", "factor": 4.0}),
+    "dynamic": ({"max_position_embeddings": 16, "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}},
+                {"rope_type": "dynamic", "type": "dynamic", "factor": 4.0}),  # 40 tokens > 16: rescaled base
+    "yarn": ({"max_position_embeddings": 512, "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                                                "original_max_position_embeddings": 128}},
+             {"rope_type": "yarn", "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}),
+}
+
+
+@pytest.mark.parametrize("rope", list(ROPES))
+def test_mlx_lm_runs_the_models_rope(tmp_path, gen, rope):
+    """transformers 5 keeps RoPE only under "rope_parameters", which mlx-lm ignores (it silently used
+    rope_theta 10000: logits off by ~8 here). The export writes rope_theta / rope_scaling as mlx-lm reads them."""
+    kw, scaling = ROPES[rope]
+    model = _tiny("Llama", **kw)
+    lowbit.quantize(model, {"global": "int4-asym"}, progress=False)
+    ids = torch.randint(0, 256, (1, 40), generator=gen)
+    got, want, cfg = _mlx_vs_lowbit(model, tmp_path / "mlx", ids)
+    assert cfg["rope_theta"] == kw.get("rope_theta", 10000.0) and cfg["rope_scaling"] == scaling
+    assert cfg["rope_parameters"]["rope_theta"] == cfg["rope_theta"]  # transformers' own key is kept
+    np.testing.assert_allclose(got, want, atol=2e-2, rtol=2e-2)
+    assert np.abs(want).max() > 3  # logits large enough for a wrong RoPE to show
+
+
+@pytest.mark.parametrize("arch,kw", [
+    ("Mistral", {"rope_theta": 1e6}), ("Qwen2", {"rope_theta": 5e4, "tie_word_embeddings": True}),
+    ("Qwen3", {"rope_theta": 5e4, "head_dim": 32}), ("Phi3", {"rope_theta": 5e4, "pad_token_id": 0}),
+    ("Gemma", {"rope_theta": 5e4, "head_dim": 16}), ("Gemma2", {"rope_theta": 5e4, "head_dim": 16}),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_mlx_lm_runs_each_supported_model_type(tmp_path, gen, arch, kw):
+    """Every model type in MLX_MODEL_TYPES loads in mlx-lm and matches lowbit, at a non-default rope_theta."""
+    from lowbit.export.mlx import MLX_MODEL_TYPES
+
+    model = _tiny(arch, **kw)
+    assert model.config.model_type in MLX_MODEL_TYPES
+    lowbit.quantize(model, {"global": "int4-asym"}, progress=False)
+    ids = torch.randint(0, 256, (1, 40), generator=gen)
+    got, want, cfg = _mlx_vs_lowbit(model, tmp_path / "mlx", ids)
+    assert cfg["rope_theta"] == kw["rope_theta"]
+    np.testing.assert_allclose(got, want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("arch,model_type", [("GPT2", "gpt2"), ("GPTNeoX", "gpt_neox")])
+def test_refuses_model_types_mlx_lm_cannot_load(tmp_path, arch, model_type):
+    torch.manual_seed(0)
+    if arch == "GPT2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=256, n_embd=64, n_layer=1, n_head=4))
+    else:
+        model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+            vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=1))
+    lowbit.quantize(model, {"global": "int4-asym"}, progress=False)
+    with pytest.raises(ValueError) as e:
+        export_mlx(model, tmp_path / "mlx")
+    msg = str(e.value)
+    assert repr(model_type) in msg and "llama, mistral, qwen2, qwen3, phi3" in msg and "mlx_lm.convert" in msg
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
+
+
+def test_refuses_rope_mlx_lm_computes_differently(tmp_path):
+    from lowbit.export.mlx import mlx_lm_config
+
+    # phi3 longrope: mlx-lm always applies long_factor, transformers short_factor up to 4096 tokens
+    phi = {"model_type": "phi3", "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4,
+                                                     "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}}
+    with pytest.raises(ValueError, match="rope_type 'longrope'.*handles default"):
+        mlx_lm_config(phi)
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "attention_factor": 1.5}
+    model = _tiny("Llama", max_position_embeddings=512, rope_scaling=yarn)
+    with pytest.raises(ValueError, match="'yarn' with attention_factor"):
+        export_mlx(model, tmp_path / "mlx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tied_head_follows_the_models_embedding(tmp_path, gen):
+    """The tie check reads get_input/output_embeddings (not a fixed name); an untied head is written
+    with tie_word_embeddings=false spelled out (mlx-lm's llama defaults to tied)."""
+    from lowbit.export.common import collect
+    from lowbit.export.mlx import _drop_tied_head
+
+    # GPT-2's pair is transformer.wte / lm_head: the tied head is recognised and dropped
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=256, n_embd=64, n_layer=1, n_head=4))
+    lowbit.quantize(gpt2, {"global": "int4-asym"}, progress=False)
+    entries, float_layers = collect(gpt2)
+    config = {"model_type": "gpt2", "tie_word_embeddings": True}
+    _drop_tied_head(gpt2, entries, float_layers, config, [])
+    assert "transformer.wte.weight" in entries and "lm_head.weight" not in entries and config["tie_word_embeddings"]
+
+    # a tied pair quantized differently: llama writes the head untied and mlx-lm still matches ...
+    for arch, kw in (("Llama", {}), ("Gemma", {"head_dim": 16})):
+        model = _tiny(arch, tie_word_embeddings=True, **kw)
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+        lowbit.quantize(model, {"global": "int4-asym", "names": {"lm_head": "mxfp4", "model.embed_tokens": "int4"}},
+                        progress=False)
+        if arch == "Llama":
+            ids = torch.randint(0, 256, (1, 12), generator=gen)
+            got, want, cfg = _mlx_vs_lowbit(model, tmp_path / "llama", ids)
+            assert cfg["tie_word_embeddings"] is False
+            np.testing.assert_allclose(got, want, atol=2e-2, rtol=2e-2)
+        else:  # ... gemma, whose mlx-lm model has no lm_head, is refused
+            with pytest.raises(ValueError, match="no separate output head"):
+                export_mlx(model, tmp_path / "gemma")
+            assert not (tmp_path / "gemma").exists()

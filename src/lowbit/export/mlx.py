@@ -27,6 +27,10 @@ mlx-lm runs), the result is that value up to fp16 rounding of MLX's own arithmet
 decode exactly as stored). Everything else (E8M0 scales on int formats,
 per-channel scales, other block sizes, fp6 / e5m2 / mxint8 elements, palettes, padded rows) is
 refused with a `ValueError` naming the layer and the formats that do export.
+
+`export_mlx` writes whole models for the model types in `MLX_MODEL_TYPES` (each checked to load in
+mlx-lm and match lowbit's logits), with config.json carrying the RoPE keys mlx-lm reads
+(`mlx_lm_config`: transformers 5 keeps them only under "rope_parameters", which mlx-lm ignores).
 """
 
 from __future__ import annotations
@@ -58,6 +62,37 @@ EXACT_FORMATS: tuple[str, ...] = (
 
 def _refuse(name: str, fmt: Format, why: str) -> ValueError:
     return refusal("MLX", name, fmt, why, EXACT_FORMATS)
+
+
+# model_type -> the RoPE types whose mlx-lm implementation computes what transformers computes.
+# Each entry was checked by loading a tiny exported model with mlx-lm 0.32 and comparing its logits
+# with lowbit's (tests/test_export_mlx.py). llama / mistral / qwen2 / qwen3 build their RoPE with
+# mlx_lm.models.rope_utils.initialize_rope; phi3 reads only "longrope"/"su"/"linear" scaling and
+# wants a long_factor even for "linear", and its longrope always applies long_factor where
+# transformers applies short_factor up to original_max_position_embeddings, so phi3 is default only;
+# gemma / gemma2 read rope_theta alone.
+_INITIALIZE_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+MLX_MODEL_TYPES: dict[str, tuple[str, ...]] = {
+    "llama": _INITIALIZE_ROPE_TYPES,
+    "mistral": _INITIALIZE_ROPE_TYPES,  # mlx-lm runs mistral with its llama module
+    "qwen2": _INITIALIZE_ROPE_TYPES,
+    "qwen3": _INITIALIZE_ROPE_TYPES,
+    "phi3": ("default",),
+    "gemma": ("default",),
+    "gemma2": ("default",),
+}
+# mlx-lm's gemma / gemma2 always use the embedding as the output head (they have no lm_head)
+_HEAD_IS_EMBEDDING = ("gemma", "gemma2")
+# mlx-lm's modules for these attend over the whole context, where transformers applies the config's
+# sliding_window always (mistral, gemma2) or when use_sliding_window is set (qwen2, qwen3)
+_WINDOW_ALWAYS, _WINDOW_IF_ENABLED = ("mistral", "gemma2"), ("qwen2", "qwen3")
+# why a model type people export is not in MLX_MODEL_TYPES (added to the refusal)
+_UNSUPPORTED_WHY = {
+    "gpt2": "mlx-lm's gpt2 module transposes the Conv1D weights it loads (which would scramble packed "
+            "quantized rows) and expects tensor names without the 'transformer.' prefix",
+    "gpt_neox": "mlx-lm's gpt_neox module reads rotary_emb_base / rotary_pct, renames every tensor and "
+                "hard-codes a 4 x hidden MLP",
+}
 
 
 def mlx_params_of(fmt: Format) -> dict[str, Any] | None:
@@ -161,6 +196,134 @@ def qtensor_to_mlx(qt: QTensor, name: str = "tensor", exact_scales: bool = False
 
 
 # ==============================================================================================
+# config.json as mlx-lm reads it
+# ==============================================================================================
+def _rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
+    """The RoPE settings of an HF config dict: transformers 5 keeps them only under
+    "rope_parameters"; transformers 4 had top-level "rope_theta" / "rope_scaling"."""
+    params = config.get("rope_parameters")
+    if params is None:
+        params = {"rope_theta": config.get("rope_theta"), **(config.get("rope_scaling") or {})}
+    params = dict(params)
+    params.setdefault("rope_type", params.pop("type", None) or "default")
+    return params
+
+
+def _check_rope(model_type: str, rope: dict[str, Any]) -> None:
+    """Raise ValueError unless mlx-lm's `model_type` module computes this RoPE as transformers does."""
+    rope_type = rope["rope_type"]
+    allowed = MLX_MODEL_TYPES[model_type]
+    if rope_type not in allowed:
+        raise ValueError(
+            f"MLX export: mlx-lm's {model_type!r} model does not compute rope_type {rope_type!r} as transformers "
+            f"does (it handles {', '.join(allowed)} for {model_type}), so the exported model would run a different "
+            "RoPE. mlx-lm has no equivalent: keep this model as a lowbit package (lowbit.load), or export it with "
+            "--to coreml, whose wrapper takes the rotary tables from transformers (Llama-family models)")
+    if rope_type == "yarn":
+        # mlx-lm's YarnRoPE has no attention_factor / truncate, and applies mscale alone where
+        # transformers ignores it unless mscale_all_dim is set too: only yarn without these was checked
+        extra = sorted(k for k in ("attention_factor", "mscale", "mscale_all_dim") if rope.get(k) is not None)
+        if rope.get("truncate") is False:
+            extra.append("truncate")
+        if extra:
+            raise ValueError(
+                f"MLX export: rope_type 'yarn' with {', '.join(extra)} set is computed differently by mlx-lm "
+                "(its YarnRoPE supports factor, original_max_position_embeddings, beta_fast and beta_slow only); "
+                "keep this model as a lowbit package, or export it with --to coreml")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0 and model_type != "phi3":
+        raise ValueError(f"MLX export: mlx-lm's {model_type!r} model rotates the whole head, but this config has "
+                         f"partial_rotary_factor={rope['partial_rotary_factor']}; keep this model as a lowbit "
+                         "package, or export it with --to coreml")
+
+
+def mlx_lm_config(config: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """An HF config dict rewritten with the keys mlx-lm reads, and notes on what mlx-lm ignores.
+
+    mlx-lm's ModelArgs read top-level ``rope_theta`` / ``rope_scaling`` (and phi3
+    ``partial_rotary_factor``), and silently fall back to their own defaults (rope_theta 10000 for
+    llama, 1e6 for qwen2) when those are missing, which is what transformers 5's ``to_dict()`` gives:
+    the RoPE then lives only under ``rope_parameters``. Those are written from ``rope_parameters``
+    (kept as well); ``rope_scaling`` is None for the default RoPE, else the scaling entries with both
+    ``rope_type`` and ``type`` (phi3 reads ``type``).
+
+    Raises ValueError, before anything is written, for a model type not in `MLX_MODEL_TYPES` or a
+    RoPE that mlx-lm computes differently from transformers (see `_check_rope`).
+
+    Example:
+        >>> cfg = {"model_type": "llama", "rope_parameters": {"rope_type": "default", "rope_theta": 1e5}}
+        >>> out, notes = mlx_lm_config(cfg)
+        >>> out["rope_theta"], out["rope_scaling"]
+        (100000.0, None)
+    """
+    model_type = config.get("model_type")
+    if model_type not in MLX_MODEL_TYPES:
+        why = _UNSUPPORTED_WHY.get(model_type)
+        raise ValueError(
+            f"MLX export supports the model types {', '.join(MLX_MODEL_TYPES)} (checked to load and run in mlx-lm), "
+            f"not {model_type!r}" + (f": {why}" if why else "")
+            + f". For a {model_type} model in MLX, convert the float checkpoint with mlx_lm.convert (MLX's own "
+            "quantization: lowbit's planes are not carried over), or keep it as a lowbit package (lowbit.load)")
+    out = dict(config)
+    rope = _rope_parameters(config)
+    if isinstance(rope.get("rope_theta"), dict) or rope.get("rope_theta") is None:
+        raise ValueError(f"MLX export: cannot read rope_theta from this {model_type} config "
+                         f"(rope_parameters={config.get('rope_parameters')!r}); mlx-lm needs one global RoPE")
+    _check_rope(model_type, rope)
+    out["rope_theta"] = float(rope["rope_theta"])
+    scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    out["rope_scaling"] = None if rope["rope_type"] == "default" else {**scaling, "type": rope["rope_type"]}
+    if "partial_rotary_factor" in rope:
+        out["partial_rotary_factor"] = rope["partial_rotary_factor"]
+    notes = []
+    window = config.get("sliding_window")
+    if window and (model_type in _WINDOW_ALWAYS
+                   or (model_type in _WINDOW_IF_ENABLED and config.get("use_sliding_window"))):
+        notes.append(f"sliding_window={window} is not applied by mlx-lm's {model_type} model: "
+                     f"its outputs match up to {window} tokens of context")
+    return out, notes
+
+
+def _module_name(model: torch.nn.Module, module: torch.nn.Module | None) -> str | None:
+    """The dotted name of `module` inside `model`, or None."""
+    if module is None:
+        return None
+    return next((n for n, m in model.named_modules() if m is module), None)
+
+
+def _drop_tied_head(model: torch.nn.Module, entries: dict[str, tuple[str, Any]],
+                    float_layers: dict[str, str], config: dict[str, Any], notes: list[str]) -> None:
+    """Drop the output head when it is tied to the input embedding and holds the same values.
+
+    The names come from the model's own get_input_embeddings / get_output_embeddings (not a fixed
+    "model.embed_tokens"), so any architecture's tied head is recognised. A head tied in the
+    config but quantized differently from the embedding is kept and the config untied.
+    """
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    emb = _module_name(model, get_in() if get_in else None)
+    head = _module_name(model, get_out() if get_out else None)
+    if head is None or f"{head}.weight" not in entries:
+        config["tie_word_embeddings"] = True  # no separate head: mlx-lm must read the embedding
+        return
+    if not config.get("tie_word_embeddings") or emb is None or f"{emb}.weight" not in entries:
+        if config.get("model_type") in _HEAD_IS_EMBEDDING:
+            raise ValueError(f"MLX export: this {config['model_type']} model has an untied output head {head!r}, "
+                             f"but mlx-lm's {config['model_type']} model always reads the embedding as its head; "
+                             "keep it as a lowbit package, or convert the float checkpoint with mlx_lm.convert")
+        config["tie_word_embeddings"] = False  # explicit: mlx-lm's llama defaults to tied
+        return
+    if _same(entries[f"{head}.weight"], entries[f"{emb}.weight"]):
+        del entries[f"{head}.weight"]
+        float_layers.pop(head, None)
+        return
+    if config.get("model_type") in _HEAD_IS_EMBEDDING:
+        raise ValueError(f"MLX export: {head} is tied to {emb} but quantized differently, and mlx-lm's "
+                         f"{config['model_type']} model has no separate output head; quantize both with the same "
+                         "format (lowbit quantizes a tied pair once when both are in the recipe)")
+    config["tie_word_embeddings"] = False
+    notes.append(f"tied {head} differs from {emb} (quantized differently): written untied")
+
+
+# ==============================================================================================
 # model export
 # ==============================================================================================
 def export_mlx(model_or_pkg_path: Any, out_dir: str | os.PathLike, *, force: bool = False,
@@ -170,7 +333,8 @@ def export_mlx(model_or_pkg_path: Any, out_dir: str | os.PathLike, *, force: boo
     Writes, atomically (a temporary sibling folder renamed into place):
         model.safetensors   quantized layers as `<path>.weight` (uint32) / `.scales` / `.biases`,
                             float tensors as fp16 or fp32 (bf16 widened to fp32)
-        config.json         the model's HF config plus mlx-lm's ``"quantization"`` (and the
+        config.json         the model's HF config with the RoPE keys mlx-lm reads (`mlx_lm_config`:
+                            top-level rope_theta / rope_scaling), plus mlx-lm's ``"quantization"`` (and the
                             ``"quantization_config"`` copy mlx-lm writes): the most common
                             {"group_size", "bits", "mode"} at top level, ``{path: {...}}`` for
                             layers that differ and ``{path: False}`` for Linear/Embedding layers
@@ -182,8 +346,11 @@ def export_mlx(model_or_pkg_path: Any, out_dir: str | os.PathLike, *, force: boo
     the file equal lowbit's dequantized planes bit for bit (at +1 bit/weight for groups of 32).
     With the default fp16 arrays it equals them up to fp16 rounding of that arithmetic.
 
-    A tied output head is dropped when it equals the embedding; a tied head quantized
-    differently is written as ``lm_head`` and ``tie_word_embeddings`` is set to false.
+    Model types: those in `MLX_MODEL_TYPES` (llama, mistral, qwen2, qwen3, phi3, gemma, gemma2), each checked to
+    load in mlx-lm and match lowbit's logits; others are refused before anything is written.
+
+    A tied output head (the model's get_output_embeddings) is dropped when it equals the input
+    embedding; a tied head quantized differently is written and ``tie_word_embeddings`` set to false.
 
     Returns {"path", "tensors": {name: {"lowbit_format", "mlx", "shape", "exact"}},
     "quantization", "tokenizer_files", "notes"}.
@@ -191,7 +358,19 @@ def export_mlx(model_or_pkg_path: Any, out_dir: str | os.PathLike, *, force: boo
     Raises:
         FileExistsError: `out_dir` exists and force is False.
         ValueError: a layer's format has no exact MLX layout (names the layer and alternatives),
-            or the model has no Hugging Face config.
+            the model has no Hugging Face config, its model type is not in `MLX_MODEL_TYPES`, or
+            its RoPE is one mlx-lm computes differently (names the rope type).
+
+    Example:
+        >>> import tempfile, lowbit, transformers
+        >>> m = transformers.LlamaForCausalLM(transformers.LlamaConfig(hidden_size=64, intermediate_size=128,
+        ...     num_hidden_layers=1, num_attention_heads=2, vocab_size=128, rope_theta=1e5))
+        >>> _ = lowbit.quantize(m, "int4", progress=False)
+        >>> out = Path(tempfile.mkdtemp()) / "mlx"
+        >>> info = export_mlx(m, out)
+        >>> cfg = json.loads((out / "config.json").read_text())
+        >>> cfg["rope_theta"], cfg["quantization"]["bits"]
+        (100000.0, 4)
     """
     from safetensors.numpy import save_file
 
@@ -210,18 +389,11 @@ def export_mlx(model_or_pkg_path: Any, out_dir: str | os.PathLike, *, force: boo
     cfg = getattr(model, "config", None)
     if cfg is None or not hasattr(cfg, "to_dict"):
         raise ValueError(f"MLX export needs a Hugging Face model with a config; got {type(model).__name__}")
-    config = cfg.to_dict()
+    config, notes = mlx_lm_config(cfg.to_dict())  # refuses an unsupported model / RoPE up front
     config.pop("quantization_config", None)
-    notes: list[str] = []
 
     entries, float_layers = _collect(model)
-    if config.get("tie_word_embeddings") and "lm_head.weight" in entries and "model.embed_tokens.weight" in entries:
-        if _same(entries["lm_head.weight"], entries["model.embed_tokens.weight"]):
-            del entries["lm_head.weight"]
-            float_layers.pop("lm_head", None)
-        else:
-            config["tie_word_embeddings"] = False
-            notes.append("tied lm_head differs from embed_tokens (quantized differently): written untied")
+    _drop_tied_head(model, entries, float_layers, config, notes)
 
     # convert everything before touching the disk: a refusal leaves nothing behind
     arrays: dict[str, np.ndarray] = {}
