@@ -210,6 +210,11 @@ def test_refuses_inexact_formats_and_unsupported_models(tmp_path):
         export(cls, "coreml", out, seq_len=8)
     with pytest.raises(ValueError, match="seq_len 65 exceeds the model's max_position_embeddings 64"):
         export(tiny_bert(), "coreml", out, seq_len=65)
+    mistral = transformers.MistralForCausalLM(transformers.MistralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=100, sliding_window=16)).eval()
+    with pytest.raises(ValueError, match="seq_len 24 exceeds the model's sliding_window 16.*pass seq_len <= 16"):
+        export(mistral, "coreml", out, seq_len=24)  # before: "this architecture is not supported"
     with pytest.raises(ValueError, match="iOS18"):
         export(tiny_bert(), "coreml", out, seq_len=8, minimum_deployment_target=ct.target.iOS17)
 

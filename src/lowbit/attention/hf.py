@@ -82,7 +82,8 @@ def lowbit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                              is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers attention function: q (B, H, Sq, D), k/v (B, Hkv, Sk, D) -> ((B, Sq, H, D), None)."""
     if kwargs.get("softcap") is not None:
-        raise ValueError(f"{_owner(module)}: lowbit attention does not support softcap; use attn_implementation='eager'")
+        raise ValueError(f"{_owner(module)}: lowbit attention does not support softcap (Gemma-2's logit capping); "
+                         "use attn_implementation='eager' (on the command line: leave out --attention lowbit)")
     owner = _owner(module)
     B, H, Sq, D = query.shape
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)

@@ -142,6 +142,10 @@ def wrap_hf(float_model: nn.Module, seq_len: int, seed: int = 0) -> tuple[nn.Mod
         raise ValueError(f"seq_len {seq_len} exceeds the model's max_position_embeddings {max_pos}; pass seq_len <= {max_pos}")
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    window = getattr(cfg, "sliding_window", None) if mtype in DECODER_TYPES else None
+    if window and seq_len > window and getattr(cfg, "use_sliding_window", True) is not False:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's sliding_window {window} (Mistral-style local "
+                         f"attention), which the Core ML wrapper's plain causal mask does not apply; pass seq_len <= {window}")
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, cfg.vocab_size, (1, seq_len), generator=g)
     if mtype in DECODER_TYPES:
