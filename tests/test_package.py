@@ -468,6 +468,23 @@ def test_manifest_embedding_scale_must_be_a_number(llama_pkg):
             package.load(pkg)
 
 
+def test_code_shipped_in_a_package_never_runs(llama_pkg, tmp_path, monkeypatch):
+    """A config.json with an `auto_map` pointing at a Python file in the package: load refuses it as
+    a bad config without running the file or asking on stdin (transformers' prompt "Do you wish to
+    run the custom code?" came up before, and answering y ran it)."""
+    _, pkg = llama_pkg
+    marker = tmp_path / "ran"
+    cfg = json.loads((pkg / "config.json").read_text())
+    cfg.update(auto_map={"AutoConfig": "evil.EvilConfig"}, model_type="evil-llama")
+    (pkg / "config.json").write_text(json.dumps(cfg))
+    (pkg / "evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('x')\n"
+                                 "from transformers import LlamaConfig\nclass EvilConfig(LlamaConfig):\n    pass\n")
+    monkeypatch.setattr("builtins.input", lambda *a: "y")  # a user who answers yes, were they asked
+    with pytest.raises(PackageError, match="config.json: cannot be read as a transformers config"):
+        package.load(pkg)
+    assert not marker.exists()
+
+
 def test_architecture_class_must_come_from_transformers(llama_pkg):
     _, pkg = llama_pkg
     edit_manifest(pkg, lambda m: m["architecture"].update({"class": "AutoTokenizer"}))

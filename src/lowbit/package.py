@@ -508,7 +508,9 @@ def _hf_skeleton(path: Path, class_name: str) -> nn.Module:
     if not (path / "config.json").is_file():
         raise PackageError(f"{path}: Hugging Face package without config.json; cannot build {class_name}")
     try:
-        config = transformers.AutoConfig.from_pretrained(str(path))
+        # never the package's own code: a config.json with an `auto_map` would otherwise make
+        # transformers ask on stdin whether to run a Python file shipped in the folder
+        config = transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
     except Exception as e:  # transformers raises many kinds; all mean "bad config"
         raise PackageError(f"{path}/config.json: cannot be read as a transformers config: {e}") from None
     try:
@@ -713,7 +715,7 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
 
 
 # ==============================================================================================
