@@ -289,6 +289,15 @@ def test_overwrite_needs_force(tmp_path):
     package.save(quantize(mlp(), "int8"), pkg, force=True)
     assert package.read_manifest(pkg)["layers"]["1"]["format"]["name"] == "int8"
     assert siblings(pkg) == []
+    # force replaces a package only: a model folder (e.g. the source itself) or a file is left alone
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "file").write_text("x")
+    for target in (folder, tmp_path / "file"):
+        with pytest.raises(FileExistsError, match="is not a lowbit package .* only replaces a package"):
+            package.save(quantize(mlp(), "int8"), target, force=True)
+    assert (folder / "model.safetensors").read_bytes() == b"weights" and (tmp_path / "file").read_text() == "x"
 
 
 @pytest.mark.parametrize("existing", [False, True])

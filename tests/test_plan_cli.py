@@ -34,3 +34,31 @@ def test_plan_minilm_meets_bits_target(tmp_path, capsys):
     assert main(["plan", "minilm", "--candidates", "int8", "--target-bits", "6", "-o", str(out)]) == 1
     assert main(["plan", "minilm", "--candidates", "int8", "--max-delta-ppl", "1", "-o", str(tmp_path / "x.toml")]) == 1
     assert "max_delta_ppl applies to language models" in capsys.readouterr().err
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path, monkeypatch, capsys):
+    """SIGTERM (timeout, kill, a cancelled CI job) during a command unwinds through the writers'
+    cleanup as Ctrl-C does, exit code 143 (a half-written temporary package folder was left behind)."""
+    import os
+    import signal
+    import time
+
+    from lowbit import cli
+
+    tmp = tmp_path / ".pkg.tmp-1"
+
+    def writing(args):
+        tmp.mkdir()
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises here, at once
+            return 0
+        except BaseException:
+            tmp.rmdir()
+            raise
+
+    monkeypatch.setattr(cli, "cmd_recipes", writing)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["recipes"]) == 143
+    assert not tmp.exists() and "terminated" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before

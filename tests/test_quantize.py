@@ -58,6 +58,12 @@ def test_recipe_overrides_format_fields():
     ({"algorithm": {"name": "magic"}}, "algorithm"),
     ({"validate": {"max_ppl": 1}}, "max_ppl"),
     ({"global": {"format": "int4", "block_size": 12}}, "multiple of 8"),
+    # `lowbit run` saves a package under the recipe's name: never a path
+    ({"name": "/tmp/elsewhere", "global": "int8"}, "plain folder name"),
+    ({"name": "..", "global": "int8"}, "plain folder name"),
+    ({"name": "", "global": "int8"}, "plain folder name"),
+    # a quoted number failed only after the whole run
+    ({"global": "int8", "validate": {"max_delta_ppl": "1.0"}}, r"validate.max_delta_ppl = '1.0': a threshold is a number"),
 ])
 def test_recipe_validation_names_the_key(bad, msg):
     with pytest.raises(RecipeError, match=msg):
@@ -74,6 +80,9 @@ def test_recipe_from_toml_and_unknown_name(tmp_path):
         Recipe.load(tmp_path / "bad.toml")
     with pytest.raises(RecipeError, match="did you mean int4"):
         Recipe.load("int44")
+    odd = tmp_path / "my recipe (v2).toml"  # a file name is made a plain recipe name
+    odd.write_text('[global]\nformat = "int8"\n')
+    assert Recipe.load(odd).name == "my-recipe--v2-"
 
 
 def test_pattern_matching_no_layer_lists_closest_names():
@@ -82,6 +91,10 @@ def test_pattern_matching_no_layer_lists_closest_names():
         lowbit.quantize(model, {"global": "int4", "names": {"model.layers.0.mlp.up_projj": "int8"}}, progress=False)
     # nothing was swapped: errors come before work
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    # [algorithm.names] patterns are checked the same way (a typo silently gave its layers rtn)
+    with pytest.raises(RecipeError, match=r"algorithm\.names\.'model\.layers\.\*\.mlp\.dwn_proj' matches no"):
+        lowbit.quantize(model, {"global": "int4", "algorithm": {"name": "rtn", "names": {"model.layers.*.mlp.dwn_proj": "clip"}}},
+                        progress=False)
 
 
 def test_divisibility_policy_error_lists_layers_pad_and_skip():
@@ -157,6 +170,19 @@ def test_tied_weights_stay_tied_and_are_quantized_once():
     row = next(r for r in report.layers if r["name"] == "lm_head")
     assert row["tied_to"] == "model.embed_tokens"
     assert report.bytes_before == sum(r["bytes_before"] for r in report.layers if not r["tied_to"])
+
+
+def test_a_tied_head_kept_float_by_name_is_refused_while_its_embedding_is_quantized():
+    """[names] lm_head = "none" on a tied model: one weight cannot be float for the head and int8 for
+    the embedding; the error names both and the fixes (before: lm_head silently came out int8)."""
+    model = tiny_llama(tie=True)
+    with pytest.raises(RecipeError, match=r"names.'lm_head' keeps lm_head float, but lm_head shares its weight with "
+                                          r"model.embed_tokens .*give model.embed_tokens 'none' too"):
+        lowbit.quantize(model, {"global": "int8", "names": {"lm_head": "none"}}, progress=False)
+    assert not any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules())
+    report = lowbit.quantize(model, {"global": "int8", "names": {"lm_head": "none", "model.embed_tokens": "none"}},
+                             progress=False)
+    assert {"lm_head", "model.embed_tokens"} <= {r["name"] for r in report.skipped}
 
 
 def test_mixed_recipe_keeps_edges_and_embeddings_at_8_bits():

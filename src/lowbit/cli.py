@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -464,14 +465,39 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     args = build_parser().parse_args(argv)
+    previous = _terminate_as_interrupt()
     try:
         return args.fn(args)
     except KeyboardInterrupt:
         print("lowbit: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("lowbit: terminated", file=sys.stderr)
+        return 143
     except (ValueError, TypeError, LookupError, OSError) as e:  # RecipeError, PackageError are ValueErrors
         print(f"lowbit {args.command}: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(BaseException):
+    """SIGTERM (timeout, kill, docker stop, a cancelled CI job) as an exception: the writers' cleanup
+    (temporary folders and files, `except BaseException`) runs as it does for Ctrl-C."""
+
+
+def _terminate_as_interrupt():
+    """Raise `_Terminated` on SIGTERM from now on (main thread only); returns the previous handler."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise _Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

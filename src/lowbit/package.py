@@ -81,8 +81,9 @@ def save(
             format, every other state_dict entry is stored as plain tensors. Shared storages
             (tied embeddings, whether quantized or float) are stored once and re-tied on load.
         path: the package folder to create.
-        force: replace an existing `path` (the old one is renamed away, the new one renamed in,
-            then the old one is deleted). Without it an existing `path` raises `FileExistsError`.
+        force: replace an existing package at `path` (the old one is renamed away, the new one
+            renamed in, then the old one is deleted); anything else at `path` (a model folder, a
+            file) is never replaced. Without it an existing `path` raises `FileExistsError`.
         tokenizer: saved with ``tokenizer.save_pretrained`` into the package.
         config_files: files copied into the package as they are (e.g. the source's
             ``generation_config.json``); under `source_root`, they keep their relative path
@@ -99,6 +100,10 @@ def save(
     path = Path(path)
     if os.path.lexists(path) and not force:
         raise FileExistsError(f"{path} already exists; pass force=True (CLI: --force) to replace it")
+    if os.path.lexists(path) and not (path.is_dir() and not path.is_symlink() and (path / MANIFEST).is_file()):
+        # force replaces an earlier package only: never a model folder (the source itself, say) or a file
+        raise FileExistsError(f"{path} exists and is not a lowbit package (no {MANIFEST}); force=True (CLI: --force) "
+                              "only replaces a package: choose another output path, or remove it yourself")
     config_files = [Path(c) for c in config_files]
     for c in config_files:
         if c.name in (MANIFEST, WEIGHTS):

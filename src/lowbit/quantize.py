@@ -16,7 +16,7 @@ from torch import nn
 
 from .formats import NonFiniteError, QTensor, quantize_tensor
 from .nn import QuantEmbedding, QuantLinear
-from .recipe import Recipe, RecipeError
+from .recipe import Recipe, RecipeError, name_matches
 
 
 @dataclass
@@ -183,7 +183,14 @@ def quantize(model: nn.Module, recipe: "str | dict | Recipe" = "int8", *, progre
         shape = tuple(w.shape) if mtype != "Conv1D" else tuple(w.shape[::-1])
         row = {"name": name, "type": mtype, "shape": list(shape)}
         if id(w) in owner_of:  # tied: quantized once with the first owner's planes
-            plan.append((name, mod, mtype, None, False, owner_of[id(w)]))
+            owner = owner_of[id(w)]
+            named = [p for p in recipe.names if name_matches(p, name)]
+            if named and recipe.config_for(name, mtype) is None and recipe.config_for(owner, mtype) is not None:
+                # one weight cannot be float for one of its users and quantized for the other
+                raise RecipeError(f"recipe {recipe.name!r}: names.{named[0]!r} keeps {name} float, but {name} shares "
+                                  f"its weight with {owner} (tied embeddings), which the recipe quantizes; give "
+                                  f"{owner} 'none' too (both stay float), or untie the weights before quantizing")
+            plan.append((name, mod, mtype, None, False, owner))
             continue
         owner_of[id(w)] = name
         fmt = recipe.config_for(name, mtype, edge=any(name.startswith(p) for p in edges))

@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,7 +141,7 @@ class Recipe:
                     data = tomllib.loads(path.read_text())
                 except tomllib.TOMLDecodeError as e:
                     raise RecipeError(f"{path}: not valid TOML: {e}") from None
-                data.setdefault("name", path.stem)
+                data.setdefault("name", re.sub(r"[^A-Za-z0-9._+-]", "-", path.stem).lstrip("._+-") or "recipe")
                 return cls.from_dict(data)
             close = difflib.get_close_matches(str(spec), list(BUILTIN), n=3)
             raise RecipeError(
@@ -177,11 +178,19 @@ class Recipe:
         edge_blocks = d.get("edge_blocks", 0)
         if not isinstance(edge_blocks, int) or edge_blocks < 0:
             raise RecipeError(f"recipe: edge_blocks must be an int >= 0, got {edge_blocks!r}")
+        name = d.get("name", "custom")
+        # `lowbit run` saves each recipe's package under its name: a plain folder name, never a path
+        if not (isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}", name)):
+            raise RecipeError(f"recipe: name={name!r}: a recipe name is a plain folder name (letters, digits, "
+                              "'.', '_', '+', '-'; no path separators), since `lowbit run` saves its package under it")
         algorithm = _check_algorithm(d.get("algorithm", {"name": "rtn"}))
         validate = dict(d.get("validate", {}))
         bad = set(validate) - VALIDATE_KEYS
         if bad:
             raise RecipeError(f"recipe: validate: unknown threshold(s) {sorted(bad)}; known: {sorted(VALIDATE_KEYS)}")
+        for key, limit in validate.items():  # a quoted number would fail only after the whole run
+            if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit != limit:
+                raise RecipeError(f"recipe: validate.{key} = {limit!r}: a threshold is a number (unquoted in TOML)")
         attention = d.get("attention")
         if attention not in (None, "none", "lowbit"):
             raise RecipeError(f"recipe: attention={attention!r}; expected 'lowbit' or 'none'")
@@ -192,7 +201,7 @@ class Recipe:
             if kv_cache not in KV_FORMATS:
                 raise RecipeError(f"recipe: kv_cache={kv_cache!r}; expected one of {sorted(KV_FORMATS)} or 'none'")
         return cls(
-            name=d.get("name", "custom"),
+            name=name,
             description=d.get("description", ""),
             global_=_layer_config(d.get("global"), "recipe: global"),
             types={t: _layer_config(v, f"recipe: types.{t}") for t, v in types.items()},
@@ -215,15 +224,17 @@ class Recipe:
 
     # -- resolving against a model --------------------------------------------------------
     def check_names(self, layer_names: Iterable[str]) -> None:
-        """Every name pattern must match at least one layer; the error lists the closest names."""
+        """Every name pattern ([names] and [algorithm.names]) must match at least one layer; the
+        error lists the closest names."""
         layer_names = list(layer_names)
-        for pattern in self.names:
+        patterns = [("names", p) for p in self.names] + [("algorithm.names", p) for p in self.algorithm.get("names", {})]
+        for table, pattern in patterns:
             if pattern.startswith("?"):  # optional pattern: fine when the model lacks the layer
                 continue
-            if not any(_matches(pattern, n) for n in layer_names):
+            if not any(name_matches(pattern, n) for n in layer_names):
                 close = difflib.get_close_matches(pattern, layer_names, n=4, cutoff=0.3)
                 raise RecipeError(
-                    f"recipe: names.{pattern!r} matches no quantizable layer"
+                    f"recipe: {table}.{pattern!r} matches no quantizable layer"
                     + (f"; closest layer names: {', '.join(close)}" if close else "")
                     + " (patterns are exact names or globs such as 'model.layers.*.mlp.*')"
                 )
@@ -233,7 +244,7 @@ class Recipe:
         per = self.algorithm.get("names", {})
         if name in per:
             return per[name]
-        globs = [p for p in per if _matches(p, name)]
+        globs = [p for p in per if name_matches(p, name)]
         return per[max(globs, key=len)] if globs else self.algorithm.get("name", "rtn")
 
     @property
@@ -249,7 +260,7 @@ class Recipe:
         for exact in (name, "?" + name):
             if exact in self.names:
                 return self.names[exact]
-        globs = [p for p in self.names if _matches(p, name)]
+        globs = [p for p in self.names if name_matches(p, name)]
         if globs:
             return self.names[max(globs, key=len)]
         if edge:  # only asked when edge_blocks > 0 and the layer sits in a first / last block
@@ -281,6 +292,7 @@ def _check_algorithm(a: Any) -> dict[str, Any]:
     return a
 
 
-def _matches(pattern: str, name: str) -> bool:
+def name_matches(pattern: str, name: str) -> bool:
+    """Whether a recipe name pattern (an exact name or a glob, "?" prefix = optional) matches `name`."""
     pattern = pattern.removeprefix("?")
     return pattern == name or fnmatch.fnmatchcase(name, pattern)
