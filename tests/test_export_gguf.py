@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -109,6 +111,9 @@ def test_export_tiny_llama_roundtrip(tmp_path, recipe, main_type):
     out = tmp_path / "m.gguf"
     info = export_gguf(model, out, tokenizer=tiny_bpe_tokenizer())
     assert out.is_file() and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask  # readable by others as a plain write is (was 0600)
 
     r = gguf.GGUFReader(out)
     names = {t.name for t in r.tensors}

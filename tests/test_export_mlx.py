@@ -1,6 +1,7 @@
 """MLX export: planes move across without re-rounding; mx.dequantize == QTensor.dequantize exactly."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -126,6 +127,9 @@ def test_exporttiny_llama(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlx", "pkg"]  # no temp folder left
     files = {p.name for p in out.iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= files
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o666 & ~mask}  # as a plain write (was 0600)
     cfg = json.loads((out / "config.json").read_text())
     q = cfg["quantization"]
     assert q["group_size"] == 32 and q["bits"] == 4 and q["mode"] == "affine"

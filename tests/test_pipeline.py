@@ -174,6 +174,16 @@ def test_profile_cli_takes_an_encoder_package(tmp_path, capsys):
     assert "lowbit profile" in out and "placement (layers per backend that ran)" in out
 
 
+def test_a_model_folder_without_a_tokenizer_is_refused_before_any_output(tmp_path):
+    """The built-in corpus needs the model's tokenizer: a folder without one gets the fix named
+    (before: AttributeError 'NoneType' object has no attribute 'eos_token_id', and an empty output
+    folder was left behind)."""
+    tiny_llama().save_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError, match="no tokenizer files .* copy the model's tokenizer files into its folder"):
+        run(str(tmp_path / "model"), recipes=["int8"], output=tmp_path / "out", profile_model=False, log=lambda s: None)
+    assert not (tmp_path / "out").exists()
+
+
 def test_calibration_coverage_flags_inputs_outside_the_calibration_range():
     from lowbit.validate import calibration_coverage
 

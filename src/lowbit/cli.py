@@ -244,6 +244,9 @@ def cmd_validate(args) -> int:
     if args.data:
         data = load_data_file(args.data)
         if isinstance(data, list):  # texts
+            from .data import require_tokenizer
+
+            require_tokenizer(src)
             if src.kind == "causal_lm":
                 from .data import lm_sequences
 

@@ -30,8 +30,10 @@ class ThresholdError(RuntimeError):
 
 def eval_data(src, n_seqs: int = 16, seq_len: int = 256, n_sentences: int = 128):
     """Evaluation data for the source's task, from the held-out part of the built-in corpus."""
-    from .data import builtin_texts, lm_sequences, sentences
+    from .data import builtin_texts, lm_sequences, require_tokenizer, sentences
 
+    if src.kind in ("causal_lm", "embedding"):
+        require_tokenizer(src)
     texts = builtin_texts("eval")
     if src.kind == "causal_lm":
         return lm_sequences(src.tokenizer, texts, seq_len=seq_len, n_seqs=n_seqs), f"built-in corpus (eval split), {n_seqs} x {seq_len} tokens"
@@ -87,11 +89,11 @@ def run(source: Any = "smollm2", recipes: list[str] | tuple[str, ...] = ("int8",
     for note in src.notes:
         log(f"   note: {note}")
     output = Path(output or f"out/run-{src.name}")
-    output.mkdir(parents=True, exist_ok=True)
-    if data is None:
+    if data is None:  # before the output folder: a source without a tokenizer leaves nothing behind
         data, data_desc = eval_data(src, n_seqs=n_seqs, seq_len=seq_len)
     else:
         data_desc = "user data"
+    output.mkdir(parents=True, exist_ok=True)
     task = {"causal_lm": "causal_lm", "embedding": "embedding"}.get(src.kind, "auto")
     base = src.model
     coverage = _coverage(src, base, data, task)

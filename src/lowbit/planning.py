@@ -30,8 +30,10 @@ class PlanResult:
 
 def calibration_batches(src, n_seqs: int = 32, seq_len: int = 256, batch: int = 4, n_sentences: int = 128):
     """Calibration inputs from the built-in corpus's calibration split (disjoint from evaluation)."""
-    from .data import builtin_texts, lm_sequences, sentences
+    from .data import builtin_texts, lm_sequences, require_tokenizer, sentences
 
+    if src.kind in ("causal_lm", "embedding"):
+        require_tokenizer(src)
     texts = builtin_texts("calib")
     if src.kind == "causal_lm":
         ids = lm_sequences(src.tokenizer, texts, seq_len=seq_len, n_seqs=n_seqs)

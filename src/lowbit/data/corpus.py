@@ -31,8 +31,19 @@ def builtin_texts(split: str = "eval") -> list[str]:
     return [topics[k] for k in sorted(topics) if _is_eval(k) == (split == "eval")]
 
 
+def require_tokenizer(src) -> None:
+    """Raise a ValueError naming the fix when a loaded source has no tokenizer for the built-in corpus."""
+    if getattr(src, "tokenizer", None) is None:
+        where = getattr(src, "source_path", None) or getattr(src, "name", "the model")
+        raise ValueError(f"{where}: no tokenizer files (tokenizer.json / tokenizer_config.json ...), and the built-in "
+                         "evaluation and calibration texts need one: copy the model's tokenizer files into its folder, "
+                         "or give your own data (Python: data=, token ids)")
+
+
 def lm_sequences(tokenizer, texts: list[str], seq_len: int = 256, n_seqs: int = 16) -> torch.Tensor:
     """Token id sequences (n_seqs, seq_len): the texts joined by EOS, cut into equal pieces."""
+    if tokenizer is None:
+        raise ValueError("lm_sequences: no tokenizer: the texts cannot be turned into token ids")
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for t in texts:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
@@ -56,3 +58,29 @@ def collect(model: torch.nn.Module) -> tuple[dict[str, tuple[str, Any]], dict[st
         for pname, p in mod.named_parameters(recurse=False):
             out[prefix + pname] = ("f", p)
     return out, float_layers
+
+
+def usual_permissions(path: str | os.PathLike) -> None:
+    """Give an exported file (or every file and folder under an exported folder) the mode a plain
+    write would: 0666 / 0777 less the umask. Temporary files from `tempfile` are 0600, so a file
+    renamed into place from one would stay unreadable to the other users (a llama.cpp server
+    running as its own user).
+
+    Example:
+        >>> import tempfile
+        >>> fd, p = tempfile.mkstemp(); os.close(fd); usual_permissions(p)
+        >>> oct(os.stat(p).st_mode & 0o777) == oct(0o666 & ~_umask())
+        True
+    """
+    mask = _umask()
+    path = Path(path)
+    items = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for p in items:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask

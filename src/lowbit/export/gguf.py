@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from ..formats import Format, QTensor
-from .common import collect, refusal
+from .common import collect, refusal, usual_permissions
 from .common import same_entry as _same
 from ..formats.packing import unpack
 
@@ -417,6 +417,7 @@ def export_gguf(
         w.close()
         with open(tmp_name, "rb+") as f:
             os.fsync(f.fileno())
+        usual_permissions(tmp_name)  # mkstemp's 0600 would stay with the file
         os.replace(tmp_name, out_path)
     except BaseException:
         if os.path.exists(tmp_name):

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from ..formats import Format, QTensor
-from .common import refusal
+from .common import refusal, usual_permissions
 from .common import collect as _collect
 from .common import same_entry as _same
 
@@ -448,6 +448,7 @@ def export_mlx(model_or_pkg_path: Any, out_dir: str | os.PathLike, *, force: boo
         for f in tmp.iterdir():
             with open(f, "rb+") as fh:
                 os.fsync(fh.fileno())
+        usual_permissions(tmp)
         if os.path.lexists(out_dir):  # force
             old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
             os.replace(out_dir, old)
