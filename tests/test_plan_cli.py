@@ -62,3 +62,23 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path, monkeypatch, capsys):
     assert cli.main(["recipes"]) == 143
     assert not tmp.exists() and "terminated" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["profile", "pkg", "--batch-sizes", "0"], "--batch-sizes: 0 is below the smallest allowed, 1"),
+    (["profile", "pkg", "--decode-tokens", "0"], "--decode-tokens: 0 is below"),
+    (["profile", "pkg", "--compare", "/no/such.json"], "--compare: /no/such.json: no such file"),
+    (["profile", "pkg", "--json", "/no/such/dir/p.json"], "the folder /no/such/dir does not exist"),
+    (["validate", "pkg", "--seq-len", "1"], "--seq-len: 1 is below the smallest allowed, 2"),
+    (["validate", "pkg", "--threshold", "max_delta_ppl"], "write NAME=VALUE"),
+    (["validate", "pkg", "--threshold", "nosuch=1"], "'nosuch' is not a threshold"),
+    (["export", "pkg", "--to", "coreml", "-o", "x", "--seq-len", "0"], "--seq-len: 0 is below"),
+])
+def test_bad_numbers_and_files_are_refused_before_any_work(argv, msg, capsys):
+    """Options checked as arguments, with the usage (before: tracebacks such as ZeroDivisionError, or
+    an error only after the whole measurement)."""
+    from lowbit import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2 and msg in capsys.readouterr().err

@@ -399,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--max-delta-ppl", type=float, help="language models: perplexity budget in percent (smallest plan)")
     budget.add_argument("--min-cosine-p1", type=float, help="embedding models: 1st-percentile cosine budget (smallest plan)")
     pl.add_argument("--algorithm", default="rtn", help="algorithm for the planned recipe (rtn, clip, gptq, awq+gptq, ...)")
-    pl.add_argument("--sens-batches", type=int, default=2, help="calibration batches scored per (layer, format) (default 2)")
+    pl.add_argument("--sens-batches", type=_at_least(1), default=2, help="calibration batches scored per (layer, format) (default 2)")
     pl.add_argument("-o", "--output", required=True, help="recipe file to write (.toml)")
     pl.add_argument("--force", action="store_true", help="replace an existing output")
 
@@ -418,16 +418,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MLX only: fp32 scales/biases so mx.dequantize of the file equals lowbit's planes bit for bit "
                         "(default fp16: exact up to MLX's fp16 arithmetic, smaller)")
     e.add_argument("--tokenizer-pre", help="GGUF only: llama.cpp pre-tokenizer name (e.g. smollm for SmolLM2)")
-    e.add_argument("--seq-len", type=int, help="Core ML only: the exported model's sequence length (default 128)")
+    e.add_argument("--seq-len", type=_at_least(1), help="Core ML only: the exported model's sequence length (default 128)")
     e.add_argument("--flexible", action="store_true", help="Core ML only: accept any length 2..--seq-len (not fixed)")
 
     r = add("run", "the main job: load, quantize, save/reload, validate, profile, report", cmd_run)
     r.add_argument("source", nargs="?", default="smollm2", help="model source (default: smollm2)")
     r.add_argument("-r", "--recipe", action="append", help="recipe; repeat for a side-by-side comparison (default: int8)")
     r.add_argument("-o", "--output", help="output folder (default out/run-SOURCE): packages, report.json, report.html")
-    r.add_argument("--seqs", type=int, default=16, help="evaluation sequences for language models (default 16)")
+    r.add_argument("--seqs", type=_at_least(1), default=16, help="evaluation sequences for language models (default 16)")
     r.add_argument("--no-profile", action="store_true", help="skip the speed measurements")
-    r.add_argument("--rows", type=int, default=10, help="layers shown per recipe in the summary (lowest SQNR first)")
+    r.add_argument("--rows", type=_at_least(0), default=10, help="layers shown per recipe in the summary (lowest SQNR first)")
     r.add_argument("--attention", choices=["lowbit"], help="run lowbit's attention kernels (overrides the recipe's key)")
     r.add_argument("--kv-cache", choices=["int8", "int4"], help="quantized KV cache for generation (overrides the recipe's key)")
     r.add_argument("--dtype", choices=DTYPES, help="run the speed measurements (float and quantized) in this dtype; "
@@ -440,28 +440,72 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("package")
     v.add_argument("--source", help="float model (default: the source named in the manifest)")
     v.add_argument("--data", help="text / .jsonl / .npy / .safetensors file instead of the built-in corpus")
-    v.add_argument("--threshold", action="append", help="extra threshold NAME=VALUE, e.g. max_delta_ppl=1.0")
-    v.add_argument("--seqs", type=int, default=16)
-    v.add_argument("--seq-len", type=int, default=256)
+    v.add_argument("--threshold", action="append", type=_threshold, help="extra threshold NAME=VALUE, e.g. max_delta_ppl=1.0")
+    v.add_argument("--seqs", type=_at_least(1), default=16)
+    v.add_argument("--seq-len", type=_at_least(2), default=256)
     v.add_argument("--kv-cache", action="append", choices=["int8", "int4", "int8-e8m0", "int4-e8m0", "none"],
                    help="language models: KV caches whose KL is reported (default: int8 and int4; 'none' skips)")
-    v.add_argument("--json", help="write the result as JSON")
+    v.add_argument("--json", type=_output_file, help="write the result as JSON")
 
     pr = add("profile", "latency, throughput, tokens/s, memory and kernel placement of a package vs its float source", cmd_profile)
     pr.add_argument("package")
     pr.add_argument("--source", help="float model to compare (default: the manifest's source)")
     pr.add_argument("--no-baseline", action="store_true", help="do not profile the float model")
-    pr.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4])
-    pr.add_argument("--repeats", type=int, default=5)
-    pr.add_argument("--decode-tokens", type=int, default=32)
-    pr.add_argument("--compare", help="a previous --json output: flag regressions beyond noise")
+    pr.add_argument("--batch-sizes", type=_at_least(1), nargs="+", default=[1, 2, 4])
+    pr.add_argument("--repeats", type=_at_least(1), default=5)
+    pr.add_argument("--decode-tokens", type=_at_least(1), default=32)
+    pr.add_argument("--compare", type=_existing_file, help="a previous --json output: flag regressions beyond noise")
     pr.add_argument("--dtype", choices=DTYPES, help="run both models in this dtype (quantized planes keep theirs); "
                     "bfloat16 takes the CPU's 4-bit fast path (default: as loaded)")
     pr.add_argument("--fuse", action="store_true", help="join q/k/v and gate/up into one matmul each in both models "
                     "and quantized gated MLPs' silu(gate) * up into that matmul (fewer kernel launches: faster decoding on "
                     "GPUs; lowbit.nn.fuse_projections(..., gated_mlp=True))")
-    pr.add_argument("--json", help="write the result as JSON")
+    pr.add_argument("--json", type=_output_file, help="write the result as JSON")
     return p
+
+
+def _at_least(low: int):
+    """An argparse type: an int >= `low` (argparse then prints the usage and the bad value)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below the smallest allowed, {low}")
+        return value
+    return parse
+
+
+def _threshold(text: str) -> str:
+    """An argparse type: NAME=NUMBER with a known threshold name."""
+    from .recipe import VALIDATE_KEYS
+
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r}: write NAME=VALUE, e.g. max_delta_ppl=1.0")
+    if name not in VALIDATE_KEYS:
+        raise argparse.ArgumentTypeError(f"{name!r} is not a threshold; known: {', '.join(sorted(VALIDATE_KEYS))}")
+    try:
+        float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name}={value!r}: the value is not a number") from None
+    return text
+
+
+def _existing_file(text: str) -> str:
+    """An argparse type: a path to an existing file (checked before any measuring)."""
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    return text
+
+
+def _output_file(text: str) -> str:
+    """An argparse type: a file to write whose folder exists (checked before any measuring)."""
+    parent = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"{text}: the folder {parent} does not exist")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
