@@ -376,6 +376,25 @@ def test_header_dtype_changed(llama_pkg):
         package.load(pkg)
 
 
+def test_a_quantized_layers_bias_of_the_wrong_length_is_refused(tmp_path):
+    """Layer 3's bias pointed at layer 1's (128 values for 64 outputs): refused at load, naming the
+    layer (it loaded, then failed at the first forward with a bare RuntimeError)."""
+    pkg = package.save(quantize(mlp(), "int8"), tmp_path / "pkg")
+    edit_manifest(pkg, lambda m: m["layers"]["3"].update(bias=m["layers"]["1"]["bias"]))
+    with pytest.raises(PackageError, match=r"layer '3': bias is float32 \(128,\), the layer needs a float \(64,\)"):
+        package.load(pkg, model=mlp())
+
+
+def test_a_float_tensor_stored_as_integers_is_refused(llama_pkg):
+    """A norm weight whose header says I32 (same size as F32): refused by name (it loaded, and the
+    logits came out off by 6e8)."""
+    _, pkg = llama_pkg
+    key = "model.layers.0.input_layernorm.weight"
+    rewrite_header(pkg / "weights.safetensors", lambda h: h[key].update(dtype="I32"))
+    with pytest.raises(PackageError, match=rf"tensor '{key}' is int32 in the package but float32 in the model"):
+        package.load(pkg)
+
+
 @pytest.mark.parametrize("case", ["overlap", "header_len", "not_json", "shape", "metadata", "duplicate", "deep"])
 def test_hostile_headers(tmp_path, case):
     f = tmp_path / "w.safetensors"

@@ -348,7 +348,11 @@ def load(
         _check_plane_dtypes(qt, where)
         try:
             if spec["type"] == "QuantLinear":
-                new = QuantLinear(qt, None if spec["bias"] is None else tensors[spec["bias"]])
+                bias = None if spec["bias"] is None else tensors[spec["bias"]]
+                if bias is not None and (tuple(bias.shape) != (qt.shape[0],) or not bias.is_floating_point()):
+                    raise PackageError(f"{where}: bias is {str(bias.dtype).replace('torch.', '')} "
+                                       f"{tuple(bias.shape)}, the layer needs a float ({qt.shape[0]},)")
+                new = QuantLinear(qt, bias)
             else:
                 new = QuantEmbedding(qt, padding_idx=spec["padding_idx"], dtype=EMBED_DTYPES[spec["dtype"]],
                                      embed_scale=spec.get("embed_scale"))
@@ -413,9 +417,14 @@ def load(
 
 
 def _check_shape(old: torch.Tensor | None, new: torch.Tensor, key: str, path: Path) -> None:
+    """The stored tensor must have the model's shape, and be floating point where the model's is
+    (an integer tensor in a float slot would load and compute garbage)."""
     if old is not None and tuple(old.shape) != tuple(new.shape):
         raise PackageError(f"{path}: tensor {key!r} has shape {tuple(new.shape)} in the package but "
                            f"{tuple(old.shape)} in the model (is it the same architecture / config?)")
+    if old is not None and old.is_floating_point() != new.is_floating_point():
+        raise PackageError(f"{path}: tensor {key!r} is {str(new.dtype).replace('torch.', '')} in the package but "
+                           f"{str(old.dtype).replace('torch.', '')} in the model (a damaged or edited file?)")
 
 
 def _check_plane_dtypes(qt: Any, where: str) -> None:
