@@ -194,6 +194,24 @@ def test_mixed_recipe_keeps_edges_and_embeddings_at_8_bits():
     assert fmt["model.layers.1.mlp.up_proj"] == "int4"
 
 
+def test_edge_blocks_count_blocks_not_the_lists_inside_a_block():
+    """T5's blocks hold their sublayers in a ModuleList too (`block.1.layer.0`): only the first and
+    last blocks are edges (before, every block's first and last sublayers were, so `mixed` left the
+    whole encoder at 8 bits)."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.ModuleList([nn.Linear(32, 32), nn.Linear(32, 32)])
+
+    net = nn.Module()
+    net.block = nn.ModuleList([Block() for _ in range(3)])
+    report = lowbit.quantize(net, {"global": "int4", "edge_blocks": 1, "edge_format": "int8"}, progress=False)
+    fmt = {r["name"]: r["format"] for r in report.layers}
+    assert fmt == {"block.0.layer.0": "int8", "block.0.layer.1": "int8", "block.1.layer.0": "int4",
+                   "block.1.layer.1": "int4", "block.2.layer.0": "int8", "block.2.layer.1": "int8"}
+
+
 def test_hf_conv1d_is_swapped():
     from transformers.pytorch_utils import Conv1D
 

@@ -119,11 +119,15 @@ def _weights_left_float(model: nn.Module, weight_threshold: int) -> list[dict]:
 
 
 def _edge_prefixes(model: nn.Module, n_edge: int) -> list[str]:
-    """Name prefixes of the first and last `n_edge` blocks of every numbered ModuleList."""
+    """Name prefixes of the first and last `n_edge` blocks of every numbered ModuleList of blocks:
+    lists inside a block (T5's `block.3.layer`, a block's sublayers) are not stacks of blocks, or
+    every block would count as an edge."""
     if n_edge <= 0:
         return []
     prefixes = []
     for name, mod in model.named_modules():
+        if any(part.isdigit() for part in name.split(".")):  # inside an item of an outer list
+            continue
         if isinstance(mod, nn.ModuleList) and len(mod) > 0:
             idx = list(range(len(mod)))
             for i in sorted(set(idx[:n_edge] + idx[-n_edge:])):
