@@ -292,11 +292,9 @@ def cmd_profile(args) -> int:
     """Profile a package, and its float source in the same run for comparison."""
     from rich.table import Table
 
-    from .models import load_source
-    from .profile import profile
-
     from . import package
-    from .models import is_causal_lm_class
+    from .models import is_causal_lm_class, load_source
+    from .profile import profile
 
     console = _console()
     kw = dict(batch_sizes=tuple(args.batch_sizes), repeats=args.repeats, decode_tokens=args.decode_tokens)
