@@ -184,6 +184,19 @@ def test_a_model_folder_without_a_tokenizer_is_refused_before_any_output(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def test_recipes_are_checked_before_the_model_loads(tmp_path, monkeypatch):
+    """A misspelt recipe, or one given twice (its package would be written twice under one name),
+    fails before any loading or output (before: after the model had loaded / silently)."""
+    from lowbit import models
+
+    monkeypatch.setattr(models, "load_source", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(lowbit.RecipeError, match="did you mean int4"):
+        run("minilm", recipes=["int44"], output=tmp_path / "out", log=lambda s: None)
+    with pytest.raises(ValueError, match=r"recipe name\(s\) \['int8'\] given more than once"):
+        run("minilm", recipes=["int8", "int4", "int8"], output=tmp_path / "out", log=lambda s: None)
+    assert not (tmp_path / "out").exists()
+
+
 def test_calibration_coverage_flags_inputs_outside_the_calibration_range():
     from lowbit.validate import calibration_coverage
 

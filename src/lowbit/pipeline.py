@@ -83,6 +83,10 @@ def run(source: Any = "smollm2", recipes: list[str] | tuple[str, ...] = ("int8",
     from .report.html import write_html, write_json
     from .validate import validate
 
+    names = [Recipe.load(r).name for r in recipes]  # a bad recipe fails before the model loads
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # each recipe's package is saved under its name
+        raise ValueError(f"recipe name(s) {twice} given more than once: their packages would overwrite each other")
     t0 = time.perf_counter()
     src = load_source(source)
     log(f"1. load     {src.name} ({src.kind}) in {time.perf_counter() - t0:.1f}s")
