@@ -520,6 +520,15 @@ def test_architecture_class_must_come_from_transformers(llama_pkg):
         package.load(pkg)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a torch without CUDA")
+def test_load_on_cuda_without_cuda_is_refused_up_front(llama_pkg):
+    _, pkg = llama_pkg
+    with pytest.raises(ValueError, match="device='cuda', but this torch has no CUDA device .* load on 'cpu'"):
+        package.load(pkg, device="cuda")
+    with pytest.raises(ValueError, match="device='gpu0' is not a device"):
+        package.load(pkg, device="gpu0")
+
+
 def test_verify_sha256(llama_pkg):
     _, pkg = llama_pkg
     f = pkg / "weights.safetensors"

@@ -82,3 +82,30 @@ def test_bad_numbers_and_files_are_refused_before_any_work(argv, msg, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(argv)
     assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["export", "pkg", "--to", "gguf", "-o", "x", "--seq-len", "64"], "--seq-len applies to --to coreml only, not --to gguf"),
+    (["export", "pkg", "--to", "mlx", "-o", "x", "--tokenizer-pre", "smollm"], "--tokenizer-pre applies to --to gguf only"),
+    (["export", "pkg", "--to", "coreml", "-o", "x", "--exact-scales"], "--exact-scales applies to --to mlx only"),
+    (["quantize", "minilm", "-r", "int44", "-o", "x"], "did you mean int4"),
+])
+def test_options_for_another_target_and_bad_recipes_fail_before_any_work(argv, msg, capsys, monkeypatch):
+    """An export option for another target was ignored silently; a misspelt recipe was reported
+    only after the model had loaded."""
+    from lowbit import cli, models
+
+    monkeypatch.setattr(models, "load_source", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert cli.main(argv) == 1 and msg in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_recipe_that_quantizes_nothing_says_so(tmp_path, capsys):
+    """A recipe without [global] (and no [types] / [names] format) quantized nothing and exited 0
+    in silence; the package is still written (a float package is legitimate), with a warning."""
+    from lowbit import cli
+
+    recipe = tmp_path / "empty.toml"
+    recipe.write_text('name = "empty"\n')
+    assert cli.main(["quantize", "minilm", "-r", str(recipe), "-o", str(tmp_path / "pkg")]) == 0
+    assert "recipe 'empty' quantized no layer" in capsys.readouterr().out

@@ -42,19 +42,19 @@ def cmd_quantize(args) -> int:
     from .models import load_source
     from .quantize import quantize
 
+    from .recipe import Recipe
+
     console = _console()
     out = Path(args.output)
     if out.exists() and not args.force:  # refuse before spending minutes on the model
         raise FileExistsError(f"{out} exists; pass --force to replace it")
+    recipe = Recipe.load(args.recipe)  # a misspelt recipe fails before the model loads
     t0 = time.perf_counter()
     with console.status(f"loading {args.source}"):
         src = load_source(args.source)
     console.print(f"loaded {src.name} ({src.kind}) in {time.perf_counter() - t0:.1f}s")
     for note in src.notes:
         console.print(f"[yellow]note:[/] {note}")
-    from .recipe import Recipe
-
-    recipe = Recipe.load(args.recipe)
     calibration = None
     if recipe.needs_calibration or recipe.algorithm.get("name") == "clip":
         from .planning import calibration_batches
@@ -65,6 +65,9 @@ def cmd_quantize(args) -> int:
                       f"algorithm {recipe.algorithm.get('name')}")
     report = quantize(src.model, recipe, progress=True, calibration=calibration, state_dir=args.state_dir)
     report.print(console)
+    if not report.layers:  # e.g. a recipe with [names] only, none of them quantizing
+        console.print(f"[yellow]warning:[/] recipe {recipe.name!r} quantized no layer (no [global] format, and no "
+                      "[types] / [names] entry gave one): the package holds the float model")
     path = package.save(src.model, out, force=args.force, tokenizer=src.tokenizer, config_files=src.config_files,
                         source_root=src.source_path if src.config_files else None)
     size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
@@ -347,6 +350,11 @@ def cmd_export(args) -> int:
 
     from .export.api import export
 
+    only = {"tokenizer_pre": ("--tokenizer-pre", "gguf"), "seq_len": ("--seq-len", "coreml"),
+            "flexible": ("--flexible", "coreml"), "exact_scales": ("--exact-scales", "mlx")}
+    for attr, (flag, target) in only.items():  # an option for another target would be ignored silently
+        if getattr(args, attr) and args.to != target:
+            raise ValueError(f"{flag} applies to --to {target} only, not --to {args.to}; leave it out")
     extra = {"tokenizer_pre": args.tokenizer_pre} if args.to == "gguf" and args.tokenizer_pre else {}
     if args.to == "coreml" and args.seq_len:
         extra["seq_len"] = args.seq_len

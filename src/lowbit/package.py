@@ -309,6 +309,13 @@ def load(
     from .formats import Format, QTensor
     from .nn import QuantEmbedding, QuantLinear
 
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"load: device={device!r} is not a device ({e})") from None
+    if target.type == "cuda" and not torch.cuda.is_available():  # checked before reading anything
+        raise ValueError(f"load: device={device!r}, but this torch has no CUDA device "
+                         f"(torch {torch.__version__}); load on 'cpu'")
     path = Path(path)
     manifest = read_manifest(path)
     weights = path / WEIGHTS
