@@ -268,15 +268,19 @@ def test_linear_and_embedding_subclasses_with_their_own_forward_stay_float():
         def forward(self, x):
             return super().forward(x) * 2.0
 
+    class SameMath(nn.Linear):  # Falcon's FalconLinear: its own forward, the same product
+        def forward(self, x):
+            return x @ self.weight.T + self.bias
+
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
             self.tok, self.pos = nn.Embedding(50, 64), Positions(40, 64)
-            self.proj, self.head = Lora(64, 64), nn.Linear(64, 50)
+            self.proj, self.mix, self.head = Lora(64, 64), SameMath(64, 64), nn.Linear(64, 50)
 
         def forward(self, ids):
             h = self.tok(ids) + self.pos(torch.arange(ids.shape[1]), offset=2)
-            return self.head(self.proj(h))
+            return self.head(self.mix(self.proj(h)))
 
     torch.manual_seed(0)
     net = Net().eval()
@@ -285,7 +289,7 @@ def test_linear_and_embedding_subclasses_with_their_own_forward_stay_float():
         ref = net(ids)
         report = lowbit.quantize(net, "int8", progress=False)
         out = net(ids)
-    assert isinstance(net.tok, QuantEmbedding) and isinstance(net.head, QuantLinear)
+    assert isinstance(net.tok, QuantEmbedding) and isinstance(net.head, QuantLinear) and isinstance(net.mix, QuantLinear)
     assert type(net.pos) is Positions and type(net.proj) is Lora
     skipped = {r["name"]: r["reason"] for r in report.skipped}
     assert set(skipped) == {"pos", "proj"} and "Positions has its own forward" in skipped["pos"]

@@ -49,21 +49,42 @@ class QuantReport:
 
 def module_type(module: nn.Module) -> str | None:
     """The recipe type name of a module lowbit can quantize, else None. Subclasses of `nn.Linear` /
-    `nn.Embedding` count only where their forward is the base one (or, for embeddings, the lookup
-    times a constant: `embedding_scale`): the quantized module replaces the forward too, so a
-    subclass with its own (OPT's learned positions take position ids) would lose it.
+    `nn.Embedding` count only where their forward computes what the base one does (checked on a few
+    inputs; for embeddings the lookup times a constant counts too: `embedding_scale`): the quantized
+    module replaces the forward, so a subclass with another (OPT's learned positions take position
+    ids, Llama-4's router returns a tuple) would lose it.
 
     Example:
         >>> module_type(nn.Linear(4, 4)), module_type(nn.Embedding(4, 4)), module_type(nn.ReLU())
         ('Linear', 'Embedding', None)
     """
     if isinstance(module, nn.Linear):
-        return "Linear" if type(module).forward is nn.Linear.forward else None
+        return "Linear" if _computes_linear(module) else None
     if isinstance(module, nn.Embedding):
         return "Embedding" if embedding_scale(module) is not None else None
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers' GPT-2 style Conv1D
         return "Conv1D"
     return None
+
+
+def _computes_linear(module: nn.Linear) -> bool:
+    """Whether the layer's forward is `nn.Linear`'s, or a subclass's that computes the same x W^T + b
+    (Falcon's FalconLinear), checked on a few random rows; a router returning a tuple, a head that
+    rescales its logits and the like are not."""
+    if type(module).forward is nn.Linear.forward:
+        return True
+    w, b = module.weight, module.bias
+    if w.is_meta or w.numel() == 0:
+        return False
+    try:
+        x = torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+        with torch.no_grad():
+            out = module(x)
+            ref = torch.nn.functional.linear(x, w, b)
+        return isinstance(out, torch.Tensor) and out.shape == ref.shape and torch.allclose(out, ref, rtol=1e-3,
+                                                                                            atol=1e-5)
+    except (TypeError, ValueError, RuntimeError):  # a forward that takes other inputs
+        return False
 
 
 def embedding_scale(module: nn.Embedding) -> float | None:
