@@ -83,7 +83,8 @@ def run(source: Any = "smollm2", recipes: list[str] | tuple[str, ...] = ("int8",
     from .report.html import write_html, write_json
     from .validate import validate
 
-    names = [Recipe.load(r).name for r in recipes]  # a bad recipe fails before the model loads
+    loaded = [Recipe.load(r) for r in recipes]  # a bad recipe fails before the model loads
+    names = [r.name for r in loaded]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:  # each recipe's package is saved under its name
         raise ValueError(f"recipe name(s) {twice} given more than once: their packages would overwrite each other")
@@ -113,8 +114,7 @@ def run(source: Any = "smollm2", recipes: list[str] | tuple[str, ...] = ("int8",
         log(f"   float model: decode {baseline_profile['decode_tokens_per_s']:.1f} tok/s ({baseline_profile['dtype']})")
 
     runs = []
-    for name in recipes:
-        recipe = Recipe.load(name)
+    for recipe in loaded:
         t1 = time.perf_counter()
         quant = copy.deepcopy(base)
         calibration = None
